@@ -1,0 +1,1 @@
+"""corral: a fault-tolerant runtime for serving language models with MLX, on trio actors."""

@@ -1,0 +1,1 @@
+"""Behaviour: the actor kernel, supervision, resilience and the model actors."""

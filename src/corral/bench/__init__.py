@@ -1,0 +1,1 @@
+"""The harness behind `corral bench`: measurements side by side, written to benchmarks/results."""

@@ -1,0 +1,1 @@
+"""What crosses a boundary: msgspec Structs and their codecs only, no behaviour."""
