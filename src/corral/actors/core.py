@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, final
 
 import msgspec
 import structlog
 import trio
 
-from corral.protocol.codec import DecodeError, Decoder, encode
+from corral.protocol.codec import Decoder, encode
 from corral.protocol.errors import (
     ActorExitedError,
     Code,
@@ -33,12 +34,16 @@ M = TypeVar("M")
 R = TypeVar("R")
 
 _log = structlog.get_logger("corral.actors")
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
 
 class MailboxState(enum.StrEnum):
     RUNNING = "running"
     RESTARTING = "restarting"
     STOPPED = "stopped"
+
+
+_RUNNING = MailboxState.RUNNING
 
 
 class ActorStatistics(msgspec.Struct, frozen=True):
@@ -91,6 +96,11 @@ class Reply:
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def wanted(self) -> bool:
+        """False once the caller stopped waiting (timeout, cancellation) or was answered."""
+        return self in self._mailbox._pending
+
     def send(self, value: Any) -> None:
         """Answer with `value` (encoded now: the caller gets a copy, never a shared object)."""
         if self._done.is_set():
@@ -135,7 +145,7 @@ class Mailbox:
     """
 
     __slots__ = ("_decode_errors", "_dropped", "_exit_waiters", "_last_exit", "_messages_in",
-                 "_pending", "_recv", "_rejected", "_replies_out", "_send", "path",
+                 "_monitors", "_pending", "_recv", "_rejected", "_replies_out", "_send", "path",
                  "restarts", "stash_limit", "state")
 
     def __init__(self, path: str, *, capacity: int, stash_limit: int) -> None:
@@ -145,6 +155,7 @@ class Mailbox:
         self.state = MailboxState.RESTARTING
         self._pending: set[Reply] = set()
         self._exit_waiters: list[trio.Event] = []
+        self._monitors: list[Callable[[ExitReason], None]] = []
         self._last_exit: ExitReason | None = None
         self.restarts = 0
         self._messages_in = 0
@@ -216,6 +227,16 @@ class Mailbox:
         waiters, self._exit_waiters = self._exit_waiters, []
         for event in waiters:
             event.set()
+        for monitor in list(self._monitors):
+            monitor(reason)
+
+    def add_monitor(self, callback: Callable[[ExitReason], None]) -> Callable[[], None]:
+        """Call `callback(reason)` at every exit of this path (an Erlang monitor that
+        outlives restarts). The callback must not block; it usually tells an actor.
+        Returns a function that removes the monitor.
+        """
+        self._monitors.append(callback)
+        return lambda: self._monitors.remove(callback)
 
     def stop(self) -> None:
         """Stop the path for good: pending asks fail, later sends raise ActorExitedError."""
@@ -223,7 +244,14 @@ class Mailbox:
             self.mark_exited(self._last_exit or SHUTDOWN, restarting=False)
 
     async def wait_exit(self) -> ExitReason:
-        """Wait until the current incarnation exits; return its reason (a monitor)."""
+        """Wait until the current incarnation exits; return its reason (a monitor).
+
+        On a stopped path it returns the last reason at once, as an Erlang monitor of a
+        dead process fires at once.
+        """
+        if self.state is MailboxState.STOPPED:
+            await trio.lowlevel.checkpoint()
+            return self._last_exit or SHUTDOWN
         event = trio.Event()
         self._exit_waiters.append(event)
         await event.wait()
@@ -274,7 +302,14 @@ class ActorRef:
             ActorExitedError: the path is stopped.
             OverloadedError: the actor is restarting and its stash is full.
         """
-        await self._mailbox.put((encode(message), None))
+        mailbox = self._mailbox
+        if mailbox.state is _RUNNING:
+            try:
+                mailbox._send.send_nowait((encode(message), None))
+                return
+            except trio.WouldBlock:
+                pass
+        await mailbox.put((encode(message), None))
 
     def tell_nowait(self, message: Any) -> None:
         """Like `tell`, but raises OverloadedError instead of waiting on a full mailbox."""
@@ -314,15 +349,18 @@ class ActorRef:
                       request_id: str | int | None = None) -> Any:
         """`ask` with a payload already encoded; see `ask`."""
         reply = Reply(self._mailbox)
-        await self._mailbox.put((payload, reply))
         limit = self._default_timeout if timeout is None else timeout
-        if not reply.done:
-            started = trio.current_time()
+        started = trio.current_time()
+        try:
+            # The deadline also covers waiting for room in a full mailbox.
             with trio.move_on_after(limit):
-                await reply._done.wait()
-            if not reply.done:
-                self._mailbox._pending.discard(reply)
-                raise TimeoutError(method, limit, request_id, trio.current_time() - started)
+                await self._mailbox.put((payload, reply))
+                if not reply.done:
+                    await reply._done.wait()
+        finally:
+            self._mailbox._pending.discard(reply)
+        if not reply.done:
+            raise TimeoutError(method, limit, request_id, trio.current_time() - started)
         if reply._error is not None:
             raise reply._error
         if reply_type is None:
@@ -415,13 +453,14 @@ class Context:
     shutdown timeout passes first.
     """
 
-    __slots__ = ("_stop_event", "_wakers", "log", "mailbox", "path", "system")
+    __slots__ = ("_stop_event", "_wakers", "log", "mailbox", "path", "stop_requested", "system")
 
     def __init__(self, path: str, system: ActorSystem) -> None:
         self.path = path
         self.system = system
         self.mailbox = system.mailbox(path)
         self.log = _log.bind(actor=path)
+        self.stop_requested = False
         self._stop_event = trio.Event()
         self._wakers: list[Callable[[], None]] = []
 
@@ -429,13 +468,10 @@ class Context:
     def ref(self) -> ActorRef:
         return ActorRef(self.mailbox, self.system.default_ask_timeout)
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_event.is_set()
-
     def request_stop(self) -> None:
-        if self._stop_event.is_set():
+        if self.stop_requested:
             return
+        self.stop_requested = True
         self._stop_event.set()
         for wake in self._wakers:
             wake()
@@ -463,13 +499,18 @@ class Child(Protocol):
 class Actor(Generic[M]):
     """Base class of actors: subclasses set `Message` and implement `handle`.
 
-    `handle(message)` returns the answer for an `ask` (ignored for a `tell`). Raising a
+    `handle(message)` returns the answer for an `ask` (ignored for a `tell`). It may be a
+    plain `def` when it never waits (a pure state update): the loop then skips a
+    coroutine per message. Raising a
     `CorralError` answers the caller with that typed error and the actor goes on;
     raising anything else crashes the actor (let it crash): its supervisor decides.
     `defer_reply()` takes the answer slot of the current message for answering later.
 
     Hooks: `on_start` runs before the actor is reported started (a crash there is a
-    start failure); `on_stop` runs on a graceful stop only, never after a crash or kill.
+    start failure); `on_stop` runs on a graceful stop only, never after a crash or kill;
+    `on_exit` (synchronous, so it runs even under cancellation) runs after every exit.
+    `start_soon` runs a background task of this incarnation (a timer, a load): it is
+    cancelled when the incarnation ends, and if it raises, the actor crashes with it.
     """
 
     Message: ClassVar[Any]
@@ -478,6 +519,7 @@ class Actor(Generic[M]):
     ctx: Context
     _reply: Reply | None = None
     _idle: bool = False
+    _nursery: trio.Nursery | None = None
 
     async def on_start(self) -> None:
         """Initialise state; the actor is not reachable-as-running until this returns."""
@@ -487,6 +529,14 @@ class Actor(Generic[M]):
 
     async def on_stop(self) -> None:
         """Release resources on a graceful stop."""
+
+    def on_exit(self) -> None:
+        """Release what must never leak (threads, processes), after any kind of exit."""
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run `fn(*args)` in the background for the life of this incarnation."""
+        assert self._nursery is not None, "start_soon is available from on_start on"
+        self._nursery.start_soon(fn, *args)
 
     def defer_reply(self) -> Reply | None:
         """Take the current message's answer slot (None for a tell); answer it later."""
@@ -516,21 +566,35 @@ class Actor(Generic[M]):
         """
         self.ctx = ctx
         ctx.on_stop_requested(self._wake)
-        await self.on_start()
-        ctx.mailbox.mark_running()
-        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self.on_start()
+                ctx.mailbox.mark_running()
+                task_status.started()
+                await self._loop(ctx)
+                await self.on_stop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.on_exit()
+
+    async def _loop(self, ctx: Context) -> None:
         mailbox = ctx.mailbox
         receive_nowait = mailbox._recv.receive_nowait
-        decode = self._decoder().decode
+        decode = self._decoder().decode_unchecked
+        handle = self.handle
+        handle_is_async = inspect.iscoroutinefunction(handle)
         fairness = ctx.system.fairness_interval
         burst = 0
         while not ctx.stop_requested:
+            if burst >= fairness:
+                # Checkpoint before taking the next message, never while holding one.
+                burst = 0
+                await trio.lowlevel.checkpoint()
+                continue
             try:
                 payload, reply = receive_nowait()
                 burst += 1
-                if burst >= fairness:
-                    burst = 0
-                    await trio.lowlevel.checkpoint()
             except trio.WouldBlock:
                 self._idle = True
                 payload, reply = await mailbox._recv.receive()
@@ -541,7 +605,7 @@ class Actor(Generic[M]):
             mailbox._messages_in += 1
             try:
                 message = decode(payload)
-            except DecodeError as exc:
+            except _DECODE_ERRORS as exc:
                 mailbox._decode_errors += 1
                 ctx.log.warning("actor.undecodable_message", error=str(exc))
                 if reply is not None:
@@ -551,7 +615,7 @@ class Actor(Generic[M]):
                 continue
             self._reply = reply
             try:
-                result = await self.handle(message)
+                result = await handle(message) if handle_is_async else handle(message)
             except CorralError as exc:
                 if self._reply is not None:
                     self._reply.fail(exc)
@@ -560,5 +624,4 @@ class Actor(Generic[M]):
                 continue
             if self._reply is not None:
                 self._reply.send(result)
-        await self.on_stop()
 

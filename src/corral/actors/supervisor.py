@@ -29,7 +29,7 @@ from corral.protocol.errors import (
     EngineClientError,
     EscalationError,
 )
-from corral.protocol.messages import NORMAL, SHUTDOWN, ExitReason, LifecycleEvent
+from corral.protocol.messages import NORMAL, SHUTDOWN, ExitReason, LifecycleEvent, innermost
 
 
 class Restart(enum.StrEnum):
@@ -437,9 +437,10 @@ class Supervisor:
                     slot.obj = slot.spec.factory()
                     await slot.obj.run(slot.ctx, task_status=status)
                 except Exception as exc:
+                    cause = innermost(exc)
                     if not status.reported:
-                        raise ChildStartError(path, repr(exc)) from exc
-                    reason, error = ExitReason.from_exception(exc), exc
+                        raise ChildStartError(path, repr(cause)) from cause
+                    reason, error = ExitReason.from_exception(cause), cause
                 else:
                     if not status.reported:
                         raise ChildStartError(path, "it returned before it started")

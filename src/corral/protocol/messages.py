@@ -36,7 +36,16 @@ class ExitReason(msgspec.Struct, frozen=True):
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ExitReason:
+        exc = innermost(exc)
         return cls("error", type(exc).__name__, str(exc))
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups (trio nurseries
+    wrap what their tasks raise), or `exc` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 NORMAL = ExitReason("normal")
@@ -69,3 +78,232 @@ class Ping(msgspec.Struct, frozen=True, tag=True):
 
     seq: int = 0
     reply_type: ClassVar[type] = Pong
+
+
+# -- generation: what a client asks for and what it gets back ------------------------
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-request sampling. Temperature 0 is greedy; a seed makes sampling repeatable.
+
+    Randomness depends only on (seed, token index), never on global RNG state or on the
+    other requests in the batch.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    logprobs: bool = False
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy or seeded: a re-run (or a resume after a crash) gives the same tokens."""
+        return self.temperature == 0.0 or self.seed is not None
+
+
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class EngineSequence(msgspec.Struct, frozen=True, tag=True):
+    """One sequence handed to an engine: prompt token ids and how to continue them.
+
+    `seq_id` is the engine-local id (the stream id); `generated` holds tokens already
+    delivered to the client before a crash, so a resumed sequence re-prefills
+    prompt + generated and continues at token index len(generated).
+    """
+
+    seq_id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    generated: list[int] = []
+
+
+class TokenOut(msgspec.Struct, frozen=True, array_like=True):
+    """One sequence's output of one engine step.
+
+    `text` is the newly decodable text (may be empty while a multi-byte character is
+    incomplete); `finish_reason` is set on the sequence's last step; `logprob` is the
+    sampled token's log-probability when it was asked for.
+    """
+
+    seq_id: int
+    token: int
+    text: str
+    logprob: float | None
+    finish_reason: FinishReason | None
+
+
+class EngineStep(msgspec.Struct, frozen=True, tag=True):
+    """What one `BatchGenerator.next()` produced, numbered from the engine's start.
+
+    `prefilled` lists the sequences whose prompt processing finished in this step.
+    """
+
+    step: int
+    outputs: list[TokenOut]
+    prefilled: list[int] = []
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """A loaded model as its engine reports it."""
+
+    path: str
+    vocab_size: int
+    eos_token_ids: list[int]
+    max_context: int | None
+    load_seconds: float
+    has_chat_template: bool
+
+
+# -- model actor messages --------------------------------------------------------------
+
+
+class Accepted(msgspec.Struct, frozen=True, tag=True):
+    seq_id: int
+
+
+class Submit(msgspec.Struct, frozen=True, tag=True):
+    """Start (or resume) a sequence; answered once the engine has it queued."""
+
+    seq: EngineSequence
+    reply_type: ClassVar[type] = Accepted
+
+
+class CancelSequence(msgspec.Struct, frozen=True, tag=True):
+    """Remove a sequence from the batch before the next step. Unknown ids are ignored."""
+
+    seq_id: int
+
+
+class EngineFailed(msgspec.Struct, frozen=True, tag=True):
+    """The engine thread or worker died; the model actor crashes so its supervisor acts."""
+
+    error: str
+
+
+class EngineLoaded(msgspec.Struct, frozen=True, tag=True):
+    info: ModelInfo
+
+
+class Ready(msgspec.Struct, frozen=True, tag=True):
+    alias: str
+    info: ModelInfo
+
+
+class WaitReady(msgspec.Struct, frozen=True, tag=True):
+    """Answered with `Ready` once the model is loaded, or the load's typed error."""
+
+    reply_type: ClassVar[type] = Ready
+
+
+class TokenIds(msgspec.Struct, frozen=True, tag=True):
+    ids: list[int]
+
+
+class Text(msgspec.Struct, frozen=True, tag=True):
+    text: str
+
+
+class Tokenize(msgspec.Struct, frozen=True, tag=True):
+    text: str
+    add_special_tokens: bool = True
+    reply_type: ClassVar[type] = TokenIds
+
+
+class Detokenize(msgspec.Struct, frozen=True, tag=True):
+    ids: list[int]
+    reply_type: ClassVar[type] = Text
+
+
+class ApplyChatTemplate(msgspec.Struct, frozen=True, tag=True):
+    messages: list[ChatMessage]
+    reply_type: ClassVar[type] = TokenIds
+
+
+class Sequences(msgspec.Struct, frozen=True, tag=True):
+    seq_ids: list[int]
+
+
+class ListSequences(msgspec.Struct, frozen=True, tag=True):
+    """Which sequences the engine runs now (reconciliation after a registry restart)."""
+
+    reply_type: ClassVar[type] = Sequences
+
+
+class InjectFault(msgspec.Struct, frozen=True, tag=True):
+    """Test hook: make the engine's next step raise, or hang."""
+
+    kind: Literal["raise", "hang"]
+
+
+# -- stream registry messages ------------------------------------------------------------
+
+
+class Admitted(msgspec.Struct, frozen=True, tag=True):
+    stream_id: int
+    deadline: float
+
+
+class Admit(msgspec.Struct, frozen=True, tag=True):
+    """Ask for a stream slot; waits in the queue when all slots run, or Overloaded."""
+
+    model: str
+    timeout_s: float
+    request_id: str | None = None
+    reply_type: ClassVar[type] = Admitted
+
+
+class ModelOutput(msgspec.Struct, frozen=True, tag=True):
+    """One engine step's tokens of one model, forwarded by its model actor."""
+
+    model: str
+    step: int
+    outputs: list[TokenOut]
+
+
+class CloseStream(msgspec.Struct, frozen=True, tag=True):
+    """The client is done with a stream (read to the end, cancelled, or gone)."""
+
+    stream_id: int
+    reason: FinishReason
+
+
+class ModelDown(msgspec.Struct, frozen=True, tag=True):
+    """A model actor exited; its streams cannot continue on that incarnation."""
+
+    model: str
+    reason: ExitReason
+
+
+class DeadlinesDue(msgspec.Struct, frozen=True, tag=True):
+    now: float
+
+
+class RegistryState(msgspec.Struct, frozen=True, tag=True):
+    active: int
+    queued: int
+    streams: dict[int, str]
+
+
+class GetRegistryState(msgspec.Struct, frozen=True, tag=True):
+    reply_type: ClassVar[type] = RegistryState

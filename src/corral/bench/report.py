@@ -1,0 +1,109 @@
+"""What every benchmark shares: the machine record, percentiles, the JSON file, the table.
+
+Benchmarks report ratios measured side by side in one run; this module only records and
+prints them. It never decides whether a goal is met: each bench states its goals.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+RESULTS_DIR = Path("benchmarks/results")
+
+_PACKAGES = ("corral", "trio", "msgspec", "mlx", "mlx-lm", "numpy")
+
+
+class Machine(msgspec.Struct, frozen=True):
+    platform: str
+    machine: str
+    processor: str
+    cpus: int
+    python: str
+    versions: dict[str, str]
+
+
+class Goal(msgspec.Struct, frozen=True):
+    """A target for one figure: `value <op> target`, and whether this run met it."""
+
+    name: str
+    value: float
+    op: str
+    target: float
+    met: bool
+
+
+def goal(name: str, value: float, op: str, target: float) -> Goal:
+    met = value >= target if op == ">=" else value <= target
+    return Goal(name, value, op, target, met)
+
+
+def machine() -> Machine:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return Machine(platform=platform.platform(), machine=platform.machine(),
+                   processor=platform.processor() or platform.machine(),
+                   cpus=os.cpu_count() or 0, python=platform.python_version(),
+                   versions=versions)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def write_result(name: str, parameters: Mapping[str, Any], results: Mapping[str, Any],
+                 goals: Iterable[Goal] = (), *, directory: Path | None = None) -> Path:
+    """Write ``<directory>/<name>.json`` with the machine, versions, parameters and results."""
+    directory = directory or RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {
+        "bench": name,
+        "recorded_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "parameters": dict(parameters),
+        "results": dict(results),
+        "goals": list(goals),
+    }
+    path = directory / f"{name}.json"
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n")
+    return path
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                goals: Iterable[Goal] = (), console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(value) for value in row))
+    console.print(table)
+    for g in goals:
+        mark = "[green]met[/]" if g.met else "[red]not met[/]"
+        console.print(f"goal {g.name}: {g.value:.3g} {g.op} {g.target:g}: {mark}")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)

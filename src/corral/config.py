@@ -1,0 +1,539 @@
+"""The runtime configuration: typed, frozen, validated in one place.
+
+A YAML file (config/runtime.yaml), an optional `environments.<name>` overlay and
+caller overrides are merged here and decoded into the frozen Structs below; every other
+module receives a `RuntimeConfig`, never a dict. The Struct defaults are the single
+source of truth and config/runtime.yaml documents them key by key (a test keeps the
+two equal). A bad key or value is a `ConfigError` naming its path. This module reads
+one file and never starts anything, opens a socket, or configures logging.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+import msgspec
+import msgspec.inspect
+import yaml
+
+from corral.protocol.errors import Code
+
+__all__ = [
+    "RETRY_ERROR_ALIASES",
+    "BackoffConfig",
+    "CircuitBreakerConfig",
+    "ConfigError",
+    "GenerationConfig",
+    "JsonRpcConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "PythonRuntimeConfig",
+    "RetryBudgetConfig",
+    "RetryConfig",
+    "RuntimeConfig",
+    "ServerConfig",
+    "StreamRegistryConfig",
+    "SupervisionConfig",
+    "config_from_mapping",
+    "deep_merge",
+    "load_config",
+    "render_config",
+    "resolve_error_name",
+]
+
+_PositiveInt: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
+_NonNegativeInt: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]
+_Fraction: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+_Rate: TypeAlias = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+_Name: TypeAlias = Annotated[str, msgspec.Meta(min_length=1)]
+_Port: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+RETRY_ERROR_ALIASES: Final[Mapping[str, Code]] = {
+    "TIMEOUT": Code.TIMEOUT,
+    "ECONNRESET": Code.TRANSPORT_ERROR,
+}
+"""Names kept from the configuration format corral started from, and what they mean."""
+
+_LISTEN_URI: Final = re.compile(r"stdio|tcp://(?:\[[^\]\s]+\]|[^/\s:\[\]]+):\d{1,5}|unix://\S+")
+
+
+class _FieldError(ValueError):
+    """A cross-field check failed in `__post_init__`; `field` is relative to the Struct.
+
+    msgspec reports such errors at the Struct's path and keeps the exception as the
+    cause, so `_translate` can append `field` and name the exact key.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Common options of every config Struct."""
+
+
+def resolve_error_name(name: str) -> Code:
+    """The error code a `retryable_errors` entry names.
+
+    Accepts a code as it appears on the wire (`"Timeout"`), its enum member name
+    (`"TIMEOUT"`) or an alias from `RETRY_ERROR_ALIASES` (`"ECONNRESET"`).
+
+    Raises:
+        ValueError: if the name matches none of these.
+    """
+    if name in RETRY_ERROR_ALIASES:
+        return RETRY_ERROR_ALIASES[name]
+    try:
+        return Code(name)
+    except ValueError:
+        pass
+    try:
+        return Code[name]
+    except KeyError:
+        aliases = ", ".join(RETRY_ERROR_ALIASES)
+        raise ValueError(
+            f"unknown error code {name!r}; expected a corral.protocol.errors.Code name "
+            f"(e.g. 'Timeout') or one of {aliases}"
+        ) from None
+
+
+class RetryBudgetConfig(_Section):
+    """A token bucket shared by all callers, as in gRPC retry throttling."""
+
+    enabled: bool = True
+    max_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    token_ratio: _Rate = 0.1
+
+
+class RetryConfig(_Section):
+    """Retry with exponential backoff and jitter; `jitter` is a ± fraction of the delay."""
+
+    max_attempts: _PositiveInt = 3
+    initial_delay_ms: _NonNegativeInt = 100
+    max_delay_ms: _NonNegativeInt = 5000
+    backoff_multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    jitter: _Fraction = 0.25
+    jitter_mode: Literal["proportional", "full", "equal", "decorrelated"] = "proportional"
+    retryable_errors: tuple[_Name, ...] = ("TIMEOUT", "ECONNRESET")
+    budget: RetryBudgetConfig = RetryBudgetConfig()
+
+    def __post_init__(self) -> None:
+        if self.max_delay_ms < self.initial_delay_ms:
+            raise _FieldError("max_delay_ms", "expected >= initial_delay_ms")
+        for index, name in enumerate(self.retryable_errors):
+            try:
+                resolve_error_name(name)
+            except ValueError as exc:
+                raise _FieldError(f"retryable_errors[{index}]", str(exc)) from None
+
+
+class CircuitBreakerConfig(_Section):
+    """A breaker with a consecutive-failure trip and optional rate and slow-call trips.
+
+    `sliding_window_size` counts calls when `sliding_window_type` is "count" and is a
+    duration in ms when it is "time".
+    """
+
+    failure_threshold: _PositiveInt = 5
+    recovery_timeout_ms: _PositiveInt = 10000
+    half_open_max_calls: _PositiveInt = 1
+    half_open_success_threshold: _PositiveInt = 2
+    failure_window_ms: _PositiveInt = 60000
+    failure_rate_threshold: _Rate | None = None
+    minimum_calls: _PositiveInt = 10
+    sliding_window_type: Literal["count", "time"] = "count"
+    sliding_window_size: _PositiveInt = 100
+    slow_call_duration_ms: _PositiveInt | None = None
+    slow_call_rate_threshold: _Rate = 1.0
+
+
+class JsonRpcConfig(_Section):
+    """Call defaults shared by every ask and JSON-RPC connection."""
+
+    default_timeout_ms: _PositiveInt = 30000
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
+    max_pending_per_connection: _PositiveInt = 64
+    retry: RetryConfig = RetryConfig()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+
+
+class PythonRuntimeConfig(_Section):
+    """How engine worker processes (process isolation) are started and restarted."""
+
+    max_restarts: _NonNegativeInt = 3
+    restart_period_ms: _PositiveInt = 60000
+    restart_delay_base_ms: _NonNegativeInt = 1000
+    restart_delay_max_ms: _NonNegativeInt = 30000
+    startup_timeout_ms: _PositiveInt = 60000
+    heartbeat_interval_ms: _PositiveInt = 1000
+    python_executable: _Name | None = None
+
+    def __post_init__(self) -> None:
+        if self.restart_delay_max_ms < self.restart_delay_base_ms:
+            raise _FieldError("restart_delay_max_ms", "expected >= restart_delay_base_ms")
+
+
+class StreamRegistryConfig(_Section):
+    """Admission, deadlines and idle-reader limits of the stream registry."""
+
+    default_timeout_ms: _PositiveInt = 300000
+    max_active_streams: _PositiveInt = 10
+    max_queued: _NonNegativeInt = 64
+    idle_reader_timeout_ms: _PositiveInt = 30000
+    overloaded_retry_after_ms: _NonNegativeInt = 1000
+
+
+class BackoffConfig(_Section):
+    """Exponential backoff between a supervisor's restarts of one child."""
+
+    min_ms: _NonNegativeInt = 10
+    max_ms: _NonNegativeInt = 5000
+    random_factor: _Fraction = 0.2
+    reset_after_ms: _PositiveInt = 30000
+
+    def __post_init__(self) -> None:
+        if self.max_ms < self.min_ms:
+            raise _FieldError("max_ms", "expected >= min_ms")
+
+
+class SupervisionConfig(_Section):
+    """Restart intensity, backoff and mailbox bounds for every supervisor and actor."""
+
+    max_restarts: _NonNegativeInt = 3
+    period_ms: _PositiveInt = 5000
+    backoff: BackoffConfig = BackoffConfig()
+    mailbox_capacity: _PositiveInt = 1024
+    stash_limit: _NonNegativeInt = 256
+    shutdown_timeout_ms: _PositiveInt = 5000
+    fairness_interval: _PositiveInt = 64
+
+
+class ModelConfig(_Section):
+    """A model loaded at start: its alias, where to load it from, and fallback aliases."""
+
+    alias: _Name
+    path: _Name
+    fallbacks: tuple[_Name, ...] = ()
+
+
+class GenerationConfig(_Section):
+    """The generation domain: engine isolation, models, and batching limits."""
+
+    isolation: Literal["thread", "process"] = "thread"
+    models: tuple[ModelConfig, ...] = ()
+    default_max_tokens: _PositiveInt = 256
+    max_tokens_limit: _PositiveInt = 4096
+    max_prompt_tokens: _PositiveInt = 4096
+    stall_timeout_ms: _PositiveInt = 30000
+    prefill_batch_size: _PositiveInt = 8
+    completion_batch_size: _PositiveInt = 32
+    prefill_step_size: _PositiveInt = 2048
+
+    def __post_init__(self) -> None:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise _FieldError("default_max_tokens", "expected <= max_tokens_limit")
+        aliases: set[str] = set()
+        for index, model in enumerate(self.models):
+            if model.alias in aliases:
+                raise _FieldError(f"models[{index}].alias", f"duplicate alias {model.alias!r}")
+            aliases.add(model.alias)
+        for index, model in enumerate(self.models):
+            for position, fallback in enumerate(model.fallbacks):
+                if fallback == model.alias or fallback not in aliases:
+                    raise _FieldError(
+                        f"models[{index}].fallbacks[{position}]",
+                        f"expected the alias of another configured model, got {fallback!r}",
+                    )
+
+
+class ServerConfig(_Section):
+    """Where `corral serve` listens and how long it drains on shutdown."""
+
+    http_host: _Name = "127.0.0.1"
+    http_port: _Port = 8000
+    jsonrpc: tuple[str, ...] = ()
+    drain_timeout_ms: _NonNegativeInt = 30000
+    max_body_bytes: _PositiveInt = 4194304
+
+    def __post_init__(self) -> None:
+        for index, uri in enumerate(self.jsonrpc):
+            if not _LISTEN_URI.fullmatch(uri):
+                raise _FieldError(
+                    f"jsonrpc[{index}]",
+                    f"expected 'stdio', 'tcp://HOST:PORT' or 'unix://PATH', got {uri!r}",
+                )
+
+
+class LoggingConfig(_Section):
+    """Log rendering and the minimum level emitted."""
+
+    format: Literal["json", "console"] = "console"
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+
+class RuntimeConfig(_Section):
+    """The whole runtime configuration.
+
+    `environments` keeps the raw overlays from the file so that a rendered config can be
+    loaded again under another environment; the other sections are already resolved.
+    """
+
+    json_rpc: JsonRpcConfig = JsonRpcConfig()
+    python_runtime: PythonRuntimeConfig = PythonRuntimeConfig()
+    stream_registry: StreamRegistryConfig = StreamRegistryConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
+    generation: GenerationConfig = GenerationConfig()
+    server: ServerConfig = ServerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    environments: dict[str, dict[str, Any]] = {}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used.
+
+    Attributes:
+        errors: one line per problem, each starting with the path of the key it is
+            about, e.g. `json_rpc.retry.jitter: expected <= 1`.
+    """
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """A new dict: `overlay` merged into `base`.
+
+    Mappings present on both sides merge recursively; any other value in `overlay`
+    (lists included) replaces the one in `base`. Neither argument is modified.
+    """
+    merged = dict(base)
+    for key, value in overlay.items():
+        current = merged.get(key)
+        if isinstance(current, Mapping) and isinstance(value, Mapping):
+            merged[key] = deep_merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> RuntimeConfig:
+    """Decode and validate plain data (as read from YAML) into a `RuntimeConfig`.
+
+    No environment overlay is applied, but each overlay under `environments` is checked
+    by decoding it on top of the rest of `data`; its problems are reported with the
+    prefix `environments.<name>.`.
+
+    Raises:
+        ConfigError: listing every problem found, each named by its path.
+    """
+    return _validate(data, check_overlays=True)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RuntimeConfig:
+    """Read, merge and validate the runtime configuration.
+
+    The file is validated as written (overlays included), then the overlay
+    `environments[env]` is deep-merged into it, then `overrides`, and the result is
+    decoded.
+
+    Args:
+        path: a YAML file; None uses the Struct defaults alone.
+        env: the overlay to apply; None reads `CORRAL_ENV`, and an empty string (or an
+            unset variable) applies none.
+        overrides: values merged last, shaped like the file (nested mappings).
+
+    Returns:
+        The resolved configuration, with the file's overlays kept in `environments`.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, the environment is not defined,
+            or a key or value is invalid.
+    """
+    data = _read_yaml(path) if path is not None else {}
+    config = config_from_mapping(data)
+    source = ""
+    if env is None:
+        env, source = os.environ.get("CORRAL_ENV"), " (set by CORRAL_ENV)"
+    if not env and not overrides:
+        return config
+    if env:
+        if env not in config.environments:
+            known = ", ".join(sorted(config.environments)) or "none"
+            raise ConfigError([f"environments.{env}: unknown environment{source}; known: {known}"])
+        data = deep_merge(data, config.environments[env])
+    if overrides:
+        data = deep_merge(data, overrides)
+    # The overlays were checked against the file as written; checking them again on top
+    # of the chosen one would blame them for combinations nobody configured.
+    return _validate(data, check_overlays=False)
+
+
+def render_config(cfg: RuntimeConfig) -> str:
+    """The configuration as YAML, in declaration order; `load_config` reads it back."""
+    return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as file:
+            data = yaml.safe_load(file)
+    except OSError as exc:
+        raise ConfigError([f"{name}: cannot read: {exc.strerror or exc}"]) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{name}: expected a mapping at the top level, got {_kind(data)}"])
+    return data
+
+
+def _validate(data: Mapping[str, Any], *, check_overlays: bool) -> RuntimeConfig:
+    errors: list[str] = []
+    environments = _check_environments(data.get("environments", {}), errors)
+    base = {key: value for key, value in data.items() if key != "environments"}
+    config, base_errors = _decode(base)
+    errors.extend(base_errors)
+    for name, overlay in environments.items() if check_overlays else ():
+        _, overlay_errors = _decode(deep_merge(base, overlay))
+        # A problem the base already has is reported once, not again for each overlay.
+        errors.extend(f"environments.{name}.{error}" for error in overlay_errors
+                      if error not in base_errors)
+    if errors or config is None:
+        raise ConfigError(errors)
+    return msgspec.structs.replace(config, environments=environments)
+
+
+def _check_environments(raw: Any, errors: list[str]) -> dict[str, dict[str, Any]]:
+    """The overlays that are well-formed mappings; problems with the others go to errors."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        errors.append(f"environments: expected a mapping of name to overlay, got {_kind(raw)}")
+        return {}
+    environments: dict[str, dict[str, Any]] = {}
+    for name, overlay in raw.items():
+        if not isinstance(name, str) or not name:
+            errors.append(f"environments: expected a non-empty string name, got {name!r}")
+        elif overlay is None:
+            # A YAML key whose body is all commented out: an empty overlay, not an error.
+            environments[name] = {}
+        elif not isinstance(overlay, Mapping):
+            errors.append(f"environments.{name}: expected a mapping, got {_kind(overlay)}")
+        elif "environments" in overlay:
+            errors.append(f"environments.{name}.environments: overlays cannot nest")
+        else:
+            environments[name] = dict(overlay)
+    return environments
+
+
+def _decode(data: Mapping[str, Any]) -> tuple[RuntimeConfig | None, list[str]]:
+    try:
+        return msgspec.convert(data, RuntimeConfig), []
+    except msgspec.ValidationError as exc:
+        return None, [_translate(exc)]
+
+
+_FIELD: Final = re.compile(
+    r"^Object (?P<what>contains unknown|missing required) field `(?P<key>[^`]*)`$"
+)
+_BOUND: Final = re.compile(
+    r"^Expected `[^`]*` (?P<length>of length )?(?P<op>[<>]=?) (?P<number>\S+)$"
+)
+_TYPE: Final = re.compile(r"^Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)`$")
+_ENUM: Final = re.compile(r"^Invalid enum value (?P<value>.*)$")
+_MSGSPEC_KINDS: Final = {"object": "mapping", "array": "list"}
+
+
+def _translate(exc: msgspec.ValidationError) -> str:
+    """msgspec's `<Message> - at `$.a.b`` as `a.b: <message>`."""
+    message, at, where = str(exc).rpartition(" - at `$")
+    if not at:
+        message, where = where, ""
+    path = where.rstrip("`").lstrip(".")
+    cause = exc.__cause__
+    if isinstance(cause, _FieldError):
+        return f"{_join(path, cause.field)}: {cause}"
+    if field := _FIELD.match(message):
+        path = _join(path, field["key"])
+        message = "unknown key" if field["what"] == "contains unknown" else "required key missing"
+    elif bound := _BOUND.match(message):
+        length = "length " if bound["length"] else ""
+        message = f"expected {length}{bound['op']} {_number(bound['number'])}"
+    elif kinds := _TYPE.match(message):
+        expected = " | ".join(_MSGSPEC_KINDS.get(k, k) for k in kinds["expected"].split(" | "))
+        message = f"expected {expected}, got {_MSGSPEC_KINDS.get(kinds['got'], kinds['got'])}"
+    elif enum := _ENUM.match(message):
+        choices = _literal_choices(path)
+        message = (f"expected one of {', '.join(map(repr, choices))}, got {enum['value']}"
+                   if choices else f"invalid value {enum['value']}")
+    else:
+        message = message.replace("`", "")
+        message = message[:1].lower() + message[1:]
+    return f"{path or '(root)'}: {message}"
+
+
+def _join(path: str, field: str) -> str:
+    if not path:
+        return field
+    return f"{path}{field}" if field.startswith("[") else f"{path}.{field}"
+
+
+def _number(text: str) -> str:
+    """`1.0` as `1`, so a bound reads as it was configured."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return str(int(value)) if value.is_integer() else text
+
+
+def _literal_choices(path: str) -> tuple[Any, ...]:
+    """The values a Literal at `path` allows, or () if the path does not lead to one."""
+    node: msgspec.inspect.Type = msgspec.inspect.type_info(RuntimeConfig)
+    for segment in re.findall(r"[^.\[\]]+|\[[^\]]*\]", path):
+        node = _unwrap(node)
+        if segment.startswith("["):
+            if not isinstance(node, msgspec.inspect.VarTupleType | msgspec.inspect.ListType):
+                return ()
+            node = node.item_type
+        elif isinstance(node, msgspec.inspect.StructType):
+            fields = {field.name: field.type for field in node.fields}
+            if segment not in fields:
+                return ()
+            node = fields[segment]
+        else:
+            return ()
+    node = _unwrap(node)
+    return tuple(node.values) if isinstance(node, msgspec.inspect.LiteralType) else ()
+
+
+def _unwrap(node: msgspec.inspect.Type) -> msgspec.inspect.Type:
+    """The non-null member of an optional type."""
+    if isinstance(node, msgspec.inspect.UnionType):
+        members = [t for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(members) == 1:
+            return members[0]
+    return node
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    return type(value).__name__

@@ -1,0 +1,269 @@
+"""Tests for corral.config: defaults, overlays, path-named errors, rendering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from corral.config import (
+    ConfigError,
+    LoggingConfig,
+    RetryConfig,
+    RuntimeConfig,
+    config_from_mapping,
+    deep_merge,
+    load_config,
+    render_config,
+    resolve_error_name,
+)
+from corral.protocol.errors import Code
+
+RUNTIME_YAML = Path(__file__).resolve().parent.parent / "config" / "runtime.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _no_corral_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CORRAL_ENV", raising=False)
+
+
+def _errors(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping(data)
+    return info.value.errors
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "runtime.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_runtime_yaml_matches_struct_defaults() -> None:
+    cfg = load_config(RUNTIME_YAML)
+    assert msgspec.structs.replace(cfg, environments={}) == RuntimeConfig()
+    assert set(cfg.environments) == {"development", "production", "test"}
+
+
+def test_every_overlay_in_runtime_yaml_loads() -> None:
+    for name in ("development", "production", "test"):
+        load_config(RUNTIME_YAML, env=name)
+
+
+def test_no_path_gives_defaults() -> None:
+    assert load_config() == RuntimeConfig()
+
+
+def test_seed_defaults() -> None:
+    cfg = RuntimeConfig()
+    assert cfg.json_rpc.default_timeout_ms == 30000
+    retry = cfg.json_rpc.retry
+    assert (retry.max_attempts, retry.initial_delay_ms, retry.max_delay_ms) == (3, 100, 5000)
+    assert (retry.backoff_multiplier, retry.jitter) == (2.0, 0.25)
+    assert retry.retryable_errors == ("TIMEOUT", "ECONNRESET")
+    breaker = cfg.json_rpc.circuit_breaker
+    assert (
+        breaker.failure_threshold,
+        breaker.recovery_timeout_ms,
+        breaker.half_open_max_calls,
+        breaker.half_open_success_threshold,
+        breaker.failure_window_ms,
+    ) == (5, 10000, 1, 2, 60000)
+    assert cfg.python_runtime.max_restarts == 3
+    assert cfg.python_runtime.restart_delay_base_ms == 1000
+    assert cfg.stream_registry.default_timeout_ms == 300000
+    assert cfg.stream_registry.max_active_streams == 10
+
+
+def test_retryable_error_names_resolve_to_codes() -> None:
+    assert [resolve_error_name(n) for n in RetryConfig().retryable_errors] == [
+        Code.TIMEOUT,
+        Code.TRANSPORT_ERROR,
+    ]
+    assert resolve_error_name("Overloaded") is Code.OVERLOADED
+    assert resolve_error_name("CIRCUIT_OPEN") is Code.CIRCUIT_OPEN
+    with pytest.raises(ValueError, match="unknown error code"):
+        resolve_error_name("EBOGUS")
+    retry = config_from_mapping(
+        {"json_rpc": {"retry": {"retryable_errors": ["Overloaded", "CIRCUIT_OPEN"]}}}
+    ).json_rpc.retry
+    assert retry.retryable_errors == ("Overloaded", "CIRCUIT_OPEN")
+
+
+def test_deep_merge_merges_mappings_and_replaces_the_rest() -> None:
+    base = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    merged = deep_merge(base, {"a": {"c": [3]}, "e": 2})
+    assert merged == {"a": {"b": 1, "c": [3]}, "d": 1, "e": 2}
+    assert base == {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+
+
+def test_overlay_chosen_by_corral_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_ENV", "production")
+    cfg = load_config(RUNTIME_YAML)
+    assert cfg.logging == LoggingConfig(format="json", level="info")
+    assert cfg.generation.isolation == "process"
+    # Keys the overlay does not name keep the file's values.
+    assert cfg.generation.default_max_tokens == 256
+    assert cfg.json_rpc == RuntimeConfig().json_rpc
+
+
+def test_overlay_chosen_by_argument_wins_over_corral_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CORRAL_ENV", "production")
+    cfg = load_config(RUNTIME_YAML, env="test")
+    assert cfg.logging.format == "console"
+    retry = cfg.json_rpc.retry
+    assert (retry.initial_delay_ms, retry.max_delay_ms, retry.max_attempts) == (1, 10, 3)
+    assert cfg.supervision.backoff.random_factor == 0.2
+
+
+def test_empty_env_argument_applies_no_overlay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_ENV", "production")
+    assert load_config(RUNTIME_YAML, env="").logging == LoggingConfig()
+
+
+def test_overrides_merge_after_the_overlay() -> None:
+    cfg = load_config(
+        RUNTIME_YAML,
+        env="development",
+        overrides={"logging": {"format": "json"}, "json_rpc": {"retry": {"max_attempts": 5}}},
+    )
+    assert cfg.logging == LoggingConfig(format="json", level="debug")
+    assert cfg.json_rpc.retry.max_attempts == 5
+    assert cfg.json_rpc.retry.jitter == 0.25
+
+
+def test_unknown_key_names_its_path() -> None:
+    assert _errors({"json_rpc": {"retry": {"bogus": 1}}}) == ["json_rpc.retry.bogus: unknown key"]
+    assert _errors({"bogus": {}}) == ["bogus: unknown key"]
+
+
+def test_out_of_range_value_names_its_path() -> None:
+    assert _errors({"json_rpc": {"retry": {"jitter": 2}}}) == [
+        "json_rpc.retry.jitter: expected <= 1"
+    ]
+    assert _errors({"json_rpc": {"retry": {"max_attempts": 0}}}) == [
+        "json_rpc.retry.max_attempts: expected >= 1"
+    ]
+
+
+def test_wrong_type_names_its_path() -> None:
+    assert _errors({"stream_registry": {"max_active_streams": "ten"}}) == [
+        "stream_registry.max_active_streams: expected int, got str"
+    ]
+    assert _errors({"json_rpc": []}) == ["json_rpc: expected mapping, got list"]
+
+
+def test_bad_literal_lists_the_choices() -> None:
+    [error] = _errors({"logging": {"level": "loud"}})
+    assert error.startswith("logging.level: expected one of ")
+    assert "'debug'" in error and "got 'loud'" in error
+
+
+def test_unknown_retryable_error_name() -> None:
+    [error] = _errors({"json_rpc": {"retry": {"retryable_errors": ["Timeout", "EBOGUS"]}}})
+    assert error.startswith("json_rpc.retry.retryable_errors[1]: unknown error code 'EBOGUS'")
+
+
+def test_cross_field_checks_name_the_key() -> None:
+    assert _errors({"json_rpc": {"retry": {"initial_delay_ms": 10000}}}) == [
+        "json_rpc.retry.max_delay_ms: expected >= initial_delay_ms"
+    ]
+    models = [{"alias": "a", "path": "/m/a", "fallbacks": ["b"]}]
+    [error] = _errors({"generation": {"models": models}})
+    assert error.startswith("generation.models[0].fallbacks[0]: ")
+    [error] = _errors({"server": {"jsonrpc": ["stdio", "tcp://nohost"]}})
+    assert error.startswith("server.jsonrpc[1]: ")
+
+
+def test_models_and_listeners_decode() -> None:
+    cfg = config_from_mapping(
+        {
+            "generation": {
+                "models": [
+                    {"alias": "big", "path": "/m/big", "fallbacks": ["tiny"]},
+                    {"alias": "tiny", "path": "/m/tiny"},
+                ]
+            },
+            "server": {"jsonrpc": ["stdio", "tcp://127.0.0.1:9000", "unix:///tmp/x.sock"]},
+        }
+    )
+    assert [m.alias for m in cfg.generation.models] == ["big", "tiny"]
+    assert cfg.generation.models[0].fallbacks == ("tiny",)
+    assert len(cfg.server.jsonrpc) == 3
+
+
+def test_missing_required_key() -> None:
+    assert _errors({"generation": {"models": [{"alias": "a"}]}}) == [
+        "generation.models[0].path: required key missing"
+    ]
+
+
+def test_unknown_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(RUNTIME_YAML, env="staging")
+    [error] = info.value.errors
+    assert error.startswith("environments.staging: unknown environment")
+    monkeypatch.setenv("CORRAL_ENV", "staging")
+    with pytest.raises(ConfigError, match="CORRAL_ENV"):
+        load_config(RUNTIME_YAML)
+
+
+def test_bad_overlay_is_reported_under_its_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "environments:\n  prod:\n    logging:\n      colour: red\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.errors == ["environments.prod.logging.colour: unknown key"]
+
+
+def test_base_error_is_not_repeated_for_each_overlay() -> None:
+    errors = _errors({"logging": {"level": "loud"}, "environments": {"a": {}, "b": {}}})
+    assert len(errors) == 1 and errors[0].startswith("logging.level: ")
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "logging:\n  format: json\n  level: [info\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [error] = info.value.errors
+    assert error.startswith(f"{path}:")
+    line = int(error[len(str(path)) + 1:].split(":")[0])
+    assert line >= 3
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read"):
+        load_config(missing)
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "")) == RuntimeConfig()
+
+
+def test_config_error_str_joins_errors() -> None:
+    assert str(ConfigError(["a: x", "b: y"])) == "a: x\nb: y"
+
+
+@pytest.mark.parametrize("env", ["", "development", "production", "test"])
+def test_render_round_trip(tmp_path: Path, env: str) -> None:
+    cfg = load_config(RUNTIME_YAML, env=env)
+    rendered = _write(tmp_path, render_config(cfg))
+    assert load_config(rendered) == cfg
+
+
+def test_render_round_trip_with_models(tmp_path: Path) -> None:
+    cfg = config_from_mapping(
+        {
+            "generation": {"models": [{"alias": "tiny", "path": "/m/tiny"}]},
+            "json_rpc": {"circuit_breaker": {"failure_rate_threshold": 0.5}},
+        }
+    )
+    assert load_config(_write(tmp_path, render_config(cfg))) == cfg
