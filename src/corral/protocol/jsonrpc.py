@@ -231,8 +231,17 @@ def params_as(request: Request, type_: type[_S]) -> _S:
                 f"expected at most {len(names)} positional params, got {len(params)}",
             )
         params = dict(zip(names, params))
+    return convert_params({} if params is None else params, type_)
+
+
+def convert_params(params: Any, type_: type[_S]) -> _S:
+    """`params` (builtins: a dict, usually) as a `type_` Struct; for every interface.
+
+    Raises:
+        EngineClientError: code InvalidParams naming the field, as `params_as` does.
+    """
     try:
-        return msgspec.convert({} if params is None else params, type_)
+        return msgspec.convert(params, type_)
     except RecursionError:
         raise EngineClientError(Code.INVALID_PARAMS, "params nested too deeply") from None
     except msgspec.ValidationError as exc:

@@ -1,0 +1,645 @@
+"""Retry with backoff and jitter under one deadline, and a retry budget shared per target.
+
+`call(policy, fn, *args)` runs a caller's own async function again after a retryable
+failure. The loop runs in the caller's task, never in an actor: one actor running every
+caller's loop would serialise them. What callers of one target share is the retry budget
+(a token bucket as in gRPC's retry throttling, so retries cannot multiply load in an
+outage) and the statistics; `RetryActor` owns both and `ActorBudget` lets `call` consult
+it. This module never retries a client error, never swallows a cancellation that came
+from outside the loop, and never sleeps past the deadline.
+"""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import math
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, TypeVarTuple, Unpack, final
+
+import msgspec
+import structlog
+import trio
+
+from corral.actors.core import Actor, ActorRef
+from corral.config import RetryBudgetConfig, RetryConfig, resolve_error_name
+from corral.protocol.errors import (
+    CLIENT_ERROR_CODES,
+    Code,
+    CorralError,
+    RetryAbortedError,
+    TimeoutError,
+    classify,
+)
+
+__all__ = [
+    "ActorBudget",
+    "Budget",
+    "GetRetryStats",
+    "JitterMode",
+    "ReportOutcome",
+    "RequestRetry",
+    "RetryActor",
+    "RetryBudget",
+    "RetryCounters",
+    "RetryGrant",
+    "RetryMessage",
+    "RetryPolicy",
+    "RetryStatistics",
+    "call",
+    "error_code",
+]
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+JitterMode = Literal["proportional", "full", "equal", "decorrelated"]
+_JITTER_MODES: Final = frozenset({"proportional", "full", "equal", "decorrelated"})
+
+_NEVER_RETRIED: Final[frozenset[Code]] = CLIENT_ERROR_CODES | {Code.CANCELLED}
+"""Codes no policy retries, listed or not: the caller's fault, or the caller gave up."""
+
+_log = structlog.get_logger("corral.retry")
+_rng = random.Random()
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(names: tuple[str, ...]) -> frozenset[Code]:
+    return frozenset(resolve_error_name(name) for name in names)
+
+
+def error_code(error: BaseException) -> Code:
+    """The error code a retry policy matches `error` by.
+
+    A corral error has its own code. Of other exceptions, Python's and trio's timeouts
+    (`builtins.TimeoutError`, `trio.TooSlowError`) are Timeout, and a broken connection
+    (`ConnectionError`, `trio.BrokenResourceError`) is TransportError, so the
+    configuration's TIMEOUT and ECONNRESET cover a user's own socket calls too. trio
+    cancellation is Cancelled; anything else is UnknownError.
+    """
+    if isinstance(error, CorralError):
+        return error.code
+    if isinstance(error, builtins.TimeoutError | trio.TooSlowError):
+        return Code.TIMEOUT
+    if isinstance(error, ConnectionError | trio.BrokenResourceError):
+        return Code.TRANSPORT_ERROR
+    return classify(error).code
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """When to retry and how long to wait; the fields and defaults of `RetryConfig`.
+
+    Attributes:
+        max_attempts: attempts in all, the first included (1 means never retry).
+        initial_delay_ms: the delay after the first failure, before jitter.
+        max_delay_ms: no delay is longer (a server's retry-after aside, see `call`).
+        backoff_multiplier: each retry waits this much longer than the one before.
+        jitter: in "proportional" mode, delays spread ± this fraction around the base.
+        jitter_mode: "proportional", "full", "equal" or "decorrelated"; see `delay`.
+        retryable_errors: code names (`"Timeout"`), enum names (`"TIMEOUT"`) or aliases
+            (`"ECONNRESET"` is TransportError); see `is_retryable`.
+    """
+
+    max_attempts: int = 3
+    initial_delay_ms: float = 100.0
+    max_delay_ms: float = 5000.0
+    backoff_multiplier: float = 2.0
+    jitter: float = 0.25
+    jitter_mode: JitterMode = "proportional"
+    retryable_errors: tuple[str, ...] = ("TIMEOUT", "ECONNRESET")
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: expected >= 1, got {self.max_attempts}")
+        if not 0 <= self.initial_delay_ms <= self.max_delay_ms:
+            raise ValueError("expected 0 <= initial_delay_ms <= max_delay_ms, got "
+                             f"{self.initial_delay_ms} and {self.max_delay_ms}")
+        if self.backoff_multiplier < 1:
+            raise ValueError(f"backoff_multiplier: expected >= 1, got {self.backoff_multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter: expected a fraction in [0, 1], got {self.jitter}")
+        if self.jitter_mode not in _JITTER_MODES:
+            raise ValueError(f"jitter_mode: expected one of {sorted(_JITTER_MODES)}, "
+                             f"got {self.jitter_mode!r}")
+        _resolve(tuple(self.retryable_errors))
+
+    @classmethod
+    def from_config(cls, config: RetryConfig) -> RetryPolicy:
+        return cls(max_attempts=config.max_attempts,
+                   initial_delay_ms=float(config.initial_delay_ms),
+                   max_delay_ms=float(config.max_delay_ms),
+                   backoff_multiplier=config.backoff_multiplier, jitter=config.jitter,
+                   jitter_mode=config.jitter_mode,
+                   retryable_errors=tuple(config.retryable_errors))
+
+    @property
+    def retryable_codes(self) -> frozenset[Code]:
+        """The codes `retryable_errors` names, aliases resolved."""
+        return _resolve(self.retryable_errors)
+
+    def delay(self, attempt: int, previous: float, rng: random.Random) -> float:
+        """Seconds to wait after attempt number `attempt` (1-based) failed.
+
+        With base = min(max, initial·multiplier^(attempt-1)) and U uniform in [0, 1):
+
+        - proportional: c·(1 + jitter·(2U - 1)) with c = min(base, max/(1 + jitter)), so
+          no delay exceeds max and delays at the cap still spread instead of piling up
+          on it. Below the cap c is the base: 100, 200, 400 ms ± 25 % by default.
+        - full: U·base. equal: base/2 + U·base/2 (AWS architecture blog).
+        - decorrelated: min(max, uniform(initial, 3·previous)), where `previous` is the
+          delay before (use initial for the first); `attempt` does not matter.
+
+        The `jitter` fraction applies to proportional mode only.
+        """
+        initial = self.initial_delay_ms / 1000.0
+        cap = self.max_delay_ms / 1000.0
+        if self.jitter_mode == "decorrelated":
+            return min(cap, rng.uniform(initial, 3.0 * max(previous, initial)))
+        try:
+            base = min(cap, initial * self.backoff_multiplier ** (attempt - 1))
+        except OverflowError:
+            base = cap
+        if self.jitter_mode == "full":
+            return rng.random() * base
+        if self.jitter_mode == "equal":
+            return base / 2.0 + rng.random() * base / 2.0
+        centre = min(base, cap / (1.0 + self.jitter))
+        return centre * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+
+    def is_retryable(self, error: BaseException) -> bool:
+        """Whether `error` may be retried under this policy.
+
+        The rule, in order: a client error (InvalidParams, ...) or Cancelled is never
+        retried, listed or not; an error whose code (see `error_code`) is not in
+        `retryable_errors` is not retried; a listed corral error is retried when its own
+        `retryable` flag says so (the table's value unless the raising site decided, as
+        it does for the "by cause" codes); a listed error of any other type is retried.
+        """
+        code = error_code(error)
+        if code in _NEVER_RETRIED or code not in _resolve(self.retryable_errors):
+            return False
+        return error.retryable if isinstance(error, CorralError) else True
+
+
+# -- the budget --------------------------------------------------------------------
+
+
+class ReportOutcome(msgspec.Struct, frozen=True, tag="retry.report_outcome"):
+    """How one `call` ended; a tell to `RetryActor`, and what `RetryCounters` records.
+
+    Attributes:
+        success: the call returned a value.
+        attempts: attempts made, the first included.
+        delay_s: seconds slept between attempts.
+        cancelled: the call ended by cancellation (the loop's abort or the caller's).
+        charge_failure: the last attempt failed with a retryable error that no
+            `RequestRetry` has charged to the budget yet (no retry was asked for: the
+            attempts or the deadline ran out); it costs a token now.
+    """
+
+    success: bool
+    attempts: int
+    delay_s: float
+    cancelled: bool = False
+    charge_failure: bool = False
+
+    @property
+    def retried(self) -> bool:
+        return self.attempts > 1
+
+
+@final
+class RetryBudget:
+    """A token bucket that throttles retries, as gRPC's retry throttling does.
+
+    Tokens start at `max_tokens`. Each attempt that fails with a retryable error costs
+    one token (never below zero); each success refills `token_ratio` (never above
+    `max_tokens`). A retry is allowed only while tokens > max_tokens / 2. Tokens are
+    kept in thousandths, as gRPC does, so the threshold does not drift with floating
+    point. Pure bookkeeping: no I/O, no clock, not safe to share between threads.
+
+    The bound this gives: every granted retry takes a token while tokens stay above
+    half, so over any run, retries granted <= max_tokens/2 + token_ratio·successes.
+    """
+
+    __slots__ = ("_half_milli", "_max_milli", "_milli", "_ratio_milli")
+
+    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
+        if max_tokens <= 0 or not 0 < token_ratio <= 1:
+            raise ValueError("expected max_tokens > 0 and 0 < token_ratio <= 1, got "
+                             f"{max_tokens} and {token_ratio}")
+        self._max_milli = round(max_tokens * 1000)
+        self._half_milli = self._max_milli / 2
+        self._ratio_milli = round(token_ratio * 1000)
+        self._milli = self._max_milli
+
+    @classmethod
+    def from_config(cls, config: RetryBudgetConfig) -> RetryBudget:
+        return cls(config.max_tokens, config.token_ratio)
+
+    @property
+    def tokens(self) -> float:
+        return self._milli / 1000.0
+
+    @property
+    def max_tokens(self) -> float:
+        return self._max_milli / 1000.0
+
+    def can_retry(self) -> bool:
+        return self._milli > self._half_milli
+
+    def record_failure(self) -> None:
+        self._milli = max(0, self._milli - 1000)
+
+    def record_success(self) -> None:
+        self._milli = min(self._max_milli, self._milli + self._ratio_milli)
+
+    def request_retry(self) -> bool:
+        """Charge one failed attempt, then say whether a retry may follow it."""
+        self.record_failure()
+        return self.can_retry()
+
+    def settle(self, outcome: ReportOutcome) -> None:
+        """Apply a finished call: a success refills, an uncharged failure costs."""
+        if outcome.success:
+            self.record_success()
+        elif outcome.charge_failure:
+            self.record_failure()
+
+
+class Budget(Protocol):
+    """What `call` needs of a shared budget (see `ActorBudget`).
+
+    `request_retry` charges the failed attempt and answers whether to retry;
+    `report` records how the call ended. `report` is synchronous because it also runs
+    while the call is being cancelled.
+    """
+
+    async def request_retry(self) -> bool: ...
+
+    def report(self, outcome: ReportOutcome) -> None: ...
+
+
+@final
+class _LocalBudget:
+    """A `RetryBudget` in the caller's own process and thread, used directly."""
+
+    __slots__ = ("_bucket",)
+
+    def __init__(self, bucket: RetryBudget) -> None:
+        self._bucket = bucket
+
+    async def request_retry(self) -> bool:
+        return self._bucket.request_retry()
+
+    def report(self, outcome: ReportOutcome) -> None:
+        self._bucket.settle(outcome)
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+class RetryStatistics(msgspec.Struct, frozen=True):
+    """Totals over the calls of one target (or of one caller's `RetryCounters`).
+
+    Attributes:
+        calls: calls that ended, however.
+        attempts: attempts over all those calls, first attempts included.
+        successful_retries: calls that succeeded after at least one retry.
+        failed_retries: calls that failed after at least one retry.
+        failed_calls: calls that failed (cancelled calls count in neither).
+        retries_denied_by_budget: retries the budget refused.
+        total_delay_s: seconds slept between attempts, over all calls.
+    """
+
+    calls: int
+    attempts: int
+    successful_retries: int
+    failed_retries: int
+    failed_calls: int
+    retries_denied_by_budget: int
+    total_delay_s: float
+
+
+@final
+class RetryCounters:
+    """Running totals behind `RetryStatistics`; pass one to `call` as `stats`."""
+
+    __slots__ = ("_attempts", "_calls", "_delay_s", "_denied", "_failed_calls",
+                 "_failed_retries", "_successful_retries")
+
+    def __init__(self) -> None:
+        self._calls = 0
+        self._attempts = 0
+        self._successful_retries = 0
+        self._failed_retries = 0
+        self._failed_calls = 0
+        self._denied = 0
+        self._delay_s = 0.0
+
+    def record(self, outcome: ReportOutcome) -> None:
+        self._calls += 1
+        self._attempts += outcome.attempts
+        self._delay_s += outcome.delay_s
+        if outcome.cancelled:
+            return
+        if outcome.success:
+            self._successful_retries += outcome.retried
+        else:
+            self._failed_calls += 1
+            self._failed_retries += outcome.retried
+
+    def record_denied(self) -> None:
+        self._denied += 1
+
+    def statistics(self) -> RetryStatistics:
+        return RetryStatistics(
+            calls=self._calls, attempts=self._attempts,
+            successful_retries=self._successful_retries,
+            failed_retries=self._failed_retries, failed_calls=self._failed_calls,
+            retries_denied_by_budget=self._denied, total_delay_s=self._delay_s)
+
+
+# -- the loop ------------------------------------------------------------------------
+
+
+OnRetry = Callable[[int, float, BaseException], object]
+_Ending = Literal["success", "failure", "cancelled"]
+
+
+@final
+class _Loop:
+    """The state of one `call`: what was tried, what failed, how it ended."""
+
+    __slots__ = ("attempts", "budget", "charge_failure", "deadline", "delay_s", "ending",
+                 "last_error", "on_retry", "policy", "rng", "stats")
+
+    def __init__(self, policy: RetryPolicy, budget: Budget | None, deadline: float,
+                 on_retry: OnRetry | None, rng: random.Random,
+                 stats: RetryCounters | None) -> None:
+        self.policy = policy
+        self.budget = budget
+        self.deadline = deadline
+        self.on_retry = on_retry
+        self.rng = rng
+        self.stats = stats
+        self.attempts = 0
+        self.delay_s = 0.0
+        self.last_error: Exception | None = None
+        self.charge_failure = False
+        self.ending: _Ending = "cancelled"
+
+    async def run(self, fn: Callable[[Unpack[Ts]], Awaitable[T]], args: tuple[Unpack[Ts]],
+                  ) -> T:
+        previous = self.policy.initial_delay_ms / 1000.0
+        while True:
+            self.attempts += 1
+            try:
+                result = await fn(*args)
+            except Exception as exc:
+                error = exc
+            else:
+                self.ending = "success"
+                return result
+            self.last_error = error
+            # Decided outside the except block, so a cancellation while consulting the
+            # budget or sleeping does not carry this error as its context.
+            delay = await self._next_delay(error, previous)
+            if delay is None:
+                self.ending = "failure"
+                raise error
+            if self.on_retry is not None:
+                self.on_retry(self.attempts, delay, error)
+            slept_from = trio.current_time()
+            try:
+                await trio.sleep(delay)
+            finally:
+                self.delay_s += trio.current_time() - slept_from
+            previous = delay
+
+    async def _next_delay(self, error: Exception, previous: float) -> float | None:
+        """The delay before the next attempt, or None when the loop must end now."""
+        policy = self.policy
+        if not policy.is_retryable(error):
+            return None
+        if self.attempts >= policy.max_attempts:
+            self.charge_failure = True
+            return None
+        delay = policy.delay(self.attempts, previous, self.rng)
+        retry_after_ms = getattr(error, "retry_after_ms", None)
+        if isinstance(retry_after_ms, int | float):
+            delay = max(delay, retry_after_ms / 1000.0)
+        if trio.current_time() + delay >= self.deadline:
+            self.charge_failure = True
+            return None
+        if self.budget is not None and not await self.budget.request_retry():
+            if self.stats is not None:
+                self.stats.record_denied()
+            return None
+        return delay
+
+    def finish(self) -> None:
+        if self.stats is None and self.budget is None:
+            return
+        outcome = ReportOutcome(success=self.ending == "success", attempts=self.attempts,
+                                delay_s=self.delay_s, cancelled=self.ending == "cancelled",
+                                charge_failure=self.charge_failure and self.ending == "failure")
+        if self.stats is not None:
+            self.stats.record(outcome)
+        if self.budget is not None:
+            self.budget.report(outcome)
+
+
+async def call(policy: RetryPolicy, fn: Callable[[Unpack[Ts]], Awaitable[T]],
+               *args: Unpack[Ts], budget: RetryBudget | Budget | None = None,
+               deadline: float | None = None, timeout: float | None = None,
+               on_retry: OnRetry | None = None, rng: random.Random | None = None,
+               stats: RetryCounters | None = None,
+               abort: trio.CancelScope | None = None) -> T:
+    """Await `fn(*args)`, again after each retryable failure, until it succeeds or must stop.
+
+    After attempt n fails with an error `policy.is_retryable` accepts, the loop waits
+    `policy.delay(n, ...)` seconds on trio's clock (at least the error's
+    `retry_after_ms`, if it carries one) and tries again, up to `policy.max_attempts`
+    attempts in all. Before each retry it calls `on_retry(n, delay, error)` (n is the
+    attempt that failed, which is also the number of the retry about to start), and, if
+    there is a budget, asks it first: a refusal ends the loop with that error.
+
+    One deadline bounds all attempts and delays together. An attempt still running at
+    the deadline is cancelled; a delay that would end at or after the deadline is not
+    slept at all, since no attempt could start in time.
+
+    Args:
+        policy: when to retry and how long to wait.
+        fn: the async function to call; each attempt calls it afresh with `args`.
+        budget: a `RetryBudget` used in this thread, or a shared `Budget` such as
+            `ActorBudget`. Each attempt that fails with a retryable error costs a token;
+            each success refills a fraction.
+        deadline: absolute trio time by which the call must be over.
+        timeout: seconds from now; an alternative to `deadline`.
+        on_retry: a synchronous hook, called before each retry's delay.
+        rng: the randomness of the jitter (seed it for repeatable runs).
+        stats: counters this call adds to.
+        abort: a cancel scope the caller keeps; cancelling it ends the loop with
+            RetryAbortedError. A cancel scope can be entered once, so use a fresh one
+            per call.
+
+    Returns:
+        What `fn` returned.
+
+    Raises:
+        Exception: the error of the last attempt when it is not retryable, when the
+            attempts run out, when the budget refuses a retry, or when the deadline
+            passes after at least one failed attempt.
+        TimeoutError: the deadline passed during the first attempt (or before it).
+        RetryAbortedError: `abort` was cancelled; carries the attempts made and the
+            last error (also chained as the cause).
+        trio.Cancelled: a cancellation from outside the loop (an enclosing cancel scope
+            or nursery) propagates as itself, never converted: the caller's scope
+            must see it to stop. It is never retried.
+        ValueError: both `deadline` and `timeout` were given.
+    """
+    if deadline is not None and timeout is not None:
+        raise ValueError("pass a deadline or a timeout, not both")
+    started = trio.current_time()
+    if timeout is not None:
+        deadline = started + timeout
+    limit = math.inf if deadline is None else deadline
+    port = _LocalBudget(budget) if isinstance(budget, RetryBudget) else budget
+    loop = _Loop(policy, port, limit, on_retry, rng or _rng, stats)
+    try:
+        if abort is None and deadline is None:
+            # Nothing to catch: no cancel scope, the costliest part of the success path.
+            return await loop.run(fn, args)
+        if abort is None:
+            with trio.CancelScope(deadline=limit) as deadline_scope:
+                return await loop.run(fn, args)
+        else:
+            with abort, trio.CancelScope(deadline=limit) as deadline_scope:
+                return await loop.run(fn, args)
+        if deadline_scope.cancelled_caught:
+            loop.ending = "failure"
+            if loop.last_error is not None:
+                raise loop.last_error
+            method = getattr(fn, "__qualname__", type(fn).__name__)
+            raise TimeoutError(method, limit - started, None, trio.current_time() - started)
+        raise RetryAbortedError(loop.attempts, loop.last_error) from loop.last_error
+    finally:
+        loop.finish()
+
+
+# -- the actor -----------------------------------------------------------------------
+
+
+class RetryGrant(msgspec.Struct, frozen=True):
+    """The answer to `RequestRetry`: whether to retry, and the tokens left (None when
+    the target has no budget)."""
+
+    allowed: bool
+    tokens: float | None
+
+
+class RequestRetry(msgspec.Struct, frozen=True, tag="retry.request_retry"):
+    """An attempt failed with a retryable error and its caller would retry: charge it
+    one token and answer whether it may."""
+
+    reply_type: ClassVar[type] = RetryGrant
+
+
+class GetRetryStats(msgspec.Struct, frozen=True, tag="retry.get_stats"):
+    """Ask for the target's `RetryStatistics`."""
+
+    reply_type: ClassVar[type] = RetryStatistics
+
+
+RetryMessage = RequestRetry | ReportOutcome | GetRetryStats
+
+
+@final
+class RetryActor(Actor[RetryMessage]):
+    """Owns the retry budget and the retry statistics of one target (a model alias).
+
+    Callers run their retry loops in their own tasks and consult this actor through
+    `ActorBudget`; its mailbox serialises the bucket's updates, so every caller of the
+    target draws on one budget. Messages: `RequestRetry` (answered `RetryGrant`),
+    `ReportOutcome` (a tell) and `GetRetryStats` (answered `RetryStatistics`). With
+    the budget disabled in the config every retry is granted and only the statistics
+    are kept. Each incarnation starts with a full bucket and zeroed statistics, as a
+    fresh gRPC channel does. Its handlers never await.
+
+    Args:
+        config: the bucket's size and refill; the config's defaults when None.
+    """
+
+    Message: ClassVar[Any] = RetryMessage
+
+    def __init__(self, config: RetryBudgetConfig | None = None) -> None:
+        config = config or RetryBudgetConfig()
+        self._budget = RetryBudget.from_config(config) if config.enabled else None
+        self._counters = RetryCounters()
+        self._throttling = False
+
+    async def handle(self, message: RetryMessage) -> RetryGrant | RetryStatistics | None:
+        budget = self._budget
+        match message:
+            case RequestRetry():
+                if budget is None:
+                    return RetryGrant(True, None)
+                allowed = budget.request_retry()
+                if not allowed:
+                    self._counters.record_denied()
+                self._note_throttling(budget)
+                return RetryGrant(allowed, budget.tokens)
+            case ReportOutcome():
+                self._counters.record(message)
+                if budget is not None:
+                    budget.settle(message)
+                    self._note_throttling(budget)
+                return None
+            case GetRetryStats():
+                return self._counters.statistics()
+
+    def _note_throttling(self, budget: RetryBudget) -> None:
+        throttling = not budget.can_retry()
+        if throttling != self._throttling:
+            self._throttling = throttling
+            log = self.ctx.log.warning if throttling else self.ctx.log.info
+            log("retry.budget_exhausted" if throttling else "retry.budget_restored",
+                tokens=budget.tokens, max_tokens=budget.max_tokens)
+
+
+@final
+class ActorBudget:
+    """The `Budget` of a `RetryActor`, for `call(policy, fn, budget=ActorBudget(ref))`.
+
+    If the actor cannot answer (exited, overloaded, or silent for `timeout` seconds)
+    the retry is refused: without its budget a target gets no retries, never unbounded
+    ones. Reports are sent without waiting and dropped if the actor cannot take them,
+    so bookkeeping never delays or fails a call that has ended.
+    """
+
+    __slots__ = ("_ref", "_timeout")
+
+    def __init__(self, ref: ActorRef, *, timeout: float = 1.0) -> None:
+        self._ref = ref
+        self._timeout = timeout
+
+    async def request_retry(self) -> bool:
+        try:
+            grant: RetryGrant = await self._ref.ask(RequestRetry(), timeout=self._timeout)
+        except CorralError as exc:
+            _log.warning("retry.budget_unavailable", actor=self._ref.path, error=repr(exc))
+            return False
+        return grant.allowed
+
+    def report(self, outcome: ReportOutcome) -> None:
+        try:
+            self._ref.tell_nowait(outcome)
+        except CorralError as exc:
+            _log.debug("retry.report_dropped", actor=self._ref.path, error=repr(exc))
+
+    async def statistics(self) -> RetryStatistics:
+        """The target's statistics, asked of the actor."""
+        stats: RetryStatistics = await self._ref.ask(GetRetryStats(), timeout=self._timeout)
+        return stats

@@ -1,0 +1,111 @@
+"""What resilience costs per call: retry and breaker wrappers against a direct call.
+
+Each variant wraps the same trivial async call (one checkpoint, as any real I/O call has
+at least one) on the success path, where the wrappers should cost least. Variants run in
+alternating rounds in one process and are reported as ratios to the direct call of the
+same run, so machine speed cancels out. `corral bench resilience` also runs the retry
+storm, so one command writes both resilience.json and retry_storm.json.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from corral.actors import retry
+from corral.actors.breaker import BreakerActor, CircuitBreaker, call_through
+from corral.actors.core import ActorRef
+from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.bench import report, retry_storm
+
+VARIANTS: Final = ("direct", "retry.call", "retry.call with timeout",
+                   "retry.call + RetryActor budget", "RetryActor consult (ask)",
+                   "CircuitBreaker.call", "BreakerActor call_through")
+
+
+async def _operation() -> int:
+    await trio.lowlevel.checkpoint()
+    return 1
+
+
+def _variants(breaker_ref: ActorRef, retry_ref: ActorRef,
+              ) -> dict[str, Callable[[], Awaitable[object]]]:
+    policy = retry.RetryPolicy()
+    budget = retry.ActorBudget(retry_ref)
+    breaker = CircuitBreaker("bench")
+    return {
+        "direct": _operation,
+        "retry.call": lambda: retry.call(policy, _operation),
+        "retry.call with timeout": lambda: retry.call(policy, _operation, timeout=60.0),
+        "retry.call + RetryActor budget": lambda: retry.call(policy, _operation, budget=budget),
+        "RetryActor consult (ask)": budget.request_retry,
+        "CircuitBreaker.call": lambda: breaker.call(_operation),
+        "BreakerActor call_through": lambda: call_through(breaker_ref, _operation),
+    }
+
+
+async def _measure(calls: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one sample per round, variants interleaved."""
+    specs = [ChildSpec(name="breaker", factory=lambda: BreakerActor("bench")),
+             ChildSpec(name="retry", factory=retry.RetryActor)]
+    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    async with open_supervisor(Supervisor(specs), name="bench") as tree:
+        variants = _variants(tree.ref("breaker"), tree.ref("retry"))
+        for fn in variants.values():  # warm up: first calls build decoders and caches
+            for _ in range(min(calls, 100)):
+                await fn()
+        for round_ in range(rounds):
+            # Alternate the order so no variant always runs right after the same one.
+            order = VARIANTS if round_ % 2 == 0 else tuple(reversed(VARIANTS))
+            for name in order:
+                fn = variants[name]
+                started = time.perf_counter()
+                for _ in range(calls):
+                    await fn()
+                samples[name].append((time.perf_counter() - started) / calls)
+    return samples
+
+
+def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
+    """`corral bench resilience`: per-call overhead, then the retry storm.
+
+    Returns:
+        {"overhead": what resilience.json holds, "retry_storm": what retry_storm.json holds}.
+    """
+    calls, rounds = (200, 3) if smoke else (5000, 15)
+    samples = trio.run(_measure, calls, rounds)
+    per_call = {name: statistics.median(samples[name]) for name in VARIANTS}
+    direct = per_call["direct"]
+    rows = [{"variant": name, "us_per_call": per_call[name] * 1e6,
+             "ratio_to_direct": per_call[name] / direct,
+             "overhead_us": (per_call[name] - direct) * 1e6,
+             "spread_us": (max(samples[name]) - min(samples[name])) * 1e6}
+            for name in VARIANTS]
+    # The success path of a retry without a deadline adds no cancel scope: it should
+    # cost little beside the call. A deadline adds one cancel scope (trio's own cost).
+    goals = [report.goal("retry.call / direct", per_call["retry.call"] / direct, "<=", 2.0)]
+    parameters = {
+        "calls_per_round": calls, "rounds": rounds,
+        "operation": "async function with one trio checkpoint, success path",
+        "statistic": "median over rounds of seconds per call; ratio to the direct call "
+                     "of the same run; variants in alternating order",
+        "clock": "wall clock (time.perf_counter)",
+    }
+    results = {"variants": rows}
+    report.write_result("resilience", parameters, results, goals, directory=output_dir)
+    report.print_table(
+        "resilience overhead per call (success path)",
+        ["variant", "µs / call", "ratio to direct", "overhead µs", "spread µs"],
+        [[row["variant"], row["us_per_call"], row["ratio_to_direct"], row["overhead_us"],
+          row["spread_us"]] for row in rows],
+        goals)
+    overhead = {"parameters": parameters, **results,
+                "goals": [msgspec.to_builtins(g) for g in goals]}
+    return {"overhead": overhead,
+            "retry_storm": retry_storm.main(smoke=smoke, output_dir=output_dir)}
