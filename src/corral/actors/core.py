@@ -239,8 +239,14 @@ class Mailbox:
         return lambda: self._monitors.remove(callback)
 
     def stop(self) -> None:
-        """Stop the path for good: pending asks fail, later sends raise ActorExitedError."""
-        if self.state is not MailboxState.STOPPED:
+        """Stop the path for good: pending asks fail, later sends raise ActorExitedError.
+
+        A running incarnation stopped this way ends by shutdown; a path between two
+        incarnations keeps the reason its last one exited with.
+        """
+        if self.state is MailboxState.RUNNING:
+            self.mark_exited(SHUTDOWN, restarting=False)
+        elif self.state is MailboxState.RESTARTING:
             self.mark_exited(self._last_exit or SHUTDOWN, restarting=False)
 
     async def wait_exit(self) -> ExitReason:

@@ -23,13 +23,21 @@ import trio
 
 from corral.actors.core import ActorRef, ActorSystem, Child, Context
 from corral.protocol.errors import (
+    ActorExitedError,
     ChildStartError,
     Code,
     CorralError,
     EngineClientError,
     EscalationError,
 )
-from corral.protocol.messages import NORMAL, SHUTDOWN, ExitReason, LifecycleEvent, innermost
+from corral.protocol.messages import (
+    KILLED,
+    NORMAL,
+    SHUTDOWN,
+    ExitReason,
+    LifecycleEvent,
+    innermost,
+)
 
 
 class Restart(enum.StrEnum):
@@ -113,14 +121,15 @@ class SupervisorStatistics(msgspec.Struct, frozen=True):
 class _Slot:
     """One child position: the spec, the live incarnation, its backoff count."""
 
-    __slots__ = ("attempt", "ctx", "done", "incarnation", "obj", "restarts", "running",
-                 "scope", "spec", "started_at", "terminating")
+    __slots__ = ("attempt", "ctx", "done", "incarnation", "killed", "obj", "restarts",
+                 "running", "scope", "spec", "started_at", "terminating")
 
     def __init__(self, spec: ChildSpec) -> None:
         self.spec = spec
         self.incarnation = 0
         self.running = False
         self.terminating = False
+        self.killed = False
         self.restarts = 0
         self.attempt = 0
         self.started_at = -math.inf
@@ -186,6 +195,7 @@ class Supervisor:
         self._ctx: Context | None = None
         self._nursery: trio.Nursery | None = None
         self._started = trio.Event()
+        self._stopped = False
 
     # -- public surface ------------------------------------------------------------
 
@@ -210,6 +220,7 @@ class Supervisor:
             EngineClientError(InvalidParams): a child of that name exists.
             ChildStartError: the child failed to start (it is not added); the cause is
                 chained.
+            ActorExitedError: this supervisor has stopped.
         """
         async def operation() -> ActorRef:
             if spec.name in self._slots:
@@ -219,8 +230,7 @@ class Supervisor:
             try:
                 await self._start(slot)
             except BaseException:
-                del self._slots[spec.name]
-                self._require_ctx().system.forget(self._child_path(spec.name))
+                self._remove(slot)
                 raise
             return self.ref(spec.name)
 
@@ -231,6 +241,7 @@ class Supervisor:
 
         Raises:
             EngineClientError(InvalidParams): no such child.
+            ActorExitedError: this supervisor has stopped.
         """
         async def operation() -> None:
             slot = self._slots.get(name)
@@ -240,6 +251,17 @@ class Supervisor:
             self._remove(slot)
 
         await self._call(operation)
+
+    def kill_child(self, name: str) -> None:
+        """Kill child `name` at once, as an abnormal exit (Erlang's `exit(Pid, kill)`).
+
+        Its restart type then decides what follows, as for a crash. For operators and
+        fault-injection tests. Unknown or stopped children are ignored.
+        """
+        slot = self._slots.get(name)
+        if slot is not None and slot.running:
+            slot.killed = True
+            slot.scope.cancel()
 
     def which_children(self) -> list[ChildInfo]:
         return [self._info(slot) for slot in self._slots.values()]
@@ -280,6 +302,7 @@ class Supervisor:
             finally:
                 with trio.CancelScope(shield=True):
                     await self._stop_all()
+                self._refuse_calls()
                 nursery.cancel_scope.cancel()
         # Raised here, outside the nursery, so the parent sees the error itself rather
         # than an exception group.
@@ -347,6 +370,8 @@ class Supervisor:
             if sibling.running:
                 await self._terminate(sibling)
                 ctx.system.mailbox(self._child_path(name)).mark_exited(SHUTDOWN, restarting=True)
+            if sibling.spec.restart is Restart.TEMPORARY:
+                self._remove(sibling)  # never restarted, not even with its group (as in OTP)
         ctx.system.emit(LifecycleEvent("restarting", path, now, event.reason,
                                        attempt=slot.attempt, delay_s=delay))
         self._nursery_required().start_soon(self._restart_after, group, self._restart_token,
@@ -412,16 +437,22 @@ class Supervisor:
         slot.scope = trio.CancelScope()
         slot.done = trio.Event()
         slot.terminating = False
+        slot.killed = False
         slot.ctx = Context(self._child_path(slot.spec.name), ctx.system)
         try:
             await self._nursery_required().start(self._child_main, slot, slot.incarnation)
         except ChildStartError as exc:
+            # A failed start ran for no time: it must not reset the backoff (reset_after).
+            slot.started_at = trio.current_time()
             reason = ExitReason.from_exception(exc.__cause__ or exc)
             slot.ctx.mailbox.mark_exited(reason, restarting=True)
             ctx.system.emit(LifecycleEvent("start_failed", slot.ctx.path, trio.current_time(),
                                            reason))
             raise
-        slot.running = True
+        # It may have returned right after reporting started; its exit event is queued.
+        slot.running = not slot.done.is_set()
+        if slot.running:
+            slot.ctx.mailbox.mark_running()  # a plain task does not mark its own mailbox
         slot.started_at = trio.current_time()
         ctx.system.emit(LifecycleEvent("started", slot.ctx.path, slot.started_at))
 
@@ -445,7 +476,7 @@ class Supervisor:
                     if not status.reported:
                         raise ChildStartError(path, "it returned before it started")
             if slot.scope.cancelled_caught:
-                reason, error = SHUTDOWN, None
+                reason, error = (KILLED, None) if slot.killed else (SHUTDOWN, None)
         finally:
             slot.running = False
             slot.done.set()
@@ -496,6 +527,8 @@ class Supervisor:
 
     async def _call(self, operation: Callable[[], object]) -> object:
         await self._started.wait()
+        if self._stopped:
+            raise ActorExitedError(self.path, "stopped")
         call = _Call(operation, trio.Event(), [])
         self._events_send.send_nowait(call)
         await call.done.wait()
@@ -503,6 +536,20 @@ class Supervisor:
         if isinstance(result, _Failure):
             raise result.error
         return result
+
+    def _refuse_calls(self) -> None:
+        """Fail the control calls the ended loop will never run, and all later ones."""
+        self._stopped = True
+        self._started.set()
+        error = ActorExitedError(self.path, "stopped")
+        while True:
+            try:
+                event = self._events.receive_nowait()
+            except trio.WouldBlock:
+                return
+            if isinstance(event, _Call):
+                event.result.append(_Failure(error))
+                event.done.set()
 
     def _child_path(self, name: str) -> str:
         return f"{self._require_ctx().path}/{name}"
@@ -561,24 +608,29 @@ async def open_supervisor(supervisor: Supervisor, *, name: str = "root",
 
     Raises:
         EscalationError: the root exceeded its restart intensity.
-        Exception: a child's initial start failed (the tree never started).
+        ChildStartError: a child's initial start failed (the tree never started).
     """
     system = system or ActorSystem()
     ctx = Context(name, system)
-    escalation: list[EscalationError] = []
+    failure: list[CorralError] = []
 
     async def run_root(task_status: trio.TaskStatus[None]) -> None:
         try:
             await supervisor.run(ctx, task_status=task_status)
         except EscalationError as exc:
-            escalation.append(exc)
+            failure.append(exc)
             nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_root)
         try:
-            yield supervisor
-        finally:
-            ctx.request_stop()
-    if escalation:
-        raise escalation[0]
+            await nursery.start(run_root)
+        except ChildStartError as exc:
+            # Raised below, outside the nursery, as itself rather than in an exception group.
+            failure.append(exc)
+        else:
+            try:
+                yield supervisor
+            finally:
+                ctx.request_stop()
+    if failure:
+        raise failure[0]

@@ -7,7 +7,7 @@ variable `reply_type`, so `ask` decodes the reply with the right schema.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -50,6 +50,7 @@ def innermost(exc: BaseException) -> BaseException:
 
 NORMAL = ExitReason("normal")
 SHUTDOWN = ExitReason("shutdown")
+KILLED = ExitReason("error", "Killed", "killed by its supervisor on request")
 
 LifecycleKind = Literal["started", "exited", "restarting", "restarted", "stopped",
                         "intensity_exceeded", "start_failed"]
@@ -307,3 +308,54 @@ class RegistryState(msgspec.Struct, frozen=True, tag=True):
 
 class GetRegistryState(msgspec.Struct, frozen=True, tag=True):
     reply_type: ClassVar[type] = RegistryState
+
+
+# -- the public generate call, as every interface receives it -----------------------------
+
+_Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+_Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+_Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A generate or complete call. Decoding this struct is the input validation: an
+    out-of-range value or unknown field is an InvalidParams error naming the field.
+
+    Exactly one of `prompt` (text or token ids) and `messages` (chat turns) is given.
+    """
+
+    model: str | None = None
+    prompt: str | list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: _Temperature = 0.0
+    top_p: _Probability = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    min_p: _Fraction = 0.0
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    logprobs: bool = False
+    timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    request_id: str | None = None
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids),
+            logprobs=self.logprobs)
+
+
+class Completion(msgspec.Struct, frozen=True):
+    """The whole result of a non-streaming call."""
+
+    stream_id: int
+    model: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: list[float] | None = None

@@ -1,0 +1,189 @@
+"""The model actor: one per loaded model, the owner of that model's engine.
+
+It starts the engine (load in the background, so starting never blocks its supervisor),
+hands it sequences, forwards each engine step to the stream registry, and answers
+tokenizer calls. When the engine fails, the actor crashes on purpose: its supervisor
+restarts it (which reloads the model), the registry hears of the exit through a monitor,
+and the breaker records the failure. It knows nothing of HTTP or of who reads a stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from corral.actors.core import Actor, ActorRef, Reply
+from corral.actors.engine import Engine
+from corral.config import GenerationConfig
+from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.messages import (
+    Accepted,
+    ApplyChatTemplate,
+    CancelSequence,
+    Detokenize,
+    EngineFailed,
+    EngineLoaded,
+    EngineSequence,
+    EngineStep,
+    InjectFault,
+    ListSequences,
+    ModelInfo,
+    ModelOutput,
+    Ready,
+    Sequences,
+    Submit,
+    Text,
+    TokenIds,
+    Tokenize,
+    WaitReady,
+)
+
+
+class EngineCrash(RuntimeError):
+    """The engine failed; raised by the model actor so that its supervisor restarts it."""
+
+
+ModelMessage = (Submit | CancelSequence | EngineStep | EngineFailed | EngineLoaded | WaitReady
+                | Tokenize | Detokenize | ApplyChatTemplate | ListSequences | InjectFault)
+
+
+class ModelActor(Actor[ModelMessage]):
+    """Serves one model alias through one engine (a dedicated MLX thread).
+
+    Until the model is loaded, submitted sequences wait in the actor and `WaitReady`
+    asks are answered when the load ends. A failed load answers every waiter with
+    ModelLoadError and then crashes the actor.
+    """
+
+    Message = ModelMessage
+
+    def __init__(self, alias: str, path: str, config: GenerationConfig,
+                 registry: ActorRef) -> None:
+        self.alias = alias
+        self.path = path
+        self._config = config
+        self._registry = registry
+        self._engine: Engine | None = None
+        self._info: ModelInfo | None = None
+        self._waiting: list[Reply] = []
+        self._queued: list[EngineSequence] = []
+        self._running: set[int] = set()
+
+    async def on_start(self) -> None:
+        self._engine = Engine(
+            self.path,
+            prefill_batch_size=self._config.prefill_batch_size,
+            completion_batch_size=self._config.completion_batch_size,
+            prefill_step_size=self._config.prefill_step_size,
+            on_step=self._on_step,
+            on_failure=self._on_failure)
+        self.start_soon(self._load)
+
+    def on_exit(self) -> None:
+        if self._engine is not None:
+            self._engine.close_nowait()
+
+    async def on_stop(self) -> None:
+        if self._engine is not None:
+            await self._engine.close()
+
+    async def _load(self) -> None:
+        assert self._engine is not None
+        try:
+            info = await self._engine.start()
+        except CorralError as exc:
+            await self.ctx.ref.tell(EngineFailed(f"load failed: {exc.message}"))
+            return
+        await self.ctx.ref.tell(EngineLoaded(info))
+
+    # Engine callbacks run in the trio thread (the engine posts them there); they only
+    # turn events into messages, so all state changes happen in `handle`.
+    def _on_step(self, step: EngineStep) -> None:
+        self._post(step)
+
+    def _on_failure(self, error: BaseException) -> None:
+        self._post(EngineFailed(repr(error)))
+
+    def _post(self, message: EngineStep | EngineFailed) -> None:
+        try:
+            self.ctx.ref.tell_nowait(message)
+        except CorralError as exc:
+            self.ctx.log.error("model.engine_event_lost", error=repr(exc))
+
+    async def handle(self, message: ModelMessage) -> Any:
+        match message:
+            case EngineStep():
+                return await self._forward(message)
+            case Submit(seq=seq):
+                return self._submit(seq)
+            case CancelSequence(seq_id=seq_id):
+                self._cancel(seq_id)
+            case EngineLoaded(info=info):
+                self._loaded(info)
+            case EngineFailed(error=error):
+                self._fail_waiters(error)
+                raise EngineCrash(f"engine of model {self.alias} failed: {error}")
+            case WaitReady():
+                if self._info is not None:
+                    return Ready(self.alias, self._info)
+                reply = self.defer_reply()
+                if reply is not None:
+                    self._waiting.append(reply)
+            case Tokenize(text=text, add_special_tokens=special):
+                return TokenIds(await self._loaded_engine().tokenize(text, special))
+            case Detokenize(ids=ids):
+                return Text(await self._loaded_engine().detokenize(ids))
+            case ApplyChatTemplate(messages=messages):
+                turns = [{"role": m.role, "content": m.content} for m in messages]
+                return TokenIds(await self._loaded_engine().apply_chat_template(turns))
+            case ListSequences():
+                return Sequences(sorted(self._running | {s.seq_id for s in self._queued}))
+            case InjectFault(kind=kind):
+                self._loaded_engine().inject_fault(kind)
+        return None
+
+    def _submit(self, seq: EngineSequence) -> Accepted:
+        if self._info is None:
+            self._queued.append(seq)
+        else:
+            self._loaded_engine().submit(seq)
+            self._running.add(seq.seq_id)
+        return Accepted(seq.seq_id)
+
+    def _cancel(self, seq_id: int) -> None:
+        self._queued = [s for s in self._queued if s.seq_id != seq_id]
+        if seq_id in self._running:
+            self._running.discard(seq_id)
+            self._loaded_engine().cancel(seq_id)
+
+    def _loaded(self, info: ModelInfo) -> None:
+        self._info = info
+        for reply in self._waiting:
+            reply.send(Ready(self.alias, info))
+        self._waiting.clear()
+        queued, self._queued = self._queued, []
+        for seq in queued:
+            self._submit(seq)
+        self.ctx.log.info("model.loaded", model=self.alias, path=self.path,
+                          load_seconds=round(info.load_seconds, 3))
+
+    def _fail_waiters(self, error: str) -> None:
+        failure = EngineClientError(Code.MODEL_LOAD_ERROR if self._info is None
+                                    else Code.GENERATION_ERROR,
+                                    f"model {self.alias}: {error}",
+                                    {"model": self.alias, "path": self.path}, retryable=False)
+        for reply in self._waiting:
+            reply.fail(failure)
+        self._waiting.clear()
+
+    async def _forward(self, step: EngineStep) -> None:
+        for out in step.outputs:
+            if out.finish_reason is not None:
+                self._running.discard(out.seq_id)
+        await self._registry.tell(ModelOutput(self.alias, step.step, step.outputs))
+
+    def _loaded_engine(self) -> Engine:
+        if self._engine is None or self._info is None:
+            raise EngineClientError(Code.MODEL_NOT_LOADED,
+                                    f"model {self.alias} is still loading",
+                                    {"model": self.alias}, retryable=True)
+        return self._engine

@@ -1,0 +1,363 @@
+"""The stream registry: admission, deadlines and delivery of tokens to client streams.
+
+The registry actor decides which streams run (at most `max_active_streams`, then up to
+`max_queued` waiting, then Overloaded), ends streams at their deadline, and routes each
+engine step's tokens to the client end of every stream (`StreamBuffer`). Buffers live in
+a `StreamTable` owned by the runtime, not by the actor, so a restarted registry picks the
+open streams back up from it, as an Erlang table outlives its owner through an heir.
+A buffer never blocks its writer: output waiting for a slow reader coalesces.
+This module knows nothing of MLX, HTTP or how tokens are made.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any, final
+
+import msgspec
+import trio
+
+from corral.actors.core import Actor, ActorRef, Reply
+from corral.config import StreamRegistryConfig
+from corral.protocol.errors import (
+    ActorExitedError,
+    Code,
+    CorralError,
+    EngineClientError,
+    OverloadedError,
+    TimeoutError,
+)
+from corral.protocol.messages import (
+    Admit,
+    Admitted,
+    CancelSequence,
+    CloseStream,
+    DeadlinesDue,
+    FinishReason,
+    GetRegistryState,
+    ModelDown,
+    ModelOutput,
+    RegistryState,
+    TokenOut,
+)
+
+
+class StreamChunk(msgspec.Struct, frozen=True):
+    """What a reader gets: all output since its last read, coalesced.
+
+    `index` is the position of the first token in the completion.
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    index: int
+
+
+@final
+class StreamBuffer:
+    """The client end of one stream. The registry writes; one reader reads.
+
+    Writes never wait: text and token ids pile up between reads and come out as one
+    chunk, so memory is bounded by max_tokens and a slow reader never stalls the engine.
+    """
+
+    def __init__(self, stream_id: int, model: str, *, request_id: str | None,
+                 timeout_s: float, deadline: float, prompt_tokens: int,
+                 logprobs: bool) -> None:
+        self.stream_id = stream_id
+        self.model = model
+        self.request_id = request_id
+        self.timeout_s = timeout_s
+        self.deadline = deadline
+        self.prompt_tokens = prompt_tokens
+        self.started_at = trio.current_time()
+        self.last_read_at = self.started_at
+        self.reader_waiting = False
+        self.tokens: list[int] = []
+        self.text_parts: list[str] = []
+        self.finish_reason: FinishReason | None = None
+        self.error: CorralError | None = None
+        self._want_logprobs = logprobs
+        self._logprobs: list[float] = []
+        self._read_tokens = 0
+        self._read_text = 0
+        self._wakeup = trio.Event()
+
+    @property
+    def ended(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    @property
+    def has_unread(self) -> bool:
+        return self._read_tokens < len(self.tokens) or self._read_text < len(self.text_parts)
+
+    def push(self, out: TokenOut) -> None:
+        if self.ended:
+            return
+        self.tokens.append(out.token)
+        if out.text:
+            self.text_parts.append(out.text)
+        if self._want_logprobs:
+            self._logprobs.append(out.logprob if out.logprob is not None else math.nan)
+        if out.finish_reason is not None:
+            self.finish_reason = out.finish_reason
+        self._wakeup.set()
+
+    def finish(self, reason: FinishReason, error: CorralError | None = None) -> None:
+        """End the stream; the reader gets what is unread, then the end (or `error`)."""
+        if self.ended:
+            return
+        self.finish_reason = reason
+        self.error = error
+        self._wakeup.set()
+
+    def take(self) -> StreamChunk | None:
+        """Everything unread as one chunk, or None when nothing is."""
+        if not self.has_unread:
+            return None
+        start = self._read_tokens
+        chunk = StreamChunk(
+            text="".join(self.text_parts[self._read_text:]),
+            token_ids=self.tokens[start:],
+            logprobs=self._logprobs[start:] if self._want_logprobs else None,
+            index=start)
+        self._read_tokens = len(self.tokens)
+        self._read_text = len(self.text_parts)
+        return chunk
+
+    async def next_chunk(self) -> StreamChunk | None:
+        """Wait for output. Returns None at the end of the stream.
+
+        Raises:
+            CorralError: the stream ended with this error (after all unread output).
+
+        Cancellation while waiting loses nothing: unread output stays for the next call.
+        """
+        self.reader_waiting = True
+        try:
+            while True:
+                chunk = self.take()
+                if chunk is not None:
+                    return chunk
+                if self.ended:
+                    if self.error is not None:
+                        raise self.error
+                    return None
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+        finally:
+            self.reader_waiting = False
+            self.last_read_at = trio.current_time()
+
+
+@final
+class StreamTable:
+    """Open streams by id, shared by the runtime facade and the registry actor.
+
+    Ids come from one counter for the life of the runtime, so they stay unique across
+    registry restarts.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, StreamBuffer] = {}
+        self._ids = itertools.count(1)
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def add(self, buffer: StreamBuffer) -> None:
+        self._buffers[buffer.stream_id] = buffer
+
+    def get(self, stream_id: int) -> StreamBuffer | None:
+        return self._buffers.get(stream_id)
+
+    def remove(self, stream_id: int) -> None:
+        self._buffers.pop(stream_id, None)
+
+    def open_buffers(self) -> list[StreamBuffer]:
+        return [b for b in self._buffers.values() if not b.ended]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+
+class _Entry:
+    """The registry's record of one admitted or queued stream."""
+
+    __slots__ = ("admitted_at", "deadline", "model", "reply", "request_id", "stream_id",
+                 "timeout_s")
+
+    def __init__(self, stream_id: int, model: str, deadline: float, timeout_s: float,
+                 request_id: str | None, reply: Reply | None) -> None:
+        self.stream_id = stream_id
+        self.model = model
+        self.deadline = deadline
+        self.timeout_s = timeout_s
+        self.request_id = request_id
+        self.reply = reply
+        self.admitted_at = trio.current_time()
+
+
+RegistryMessage = Admit | ModelOutput | CloseStream | ModelDown | DeadlinesDue | GetRegistryState
+
+
+class StreamRegistry(Actor[RegistryMessage]):
+    """Admits streams, enforces deadlines and idle readers, routes tokens to buffers.
+
+    On (re)start it takes up every open buffer of the table as an active stream, so a
+    registry crash loses no stream. A model's exit (ModelDown) ends that model's streams
+    with a retryable GenerationError carrying the partial text.
+    """
+
+    Message = RegistryMessage
+
+    def __init__(self, config: StreamRegistryConfig, table: StreamTable,
+                 model_ref: Callable[[str], ActorRef]) -> None:
+        self._config = config
+        self._table = table
+        self._model_ref = model_ref
+        self._active: dict[int, _Entry] = {}
+        self._queue: collections.deque[_Entry] = collections.deque()
+        self._deadline_changed = trio.Event()
+        self._idle_limit = config.idle_reader_timeout_ms / 1000.0
+
+    async def on_start(self) -> None:
+        for buffer in self._table.open_buffers():
+            self._active[buffer.stream_id] = _Entry(
+                buffer.stream_id, buffer.model, buffer.deadline, buffer.timeout_s,
+                buffer.request_id, None)
+        self.start_soon(self._watch_deadlines)
+
+    async def handle(self, message: RegistryMessage) -> Any:
+        match message:
+            case ModelOutput():
+                await self._deliver(message)
+            case Admit():
+                return self._admit(message)
+            case CloseStream(stream_id=stream_id, reason=reason):
+                await self._close(stream_id, reason, None)
+            case ModelDown(model=model, reason=reason):
+                for entry in [e for e in self._active.values() if e.model == model]:
+                    buffer = self._table.get(entry.stream_id)
+                    partial = buffer.text if buffer else ""
+                    await self._close(entry.stream_id, "error", EngineClientError(
+                        Code.GENERATION_ERROR,
+                        f"model {model} stopped mid-stream: {reason.describe()}",
+                        {"partial_text": partial, "model": model,
+                         "completion_tokens": len(buffer.tokens) if buffer else 0},
+                        retryable=True), cancel_sequence=False)
+            case DeadlinesDue(now=now):
+                await self._expire(now)
+            case GetRegistryState():
+                return RegistryState(
+                    active=len(self._active), queued=len(self._queue),
+                    streams={sid: e.model for sid, e in self._active.items()})
+        return None
+
+    # -- admission -----------------------------------------------------------------
+
+    def _admit(self, message: Admit) -> Admitted | None:
+        stream_id = self._table.new_id()
+        deadline = trio.current_time() + message.timeout_s
+        entry = _Entry(stream_id, message.model, deadline, message.timeout_s,
+                       message.request_id, None)
+        if len(self._active) < self._config.max_active_streams:
+            self._active[stream_id] = entry
+            self._deadline_changed.set()
+            return Admitted(stream_id, deadline)
+        if len(self._queue) >= self._config.max_queued:
+            raise OverloadedError(
+                f"{len(self._active)} streams running and {len(self._queue)} waiting",
+                retry_after_ms=self._config.overloaded_retry_after_ms,
+                details={"active": len(self._active), "queued": len(self._queue)})
+        entry.reply = self.defer_reply()
+        self._queue.append(entry)
+        self._deadline_changed.set()
+        return None
+
+    def _release(self, stream_id: int) -> None:
+        self._active.pop(stream_id, None)
+        while self._queue and len(self._active) < self._config.max_active_streams:
+            entry = self._queue.popleft()
+            if entry.reply is None or not entry.reply.wanted:
+                continue  # its caller gave up while it waited
+            self._active[entry.stream_id] = entry
+            entry.reply.send(Admitted(entry.stream_id, entry.deadline))
+
+    # -- delivery --------------------------------------------------------------------
+
+    async def _deliver(self, message: ModelOutput) -> None:
+        now = trio.current_time()
+        for out in message.outputs:
+            buffer = self._table.get(out.seq_id)
+            if buffer is None or buffer.ended:
+                # The client went away between steps: stop the sequence.
+                if out.finish_reason is None:
+                    await self._tell_model(message.model, CancelSequence(out.seq_id))
+                self._release(out.seq_id)
+                continue
+            buffer.push(out)
+            if out.finish_reason is not None:
+                self._release(out.seq_id)
+            elif (buffer.has_unread and not buffer.reader_waiting
+                  and now - buffer.last_read_at > self._idle_limit):
+                await self._close(out.seq_id, "cancelled", EngineClientError(
+                    Code.CANCELLED,
+                    f"stream {out.seq_id} cancelled: its reader was idle for more than "
+                    f"{self._idle_limit:g}s", {"stream_id": out.seq_id}))
+
+    async def _close(self, stream_id: int, reason: FinishReason, error: CorralError | None,
+                     *, cancel_sequence: bool = True) -> None:
+        entry = self._active.get(stream_id)
+        if entry is not None and cancel_sequence:
+            await self._tell_model(entry.model, CancelSequence(stream_id))
+        buffer = self._table.get(stream_id)
+        if buffer is not None:
+            buffer.finish(reason, error)
+        self._release(stream_id)
+
+    async def _tell_model(self, model: str, message: CancelSequence) -> None:
+        # A model that is gone has no sequence left to cancel.
+        try:
+            self._model_ref(model).tell_nowait(message)
+        except (ActorExitedError, OverloadedError):
+            self.ctx.log.info("registry.cancel_undelivered", model=model,
+                              stream_id=message.seq_id)
+
+    # -- deadlines ------------------------------------------------------------------
+
+    async def _expire(self, now: float) -> None:
+        for entry in [e for e in self._active.values() if e.deadline <= now]:
+            await self._close(entry.stream_id, "timeout", self._timeout(entry, now))
+        waiting = [e for e in self._queue if e.deadline <= now]
+        for entry in waiting:
+            self._queue.remove(entry)
+            if entry.reply is not None:
+                entry.reply.fail(self._timeout(entry, now))
+
+    @staticmethod
+    def _timeout(entry: _Entry, now: float) -> TimeoutError:
+        return TimeoutError("generate", entry.timeout_s, entry.request_id,
+                            now - (entry.deadline - entry.timeout_s))
+
+    async def _watch_deadlines(self) -> None:
+        """Tell this actor when the earliest deadline passes (a background task)."""
+        while True:
+            self._deadline_changed = trio.Event()
+            deadlines = [e.deadline for e in self._active.values()]
+            deadlines += [e.deadline for e in self._queue]
+            earliest = min(deadlines, default=math.inf)
+            with trio.move_on_at(earliest):
+                await self._deadline_changed.wait()
+                continue
+            await self.ctx.ref.tell(DeadlinesDue(trio.current_time()))
+            # Wait for the message to be handled before computing the next deadline.
+            await self._deadline_changed.wait()

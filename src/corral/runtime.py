@@ -1,0 +1,612 @@
+"""The supervision tree and the embedded facade: `async with open_runtime(config) as rt`.
+
+    root (one_for_one)
+    ├── stream_registry                 permanent
+    ├── generation (dynamic)
+    │   └── model:<alias> (rest_for_one): breaker, retry, model     temporary
+    └── transport (one_for_one)         filled by `corral serve`
+
+Every request goes: validate at the edge → the model's breaker (or a fallback while it
+is open) → admission by the registry → submit with retry → tokens from the registry's
+buffer. The facade holds no state a restart would need except the table of open
+streams and the list of loaded models, which the tree's factories read back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any, Literal, final
+
+import msgspec
+import structlog
+import trio
+
+from corral.actors.breaker import Acquire, BreakerActor, Outcome, PermitGranted, Record
+from corral.actors.core import ActorRef, ActorSystem
+from corral.actors.model import ModelActor
+from corral.actors.retry import ActorBudget, RetryActor, RetryPolicy
+from corral.actors.retry import call as retry_call
+from corral.actors.streams import StreamBuffer, StreamChunk, StreamRegistry, StreamTable
+from corral.actors.supervisor import (
+    Backoff,
+    ChildSpec,
+    Intensity,
+    Restart,
+    Strategy,
+    Supervisor,
+    open_supervisor,
+    supervisor_spec,
+)
+from corral.config import ModelConfig, RuntimeConfig
+from corral.protocol.errors import (
+    CircuitBreakerOpenError,
+    Code,
+    CorralError,
+    EngineClientError,
+)
+from corral.protocol.jsonrpc import convert_params
+from corral.protocol.messages import (
+    Admit,
+    ApplyChatTemplate,
+    CancelSequence,
+    CloseStream,
+    Completion,
+    Detokenize,
+    EngineSequence,
+    FinishReason,
+    GenerateParams,
+    GetRegistryState,
+    InjectFault,
+    ModelDown,
+    ModelInfo,
+    RegistryState,
+    Submit,
+    Tokenize,
+    Usage,
+    WaitReady,
+)
+
+_log = structlog.get_logger("corral.runtime")
+
+ModelState = Literal["loading", "ready", "restarting", "failed"]
+
+
+class ModelDescription(msgspec.Struct, frozen=True):
+    alias: str
+    path: str
+    state: ModelState
+    fallbacks: list[str]
+    info: ModelInfo | None
+    restarts: int
+    breaker: str
+
+
+class DomainHealth(msgspec.Struct, frozen=True):
+    name: str
+    state: str
+    restarts: int
+
+
+class Health(msgspec.Struct, frozen=True):
+    """Each failure domain, each model, and whether the runtime can serve.
+
+    `ok` is False when a domain is down or a model has failed for good.
+    """
+
+    ok: bool
+    domains: list[DomainHealth]
+    models: list[ModelDescription]
+    active_streams: int
+    queued_streams: int
+    reasons: list[str]
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True):
+    actors: dict[str, Any]
+    registry: RegistryState
+
+
+class _Model:
+    """The runtime's record of a loaded model (read back by the tree's factories)."""
+
+    __slots__ = ("alias", "config", "info", "path", "state")
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.alias = config.alias
+        self.path = config.path
+        self.info: ModelInfo | None = None
+        self.state: ModelState = "loading"
+
+
+@final
+class TokenStream:
+    """One generation as the client reads it: `async for chunk in stream`.
+
+    After the loop, `finish_reason`, `usage` and `text` describe the whole completion.
+    A stream that ends with an error raises it from the loop (a CorralError: Timeout,
+    GenerationError with `details["partial_text"]`, Cancelled for an idle reader).
+    """
+
+    def __init__(self, buffer: StreamBuffer, model: str) -> None:
+        self._buffer = buffer
+        self.model = model
+
+    @property
+    def stream_id(self) -> int:
+        return self._buffer.stream_id
+
+    @property
+    def text(self) -> str:
+        return self._buffer.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._buffer.tokens)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._buffer.finish_reason
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self._buffer.prompt_tokens, len(self._buffer.tokens))
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        chunk = await self._buffer.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+
+@final
+class Runtime:
+    """The embedded facade over one supervision tree. Made by `open_runtime`."""
+
+    def __init__(self, config: RuntimeConfig, system: ActorSystem) -> None:
+        self.config = config
+        self.system = system
+        self.table = StreamTable()
+        self._models: dict[str, _Model] = {}
+        self._root: Supervisor | None = None
+        self._policy = RetryPolicy.from_config(config.json_rpc.retry)
+        gen = config.generation
+        self._default_max_tokens = gen.default_max_tokens
+
+    # -- the tree --------------------------------------------------------------------
+
+    def _tree(self) -> Supervisor:
+        sup = self.config.supervision
+        intensity = Intensity(sup.max_restarts, sup.period_ms / 1000.0)
+        backoff = _backoff(sup.backoff.min_ms, sup.backoff.max_ms, sup.backoff.random_factor,
+                           sup.backoff.reset_after_ms)
+        return Supervisor([
+            ChildSpec(name="stream_registry", factory=lambda: StreamRegistry(
+                self.config.stream_registry, self.table, self._model_ref),
+                shutdown=sup.shutdown_timeout_ms),
+            supervisor_spec("generation", lambda: Supervisor(
+                [self._model_spec(m) for m in self._models.values() if m.state != "failed"],
+                strategy=Strategy.DYNAMIC, intensity=intensity, backoff=backoff)),
+            supervisor_spec("transport", lambda: Supervisor(
+                intensity=intensity, backoff=backoff)),
+        ], strategy=Strategy.ONE_FOR_ONE, intensity=intensity, backoff=backoff)
+
+    def _model_spec(self, model: _Model) -> ChildSpec:
+        py = self.config.python_runtime
+        intensity = Intensity(py.max_restarts, py.restart_period_ms / 1000.0)
+        backoff = _backoff(py.restart_delay_base_ms, py.restart_delay_max_ms,
+                           self.config.supervision.backoff.random_factor,
+                           self.config.supervision.backoff.reset_after_ms)
+        shutdown = self.config.supervision.shutdown_timeout_ms
+        alias = model.alias
+        return supervisor_spec(f"model:{alias}", lambda: Supervisor([
+            ChildSpec(name="breaker", factory=lambda: BreakerActor(
+                alias, self.config.json_rpc.circuit_breaker), shutdown=shutdown),
+            ChildSpec(name="retry", factory=lambda: RetryActor(
+                self.config.json_rpc.retry.budget), shutdown=shutdown),
+            ChildSpec(name="model", factory=lambda: ModelActor(
+                alias, model.path, self.config.generation, self._registry_ref),
+                shutdown=shutdown),
+        ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff),
+            restart=Restart.TEMPORARY)
+
+    @property
+    def _registry_ref(self) -> ActorRef:
+        return self.system.ref("root/stream_registry")
+
+    def _model_ref(self, alias: str, child: str = "model") -> ActorRef:
+        return self.system.ref(f"root/generation/model:{alias}/{child}")
+
+    def _generation(self) -> Supervisor:
+        assert self._root is not None
+        generation = self._root.child("generation")
+        if not isinstance(generation, Supervisor):
+            raise EngineClientError(Code.RUNTIME_ERROR,
+                                    "the generation domain is restarting", retryable=True)
+        return generation
+
+    # -- models ------------------------------------------------------------------------
+
+    async def load_model(self, path: str, *, alias: str | None = None,
+                         fallbacks: tuple[str, ...] = ()) -> ModelDescription:
+        """Load a model (a local directory or a Hugging Face id already in the cache).
+
+        Waits until it is loaded; other models and callers are never blocked meanwhile.
+
+        Raises:
+            EngineClientError: InvalidParams for a taken alias or unknown fallback,
+                ModelLoadError when the engine cannot load it.
+        """
+        alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
+        if alias in self._models:
+            raise EngineClientError(Code.INVALID_PARAMS, f"alias: {alias!r} is already loaded",
+                                    {"field": "alias"})
+        for name in fallbacks:
+            if name not in self._models:
+                raise EngineClientError(Code.INVALID_PARAMS,
+                                        f"fallbacks: {name!r} is not a loaded model",
+                                        {"field": "fallbacks"})
+        model = _Model(ModelConfig(alias=alias, path=path, fallbacks=fallbacks))
+        self._models[alias] = model
+        try:
+            await self._generation().start_child(self._model_spec(model))
+            self._watch(model)
+            ready = await self._model_ref(alias).ask(
+                WaitReady(), timeout=self.config.python_runtime.startup_timeout_ms / 1000.0)
+        except BaseException as exc:
+            self._models.pop(alias, None)
+            with trio.CancelScope(shield=True):
+                await self._stop_model(alias)
+            if isinstance(exc, CorralError) and exc.code is not Code.MODEL_LOAD_ERROR:
+                raise EngineClientError(Code.MODEL_LOAD_ERROR,
+                                        f"model {alias} did not load: {exc.message}",
+                                        {"model": alias, "path": path}) from exc
+            raise
+        model.info = ready.info
+        model.state = "ready"
+        return self._describe(model)
+
+    def _watch(self, model: _Model) -> None:
+        """Monitors: the registry hears of every model actor exit; the runtime hears
+        when the model's subtree gives up for good."""
+        alias = model.alias
+        registry = self._registry_ref
+
+        def model_exited(reason: Any) -> None:
+            if model.state == "ready":
+                model.state = "restarting"
+            try:
+                registry.tell_nowait(ModelDown(alias, reason))
+            except CorralError as exc:
+                _log.warning("runtime.model_down_undelivered", model=alias, error=repr(exc))
+
+        self.system.mailbox(f"root/generation/model:{alias}/model").add_monitor(model_exited)
+
+        def subtree_exited(reason: Any) -> None:
+            if alias in self._models and reason.abnormal:
+                model.state = "failed"
+                _log.error("runtime.model_failed", model=alias, reason=reason.describe())
+
+        self.system.mailbox(f"root/generation/model:{alias}").add_monitor(subtree_exited)
+
+    async def unload_model(self, alias: str) -> None:
+        """Stop a model's subtree (its open streams end as cancelled) and forget it.
+
+        Raises:
+            EngineClientError: ModelNotLoaded for an unknown alias.
+        """
+        self._require_model(alias)
+        del self._models[alias]
+        await self._stop_model(alias)
+
+    async def _stop_model(self, alias: str) -> None:
+        try:
+            await self._generation().terminate_child(f"model:{alias}")
+        except CorralError:
+            pass  # never started, or already gone with its generation domain
+
+    def list_models(self) -> list[ModelDescription]:
+        return [self._describe(m) for m in self._models.values()]
+
+    def _describe(self, model: _Model) -> ModelDescription:
+        base = f"root/generation/model:{model.alias}"
+        stats = self.system.mailbox(f"{base}/model").statistics()
+        state = model.state
+        if state == "ready" and stats.state != "running":
+            state = "restarting"
+        breaker = self.system.mailbox(f"{base}/breaker")
+        breaker_state = getattr(self._live(base, "breaker"), "state", None)
+        return ModelDescription(
+            alias=model.alias, path=model.path, state=state,
+            fallbacks=list(model.config.fallbacks), info=model.info,
+            restarts=stats.restarts,
+            breaker=str(breaker_state) if breaker_state is not None else breaker.state.value)
+
+    def _live(self, base: str, child: str) -> Any:
+        """The live object of a model subtree's child, or None (for health only)."""
+        try:
+            subtree = self._generation().child(base.rsplit("/", 1)[-1])
+        except CorralError:
+            return None
+        if isinstance(subtree, Supervisor):
+            actor = subtree.child(child)
+            return getattr(actor, "breaker", None) if child == "breaker" else actor
+        return None
+
+    def _require_model(self, alias: str | None) -> _Model:
+        if alias is None:
+            if len(self._models) == 1:
+                return next(iter(self._models.values()))
+            raise EngineClientError(Code.INVALID_PARAMS, "model: required field missing",
+                                    {"field": "model"})
+        model = self._models.get(alias)
+        if model is None:
+            raise EngineClientError(Code.MODEL_NOT_LOADED, f"model {alias!r} is not loaded",
+                                    {"model": alias, "loaded": sorted(self._models)})
+        if model.state == "failed":
+            raise EngineClientError(Code.MODEL_NOT_LOADED,
+                                    f"model {alias!r} failed and was stopped",
+                                    {"model": alias, "state": "failed"})
+        return model
+
+    # -- tokenizer ---------------------------------------------------------------------
+
+    async def tokenize(self, model: str | None, text: str, *,
+                       add_special_tokens: bool = True) -> list[int]:
+        entry = self._require_model(model)
+        _check_text("text", text)
+        reply = await self._model_ref(entry.alias).ask(Tokenize(text, add_special_tokens))
+        return list(reply.ids)
+
+    async def detokenize(self, model: str | None, ids: list[int]) -> str:
+        entry = self._require_model(model)
+        reply = await self._model_ref(entry.alias).ask(Detokenize(list(ids)))
+        return str(reply.text)
+
+    # -- generation --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generate(self, model: str | None = None, prompt: str | list[int] | None = None,
+                       **params: Any) -> AsyncIterator[TokenStream]:
+        """Start a generation; iterate the yielded stream for its chunks.
+
+        Keyword arguments are those of `GenerateParams` (max_tokens, temperature, top_p,
+        top_k, min_p, repetition_penalty, seed, stop, stop_token_ids, logprobs,
+        messages, timeout_ms, request_id).
+
+        Leaving the block before the end cancels the generation: the sequence leaves
+        the batch at the next engine step. So does cancelling the enclosing scope.
+
+        Raises:
+            EngineClientError: InvalidParams (naming the field), ModelNotLoaded.
+            CircuitBreakerOpenError: the model's breaker is open and no fallback is.
+            OverloadedError: the registry is full.
+            TimeoutError: the deadline passed (from the block or from the loop).
+        """
+        request = convert_params({**params, "model": model, "prompt": prompt}, GenerateParams)
+        async with self._open_stream(request) as stream:
+            yield stream
+
+    async def complete(self, model: str | None = None, prompt: str | list[int] | None = None,
+                       **params: Any) -> Completion:
+        """Generate to the end and return the whole completion; see `generate`.
+
+        Cancelling the caller cancels the generation at the next engine step.
+        """
+        async with self.generate(model, prompt, **params) as stream:
+            logprobs: list[float] = []
+            async for chunk in stream:
+                if chunk.logprobs:
+                    logprobs.extend(chunk.logprobs)
+            assert stream.finish_reason is not None
+            return Completion(stream.stream_id, stream.model, stream.text, stream.token_ids,
+                              stream.finish_reason, stream.usage,
+                              logprobs if params.get("logprobs") else None)
+
+    @asynccontextmanager
+    async def _open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
+        entry = self._require_model(request.model)
+        timeout_s = (request.timeout_ms or self.config.stream_registry.default_timeout_ms) / 1000.0
+        deadline = trio.current_time() + timeout_s
+        alias, permit = await self._acquire(entry)
+        outcome = Outcome.IGNORED
+        started = trio.current_time()
+        try:
+            prompt_ids = await self._prompt_ids(alias, request)
+            max_tokens = self._max_tokens(request, len(prompt_ids), entry)
+            admitted = await self._registry_ref.ask(
+                Admit(alias, timeout_s, request.request_id),
+                timeout=max(deadline - trio.current_time(), 0.0),
+                request_id=request.request_id)
+            buffer = StreamBuffer(
+                admitted.stream_id, alias, request_id=request.request_id,
+                timeout_s=timeout_s, deadline=admitted.deadline,
+                prompt_tokens=len(prompt_ids), logprobs=request.logprobs)
+            self.table.add(buffer)
+            model_ref = self._model_ref(alias)
+            try:
+                sequence = EngineSequence(admitted.stream_id, prompt_ids,
+                                          request.sampling(max_tokens), max_tokens)
+                await retry_call(self._policy, model_ref.ask, Submit(sequence),
+                                 budget=ActorBudget(self._model_ref(alias, "retry")),
+                                 deadline=deadline)
+                yield TokenStream(buffer, alias)
+                outcome = _outcome(buffer)
+            finally:
+                if not buffer.ended:
+                    buffer.finish("cancelled")
+                    # Straight to the model (the batch drops it before its next step),
+                    # and to the registry for the books.
+                    self._tell_quietly(model_ref, CancelSequence(buffer.stream_id))
+                    self._tell_quietly(self._registry_ref,
+                                       CloseStream(buffer.stream_id, "cancelled"))
+                self.table.remove(buffer.stream_id)
+        except CorralError as exc:
+            outcome = _failure_outcome(exc)
+            raise
+        finally:
+            self._tell_quietly(self._model_ref(alias, "breaker"),
+                               Record(permit, outcome, trio.current_time() - started))
+
+    @staticmethod
+    def _tell_quietly(ref: ActorRef, message: Any) -> None:
+        """Tell, from cleanup code that must not raise: a stopped or overfull target
+        has nothing left to do with the message."""
+        try:
+            ref.tell_nowait(message)
+        except CorralError as exc:
+            _log.info("runtime.tell_undelivered", actor=ref.path, error=repr(exc))
+
+    async def _acquire(self, entry: _Model) -> tuple[str, Any]:
+        """A breaker permit from the model, or from its first fallback that gives one."""
+        first_error: CircuitBreakerOpenError | None = None
+        for alias in (entry.alias, *entry.config.fallbacks):
+            candidate = self._models.get(alias)
+            if candidate is None or candidate.state == "failed":
+                continue
+            try:
+                granted: PermitGranted = await self._model_ref(alias, "breaker").ask(Acquire())
+                return alias, granted.permit
+            except CircuitBreakerOpenError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        raise EngineClientError(Code.MODEL_NOT_LOADED, f"model {entry.alias!r} failed",
+                                {"model": entry.alias})
+
+    async def _prompt_ids(self, alias: str, request: GenerateParams) -> list[int]:
+        if (request.prompt is None) == (request.messages is None):
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    "prompt: give exactly one of prompt and messages",
+                                    {"field": "prompt"})
+        model_ref = self._model_ref(alias)
+        if request.messages is not None:
+            if not request.messages:
+                raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                        {"field": "messages"})
+            for index, message in enumerate(request.messages):
+                _check_text(f"messages[{index}].content", message.content)
+            reply = await model_ref.ask(ApplyChatTemplate(list(request.messages)))
+            ids = list(reply.ids)
+        elif isinstance(request.prompt, str):
+            _check_text("prompt", request.prompt)
+            if not request.prompt:
+                raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
+                                        {"field": "prompt"})
+            ids = list((await model_ref.ask(Tokenize(request.prompt))).ids)
+        else:
+            assert request.prompt is not None
+            ids = list(request.prompt)
+            info = self._models[alias].info
+            if info is not None and any(i >= info.vocab_size for i in ids):
+                raise EngineClientError(Code.INVALID_PARAMS,
+                                        f"prompt: token ids must be < {info.vocab_size}",
+                                        {"field": "prompt"})
+        limit = self.config.generation.max_prompt_tokens
+        if not ids:
+            raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected at least one token",
+                                    {"field": "prompt"})
+        if len(ids) > limit:
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    f"prompt: {len(ids)} tokens, expected <= {limit}",
+                                    {"field": "prompt", "prompt_tokens": len(ids)})
+        return ids
+
+    def _max_tokens(self, request: GenerateParams, prompt_tokens: int, entry: _Model) -> int:
+        limit = self.config.generation.max_tokens_limit
+        max_tokens = request.max_tokens or self._default_max_tokens
+        if max_tokens > limit:
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    f"max_tokens: expected <= {limit}", {"field": "max_tokens"})
+        context = entry.info.max_context if entry.info else None
+        if context is not None and prompt_tokens + max_tokens > context:
+            max_tokens = max(1, context - prompt_tokens)
+        return max_tokens
+
+    # -- health and statistics ---------------------------------------------------------
+
+    def health(self) -> Health:
+        domains = []
+        reasons = []
+        for name in ("stream_registry", "generation", "transport"):
+            stats = self.system.mailbox(f"root/{name}").statistics()
+            domains.append(DomainHealth(name, stats.state, stats.restarts))
+            if stats.state != "running":
+                reasons.append(f"{name} is {stats.state}")
+        models = self.list_models()
+        for model in models:
+            if model.state == "failed":
+                reasons.append(f"model {model.alias} failed")
+        open_buffers = self.table.open_buffers()
+        return Health(ok=not reasons, domains=domains, models=models,
+                      active_streams=len(open_buffers), queued_streams=0, reasons=reasons)
+
+    async def statistics(self) -> RuntimeStatistics:
+        actors = {path: msgspec.to_builtins(self.system.mailbox(path).statistics())
+                  for path in self.system.paths()}
+        registry = await self._registry_ref.ask(GetRegistryState())
+        return RuntimeStatistics(actors=actors, registry=registry)
+
+    async def inject_fault(self, model: str, kind: Literal["raise", "hang"]) -> None:
+        """Test hook: make the model's engine fail (raise) or stall (hang) at its next step."""
+        entry = self._require_model(model)
+        await self._model_ref(entry.alias).ask(InjectFault(kind))
+
+    @property
+    def root(self) -> Supervisor:
+        assert self._root is not None
+        return self._root
+
+
+def _backoff(min_ms: float, max_ms: float, random_factor: float, reset_ms: float) -> Backoff:
+    return Backoff(min=min_ms / 1000.0, max=max_ms / 1000.0, random_factor=random_factor,
+                   reset_after=reset_ms / 1000.0)
+
+
+def _check_text(field: str, text: str) -> None:
+    if "\x00" in text:
+        raise EngineClientError(Code.INVALID_PARAMS, f"{field}: NUL bytes are not allowed",
+                                {"field": field})
+
+
+def _outcome(buffer: StreamBuffer) -> Outcome:
+    if buffer.error is not None:
+        return _failure_outcome(buffer.error)
+    return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED
+
+
+def _failure_outcome(error: CorralError) -> Outcome:
+    if error.code in (Code.GENERATION_ERROR, Code.RUNTIME_ERROR, Code.MODEL_LOAD_ERROR,
+                      Code.INTERNAL_ERROR):
+        return Outcome.FAILURE
+    return Outcome.IGNORED
+
+
+@asynccontextmanager
+async def open_runtime(config: RuntimeConfig | None = None, *,
+                       models: Mapping[str, str] | None = None) -> AsyncIterator[Runtime]:
+    """Start the supervision tree; load `config.generation.models` and `models`
+    (alias → path). Leaving the block stops everything gracefully.
+
+    Raises:
+        EscalationError: the root gave up (restart intensity exceeded), with the chain.
+        EngineClientError: ModelLoadError for a configured model that fails to load.
+    """
+    config = config or RuntimeConfig()
+    sup = config.supervision
+    system = ActorSystem(mailbox_capacity=sup.mailbox_capacity, stash_limit=sup.stash_limit,
+                         fairness_interval=sup.fairness_interval,
+                         default_ask_timeout=config.json_rpc.default_timeout_ms / 1000.0)
+    runtime = Runtime(config, system)
+    async with open_supervisor(runtime._tree(), system=system) as root:
+        runtime._root = root
+        for model in config.generation.models:
+            await runtime.load_model(model.path, alias=model.alias, fallbacks=model.fallbacks)
+        for alias, path in (models or {}).items():
+            await runtime.load_model(path, alias=alias)
+        yield runtime
+

@@ -1,0 +1,46 @@
+"""Shared test helpers: a recorder of lifecycle events that a test can wait on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import trio
+
+from corral.actors.core import ActorSystem
+from corral.protocol.messages import LifecycleEvent
+
+
+class EventLog:
+    """Every lifecycle event of one ActorSystem, in order, with a way to wait for one."""
+
+    def __init__(self, system: ActorSystem) -> None:
+        self.events: list[LifecycleEvent] = []
+        self._changed = trio.Event()
+        system.add_listener(self._record)
+
+    def _record(self, event: LifecycleEvent) -> None:
+        self.events.append(event)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def of(self, kind: str, path: str | None = None) -> list[LifecycleEvent]:
+        return [e for e in self.events
+                if e.kind == kind and (path is None or e.path == path)]
+
+    async def wait(self, kind: str, path: str, count: int = 1) -> LifecycleEvent:
+        """Wait until `count` events of `kind` for `path` were seen; return the last.
+
+        Gives up after an hour of (mock) time, so a missing event fails the test with
+        TooSlowError instead of hanging it.
+        """
+        with trio.fail_after(3600.0):
+            while len(self.of(kind, path)) < count:
+                await self._changed.wait()
+        return self.of(kind, path)[count - 1]
+
+
+@pytest.fixture
+def record_events() -> Callable[[ActorSystem], EventLog]:
+    """`record_events(system)` starts recording that system's lifecycle events."""
+    return EventLog

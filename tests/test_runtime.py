@@ -1,0 +1,301 @@
+"""The embedded runtime on the real tiny model: the request path end to end.
+
+An MLX thread computes in real time, so these tests use trio's real clock and count
+engine steps (observed at the registry) instead of seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import mlx_lm
+import pytest
+import trio
+
+from corral.actors.streams import StreamRegistry
+from corral.config import RuntimeConfig, config_from_mapping
+from corral.protocol.errors import (
+    CircuitBreakerOpenError,
+    Code,
+    CorralError,
+    EngineClientError,
+    OverloadedError,
+    TimeoutError,
+)
+from corral.protocol.messages import ModelOutput
+from corral.runtime import Runtime, open_runtime
+from corral.tiny import make_tiny_model
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(make_tiny_model(tmp_path_factory.mktemp("runtime") / "tiny"))
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    """Run raw MLX in a fresh thread: MLX streams are thread-local, and the reference
+    must not share one with any engine."""
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(fn()))
+    thread.start()
+    thread.join()
+    return box[0]
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(model_path: str) -> list[int]:
+    def run() -> list[int]:
+        model, tokenizer = mlx_lm.load(model_path)
+        return [r.token for r in mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=24)]
+
+    return _in_thread(run)
+
+
+def _config(**overrides: Any) -> RuntimeConfig:
+    base = {"stream_registry": {"max_active_streams": 16, "max_queued": 4},
+            "supervision": {"backoff": {"min_ms": 1, "max_ms": 10}},
+            "python_runtime": {"restart_delay_base_ms": 1, "restart_delay_max_ms": 10}}
+    for section, values in overrides.items():
+        base.setdefault(section, {}).update(values)
+    return config_from_mapping(base)
+
+
+@pytest.fixture
+async def rt(model_path: str) -> AsyncIterator[Runtime]:
+    async with open_runtime(_config(), models={"tiny": model_path}) as runtime:
+        yield runtime
+
+
+class StepTap:
+    """Records, per engine step, which streams got a token (seen at the registry)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.steps: list[tuple[int, list[int]]] = []
+        original = StreamRegistry._deliver
+
+        async def deliver(registry: StreamRegistry, message: ModelOutput) -> None:
+            self.steps.append((message.step, [o.seq_id for o in message.outputs]))
+            await original(registry, message)
+
+        monkeypatch.setattr(StreamRegistry, "_deliver", deliver)
+
+    def last_step(self) -> int:
+        return self.steps[-1][0] if self.steps else 0
+
+    def steps_of(self, stream_id: int) -> list[int]:
+        return [step for step, ids in self.steps if stream_id in ids]
+
+
+def engine_steps(rt: Runtime, alias: str = "tiny") -> int:
+    """Steps the model's engine has completed (read from the trio thread)."""
+    subtree = rt.root.child("generation").child(f"model:{alias}")  # type: ignore[union-attr]
+    return subtree.child("model")._engine.statistics().steps  # type: ignore[union-attr]
+
+
+async def test_greedy_output_is_token_identical_to_raw_mlx_lm(
+        rt: Runtime, reference_tokens: list[int]) -> None:
+    result = await rt.complete("tiny", PROMPT, max_tokens=24)
+    assert result.token_ids == reference_tokens[:len(result.token_ids)]
+    assert len(result.token_ids) == 24 or result.finish_reason == "stop"
+    assert result.usage.completion_tokens == len(result.token_ids)
+    assert result.usage.prompt_tokens == len(await rt.tokenize("tiny", PROMPT))
+
+
+async def test_streaming_chunks_add_up_to_the_completion(rt: Runtime) -> None:
+    texts: list[str] = []
+    ids: list[int] = []
+    async with rt.generate("tiny", PROMPT, max_tokens=16) as stream:
+        async for chunk in stream:
+            assert chunk.index == len(ids)
+            texts.append(chunk.text)
+            ids.extend(chunk.token_ids)
+    whole = await rt.complete("tiny", PROMPT, max_tokens=16)
+    assert "".join(texts) == whole.text == stream.text
+    assert ids == whole.token_ids
+    assert stream.finish_reason == whole.finish_reason
+
+
+async def test_seeded_sampling_gives_the_same_text_twice(rt: Runtime) -> None:
+    params = {"max_tokens": 20, "temperature": 0.9, "top_p": 0.95, "seed": 1234}
+    first = await rt.complete("tiny", PROMPT, **params)
+    second = await rt.complete("tiny", PROMPT, **params)
+    other = await rt.complete("tiny", PROMPT, **{**params, "seed": 99})
+    assert first.token_ids == second.token_ids
+    assert first.token_ids != other.token_ids
+
+
+async def test_sixteen_concurrent_streams_finish_with_their_token_counts(rt: Runtime) -> None:
+    results: dict[int, Any] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await rt.complete("tiny", f"{PROMPT} {i}", max_tokens=8 + i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(16):
+            nursery.start_soon(one, i)
+    for i, result in results.items():
+        assert result.finish_reason in ("length", "stop")
+        if result.finish_reason == "length":
+            assert len(result.token_ids) == 8 + i
+    alone = await rt.complete("tiny", f"{PROMPT} 3", max_tokens=11)
+    assert alone.token_ids == results[3].token_ids
+
+
+async def test_cancelling_a_stream_stops_its_tokens_at_the_next_step(
+        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    tap = StepTap(monkeypatch)
+    async with rt.generate("tiny", PROMPT, max_tokens=2000) as stream:
+        async for chunk in stream:
+            if len(stream.token_ids) >= 5:
+                break
+        stream_id = stream.stream_id
+    cancelled_at = engine_steps(rt)
+    # Keep the engine stepping with another request, then look at what the stream got.
+    await rt.complete("tiny", PROMPT, max_tokens=8)
+    assert max(tap.steps_of(stream_id)) <= cancelled_at + 1, (tap.steps_of(stream_id), cancelled_at, tap.steps[-12:])
+    state = await rt.statistics()
+    assert state.registry.active == 0
+
+
+async def test_cancelling_the_callers_scope_cancels_a_complete(
+        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    tap = StepTap(monkeypatch)
+    seen: list[int] = []
+
+    async def run() -> None:
+        await rt.complete("tiny", PROMPT, max_tokens=2000)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        while not tap.steps or len(tap.steps) < 6:
+            await trio.sleep(0.001)
+        seen = [sid for _, ids in tap.steps for sid in ids]
+        nursery.cancel_scope.cancel()
+    cancelled_at = engine_steps(rt)
+    await rt.complete("tiny", PROMPT, max_tokens=8)
+    stream_id = seen[0]
+    assert max(tap.steps_of(stream_id)) <= cancelled_at + 1, (tap.steps_of(stream_id), cancelled_at, tap.steps[-12:])
+
+
+async def test_deadline_ends_the_stream_with_a_typed_timeout(rt: Runtime) -> None:
+    with pytest.raises(TimeoutError) as caught:
+        await rt.complete("tiny", PROMPT, max_tokens=100_000 // 50, timeout_ms=50,
+                          request_id="req-7")
+    error = caught.value
+    assert error.method == "generate"
+    assert error.timeout == pytest.approx(0.05)
+    assert error.request_id == "req-7"
+    assert error.duration >= 0.05
+    assert (await rt.complete("tiny", PROMPT, max_tokens=4)).finish_reason == "length"
+
+
+async def test_an_overfull_registry_answers_overloaded(model_path: str) -> None:
+    config = _config(stream_registry={"max_active_streams": 1, "max_queued": 1})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        async with rt.generate("tiny", PROMPT, max_tokens=2000) as running:
+            await running.__anext__()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: rt.complete("tiny", PROMPT, max_tokens=2))
+                await trio.sleep(0.05)  # the second request now waits in the queue
+                with pytest.raises(OverloadedError) as caught:
+                    await rt.complete("tiny", PROMPT, max_tokens=2)
+                assert caught.value.retry_after_ms > 0
+                assert caught.value.code is Code.OVERLOADED
+                nursery.cancel_scope.cancel()
+        assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
+
+
+@pytest.mark.parametrize(("params", "code", "field"), [
+    ({"model": "nope"}, Code.MODEL_NOT_LOADED, None),
+    ({"prompt": ""}, Code.INVALID_PARAMS, "prompt"),
+    ({"prompt": "a\x00b"}, Code.INVALID_PARAMS, "prompt"),
+    ({"prompt": "word " * 5000}, Code.INVALID_PARAMS, "prompt"),
+    ({"max_tokens": 0}, Code.INVALID_PARAMS, "max_tokens"),
+    ({"max_tokens": 10**6}, Code.INVALID_PARAMS, "max_tokens"),
+    ({"temperature": -1}, Code.INVALID_PARAMS, "temperature"),
+    ({"temperature": 7}, Code.INVALID_PARAMS, "temperature"),
+    ({"top_p": 0}, Code.INVALID_PARAMS, "top_p"),
+    ({"top_p": 1.5}, Code.INVALID_PARAMS, "top_p"),
+    ({"bogus": 1}, Code.INVALID_PARAMS, "bogus"),
+])
+async def test_bad_input_gets_a_typed_error_and_the_next_request_succeeds(
+        rt: Runtime, params: dict[str, Any], code: Code, field: str | None) -> None:
+    call = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, **params}
+    model, prompt = call.pop("model"), call.pop("prompt")
+    with pytest.raises(EngineClientError) as caught:
+        await rt.complete(model, prompt, **call)
+    assert caught.value.code is code
+    if field is not None:
+        assert field in caught.value.message
+    assert (await rt.complete("tiny", PROMPT, max_tokens=4)).finish_reason == "length"
+
+
+async def test_an_engine_fault_restarts_the_model_and_ends_streams_with_partial_text(
+        model_path: str) -> None:
+    async with open_runtime(_config(), models={"tiny": model_path, "other": model_path}) as rt:
+        other_tokens: list[int] = []
+
+        async def other_stream() -> None:
+            async with rt.generate("other", PROMPT, max_tokens=200) as stream:
+                async for chunk in stream:
+                    other_tokens.extend(chunk.token_ids)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_stream)
+            with pytest.raises(CorralError) as caught:
+                async with rt.generate("tiny", PROMPT, max_tokens=2000) as stream:
+                    injected = False
+                    async for _ in stream:
+                        if len(stream.token_ids) >= 3 and not injected:
+                            injected = True
+                            await rt.inject_fault("tiny", "raise")
+        error = caught.value
+        assert error.code is Code.GENERATION_ERROR
+        assert error.retryable
+        assert error.details["partial_text"] == stream.text != ""
+        assert len(other_tokens) == 200  # the other model streamed on, untouched
+        # The model actor was restarted (and reloaded) and serves the next request.
+        result = await rt.complete("tiny", PROMPT, max_tokens=5)
+        assert result.finish_reason == "length"
+        described = {m.alias: m for m in rt.list_models()}
+        assert described["tiny"].restarts == 1
+        assert described["other"].restarts == 0
+        breaker = rt.root.child("generation").child("model:tiny").child("breaker")  # type: ignore[union-attr]
+        assert breaker.breaker.statistics().failures >= 1  # type: ignore[union-attr]
+
+
+async def test_crashing_the_stream_registry_keeps_models_and_serves_new_streams(
+        rt: Runtime) -> None:
+    ref = rt.system.ref("root/stream_registry")
+    before = ref.statistics().restarts
+    rt.root.kill_child("stream_registry")
+    reason = await ref.wait_exit()
+    assert reason.abnormal
+    result = await rt.complete("tiny", PROMPT, max_tokens=6)
+    assert result.finish_reason == "length"
+    assert [m.state for m in rt.list_models()] == ["ready"]
+    assert ref.statistics().restarts == before + 1
+
+
+async def test_health_reports_each_domain_and_model(rt: Runtime) -> None:
+    health = rt.health()
+    assert health.ok
+    assert [d.name for d in health.domains] == ["stream_registry", "generation", "transport"]
+    assert all(d.state == "running" for d in health.domains)
+    assert [(m.alias, m.state) for m in health.models] == [("tiny", "ready")]
+
+
+async def test_open_breaker_sends_requests_to_a_fallback(model_path: str) -> None:
+    async with open_runtime(_config(), models={"backup": model_path}) as rt:
+        await rt.load_model(model_path, alias="main", fallbacks=("backup",))
+        breaker = rt.root.child("generation").child("model:main").child("breaker")  # type: ignore[union-attr]
+        breaker.breaker.force_open()  # type: ignore[union-attr]
+        result = await rt.complete("main", PROMPT, max_tokens=3)
+        assert result.model == "backup"
+        await rt.unload_model("backup")
+        with pytest.raises(CircuitBreakerOpenError):
+            await rt.complete("main", PROMPT, max_tokens=3)
