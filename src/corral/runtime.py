@@ -172,6 +172,7 @@ class Runtime:
         self.system = system
         self.table = StreamTable()
         self._models: dict[str, _Model] = {}
+        self._transports: list[ChildSpec] = []
         self._root: Supervisor | None = None
         self._policy = RetryPolicy.from_config(config.json_rpc.retry)
         gen = config.generation
@@ -192,7 +193,7 @@ class Runtime:
                 [self._model_spec(m) for m in self._models.values() if m.state != "failed"],
                 strategy=Strategy.DYNAMIC, intensity=intensity, backoff=backoff)),
             supervisor_spec("transport", lambda: Supervisor(
-                intensity=intensity, backoff=backoff)),
+                list(self._transports), intensity=intensity, backoff=backoff)),
         ], strategy=Strategy.ONE_FOR_ONE, intensity=intensity, backoff=backoff)
 
     def _model_spec(self, model: _Model) -> ChildSpec:
@@ -222,12 +223,27 @@ class Runtime:
         return self.system.ref(f"root/generation/model:{alias}/{child}")
 
     def _generation(self) -> Supervisor:
+        return self._domain("generation")
+
+    async def start_transport(self, spec: ChildSpec) -> ActorRef:
+        """Start a listener (HTTP, JSON-RPC) as a child of the transport supervisor.
+
+        The spec is kept, so a restarted transport domain starts it again.
+
+        Raises:
+            ChildStartError: the listener failed to start (a port in use, say).
+        """
+        ref = await self._domain("transport").start_child(spec)
+        self._transports.append(spec)
+        return ref
+
+    def _domain(self, name: str) -> Supervisor:
         assert self._root is not None
-        generation = self._root.child("generation")
-        if not isinstance(generation, Supervisor):
-            raise EngineClientError(Code.RUNTIME_ERROR,
-                                    "the generation domain is restarting", retryable=True)
-        return generation
+        domain = self._root.child(name)
+        if not isinstance(domain, Supervisor):
+            raise EngineClientError(Code.RUNTIME_ERROR, f"the {name} domain is restarting",
+                                    retryable=True)
+        return domain
 
     # -- models ------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class StreamBuffer:
         self.last_read_at = self.started_at
         self.reader_waiting = False
         self.tokens: list[int] = []
+        self.token_times: list[float] = []  # trio time each token arrived (TTFT, ITL)
         self.text_parts: list[str] = []
         self.finish_reason: FinishReason | None = None
         self.error: CorralError | None = None
@@ -103,6 +104,7 @@ class StreamBuffer:
         if self.ended:
             return
         self.tokens.append(out.token)
+        self.token_times.append(trio.current_time())
         if out.text:
             self.text_parts.append(out.text)
         if self._want_logprobs:
