@@ -512,16 +512,17 @@ class Supervisor:
         if self.strategy is Strategy.DYNAMIC:
             async with trio.open_nursery() as nursery:
                 for slot in slots:
-                    nursery.start_soon(self._terminate, slot)
+                    nursery.start_soon(self._stop_one, slot)
         else:
             for slot in reversed(slots):
-                await self._terminate(slot)
+                await self._stop_one(slot)
+
+    async def _stop_one(self, slot: _Slot) -> None:
+        await self._terminate(slot)
         ctx = self._require_ctx()
-        for slot in slots:
-            mailbox = ctx.system.mailbox(self._child_path(slot.spec.name))
-            mailbox.stop()
-            ctx.system.emit(LifecycleEvent("stopped", mailbox.path, trio.current_time(),
-                                           SHUTDOWN))
+        mailbox = ctx.system.mailbox(self._child_path(slot.spec.name))
+        mailbox.stop()
+        ctx.system.emit(LifecycleEvent("stopped", mailbox.path, trio.current_time(), SHUTDOWN))
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -621,16 +622,23 @@ async def open_supervisor(supervisor: Supervisor, *, name: str = "root",
             failure.append(exc)
             nursery.cancel_scope.cancel()
 
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(run_root)
-        except ChildStartError as exc:
-            # Raised below, outside the nursery, as itself rather than in an exception group.
-            failure.append(exc)
-        else:
+    try:
+        async with trio.open_nursery() as nursery:
             try:
-                yield supervisor
-            finally:
-                ctx.request_stop()
+                await nursery.start(run_root)
+            except ChildStartError as exc:
+                # Raised below, outside the nursery, as itself, not in an exception group.
+                failure.append(exc)
+            else:
+                try:
+                    yield supervisor
+                finally:
+                    ctx.request_stop()
+    except BaseExceptionGroup as group:
+        # The block's own error comes back as itself: the nursery is ours, not the caller's.
+        leaf = innermost(group)
+        if leaf is group or isinstance(leaf, trio.Cancelled):
+            raise
+        raise leaf from group
     if failure:
         raise failure[0]
