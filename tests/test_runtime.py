@@ -234,7 +234,7 @@ async def test_bad_input_gets_a_typed_error_and_the_next_request_succeeds(
     assert (await rt.complete("tiny", PROMPT, max_tokens=4)).finish_reason == "length"
 
 
-async def test_an_engine_fault_restarts_the_model_and_ends_streams_with_partial_text(
+async def test_an_engine_fault_restarts_the_model_and_ends_unseeded_streams_with_partial_text(
         model_path: str) -> None:
     async with open_runtime(_config(), models={"tiny": model_path, "other": model_path}) as rt:
         other_tokens: list[int] = []
@@ -247,7 +247,8 @@ async def test_an_engine_fault_restarts_the_model_and_ends_streams_with_partial_
         async with trio.open_nursery() as nursery:
             nursery.start_soon(other_stream)
             with pytest.raises(CorralError) as caught:
-                async with rt.generate("tiny", PROMPT, max_tokens=2000) as stream:
+                async with rt.generate("tiny", PROMPT, max_tokens=2000,
+                                       temperature=0.8) as stream:  # unseeded: no resume
                     injected = False
                     async for _ in stream:
                         if len(stream.token_ids) >= 3 and not injected:
@@ -299,3 +300,51 @@ async def test_open_breaker_sends_requests_to_a_fallback(model_path: str) -> Non
         await rt.unload_model("backup")
         with pytest.raises(CircuitBreakerOpenError):
             await rt.complete("main", PROMPT, max_tokens=3)
+
+
+async def _stream_through_fault(rt: Runtime, kind: str, after: int, **params: Any) -> str:
+    async with rt.generate("tiny", PROMPT, **params) as stream:
+        injected = False
+        async for _ in stream:
+            if len(stream.token_ids) >= after and not injected:
+                injected = True
+                await rt.inject_fault("tiny", kind)  # type: ignore[arg-type]
+    assert injected and stream.finish_reason == "length"
+    return stream.text
+
+
+@pytest.mark.parametrize("params", [
+    {"max_tokens": 40},
+    {"max_tokens": 40, "temperature": 0.9, "top_p": 0.95, "seed": 7},
+], ids=["greedy", "seeded"])
+async def test_a_deterministic_stream_resumes_across_an_engine_crash_unbroken(
+        rt: Runtime, params: dict[str, Any]) -> None:
+    fault_free = (await rt.complete("tiny", PROMPT, **params)).text
+    assert await _stream_through_fault(rt, "raise", 10, **params) == fault_free
+    assert [m.restarts for m in rt.list_models()] == [1]
+
+
+async def test_the_watchdog_restarts_a_hung_engine_and_the_stream_resumes(
+        model_path: str) -> None:
+    config = _config(generation={"stall_timeout_ms": 300})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        fault_free = (await rt.complete("tiny", PROMPT, max_tokens=30)).text
+        with trio.fail_after(20):
+            assert await _stream_through_fault(rt, "hang", 5, max_tokens=30) == fault_free
+        assert [m.restarts for m in rt.list_models()] == [1]
+        assert (await rt.complete("tiny", PROMPT, max_tokens=30)).text == fault_free
+
+
+async def test_a_stream_survives_a_registry_crash_mid_stream(rt: Runtime) -> None:
+    fault_free = (await rt.complete("tiny", PROMPT, max_tokens=60)).text
+    ref = rt.system.ref("root/stream_registry")
+    async with rt.generate("tiny", PROMPT, max_tokens=60) as stream:
+        killed = False
+        async for _ in stream:
+            if len(stream.token_ids) >= 5 and not killed:
+                killed = True
+                rt.root.kill_child("stream_registry")
+    assert killed and ref.statistics().restarts == 1
+    assert stream.finish_reason == "length"
+    assert stream.text == fault_free
+    assert (await rt.statistics()).registry.active == 0

@@ -187,7 +187,8 @@ class Runtime:
                            sup.backoff.reset_after_ms)
         return Supervisor([
             ChildSpec(name="stream_registry", factory=lambda: StreamRegistry(
-                self.config.stream_registry, self.table, self._model_ref),
+                self.config.stream_registry, self.table, self._model_ref,
+                max_resumes=self.config.python_runtime.max_restarts),
                 shutdown=sup.shutdown_timeout_ms),
             supervisor_spec("generation", lambda: Supervisor(
                 [self._model_spec(m) for m in self._models.values() if m.state != "failed"],
@@ -447,6 +448,7 @@ class Runtime:
             try:
                 sequence = EngineSequence(admitted.stream_id, prompt_ids,
                                           request.sampling(max_tokens), max_tokens)
+                buffer.sequence = sequence
                 await retry_call(self._policy, model_ref.ask, Submit(sequence),
                                  budget=ActorBudget(self._model_ref(alias, "retry")),
                                  deadline=deadline)

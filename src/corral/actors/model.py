@@ -9,7 +9,10 @@ and the breaker records the failure. It knows nothing of HTTP or of who reads a 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
 
 from corral.actors.core import Actor, ActorRef, Reply
 from corral.actors.engine import Engine
@@ -42,6 +45,36 @@ class EngineCrash(RuntimeError):
     """The engine failed; raised by the model actor so that its supervisor restarts it."""
 
 
+class EngineStalled(RuntimeError):
+    """The engine had work and made no step for too long (the progress watchdog)."""
+
+
+class EngineLike(Protocol):
+    """What the model actor needs of an engine: the thread `Engine` or a worker process."""
+
+    async def start(self) -> ModelInfo: ...
+    def submit(self, seq: EngineSequence) -> None: ...
+    def cancel(self, seq_id: int) -> None: ...
+    def inject_fault(self, kind: Any) -> None: ...
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    async def detokenize(self, ids: list[int]) -> str: ...
+    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    async def close(self) -> None: ...
+    def close_nowait(self) -> None: ...
+
+
+EngineFactory = Callable[["ModelActor"], EngineLike]
+"""Makes the engine of one model actor incarnation, wired to its callbacks."""
+
+
+def _thread_engine(actor: ModelActor) -> EngineLike:
+    config = actor._config
+    return Engine(actor.path, prefill_batch_size=config.prefill_batch_size,
+                  completion_batch_size=config.completion_batch_size,
+                  prefill_step_size=config.prefill_step_size,
+                  on_step=actor._on_step, on_failure=actor._on_failure)
+
+
 ModelMessage = (Submit | CancelSequence | EngineStep | EngineFailed | EngineLoaded | WaitReady
                 | Tokenize | Detokenize | ApplyChatTemplate | ListSequences | InjectFault)
 
@@ -57,30 +90,42 @@ class ModelActor(Actor[ModelMessage]):
     Message = ModelMessage
 
     def __init__(self, alias: str, path: str, config: GenerationConfig,
-                 registry: ActorRef) -> None:
+                 registry: ActorRef, engine_factory: EngineFactory | None = None) -> None:
         self.alias = alias
         self.path = path
         self._config = config
         self._registry = registry
-        self._engine: Engine | None = None
+        self._engine: EngineLike | None = None
         self._info: ModelInfo | None = None
         self._waiting: list[Reply] = []
         self._queued: list[EngineSequence] = []
         self._running: set[int] = set()
+        self._engine_factory = engine_factory or _thread_engine
+        self._exited = False
+        self._last_progress = 0.0
 
     async def on_start(self) -> None:
-        self._engine = Engine(
-            self.path,
-            prefill_batch_size=self._config.prefill_batch_size,
-            completion_batch_size=self._config.completion_batch_size,
-            prefill_step_size=self._config.prefill_step_size,
-            on_step=self._on_step,
-            on_failure=self._on_failure)
+        self._engine = self._engine_factory(self)
         self.start_soon(self._load)
+        self.start_soon(self._watch_progress)
 
     def on_exit(self) -> None:
+        # Steps the old engine posted after this point belong to no one: the next
+        # incarnation must never see them, or a resumed stream would get tokens twice.
+        self._exited = True
         if self._engine is not None:
             self._engine.close_nowait()
+
+    async def _watch_progress(self) -> None:
+        """Crash the actor when the engine has work but completes no step for
+        `stall_timeout_ms`: a hang is a failure, and the restart resumes its streams."""
+        stall = self._config.stall_timeout_ms / 1000.0
+        while True:
+            await trio.sleep(stall / 4)
+            idle_for = trio.current_time() - self._last_progress
+            if self._running and idle_for > stall:
+                raise EngineStalled(f"engine of model {self.alias} made no step for "
+                                    f"{idle_for:.3f}s with {len(self._running)} sequences")
 
     async def on_stop(self) -> None:
         if self._engine is not None:
@@ -104,6 +149,8 @@ class ModelActor(Actor[ModelMessage]):
         self._post(EngineFailed(repr(error)))
 
     def _post(self, message: EngineStep | EngineFailed) -> None:
+        if self._exited:
+            return
         try:
             self.ctx.ref.tell_nowait(message)
         except CorralError as exc:
@@ -145,6 +192,8 @@ class ModelActor(Actor[ModelMessage]):
         if self._info is None:
             self._queued.append(seq)
         else:
+            if not self._running:
+                self._last_progress = trio.current_time()
             self._loaded_engine().submit(seq)
             self._running.add(seq.seq_id)
         return Accepted(seq.seq_id)
@@ -176,12 +225,13 @@ class ModelActor(Actor[ModelMessage]):
         self._waiting.clear()
 
     async def _forward(self, step: EngineStep) -> None:
+        self._last_progress = trio.current_time()
         for out in step.outputs:
             if out.finish_reason is not None:
                 self._running.discard(out.seq_id)
         await self._registry.tell(ModelOutput(self.alias, step.step, step.outputs))
 
-    def _loaded_engine(self) -> Engine:
+    def _loaded_engine(self) -> EngineLike:
         if self._engine is None or self._info is None:
             raise EngineClientError(Code.MODEL_NOT_LOADED,
                                     f"model {self.alias} is still loading",

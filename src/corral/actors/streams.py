@@ -36,11 +36,15 @@ from corral.protocol.messages import (
     CancelSequence,
     CloseStream,
     DeadlinesDue,
+    EngineSequence,
     FinishReason,
     GetRegistryState,
+    ListSequences,
     ModelDown,
     ModelOutput,
+    Reconcile,
     RegistryState,
+    Submit,
     TokenOut,
 )
 
@@ -82,6 +86,8 @@ class StreamBuffer:
         self.text_parts: list[str] = []
         self.finish_reason: FinishReason | None = None
         self.error: CorralError | None = None
+        self.sequence: EngineSequence | None = None  # as first submitted, for resume
+        self.resumes = 0
         self._want_logprobs = logprobs
         self._logprobs: list[float] = []
         self._read_tokens = 0
@@ -208,7 +214,8 @@ class _Entry:
         self.admitted_at = trio.current_time()
 
 
-RegistryMessage = Admit | ModelOutput | CloseStream | ModelDown | DeadlinesDue | GetRegistryState
+RegistryMessage = (Admit | ModelOutput | CloseStream | ModelDown | Reconcile | DeadlinesDue
+                   | GetRegistryState)
 
 
 class StreamRegistry(Actor[RegistryMessage]):
@@ -222,8 +229,9 @@ class StreamRegistry(Actor[RegistryMessage]):
     Message = RegistryMessage
 
     def __init__(self, config: StreamRegistryConfig, table: StreamTable,
-                 model_ref: Callable[[str], ActorRef]) -> None:
+                 model_ref: Callable[[str], ActorRef], *, max_resumes: int = 3) -> None:
         self._config = config
+        self._max_resumes = max_resumes
         self._table = table
         self._model_ref = model_ref
         self._active: dict[int, _Entry] = {}
@@ -237,6 +245,8 @@ class StreamRegistry(Actor[RegistryMessage]):
                 buffer.stream_id, buffer.model, buffer.deadline, buffer.timeout_s,
                 buffer.request_id, None)
         self.start_soon(self._watch_deadlines)
+        if self._active:
+            self.start_soon(self._reconcile, {e.model for e in self._active.values()})
 
     async def handle(self, message: RegistryMessage) -> Any:
         match message:
@@ -248,14 +258,11 @@ class StreamRegistry(Actor[RegistryMessage]):
                 await self._close(stream_id, reason, None)
             case ModelDown(model=model, reason=reason):
                 for entry in [e for e in self._active.values() if e.model == model]:
-                    buffer = self._table.get(entry.stream_id)
-                    partial = buffer.text if buffer else ""
-                    await self._close(entry.stream_id, "error", EngineClientError(
-                        Code.GENERATION_ERROR,
-                        f"model {model} stopped mid-stream: {reason.describe()}",
-                        {"partial_text": partial, "model": model,
-                         "completion_tokens": len(buffer.tokens) if buffer else 0},
-                        retryable=True), cancel_sequence=False)
+                    await self._recover(entry, reason.describe())
+            case Reconcile(model=model, running=running):
+                for entry in [e for e in self._active.values()
+                              if e.model == model and e.stream_id not in running]:
+                    await self._recover(entry, "not running after a registry restart")
             case DeadlinesDue(now=now):
                 await self._expire(now)
             case GetRegistryState():
@@ -333,6 +340,53 @@ class StreamRegistry(Actor[RegistryMessage]):
         except (ActorExitedError, OverloadedError):
             self.ctx.log.info("registry.cancel_undelivered", model=model,
                               stream_id=message.seq_id)
+
+    async def _recover(self, entry: _Entry, why: str) -> None:
+        """A stream whose sequence the model lost: resume it, or end it with the text so far.
+
+        Resumed (the client sees one unbroken stream): sequences with deterministic
+        sampling, and any sequence that had produced nothing yet. They are re-submitted
+        as prompt + tokens already delivered with max_tokens reduced; a submit to a
+        restarting model waits in its stash. Others end with a retryable
+        GenerationError carrying `partial_text`.
+        """
+        buffer = self._table.get(entry.stream_id)
+        if buffer is None or buffer.ended:
+            self._release(entry.stream_id)
+            return
+        seq = buffer.sequence
+        if (seq is not None and (not buffer.tokens or seq.sampling.deterministic)
+                and buffer.resumes < self._max_resumes):
+            remaining = seq.max_tokens - len(buffer.tokens)
+            if remaining <= 0:
+                await self._close(entry.stream_id, "length", None, cancel_sequence=False)
+                return
+            resumed = EngineSequence(seq.seq_id, seq.prompt, seq.sampling, remaining,
+                                     generated=list(buffer.tokens))
+            try:
+                self._model_ref(entry.model).tell_nowait(Submit(resumed))
+            except CorralError as exc:
+                why = f"{why}; resume refused: {exc.message}"
+            else:
+                buffer.resumes += 1
+                self.ctx.log.info("registry.stream_resumed", stream_id=entry.stream_id,
+                                  model=entry.model, delivered=len(buffer.tokens), why=why)
+                return
+        await self._close(entry.stream_id, "error", EngineClientError(
+            Code.GENERATION_ERROR, f"model {entry.model} lost the stream: {why}",
+            {"partial_text": buffer.text, "model": entry.model,
+             "completion_tokens": len(buffer.tokens)}, retryable=True),
+            cancel_sequence=False)
+
+    async def _reconcile(self, models: set[str]) -> None:
+        """After a restart: ask each model which sequences it runs (a background task)."""
+        for model in models:
+            try:
+                running = await self._model_ref(model).ask(ListSequences(), timeout=5.0)
+            except CorralError as exc:
+                self.ctx.log.warning("registry.reconcile_failed", model=model, error=repr(exc))
+                continue
+            await self.ctx.ref.tell(Reconcile(model, running.seq_ids))
 
     # -- deadlines ------------------------------------------------------------------
 

@@ -296,6 +296,13 @@ class ModelDown(msgspec.Struct, frozen=True, tag=True):
     reason: ExitReason
 
 
+class Reconcile(msgspec.Struct, frozen=True, tag=True):
+    """A model's running sequences, as it answered a restarted registry."""
+
+    model: str
+    running: list[int]
+
+
 class DeadlinesDue(msgspec.Struct, frozen=True, tag=True):
     now: float
 
