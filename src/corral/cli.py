@@ -50,7 +50,7 @@ def _quiet_logs() -> None:
     from corral.config import LoggingConfig
     from corral.logging import configure_logging
 
-    configure_logging(LoggingConfig(level="warning"))
+    configure_logging(LoggingConfig(level="error"))
 
 
 @bench_app.command("actors")

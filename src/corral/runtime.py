@@ -39,6 +39,7 @@ from corral.actors.supervisor import (
     supervisor_spec,
 )
 from corral.config import ModelConfig, RuntimeConfig
+from corral.logging import configure_logging
 from corral.protocol.errors import (
     CircuitBreakerOpenError,
     Code,
@@ -615,6 +616,9 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
         EngineClientError: ModelLoadError for a configured model that fails to load.
     """
     config = config or RuntimeConfig()
+    if not structlog.is_configured():
+        # An embedding application that configured structlog keeps its own setup.
+        configure_logging(config.logging)
     sup = config.supervision
     system = ActorSystem(mailbox_capacity=sup.mailbox_capacity, stash_limit=sup.stash_limit,
                          fairness_interval=sup.fairness_interval,
