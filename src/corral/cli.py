@@ -22,6 +22,39 @@ OutputOption = Annotated[Path | None, typer.Option("--output-dir",
                                                    help="Where to write the JSON result.")]
 
 
+@app.command("serve")
+def serve(
+    config: Annotated[Path | None, typer.Option(help="A runtime.yaml.")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="PATH_OR_ID or ALIAS=PATH_OR_ID; repeatable. Default: the tiny model.")] = None,
+    http: Annotated[str | None, typer.Option(
+        help="HOST:PORT for the OpenAI-compatible API ('' to disable).")] = None,
+    jsonrpc: Annotated[list[str] | None, typer.Option(
+        help="stdio, tcp://HOST:PORT or unix://PATH; repeatable.")] = None,
+    env: Annotated[str | None, typer.Option(
+        help="Environment overlay; defaults to $CORRAL_ENV.")] = None,
+) -> None:
+    """Run corral as a standalone supervisor process until SIGTERM or SIGINT."""
+    from corral.config import ConfigError, load_config
+    from corral.logging import configure_logging
+    from corral.server.serve import ServeOptions, main, parse_host_port
+
+    try:
+        runtime_config = load_config(config, env=env)
+    except ConfigError as exc:
+        typer.echo(f"corral: bad config: {'; '.join(exc.errors)}", err=True)
+        raise typer.Exit(2) from None
+    if http:
+        try:
+            parse_host_port(http)
+        except ValueError as exc:
+            typer.echo(f"corral: {exc}", err=True)
+            raise typer.Exit(2) from None
+    configure_logging(runtime_config.logging)
+    options = ServeOptions(models=tuple(model or ()), http=http, jsonrpc=tuple(jsonrpc or ()))
+    raise typer.Exit(main(runtime_config, options))
+
+
 @app.command("make-tiny-model")
 def make_tiny_model(directory: Path, seed: int = 0) -> None:
     """Build the small offline llama model (random weights, local tokenizer) in DIRECTORY."""
@@ -69,3 +102,12 @@ def bench_resilience(smoke: SmokeOption = False, output_dir: OutputOption = None
 
     _quiet_logs()
     resilience.main(smoke=smoke, output_dir=output_dir)
+
+
+@bench_app.command("generation")
+def bench_generation(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+    """Decode tokens/s through the runtime against raw mlx_lm; a late joiner's TTFT."""
+    from corral.bench import generation
+
+    _quiet_logs()
+    generation.main(smoke=smoke, output_dir=output_dir)

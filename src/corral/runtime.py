@@ -174,6 +174,7 @@ class Runtime:
         self.table = StreamTable()
         self._models: dict[str, _Model] = {}
         self._transports: list[ChildSpec] = []
+        self._draining = False
         self._root: Supervisor | None = None
         self._policy = RetryPolicy.from_config(config.json_rpc.retry)
         gen = config.generation
@@ -427,6 +428,8 @@ class Runtime:
 
     @asynccontextmanager
     async def _open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
+        if self.draining:
+            raise shutting_down_error("new requests are refused")
         entry = self._require_model(request.model)
         timeout_s = (request.timeout_ms or self.config.stream_registry.default_timeout_ms) / 1000.0
         deadline = trio.current_time() + timeout_s
@@ -546,6 +549,31 @@ class Runtime:
             max_tokens = max(1, context - prompt_tokens)
         return max_tokens
 
+    # -- graceful shutdown ---------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting, let open streams finish for up to `timeout` seconds, then end
+        the rest with a typed, retryable ServerError (`details.shutting_down`).
+
+        Returns:
+            How many streams were cut off at the timeout.
+        """
+        self._draining = True
+        with trio.move_on_after(timeout):
+            while self.table.open_buffers():
+                await trio.sleep(0.01)
+        remaining = self.table.open_buffers()
+        error = shutting_down_error("the drain timeout passed")
+        for buffer in remaining:
+            buffer.finish("cancelled", error)
+            self._tell_quietly(self._model_ref(buffer.model), CancelSequence(buffer.stream_id))
+            self._tell_quietly(self._registry_ref, CloseStream(buffer.stream_id, "cancelled"))
+        return len(remaining)
+
     # -- health and statistics ---------------------------------------------------------
 
     def health(self) -> Health:
@@ -560,6 +588,8 @@ class Runtime:
         for model in models:
             if model.state == "failed":
                 reasons.append(f"model {model.alias} failed")
+        if self._draining:
+            reasons.append("shutting down")
         open_buffers = self.table.open_buffers()
         return Health(ok=not reasons, domains=domains, models=models,
                       active_streams=len(open_buffers), queued_streams=0, reasons=reasons)
@@ -579,6 +609,12 @@ class Runtime:
     def root(self) -> Supervisor:
         assert self._root is not None
         return self._root
+
+
+def shutting_down_error(why: str) -> EngineClientError:
+    """What a request gets while `corral serve` shuts down: retry elsewhere or later."""
+    return EngineClientError(Code.SERVER_ERROR, f"the server is shutting down: {why}",
+                             {"shutting_down": True}, retryable=True)
 
 
 def _backoff(min_ms: float, max_ms: float, random_factor: float, reset_ms: float) -> Backoff:

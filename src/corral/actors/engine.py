@@ -277,6 +277,9 @@ class Engine:
         self._generation_tokens = 0
         self._last_step_at: float | None = None
         self._serving = False
+        self._outbox: list[EngineStep] = []  # steps awaiting the trio thread
+        self._outbox_lock = threading.Lock()
+        self._flush_pending = False
 
         # Trio thread only.
         self._token: trio.lowlevel.TrioToken | None = None
@@ -544,6 +547,24 @@ class Engine:
 
     # -- engine thread ------------------------------------------------------------
 
+    def _post_step(self, step: EngineStep) -> None:
+        """Queue a step for the trio thread; one wakeup carries every step queued since
+        the last one was handled, so a busy trio thread costs the engine no extra
+        wakeups. Steps stay in order, and before anything posted after them."""
+        with self._outbox_lock:
+            self._outbox.append(step)
+            wake = not self._flush_pending
+            self._flush_pending = True
+        if wake:
+            self._post(self._flush_steps)
+
+    def _flush_steps(self) -> None:
+        with self._outbox_lock:
+            steps, self._outbox = self._outbox, []
+            self._flush_pending = False
+        for step in steps:
+            self._deliver(step)
+
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._token is not None
         try:
@@ -700,7 +721,7 @@ class Engine:
         if stopped:
             self._generator.remove(stopped)
         self._last_step_at = time.monotonic()
-        self._post(self._deliver, EngineStep(self._steps, outputs, prefilled))
+        self._post_step(EngineStep(self._steps, outputs, prefilled))
 
     def _token_out(self, seq: _Sequence, response: Any, stopped: list[int]) -> TokenOut:
         token = int(response.token)

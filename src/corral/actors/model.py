@@ -17,7 +17,7 @@ import trio
 from corral.actors.core import Actor, ActorRef, Reply
 from corral.actors.engine import Engine
 from corral.config import GenerationConfig
-from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.messages import (
     Accepted,
     ApplyChatTemplate,
@@ -103,6 +103,7 @@ class ModelActor(Actor[ModelMessage]):
         self._engine_factory = engine_factory or _thread_engine
         self._exited = False
         self._last_progress = 0.0
+        self._backlog = 0  # steps waiting in this mailbox for room at the registry
 
     async def on_start(self) -> None:
         self._engine = self._engine_factory(self)
@@ -140,10 +141,30 @@ class ModelActor(Actor[ModelMessage]):
             return
         await self.ctx.ref.tell(EngineLoaded(info))
 
-    # Engine callbacks run in the trio thread (the engine posts them there); they only
-    # turn events into messages, so all state changes happen in `handle`.
+    # Engine callbacks run in the trio thread (the engine posts them there), between
+    # this actor's messages, never during one.
     def _on_step(self, step: EngineStep) -> None:
+        """Forward a step's tokens straight to the registry: the token path takes one
+        mailbox hop, not two. When the registry's mailbox is full, steps queue in this
+        actor's own mailbox instead (whose handler waits for room), and keep doing so
+        until that backlog is gone, so tokens are never reordered or dropped."""
+        if self._exited:
+            return
+        self._progress(step)
+        if not self._backlog:
+            try:
+                self._registry.tell_nowait(ModelOutput(self.alias, step.step, step.outputs))
+                return
+            except OverloadedError:
+                pass
+        self._backlog += 1
         self._post(step)
+
+    def _progress(self, step: EngineStep) -> None:
+        self._last_progress = trio.current_time()
+        for out in step.outputs:
+            if out.finish_reason is not None:
+                self._running.discard(out.seq_id)
 
     def _on_failure(self, error: BaseException) -> None:
         self._post(EngineFailed(repr(error)))
@@ -225,11 +246,8 @@ class ModelActor(Actor[ModelMessage]):
         self._waiting.clear()
 
     async def _forward(self, step: EngineStep) -> None:
-        self._last_progress = trio.current_time()
-        for out in step.outputs:
-            if out.finish_reason is not None:
-                self._running.discard(out.seq_id)
         await self._registry.tell(ModelOutput(self.alias, step.step, step.outputs))
+        self._backlog -= 1
 
     def _loaded_engine(self) -> EngineLike:
         if self._engine is None or self._info is None:

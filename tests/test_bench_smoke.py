@@ -1,0 +1,54 @@
+"""Every `corral bench` runs in smoke mode and writes its JSON with results and goals.
+
+Smoke runs check the harness, not the figures: a handful of iterations on a loaded
+machine say nothing about whether a goal is met, so no test asserts that one is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.bench import actors, generation, resilience
+
+
+def _written(directory: Path, name: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((directory / f"{name}.json").read_text())
+    assert document["bench"] == name
+    assert document["results"]
+    assert document["goals"]
+    for g in document["goals"]:
+        assert set(g) == {"name", "value", "op", "target", "met"}
+    return document
+
+
+@pytest.mark.parametrize(("main", "names"), [
+    (actors.main, ["actors"]),
+    (resilience.main, ["resilience", "retry_storm"]),
+], ids=["actors", "resilience"])
+def test_a_smoke_run_writes_its_results(tmp_path: Path, main: Callable[..., dict[str, Any]],
+                                        names: list[str]) -> None:
+    main(smoke=True, output_dir=tmp_path)
+    for name in names:
+        _written(tmp_path, name)
+
+
+@pytest.mark.slow
+def test_the_generation_smoke_run_writes_every_figure(tmp_path: Path) -> None:
+    results = generation.main(smoke=True, output_dir=tmp_path)
+    document = _written(tmp_path, "generation")
+    assert document["results"] == json.loads(json.dumps(results))
+    assert {g["name"] for g in document["goals"]} == {
+        "single_decode_ratio", "batch_ratio", "late_join_steps_prefill_to_first_token"}
+    max_tokens = document["parameters"]["max_tokens"]
+    assert all(0 < n <= max_tokens for n in results["single_tokens"])
+    assert results["single_decode_ratio"] > 0
+    assert results["batch_ratio"] > 0
+    # Deterministic, whatever the machine: mlx_lm returns a prompt's first token in the
+    # step after the one that ends its prefill, and a join stalls no decoding stream.
+    assert results["late_join_steps_prefill_to_first_token_max"] == 1
+    assert results["late_join_others_missed_tokens"] == 0
