@@ -523,6 +523,9 @@ class Supervisor:
         mailbox = ctx.system.mailbox(self._child_path(slot.spec.name))
         mailbox.stop()
         ctx.system.emit(LifecycleEvent("stopped", mailbox.path, trio.current_time(), SHUTDOWN))
+        if slot.spec.restart is Restart.TEMPORARY:
+            # Never restarted, so nothing will look this path up again.
+            ctx.system.forget(mailbox.path)
 
     # -- helpers ---------------------------------------------------------------------
 
