@@ -111,3 +111,12 @@ def bench_generation(smoke: SmokeOption = False, output_dir: OutputOption = None
 
     _quiet_logs()
     generation.main(smoke=smoke, output_dir=output_dir)
+
+
+@bench_app.command("isolation")
+def bench_isolation(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+    """Decode throughput with worker processes against the engine thread; restart latency."""
+    from corral.bench import isolation
+
+    _quiet_logs()
+    isolation.main(smoke=smoke, output_dir=output_dir)

@@ -24,8 +24,14 @@ import trio
 
 from corral.actors.breaker import Acquire, BreakerActor, Outcome, PermitGranted, Record
 from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.model import ModelActor
-from corral.actors.retry import ActorBudget, RetryActor, RetryPolicy
+from corral.actors.model import ModelActor, engine_factory
+from corral.actors.retry import (
+    ActorBudget,
+    GetRetryStats,
+    RetryActor,
+    RetryPolicy,
+    RetryStatistics,
+)
 from corral.actors.retry import call as retry_call
 from corral.actors.streams import StreamBuffer, StreamChunk, StreamRegistry, StreamTable
 from corral.actors.supervisor import (
@@ -41,6 +47,7 @@ from corral.actors.supervisor import (
 from corral.config import ModelConfig, RuntimeConfig
 from corral.logging import configure_logging
 from corral.protocol.errors import (
+    ActorExitedError,
     CircuitBreakerOpenError,
     Code,
     CorralError,
@@ -99,7 +106,6 @@ class Health(msgspec.Struct, frozen=True):
     domains: list[DomainHealth]
     models: list[ModelDescription]
     active_streams: int
-    queued_streams: int
     reasons: list[str]
 
 
@@ -119,6 +125,12 @@ class _Model:
         self.path = config.path
         self.info: ModelInfo | None = None
         self.state: ModelState = "loading"
+
+    def ready(self, info: ModelInfo) -> None:
+        """The model actor (re)loaded the model."""
+        self.info = info
+        if self.state != "failed":
+            self.state = "ready"
 
 
 @final
@@ -151,6 +163,11 @@ class TokenStream:
         return self._buffer.finish_reason
 
     @property
+    def token_times(self) -> list[float]:
+        """trio time at which each token reached the stream (for TTFT and ITL)."""
+        return list(self._buffer.token_times)
+
+    @property
     def usage(self) -> Usage:
         return Usage(self._buffer.prompt_tokens, len(self._buffer.tokens))
 
@@ -175,6 +192,7 @@ class Runtime:
         self._models: dict[str, _Model] = {}
         self._transports: list[ChildSpec] = []
         self._draining = False
+        self._engine_factory = engine_factory(config.generation, config.python_runtime)
         self._root: Supervisor | None = None
         self._policy = RetryPolicy.from_config(config.json_rpc.retry)
         gen = config.generation
@@ -213,7 +231,8 @@ class Runtime:
             ChildSpec(name="retry", factory=lambda: RetryActor(
                 self.config.json_rpc.retry.budget), shutdown=shutdown),
             ChildSpec(name="model", factory=lambda: ModelActor(
-                alias, model.path, self.config.generation, self._registry_ref),
+                alias, model.path, self.config.generation, self._registry_ref,
+                engine_factory=self._engine_factory, on_ready=model.ready),
                 shutdown=shutdown),
         ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff),
             restart=Restart.TEMPORARY)
@@ -356,7 +375,7 @@ class Runtime:
             return getattr(actor, "breaker", None) if child == "breaker" else actor
         return None
 
-    def _require_model(self, alias: str | None) -> _Model:
+    def _require_model(self, alias: str | None, *, allow_failed: bool = False) -> _Model:
         if alias is None:
             if len(self._models) == 1:
                 return next(iter(self._models.values()))
@@ -366,10 +385,10 @@ class Runtime:
         if model is None:
             raise EngineClientError(Code.MODEL_NOT_LOADED, f"model {alias!r} is not loaded",
                                     {"model": alias, "loaded": sorted(self._models)})
-        if model.state == "failed":
-            raise EngineClientError(Code.MODEL_NOT_LOADED,
-                                    f"model {alias!r} failed and was stopped",
-                                    {"model": alias, "state": "failed"})
+        if model.state == "failed" and not allow_failed:
+            # Its subtree gave up: the circuit is held open until the model is reloaded.
+            raise CircuitBreakerOpenError(self.config.json_rpc.circuit_breaker
+                                          .recovery_timeout_ms, "forced_open", alias)
         return model
 
     # -- tokenizer ---------------------------------------------------------------------
@@ -378,12 +397,12 @@ class Runtime:
                        add_special_tokens: bool = True) -> list[int]:
         entry = self._require_model(model)
         _check_text("text", text)
-        reply = await self._model_ref(entry.alias).ask(Tokenize(text, add_special_tokens))
+        reply = await self._ask_model(entry.alias, Tokenize(text, add_special_tokens))
         return list(reply.ids)
 
     async def detokenize(self, model: str | None, ids: list[int]) -> str:
         entry = self._require_model(model)
-        reply = await self._model_ref(entry.alias).ask(Detokenize(list(ids)))
+        reply = await self._ask_model(entry.alias, Detokenize(list(ids)))
         return str(reply.text)
 
     # -- generation --------------------------------------------------------------------
@@ -430,7 +449,7 @@ class Runtime:
     async def _open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
         if self.draining:
             raise shutting_down_error("new requests are refused")
-        entry = self._require_model(request.model)
+        entry = self._require_model(request.model, allow_failed=True)
         timeout_s = (request.timeout_ms or self.config.stream_registry.default_timeout_ms) / 1000.0
         deadline = trio.current_time() + timeout_s
         alias, permit = await self._acquire(entry)
@@ -453,7 +472,7 @@ class Runtime:
                 sequence = EngineSequence(admitted.stream_id, prompt_ids,
                                           request.sampling(max_tokens), max_tokens)
                 buffer.sequence = sequence
-                await retry_call(self._policy, model_ref.ask, Submit(sequence),
+                await retry_call(self._policy, self._ask_model, alias, Submit(sequence),
                                  budget=ActorBudget(self._model_ref(alias, "retry")),
                                  deadline=deadline)
                 yield TokenStream(buffer, alias)
@@ -483,6 +502,25 @@ class Runtime:
         except CorralError as exc:
             _log.info("runtime.tell_undelivered", actor=ref.path, error=repr(exc))
 
+    async def _ask_model(self, alias: str, message: Any) -> Any:
+        """Ask the model actor; if its incarnation dies first, ask the next one.
+
+        A model actor's crash fails the asks waiting on it with ActorExitedError at
+        once, before they ran to completion, so sending the message again is safe: the
+        restarting actor's mailbox stashes it until the next incarnation runs. Bounded
+        by the model's restart budget; a model that failed for good answers at once.
+        """
+        ref = self._model_ref(alias)
+        attempts = self.config.python_runtime.max_restarts + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await ref.ask(message)
+            except ActorExitedError:
+                if attempt == attempts:
+                    raise
+                self._require_model(alias)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def _acquire(self, entry: _Model) -> tuple[str, Any]:
         """A breaker permit from the model, or from its first fallback that gives one."""
         first_error: CircuitBreakerOpenError | None = None
@@ -497,29 +535,28 @@ class Runtime:
                 first_error = first_error or exc
         if first_error is not None:
             raise first_error
-        raise EngineClientError(Code.MODEL_NOT_LOADED, f"model {entry.alias!r} failed",
-                                {"model": entry.alias})
+        self._require_model(entry.alias)  # raises: held open, the model failed
+        raise AssertionError("unreachable: a live model either grants or refuses a permit")
 
     async def _prompt_ids(self, alias: str, request: GenerateParams) -> list[int]:
         if (request.prompt is None) == (request.messages is None):
             raise EngineClientError(Code.INVALID_PARAMS,
                                     "prompt: give exactly one of prompt and messages",
                                     {"field": "prompt"})
-        model_ref = self._model_ref(alias)
         if request.messages is not None:
             if not request.messages:
                 raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
                                         {"field": "messages"})
             for index, message in enumerate(request.messages):
                 _check_text(f"messages[{index}].content", message.content)
-            reply = await model_ref.ask(ApplyChatTemplate(list(request.messages)))
+            reply = await self._ask_model(alias, ApplyChatTemplate(list(request.messages)))
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
             _check_text("prompt", request.prompt)
             if not request.prompt:
                 raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
                                         {"field": "prompt"})
-            ids = list((await model_ref.ask(Tokenize(request.prompt))).ids)
+            ids = list((await self._ask_model(alias, Tokenize(request.prompt))).ids)
         else:
             assert request.prompt is not None
             ids = list(request.prompt)
@@ -590,9 +627,26 @@ class Runtime:
                 reasons.append(f"model {model.alias} failed")
         if self._draining:
             reasons.append("shutting down")
-        open_buffers = self.table.open_buffers()
+        stall = self.config.generation.stall_timeout_ms / 1000.0
+        for model in models:
+            actor = self._live(f"root/generation/model:{model.alias}", "model")
+            age = actor.progress_age() if isinstance(actor, ModelActor) else 0.0
+            if age > stall / 2:
+                reasons.append(f"model {model.alias} has work but made no step for {age:.1f}s")
         return Health(ok=not reasons, domains=domains, models=models,
-                      active_streams=len(open_buffers), queued_streams=0, reasons=reasons)
+                      active_streams=len(self.table.open_buffers()), reasons=reasons)
+
+    async def registry_state(self, *, timeout: float | None = None) -> RegistryState:
+        """Running and waiting streams, as the registry counts them."""
+        return await self._registry_ref.ask(  # type: ignore[no-any-return]
+            GetRegistryState(), timeout=timeout)
+
+    async def retry_statistics(self, alias: str, *,
+                               timeout: float | None = None) -> RetryStatistics:
+        """The retry statistics of one model (reset when its retry actor restarts)."""
+        self._require_model(alias)
+        return await self._model_ref(alias, "retry").ask(  # type: ignore[no-any-return]
+            GetRetryStats(), timeout=timeout)
 
     async def statistics(self) -> RuntimeStatistics:
         actors = {path: msgspec.to_builtins(self.system.mailbox(path).statistics())
@@ -600,8 +654,17 @@ class Runtime:
         registry = await self._registry_ref.ask(GetRegistryState())
         return RuntimeStatistics(actors=actors, registry=registry)
 
-    async def inject_fault(self, model: str, kind: Literal["raise", "hang"]) -> None:
-        """Test hook: make the model's engine fail (raise) or stall (hang) at its next step."""
+    def engine_statistics(self, alias: str) -> Any:
+        """The live engine's statistics (with `pid` under process isolation), or None
+        while the model actor restarts."""
+        actor = self._live(f"root/generation/model:{alias}", "model")
+        engine = getattr(actor, "_engine", None)
+        return engine.statistics() if engine is not None else None
+
+    async def inject_fault(self, model: str,
+                           kind: Literal["raise", "hang", "exit", "segfault"]) -> None:
+        """Test hook: make the model's engine fail (raise) or stall (hang) at its next
+        step; with process isolation, end its worker (exit, segfault)."""
         entry = self._require_model(model)
         await self._model_ref(entry.alias).ask(InjectFault(kind))
 

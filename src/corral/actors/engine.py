@@ -36,7 +36,7 @@ from corral.protocol.messages import (
     TokenOut,
 )
 
-__all__ = ["Engine", "EngineStatistics", "FaultKind"]
+__all__ = ["Engine", "EngineStatistics", "FaultKind", "validate_sequence"]
 
 _log = structlog.get_logger("corral.engine")
 
@@ -362,7 +362,7 @@ class Engine:
                 out of range); ModelNotLoaded if the engine is not serving.
         """
         info = self._require_running()
-        _validate(seq, info.vocab_size)
+        validate_sequence(seq, info.vocab_size)
         with self._submit_lock:
             self._submitted += 1
         self._commands.put(_Submit(seq))
@@ -764,7 +764,7 @@ class _Halted(Exception):
     """Raised inside the engine thread to leave its loop when told to stop."""
 
 
-def _validate(seq: EngineSequence, vocab_size: int) -> None:
+def validate_sequence(seq: EngineSequence, vocab_size: int) -> None:
     """Refuse, in the caller's thread, what would otherwise fail inside a step."""
     s = seq.sampling
     problems = []

@@ -16,7 +16,8 @@ import trio
 
 from corral.actors.core import Actor, ActorRef, Reply
 from corral.actors.engine import Engine
-from corral.config import GenerationConfig
+from corral.actors.process_engine import ProcessEngine
+from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.messages import (
     Accepted,
@@ -67,6 +68,24 @@ EngineFactory = Callable[["ModelActor"], EngineLike]
 """Makes the engine of one model actor incarnation, wired to its callbacks."""
 
 
+def engine_factory(generation: GenerationConfig, python: PythonRuntimeConfig) -> EngineFactory:
+    """The engine maker for `generation.isolation`: a thread, or a worker process."""
+    if generation.isolation == "thread":
+        return _thread_engine
+
+    def process_engine(actor: ModelActor) -> EngineLike:
+        return ProcessEngine(
+            actor.path, prefill_batch_size=generation.prefill_batch_size,
+            completion_batch_size=generation.completion_batch_size,
+            prefill_step_size=generation.prefill_step_size,
+            on_step=actor._on_step, on_failure=actor._on_failure, start_soon=actor.start_soon,
+            heartbeat_interval_ms=python.heartbeat_interval_ms,
+            startup_timeout_ms=python.startup_timeout_ms,
+            python_executable=python.python_executable)
+
+    return process_engine
+
+
 def _thread_engine(actor: ModelActor) -> EngineLike:
     config = actor._config
     return Engine(actor.path, prefill_batch_size=config.prefill_batch_size,
@@ -74,6 +93,8 @@ def _thread_engine(actor: ModelActor) -> EngineLike:
                   prefill_step_size=config.prefill_step_size,
                   on_step=actor._on_step, on_failure=actor._on_failure)
 
+
+HeldCall = Tokenize | Detokenize | ApplyChatTemplate
 
 ModelMessage = (Submit | CancelSequence | EngineStep | EngineFailed | EngineLoaded | WaitReady
                 | Tokenize | Detokenize | ApplyChatTemplate | ListSequences | InjectFault)
@@ -90,7 +111,8 @@ class ModelActor(Actor[ModelMessage]):
     Message = ModelMessage
 
     def __init__(self, alias: str, path: str, config: GenerationConfig,
-                 registry: ActorRef, engine_factory: EngineFactory | None = None) -> None:
+                 registry: ActorRef, engine_factory: EngineFactory | None = None,
+                 on_ready: Callable[[ModelInfo], None] | None = None) -> None:
         self.alias = alias
         self.path = path
         self._config = config
@@ -102,8 +124,11 @@ class ModelActor(Actor[ModelMessage]):
         self._running: set[int] = set()
         self._engine_factory = engine_factory or _thread_engine
         self._exited = False
+        self._engine_failed = False
         self._last_progress = 0.0
         self._backlog = 0  # steps waiting in this mailbox for room at the registry
+        self._held: list[tuple[HeldCall, Reply]] = []  # tokenizer calls during a load
+        self._on_ready = on_ready
 
     async def on_start(self) -> None:
         self._engine = self._engine_factory(self)
@@ -167,7 +192,15 @@ class ModelActor(Actor[ModelMessage]):
                 self._running.discard(out.seq_id)
 
     def _on_failure(self, error: BaseException) -> None:
+        # From now on calls wait (held or queued) instead of hitting a dead engine; the
+        # crash that follows fails them with ActorExitedError, which callers re-send to
+        # the next incarnation.
+        self._engine_failed = True
         self._post(EngineFailed(repr(error)))
+
+    @property
+    def _serving(self) -> bool:
+        return self._info is not None and not self._engine_failed
 
     def _post(self, message: EngineStep | EngineFailed) -> None:
         if self._exited:
@@ -196,13 +229,10 @@ class ModelActor(Actor[ModelMessage]):
                 reply = self.defer_reply()
                 if reply is not None:
                     self._waiting.append(reply)
-            case Tokenize(text=text, add_special_tokens=special):
-                return TokenIds(await self._loaded_engine().tokenize(text, special))
-            case Detokenize(ids=ids):
-                return Text(await self._loaded_engine().detokenize(ids))
-            case ApplyChatTemplate(messages=messages):
-                turns = [{"role": m.role, "content": m.content} for m in messages]
-                return TokenIds(await self._loaded_engine().apply_chat_template(turns))
+            case Tokenize() | Detokenize() | ApplyChatTemplate():
+                reply = self.defer_reply()
+                if reply is not None:
+                    await self._answer_or_hold(message, reply)
             case ListSequences():
                 return Sequences(sorted(self._running | {s.seq_id for s in self._queued}))
             case InjectFault(kind=kind):
@@ -210,23 +240,76 @@ class ModelActor(Actor[ModelMessage]):
         return None
 
     def _submit(self, seq: EngineSequence) -> Accepted:
-        if self._info is None:
+        """Queue or start a sequence. Idempotent: a sequence this incarnation already
+        has is not started twice (the registry's resume and a caller's re-sent submit
+        after a crash may both arrive)."""
+        if seq.seq_id in self._running or any(s.seq_id == seq.seq_id for s in self._queued):
+            return Accepted(seq.seq_id)
+        if not self._serving:
             self._queued.append(seq)
-        else:
-            if not self._running:
-                self._last_progress = trio.current_time()
+            return Accepted(seq.seq_id)
+        if not self._running:
+            self._last_progress = trio.current_time()
+        try:
             self._loaded_engine().submit(seq)
-            self._running.add(seq.seq_id)
+        except EngineClientError as exc:
+            if exc.code is not Code.MODEL_NOT_LOADED:
+                raise
+            # The engine died and its failure is on the way: the registry resumes the
+            # sequence on the next incarnation.
+            self._queued.append(seq)
+            return Accepted(seq.seq_id)
+        self._running.add(seq.seq_id)
         return Accepted(seq.seq_id)
 
     def _cancel(self, seq_id: int) -> None:
         self._queued = [s for s in self._queued if s.seq_id != seq_id]
         if seq_id in self._running:
             self._running.discard(seq_id)
-            self._loaded_engine().cancel(seq_id)
+            if self._serving:
+                self._loaded_engine().cancel(seq_id)
+
+    async def _tokenizer_call(self, message: Tokenize | Detokenize | ApplyChatTemplate) -> Any:
+        engine = self._loaded_engine()
+        match message:
+            case Tokenize(text=text, add_special_tokens=special):
+                return TokenIds(await engine.tokenize(text, special))
+            case Detokenize(ids=ids):
+                return Text(await engine.detokenize(ids))
+            case ApplyChatTemplate(messages=messages):
+                turns = [{"role": m.role, "content": m.content} for m in messages]
+                return TokenIds(await engine.apply_chat_template(turns))
+
+    async def _answer_or_hold(self, message: HeldCall, reply: Reply) -> None:
+        """Answer a tokenizer call, or hold it while the engine (re)loads or has just
+        died: a restart is not the caller's error. Held calls are answered after the
+        load, or fail with ActorExitedError at the crash (and are re-sent)."""
+        if not self._serving:
+            self._held.append((message, reply))
+            return
+        try:
+            reply.send(await self._tokenizer_call(message))
+        except EngineClientError as exc:
+            if exc.code is not Code.MODEL_NOT_LOADED:
+                reply.fail(exc)
+                return
+            self._held.append((message, reply))  # the engine died under the call
+
+    async def _answer_held(self, held: list[tuple[HeldCall, Reply]]) -> None:
+        for message, reply in held:
+            await self._answer_or_hold(message, reply)
+
+    def progress_age(self) -> float:
+        """Seconds since the engine last made progress while it had work (0 when idle)."""
+        return trio.current_time() - self._last_progress if self._running else 0.0
 
     def _loaded(self, info: ModelInfo) -> None:
         self._info = info
+        if self._held:
+            held, self._held = self._held, []
+            self.start_soon(self._answer_held, held)
+        if self._on_ready is not None:
+            self._on_ready(info)
         for reply in self._waiting:
             reply.send(Ready(self.alias, info))
         self._waiting.clear()
@@ -237,6 +320,8 @@ class ModelActor(Actor[ModelMessage]):
                           load_seconds=round(info.load_seconds, 3))
 
     def _fail_waiters(self, error: str) -> None:
+        """Answer `WaitReady` callers: the load failed, or the engine died. Held
+        tokenizer calls are left to the crash (ActorExitedError, re-sent by callers)."""
         failure = EngineClientError(Code.MODEL_LOAD_ERROR if self._info is None
                                     else Code.GENERATION_ERROR,
                                     f"model {self.alias}: {error}",

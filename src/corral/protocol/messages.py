@@ -252,9 +252,10 @@ class ListSequences(msgspec.Struct, frozen=True, tag=True):
 
 
 class InjectFault(msgspec.Struct, frozen=True, tag=True):
-    """Test hook: make the engine's next step raise, or hang."""
+    """Test hook: make the engine's next step raise or hang; in process isolation,
+    also end the worker with os._exit or a segfault."""
 
-    kind: Literal["raise", "hang"]
+    kind: Literal["raise", "hang", "exit", "segfault"]
 
 
 # -- stream registry messages ------------------------------------------------------------

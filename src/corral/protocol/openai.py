@@ -1,0 +1,221 @@
+"""OpenAI-compatible HTTP bodies: requests, responses, SSE chunks and error bodies.
+
+Requests decode into these Structs, and decoding is the validation: an unknown field
+is InvalidParams naming it. Fields that OpenAI clients send with neutral values by
+default (`n`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+`echo`, `user`, `stream_options`) are accepted; any value other than the neutral one
+fails validation, since corral would silently ignore it. `top_k`, `min_p`,
+`repetition_penalty` and `stop_token_ids` are accepted as extensions, as vLLM does, and
+`timeout_ms`, the request's deadline.
+Ranges of sampling values are checked once, by `GenerateParams`. This module holds
+data only; `server/http.py` maps it to and from the runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+_PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+_Zero = Annotated[float, msgspec.Meta(ge=0.0, le=0.0)]
+_One = Annotated[int, msgspec.Meta(ge=1, le=1)]
+_NoZeroLogprobs = Annotated[int, msgspec.Meta(ge=0, le=0)]
+_Empty = Annotated[dict[str, float], msgspec.Meta(max_length=0)]
+
+NEUTRAL_ONLY: Final[dict[str, str]] = {
+    "n": "1", "best_of": "1", "presence_penalty": "0", "frequency_penalty": "0",
+    "logit_bias": "an empty object", "echo": "false", "suffix": "null", "top_logprobs": "0",
+}
+"""Fields accepted with their neutral value only, and that value, for error messages."""
+
+
+class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`include_usage`: send a last chunk with no choices and the request's usage."""
+
+    include_usage: bool = False
+
+
+class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What completions and chat completions share."""
+
+    model: str | None = None
+    max_tokens: _PositiveInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Neutral values only (sent by default by some clients).
+    n: _One = 1
+    presence_penalty: _Zero = 0.0
+    frequency_penalty: _Zero = 0.0
+    logit_bias: _Empty | None = None
+    user: str | None = None
+    # Extensions, as vLLM accepts them.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    timeout_ms: int | None = None
+
+
+class CompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/completions.
+
+    `prompt` is a string or token ids (a list of one string is taken as that string);
+    batched prompts are refused. `logprobs` may only be 0: the sampled token's
+    log-probability is returned, no alternatives.
+    """
+
+    prompt: str | list[str | int]
+    logprobs: _NoZeroLogprobs | None = None
+    echo: Literal[False] = False
+    best_of: _One | None = None
+    suffix: None = None
+
+
+class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A chat turn; `developer` is taken as `system`, text parts are joined."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+
+
+class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/chat/completions. `max_completion_tokens` wins over `max_tokens`."""
+
+    messages: list[ChatMessageIn]
+    max_completion_tokens: _PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: _NoZeroLogprobs | None = None
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+class UsageInfo(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(msgspec.Struct, frozen=True):
+    """Tokens are named `token_id:<id>`, as vLLM's `return_tokens_as_token_ids` does."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: None = None
+    text_offset: None = None
+
+
+class CompletionChoice(msgspec.Struct, frozen=True):
+    text: str
+    index: int = 0
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(msgspec.Struct, frozen=True):
+    """A whole completion, or (`usage` None until the last) one SSE chunk of one."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+    object: Literal["text_completion"] = "text_completion"
+
+
+class ChatTokenLogprob(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float | None
+    bytes: None = None
+    top_logprobs: list[Any] = []
+
+
+class ChatLogprobs(msgspec.Struct, frozen=True):
+    content: list[ChatTokenLogprob]
+
+
+class ChatMessageOut(msgspec.Struct, frozen=True):
+    content: str
+    role: Literal["assistant"] = "assistant"
+
+
+class ChatChoice(msgspec.Struct, frozen=True):
+    message: ChatMessageOut
+    finish_reason: str
+    index: int = 0
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(msgspec.Struct, frozen=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    object: Literal["chat.completion"] = "chat.completion"
+
+
+class ChatDelta(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(msgspec.Struct, frozen=True):
+    delta: ChatDelta
+    index: int = 0
+    finish_reason: str | None = None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, frozen=True):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+
+
+class ModelCard(msgspec.Struct, frozen=True):
+    """One entry of GET /v1/models; `state` and `breaker` are corral's additions."""
+
+    id: str
+    created: int
+    root: str
+    max_model_len: int | None
+    state: str
+    breaker: str
+    owned_by: str = "corral"
+    object: Literal["model"] = "model"
+
+
+class ModelList(msgspec.Struct, frozen=True):
+    data: list[ModelCard]
+    object: Literal["list"] = "list"
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    """OpenAI's error object; `code` is corral's code name from the error table."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None
+    request_id: str
+    retryable: bool
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every HTTP error body, and the last SSE event of a stream that failed."""
+
+    error: ErrorDetail

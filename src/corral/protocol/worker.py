@@ -1,0 +1,171 @@
+"""The frames between a model actor and its engine worker process (process isolation).
+
+Each frame is one tagged Struct, msgpack-encoded and length-prefixed (`codec.frame`),
+on the worker's stdin (parent to worker, `ToWorker`) or stdout (worker to parent,
+`FromWorker`). A session runs:
+
+    worker: Hello                      the readiness handshake, before any model work
+    parent: Load                       then Submit / Cancel / Call / InjectFault, any order
+    worker: Loaded | LoadFailed        then Step / CallResult / Heartbeat, any order
+    parent: Shutdown, then closes stdin; or just closes stdin (the worker exits at once)
+    worker: Failed, then exits non-zero, when its engine fails
+
+Data only: this module never does I/O and holds no behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+from corral.protocol.errors import ErrorInfo
+from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
+
+__all__ = [
+    "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "Cancel", "ChatTemplateArgs",
+    "DetokenizeArgs", "Failed", "FromWorker", "Heartbeat", "Hello", "InjectFault", "Load",
+    "LoadFailed", "Loaded", "Shutdown", "Step", "Submit", "ToWorker", "TokenizeArgs",
+    "WorkerFaultKind",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""Bumped on any change to these frames; a worker of another version is refused."""
+
+WorkerFaultKind = Literal["raise", "hang", "exit", "segfault"]
+"""Test hooks: the engine's own ("raise", "hang") and whole-process crashes
+("exit": `os._exit(3)`; "segfault": a real SIGSEGV)."""
+
+
+# -- parent -> worker ----------------------------------------------------------------
+
+
+class Load(msgspec.Struct, frozen=True, tag=True):
+    """Load the model and start the engine; answered by `Loaded` or `LoadFailed`."""
+
+    path: str
+    prefill_batch_size: int
+    completion_batch_size: int
+    prefill_step_size: int
+
+
+class Submit(msgspec.Struct, frozen=True, tag=True):
+    """Queue a sequence, already validated by the parent; no answer."""
+
+    seq: EngineSequence
+
+
+class Cancel(msgspec.Struct, frozen=True, tag=True):
+    """Remove a sequence from the batch; unknown ids are ignored; no answer."""
+
+    seq_id: int
+
+
+class TokenizeArgs(msgspec.Struct, frozen=True, tag="tokenize", tag_field="op"):
+    text: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeArgs(msgspec.Struct, frozen=True, tag="detokenize", tag_field="op"):
+    ids: list[int]
+
+
+class ChatTemplateArgs(msgspec.Struct, frozen=True, tag="apply_chat_template",
+                       tag_field="op"):
+    # Chat turns stay free-form mappings: the model's template decides what it accepts.
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+
+
+CallArgs = TokenizeArgs | DetokenizeArgs | ChatTemplateArgs
+"""A tokenizer call; its `op` field names the Engine method it runs."""
+
+
+class Call(msgspec.Struct, frozen=True, tag=True):
+    """Run a tokenizer call in the engine; answered by `CallResult` with `call_id`."""
+
+    call_id: int
+    args: CallArgs
+
+
+class InjectFault(msgspec.Struct, frozen=True, tag=True):
+    """Test hook: break the engine or the whole worker process (see `WorkerFaultKind`)."""
+
+    kind: WorkerFaultKind
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True):
+    """Close the engine (the current step ends, the batch is dropped) and exit 0."""
+
+
+ToWorker = Load | Submit | Cancel | Call | InjectFault | Shutdown
+
+
+# -- worker -> parent ----------------------------------------------------------------
+
+
+class Hello(msgspec.Struct, frozen=True, tag=True):
+    """The worker reads frames now. Sent first, before anything heavy is imported."""
+
+    pid: int
+    version: int
+
+
+class Loaded(msgspec.Struct, frozen=True, tag=True):
+    info: ModelInfo
+
+
+class LoadFailed(msgspec.Struct, frozen=True, tag=True):
+    """The load raised; the worker then waits for `Shutdown` or the end of stdin."""
+
+    error: ErrorInfo
+
+
+class Step(msgspec.Struct, frozen=True, tag=True):
+    """One engine step, in order, exactly as the in-process engine posts it."""
+
+    step: EngineStep
+
+
+class CallResult(msgspec.Struct, frozen=True, tag=True, omit_defaults=True):
+    """The answer to `Call` number `call_id`: `value`, or `error` if it failed."""
+
+    call_id: int
+    value: list[int] | str | None = None
+    error: ErrorInfo | None = None
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag=True):
+    """The worker's trio loop is alive, with its engine's counters.
+
+    It comes from a task independent of the engine thread, so a hung engine still
+    sends it: a silent worker is a dead or frozen process, a stale `last_step_age_s`
+    with work in hand is a stalled engine.
+
+    Attributes:
+        steps: engine steps made.
+        active: sequences decoding.
+        queued: sequences received and not decoding yet.
+        submits: `Submit` frames received, so the parent can count those in the pipe.
+        prompt_tokens: prompt tokens prefilled.
+        generation_tokens: tokens generated.
+        last_step_age_s: seconds since the end of the last step; None before the first
+            (the worker's own view, for logs: the parent times the step frames).
+    """
+
+    steps: int
+    active: int
+    queued: int
+    submits: int
+    prompt_tokens: int
+    generation_tokens: int
+    last_step_age_s: float | None
+
+
+class Failed(msgspec.Struct, frozen=True, tag=True):
+    """The engine failed (`error` is the exception's repr); the worker exits non-zero."""
+
+    error: str
+
+
+FromWorker = Hello | Loaded | LoadFailed | Step | CallResult | Heartbeat | Failed
