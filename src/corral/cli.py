@@ -120,3 +120,7 @@ def bench_isolation(smoke: SmokeOption = False, output_dir: OutputOption = None)
 
     _quiet_logs()
     isolation.main(smoke=smoke, output_dir=output_dir)
+
+
+if __name__ == "__main__":
+    app()

@@ -83,13 +83,19 @@ _LAST_WORDS_S: Final = 1.0
 
 
 def _error_body(error: CorralError, request_id: str) -> ErrorBody:
-    status = error.spec.http
+    status = status_of(error)
     field = error.details.get("field")
     return ErrorBody(ErrorDetail(
         message=error.message,
         type=_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         code=error.code.value, param=field if isinstance(field, str) else None,
         request_id=request_id, retryable=error.retryable))
+
+
+def status_of(error: CorralError) -> int:
+    """The HTTP status of an error: the table's, except 503 while the server shuts down
+    (the table has no code of its own for that; the error is a retryable ServerError)."""
+    return 503 if error.details.get("shutting_down") else error.spec.http
 
 
 def _error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
@@ -102,7 +108,7 @@ def _error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
 
 
 def _error_response(error: CorralError, request_id: str) -> Response:
-    response = Response(_encode(_error_body(error, request_id)), error.spec.http,
+    response = Response(_encode(_error_body(error, request_id)), status_of(error),
                         media_type="application/json")
     response.raw_headers.extend(_error_headers(error))
     return response
@@ -396,7 +402,7 @@ class _Exchange:
             await self.event(_error_body(error, self.request_id))
             await self.end_sse(done=False)
         else:
-            await self.json(error.spec.http, _error_body(error, self.request_id),
+            await self.json(status_of(error), _error_body(error, self.request_id),
                             _error_headers(error))
 
 
