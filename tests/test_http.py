@@ -242,7 +242,7 @@ async def test_seed_makes_sampling_repeatable(served: Served) -> None:
 
 async def test_sixteen_concurrent_streams(served: Served,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    tap = StepTap(monkeypatch)
+    tap = StepTap(served.rt)
 
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, Any]:
         stream = await client.completions.create(
@@ -283,7 +283,7 @@ async def _assert_sequence_stopped(rt: Runtime, tap: StepTap) -> None:
 
 async def test_a_client_that_disconnects_mid_stream_stops_its_sequence(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    tap = StepTap(monkeypatch)
+    tap = StepTap(served.rt)
 
     def run(client: openai.OpenAI) -> int:
         stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2000,
@@ -304,7 +304,7 @@ async def test_a_client_that_disconnects_mid_stream_stops_its_sequence(
 
 async def test_a_client_that_gives_up_on_a_whole_reply_stops_its_sequence(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    tap = StepTap(monkeypatch)
+    tap = StepTap(served.rt)
 
     def run(client: openai.OpenAI) -> None:
         with pytest.raises(openai.APITimeoutError):

@@ -14,7 +14,6 @@ import mlx_lm
 import pytest
 import trio
 
-from corral.actors.streams import StreamRegistry
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import (
     CircuitBreakerOpenError,
@@ -24,7 +23,6 @@ from corral.protocol.errors import (
     OverloadedError,
     TimeoutError,
 )
-from corral.protocol.messages import ModelOutput
 from corral.runtime import Runtime, open_runtime
 from corral.tiny import make_tiny_model
 
@@ -71,17 +69,12 @@ async def rt(model_path: str) -> AsyncIterator[Runtime]:
 
 
 class StepTap:
-    """Records, per engine step, which streams got a token (seen at the registry)."""
+    """Records, per engine step, which streams got a token (the runtime's step listener)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, rt: Runtime, alias: str = "tiny") -> None:
         self.steps: list[tuple[int, list[int]]] = []
-        original = StreamRegistry._deliver
-
-        async def deliver(registry: StreamRegistry, message: ModelOutput) -> None:
-            self.steps.append((message.step, [o.seq_id for o in message.outputs]))
-            await original(registry, message)
-
-        monkeypatch.setattr(StreamRegistry, "_deliver", deliver)
+        rt.add_step_listener(alias, lambda step: self.steps.append(
+            (step.step, [o.seq_id for o in step.outputs])))
 
     def last_step(self) -> int:
         return self.steps[-1][0] if self.steps else 0
@@ -92,8 +85,9 @@ class StepTap:
 
 def engine_steps(rt: Runtime, alias: str = "tiny") -> int:
     """Steps the model's engine has completed (read from the trio thread)."""
-    subtree = rt.root.child("generation").child(f"model:{alias}")  # type: ignore[union-attr]
-    return subtree.child("model")._engine.statistics().steps  # type: ignore[union-attr]
+    stats = rt.engine_statistics(alias)
+    assert stats is not None
+    return stats.steps
 
 
 async def test_greedy_output_is_token_identical_to_raw_mlx_lm(
@@ -146,8 +140,8 @@ async def test_sixteen_concurrent_streams_finish_with_their_token_counts(rt: Run
 
 
 async def test_cancelling_a_stream_stops_its_tokens_at_the_next_step(
-        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    tap = StepTap(monkeypatch)
+        rt: Runtime) -> None:
+    tap = StepTap(rt)
     async with rt.generate("tiny", PROMPT, max_tokens=2000) as stream:
         async for chunk in stream:
             if len(stream.token_ids) >= 5:
@@ -162,8 +156,8 @@ async def test_cancelling_a_stream_stops_its_tokens_at_the_next_step(
 
 
 async def test_cancelling_the_callers_scope_cancels_a_complete(
-        rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
-    tap = StepTap(monkeypatch)
+        rt: Runtime) -> None:
+    tap = StepTap(rt)
     seen: list[int] = []
 
     async def run() -> None:

@@ -14,7 +14,7 @@ streams and the list of loaded models, which the tree's factories read back.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal, final
 
@@ -24,6 +24,7 @@ import trio
 
 from corral.actors.breaker import Acquire, BreakerActor, Outcome, PermitGranted, Record
 from corral.actors.core import ActorRef, ActorSystem
+from corral.actors.engine import EngineStatistics
 from corral.actors.model import ModelActor, engine_factory
 from corral.actors.retry import (
     ActorBudget,
@@ -62,6 +63,7 @@ from corral.protocol.messages import (
     Completion,
     Detokenize,
     EngineSequence,
+    EngineStep,
     FinishReason,
     GenerateParams,
     GetRegistryState,
@@ -117,7 +119,7 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
 class _Model:
     """The runtime's record of a loaded model (read back by the tree's factories)."""
 
-    __slots__ = ("alias", "config", "info", "path", "state")
+    __slots__ = ("alias", "config", "info", "path", "state", "step_listeners")
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -125,6 +127,7 @@ class _Model:
         self.path = config.path
         self.info: ModelInfo | None = None
         self.state: ModelState = "loading"
+        self.step_listeners: list[Callable[[EngineStep], None]] = []
 
     def ready(self, info: ModelInfo) -> None:
         """The model actor (re)loaded the model."""
@@ -232,7 +235,8 @@ class Runtime:
                 self.config.json_rpc.retry.budget), shutdown=shutdown),
             ChildSpec(name="model", factory=lambda: ModelActor(
                 alias, model.path, self.config.generation, self._registry_ref,
-                engine_factory=self._engine_factory, on_ready=model.ready),
+                engine_factory=self._engine_factory, on_ready=model.ready,
+                step_listeners=model.step_listeners),
                 shutdown=shutdown),
         ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff),
             restart=Restart.TEMPORARY)
@@ -351,29 +355,27 @@ class Runtime:
         return [self._describe(m) for m in self._models.values()]
 
     def _describe(self, model: _Model) -> ModelDescription:
-        base = f"root/generation/model:{model.alias}"
-        stats = self.system.mailbox(f"{base}/model").statistics()
+        stats = self.system.mailbox(f"root/generation/model:{model.alias}/model").statistics()
         state = model.state
         if state == "ready" and stats.state != "running":
             state = "restarting"
-        breaker = self.system.mailbox(f"{base}/breaker")
-        breaker_state = getattr(self._live(base, "breaker"), "state", None)
+        breaker = self._live(model.alias, "breaker")
+        breaker_state = ("forced_open" if state == "failed" else
+                         breaker.breaker.state.value if isinstance(breaker, BreakerActor) else
+                         "restarting")
         return ModelDescription(
             alias=model.alias, path=model.path, state=state,
             fallbacks=list(model.config.fallbacks), info=model.info,
-            restarts=stats.restarts,
-            breaker=str(breaker_state) if breaker_state is not None else breaker.state.value)
+            restarts=stats.restarts, breaker=breaker_state)
 
-    def _live(self, base: str, child: str) -> Any:
-        """The live object of a model subtree's child, or None (for health only)."""
+    def _live(self, alias: str, child: str) -> object | None:
+        """The live actor object of one child of a model's subtree, or None while it
+        restarts. For reading health and statistics only: never to send it work."""
         try:
-            subtree = self._generation().child(base.rsplit("/", 1)[-1])
+            subtree = self._generation().child(f"model:{alias}")
         except CorralError:
             return None
-        if isinstance(subtree, Supervisor):
-            actor = subtree.child(child)
-            return getattr(actor, "breaker", None) if child == "breaker" else actor
-        return None
+        return subtree.child(child) if isinstance(subtree, Supervisor) else None
 
     def _require_model(self, alias: str | None, *, allow_failed: bool = False) -> _Model:
         if alias is None:
@@ -629,7 +631,7 @@ class Runtime:
             reasons.append("shutting down")
         stall = self.config.generation.stall_timeout_ms / 1000.0
         for model in models:
-            actor = self._live(f"root/generation/model:{model.alias}", "model")
+            actor = self._live(model.alias, "model")
             age = actor.progress_age() if isinstance(actor, ModelActor) else 0.0
             if age > stall / 2:
                 reasons.append(f"model {model.alias} has work but made no step for {age:.1f}s")
@@ -654,12 +656,21 @@ class Runtime:
         registry = await self._registry_ref.ask(GetRegistryState())
         return RuntimeStatistics(actors=actors, registry=registry)
 
-    def engine_statistics(self, alias: str) -> Any:
+    def add_step_listener(self, alias: str,
+                          listener: Callable[[EngineStep], None]) -> Callable[[], None]:
+        """Call `listener` with every engine step of a model (across its restarts), in
+        the trio thread, before the registry sees the step. It must not block or raise.
+        Returns a function that removes it. For benchmarks and tests that count steps.
+        """
+        listeners = self._require_model(alias).step_listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener)
+
+    def engine_statistics(self, alias: str) -> EngineStatistics | None:
         """The live engine's statistics (with `pid` under process isolation), or None
         while the model actor restarts."""
-        actor = self._live(f"root/generation/model:{alias}", "model")
-        engine = getattr(actor, "_engine", None)
-        return engine.statistics() if engine is not None else None
+        actor = self._live(alias, "model")
+        return actor.engine_statistics() if isinstance(actor, ModelActor) else None
 
     async def inject_fault(self, model: str,
                            kind: Literal["raise", "hang", "exit", "segfault"]) -> None:

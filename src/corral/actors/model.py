@@ -9,13 +9,13 @@ and the breaker records the failure. It knows nothing of HTTP or of who reads a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
 
 from corral.actors.core import Actor, ActorRef, Reply
-from corral.actors.engine import Engine
+from corral.actors.engine import Engine, EngineStatistics
 from corral.actors.process_engine import ProcessEngine
 from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
@@ -62,6 +62,7 @@ class EngineLike(Protocol):
     async def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
     async def close(self) -> None: ...
     def close_nowait(self) -> None: ...
+    def statistics(self) -> EngineStatistics: ...
 
 
 EngineFactory = Callable[["ModelActor"], EngineLike]
@@ -112,7 +113,8 @@ class ModelActor(Actor[ModelMessage]):
 
     def __init__(self, alias: str, path: str, config: GenerationConfig,
                  registry: ActorRef, engine_factory: EngineFactory | None = None,
-                 on_ready: Callable[[ModelInfo], None] | None = None) -> None:
+                 on_ready: Callable[[ModelInfo], None] | None = None,
+                 step_listeners: Sequence[Callable[[EngineStep], None]] = ()) -> None:
         self.alias = alias
         self.path = path
         self._config = config
@@ -129,6 +131,7 @@ class ModelActor(Actor[ModelMessage]):
         self._backlog = 0  # steps waiting in this mailbox for room at the registry
         self._held: list[tuple[HeldCall, Reply]] = []  # tokenizer calls during a load
         self._on_ready = on_ready
+        self._step_listeners = step_listeners  # observers (benchmarks, tests); never block
 
     async def on_start(self) -> None:
         self._engine = self._engine_factory(self)
@@ -176,6 +179,8 @@ class ModelActor(Actor[ModelMessage]):
         if self._exited:
             return
         self._progress(step)
+        for listener in self._step_listeners:
+            listener(step)
         if not self._backlog:
             try:
                 self._registry.tell_nowait(ModelOutput(self.alias, step.step, step.outputs))
@@ -298,6 +303,10 @@ class ModelActor(Actor[ModelMessage]):
     async def _answer_held(self, held: list[tuple[HeldCall, Reply]]) -> None:
         for message, reply in held:
             await self._answer_or_hold(message, reply)
+
+    def engine_statistics(self) -> EngineStatistics | None:
+        """The engine's counters (with the worker's `pid` under process isolation)."""
+        return self._engine.statistics() if self._engine is not None else None
 
     def progress_age(self) -> float:
         """Seconds since the engine last made progress while it had work (0 when idle)."""

@@ -31,7 +31,6 @@ import msgspec
 import trio
 from rich.progress import Progress
 
-from corral.actors.engine import Engine
 from corral.bench.report import goal, percentile, print_table, write_result
 from corral.config import config_from_mapping
 from corral.protocol.messages import EngineStep
@@ -208,12 +207,8 @@ async def _runtime_batch(rt: Runtime, prompts: list[list[int]], max_tokens: int)
 
 
 class _StepTap:
-    """Every step the model's engine posts, with its `prefilled` list, for this bench only.
-
-    `ModelOutput` (what the registry sees) carries no `prefilled`, and the engine holds
-    the model actor's callback bound at its start, so the tap wraps the engine's
-    callback in place and puts it back on exit.
-    """
+    """Every step the model's engine posts, with its `prefilled` list (which the
+    registry's `ModelOutput` does not carry), through the runtime's step listener."""
 
     def __init__(self) -> None:
         self.steps: list[EngineStep] = []
@@ -221,21 +216,16 @@ class _StepTap:
 
     @contextmanager
     def attached(self, rt: Runtime) -> Iterator[_StepTap]:
-        subtree = rt.root.child("generation").child(f"model:{_ALIAS}")  # type: ignore[union-attr]
-        engine: Engine = subtree.child("model")._engine  # type: ignore[union-attr]
-        original = engine._on_step
-
-        def tapped(step: EngineStep) -> None:
+        def record(step: EngineStep) -> None:
             self.steps.append(step)
             self.changed.set()
             self.changed = trio.Event()
-            original(step)
 
-        engine._on_step = tapped
+        remove = rt.add_step_listener(_ALIAS, record)
         try:
             yield self
         finally:
-            engine._on_step = original
+            remove()
 
     @property
     def last_step(self) -> int:
