@@ -122,5 +122,33 @@ def bench_isolation(smoke: SmokeOption = False, output_dir: OutputOption = None)
     isolation.main(smoke=smoke, output_dir=output_dir)
 
 
+@bench_app.command("serve")
+def bench_serve(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+    """corral serve (thread and process isolation) against mlx_lm.server, same load."""
+    from corral.bench import serve
+
+    _quiet_logs()
+    serve.main(smoke=smoke, output_dir=output_dir)
+
+
+@bench_app.command("chaos")
+def bench_chaos(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+    """The serve load while workers are killed: completed, failed, lost, hung."""
+    from corral.bench import chaos
+
+    _quiet_logs()
+    chaos.main(smoke=smoke, output_dir=output_dir)
+
+
+@bench_app.command("plot")
+def bench_plot(results_dir: Annotated[Path | None, typer.Option(
+        help="Where the JSON results are.")] = None, output_dir: OutputOption = None) -> None:
+    """PNG charts of latency percentiles and throughput per concurrency."""
+    from corral.bench import plot
+
+    for path in plot.main(results_dir=results_dir, output_dir=output_dir):
+        typer.echo(str(path))
+
+
 if __name__ == "__main__":
     app()

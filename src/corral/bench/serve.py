@@ -1,0 +1,440 @@
+"""`corral bench serve`: `corral serve` against `mlx_lm.server`, same model, same load.
+
+Targets, all measured in one run on the tiny model with the same seeded prompts:
+- `corral serve` with `thread` isolation and with `process` isolation, and
+  `mlx_lm.server`, each a subprocess started here on a free 127.0.0.1 port and driven
+  over HTTP by the load generator (`corral.bench.loadgen`);
+- raw mlx_lm in this process: a bare `BatchGenerator` fed the same prompts under the
+  same load, in a dedicated thread, with no HTTP at all: the ceiling.
+Loads: fixed concurrency 1, 4 and 16, and Poisson arrivals at two rates. Each load is
+split into rounds, and every round runs every target, in an order that turns each
+round, so drift on a noisy machine hits all of them. Every figure is also reported as
+a ratio to mlx_lm.server's. Goals: corral's output throughput >= 1.0x mlx_lm.server's
+at each concurrency, its TTFT p99 at concurrency 16 <= 0.5x, no failed request.
+
+Servers are always stopped (SIGTERM, then SIGKILL) and reaped, however the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from rich.progress import Progress, TaskID
+
+from corral.bench.generation import _ReferenceThread
+from corral.bench.loadgen import (
+    Load,
+    LoadRun,
+    Record,
+    Slo,
+    Target,
+    arrival_offsets,
+    random_prompts,
+    run_load,
+    summarize,
+)
+from corral.bench.report import Goal, goal, print_table, write_result
+from corral.tiny import default_model_path
+
+__all__ = ["ServerProcess", "corral_server", "free_port", "main"]
+
+_ALIAS = "tiny"
+_READY_S = 120.0
+_STOP_S = 20.0
+BASELINE = "mlx_lm.server"
+RAW = "raw mlx_lm"
+# The engine settings every target shares: mlx_lm.server's defaults (decode and prompt
+# concurrency, prefill step), which are also corral's.
+_COMPLETION_BATCH = 32
+_PREFILL_BATCH = 8
+_PREFILL_STEP = 2048
+
+_FULL = {
+    "loads": [Load("concurrency", 96, concurrency=1), Load("concurrency", 192, concurrency=4),
+              Load("concurrency", 256, concurrency=16), Load("poisson", 160, rate=10.0),
+              Load("poisson", 192, rate=20.0)],
+    "rounds": 2, "max_tokens": 64, "min_words": 16, "max_words": 96, "timeout_s": 120.0,
+    "warmup_requests": 8, "slo": Slo(ttft_ms=250.0, tpot_ms=25.0, e2e_ms=2000.0)}
+_SMOKE = {
+    "loads": [Load("concurrency", 3, concurrency=1), Load("concurrency", 4, concurrency=2),
+              Load("poisson", 3, rate=20.0)],
+    "rounds": 1, "max_tokens": 12, "min_words": 4, "max_words": 12, "timeout_s": 60.0,
+    "warmup_requests": 2, "slo": Slo(ttft_ms=250.0, tpot_ms=25.0, e2e_ms=2000.0)}
+
+
+# -- server processes -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """An OpenAI-compatible server as a subprocess on 127.0.0.1, for one benchmark.
+
+    Its output goes to a log file: a pipe nobody reads would stall it once full.
+    `running()` starts it and always stops and reaps it on the way out.
+    """
+
+    def __init__(self, name: str, command: list[str], port: int, model: str | None,
+                 log_path: Path) -> None:
+        self.name = name
+        self.command = command
+        self.port = port
+        self.log_path = log_path
+        self.target = Target(name, f"http://127.0.0.1:{port}", model)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ServerProcess]:
+        env = {k: v for k, v in os.environ.items() if k != "CORRAL_ENV"}
+        env["HF_HUB_OFFLINE"] = "1"  # a local model path; never the network
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    def wait_ready(self, timeout_s: float = _READY_S) -> None:
+        """Poll GET /v1/models until it answers 200.
+
+        Raises:
+            RuntimeError: the server exited, or did not answer within `timeout_s`.
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: "
+                                   f"{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.target.base_url}/v1/models", timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:g} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after `_STOP_S`; the process is reaped either way."""
+        process = self.process
+        if process is None or self.returncode is not None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=_STOP_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.returncode = process.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def corral_server(name: str, model_path: str, directory: Path, config: str) -> ServerProcess:
+    """`corral serve` of the tiny model under `config` (YAML text) on a free port."""
+    port = free_port()
+    config_path = directory / f"{name}.yaml"
+    config_path.write_text(config)
+    command = [sys.executable, "-m", "corral.cli", "serve", "--model",
+               f"{_ALIAS}={model_path}", "--http", f"127.0.0.1:{port}",
+               "--config", str(config_path)]
+    return ServerProcess(name, command, port, _ALIAS, directory / f"{name}.log")
+
+
+def _corral_config(isolation: str) -> str:
+    return (f"generation:\n  isolation: {isolation}\n"
+            f"  completion_batch_size: {_COMPLETION_BATCH}\n"
+            f"  prefill_batch_size: {_PREFILL_BATCH}\n"
+            f"  prefill_step_size: {_PREFILL_STEP}\n"
+            # As many streams at once as mlx_lm.server decodes; the rest queue.
+            f"stream_registry:\n  max_active_streams: {_COMPLETION_BATCH}\n"
+            "  max_queued: 4096\n"
+            "server:\n  drain_timeout_ms: 2000\n"
+            "logging:\n  format: json\n  level: warning\n")
+
+
+def _mlx_lm_server(model_path: str, directory: Path) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_lm.server", "--model", model_path,
+               "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
+               "--decode-concurrency", str(_COMPLETION_BATCH),
+               "--prompt-concurrency", str(_PREFILL_BATCH),
+               "--prefill-step-size", str(_PREFILL_STEP)]
+    return ServerProcess(BASELINE, command, port, None, directory / "mlx_lm.server.log")
+
+
+# -- the ceiling: raw mlx_lm in this process ---------------------------------------------
+
+
+def _raw_load(prompts: Sequence[str], load: Load, offsets: Sequence[float],
+              max_tokens: int) -> Callable[..., tuple[list[Record], float, float, float]]:
+    """A job for the reference thread: `load` on a bare BatchGenerator, one record per
+    request as the HTTP client would make it (one chunk per token, tokenizing included)."""
+
+    def run(model: Any, tokenizer: Any, stream: Any) -> tuple[list[Record], float, float,
+                                                              float]:
+        from mlx_lm.generate import BatchGenerator
+
+        generator = BatchGenerator(
+            model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+            completion_batch_size=_COMPLETION_BATCH, prefill_batch_size=_PREFILL_BATCH,
+            prefill_step_size=_PREFILL_STEP, stream=stream)
+        records = [Record(i) for i in range(load.requests)]
+        live: dict[int, Record] = {}
+        pending = 0
+        cpu = time.process_time()
+        started = time.perf_counter()
+        try:
+            while pending < len(records) or live:
+                now = time.perf_counter()
+                batch: list[tuple[Record, list[int]]] = []
+                while pending < len(records) and (
+                        started + offsets[pending] <= now if load.kind == "poisson"
+                        else len(live) + len(batch) < load.concurrency):
+                    record = records[pending]
+                    record.sent = started + offsets[pending] if load.kind == "poisson" else now
+                    batch.append((record, tokenizer.encode(prompts[pending])))
+                    pending += 1
+                if batch:
+                    uids = generator.insert([ids for _, ids in batch],
+                                            max_tokens=[max_tokens] * len(batch))
+                    live.update(zip(uids, (record for record, _ in batch), strict=True))
+                if not live:
+                    time.sleep(max(0.0, started + offsets[pending] - time.perf_counter()))
+                    continue
+                _, responses = generator.next()
+                now = time.perf_counter()
+                for response in responses:
+                    record = live[response.uid]
+                    record.chunk_times.append(now)
+                    record.output_tokens += 1
+                    if response.finish_reason is not None:
+                        record.finish_reason = response.finish_reason
+                        record.outcome, record.ended = "completed", now
+                        del live[response.uid]
+        finally:
+            generator.close()
+        return records, started, time.perf_counter(), time.process_time() - cpu
+
+    return run
+
+
+async def _raw_run(reference: _ReferenceThread, prompts: Sequence[str], load: Load,
+                   max_tokens: int, seed: int) -> LoadRun:
+    offsets = arrival_offsets(load, seed=seed)
+    records, started, ended, cpu = await reference.run(
+        _raw_load(prompts, load, offsets, max_tokens))
+    # The reference thread's CPU time is the process's: it includes the idle trio side.
+    return LoadRun(RAW, load, records, started, ended, cpu)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+class _Runner:
+    """Runs loads against every target, round by round, collecting records per target."""
+
+    def __init__(self, targets: list[Target], reference: _ReferenceThread | None,
+                 parameters: dict[str, Any], progress: Progress) -> None:
+        self.targets = targets
+        self.reference = reference
+        self.p = parameters
+        self.progress = progress
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.targets] + ([RAW] if self.reference else [])
+
+    async def one(self, name: str, prompts: Sequence[str], load: Load, seed: int,
+                  task: TaskID) -> LoadRun:
+        def advance(record: Record) -> None:
+            self.progress.advance(task)
+
+        if name == RAW:
+            assert self.reference is not None
+            run = await _raw_run(self.reference, prompts, load, self.p["max_tokens"], seed)
+            self.progress.advance(task, load.requests)
+            return run
+        target = next(t for t in self.targets if t.name == name)
+        return await run_load(target, prompts, load, max_tokens=self.p["max_tokens"],
+                              timeout_s=self.p["timeout_s"], seed=seed, on_done=advance)
+
+    async def warm_up(self) -> None:
+        prompts = random_prompts(self.p["warmup_requests"], seed=10_000,
+                                 min_words=self.p["min_words"], max_words=self.p["max_words"])
+        load = Load("concurrency", len(prompts), concurrency=4)
+        task = self.progress.add_task("warm-up", total=len(prompts) * len(self.names))
+        for name in self.names:
+            await self.one(name, prompts, load, 0, task)
+
+    async def level(self, index: int, load: Load) -> dict[str, list[LoadRun]]:
+        """Every target under `load`, split into rounds; the order turns each round."""
+        rounds = self.p["rounds"]
+        size = load.requests // rounds
+        runs: dict[str, list[LoadRun]] = {name: [] for name in self.names}
+        task = self.progress.add_task(f"{load.label}", total=size * rounds * len(self.names))
+        for r in range(rounds):
+            seed = 1000 * (index + 1) + r
+            prompts = random_prompts(size, seed=seed, min_words=self.p["min_words"],
+                                     max_words=self.p["max_words"])
+            part = Load(load.kind, size, load.concurrency, load.rate)
+            order = self.names[r % len(self.names):] + self.names[:r % len(self.names)]
+            for name in order if r % 2 == 0 else order[::-1]:
+                runs[name].append(await self.one(name, prompts, part, seed, task))
+        return runs
+
+
+def _summary(runs: list[LoadRun], slo: Slo) -> dict[str, Any]:
+    records = [r for run in runs for r in run.records]
+    summary = summarize(records, sum(run.ended - run.started for run in runs), slo)
+    summary["client_cpu_s"] = sum(run.client_cpu_s for run in runs)
+    return summary
+
+
+_HIGHER = ("output_throughput", "request_throughput", "goodput")
+_LOWER = (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("tpot_ms", "p99"),
+          ("itl_ms", "p50"), ("itl_ms", "p99"), ("e2e_ms", "p50"), ("e2e_ms", "p99"))
+_SHOWN = (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"), ("itl_ms", "p50"),
+          ("e2e_ms", "p50"), ("e2e_ms", "p99"))
+
+
+def _ratios(summary: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Each figure over mlx_lm.server's (>1 is better for throughputs, worse for
+    latencies)."""
+    ratios = {key: _ratio(summary[key], baseline[key]) for key in _HIGHER}
+    for key, q in _LOWER:
+        ratios[f"{key}_{q}"] = _ratio(summary[key][q], baseline[key][q])
+    return ratios
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference else float("nan")
+
+
+async def _run(servers: list[ServerProcess], reference: _ReferenceThread | None,
+               parameters: dict[str, Any]) -> dict[str, Any]:
+    slo: Slo = parameters["slo"]
+    results: dict[str, Any] = {"loads": [load.label for load in parameters["loads"]],
+                               "runs": {}, "ratios": {}}
+    with Progress(transient=True) as progress:
+        runner = _Runner([s.target for s in servers], reference, parameters, progress)
+        await runner.warm_up()
+        for index, load in enumerate(parameters["loads"]):
+            runs = await runner.level(index, load)
+            for name, target_runs in runs.items():
+                results["runs"].setdefault(name, {})[load.label] = _summary(target_runs, slo)
+    for name, by_load in results["runs"].items():
+        results["ratios"][name] = {label: _ratios(summary, results["runs"][BASELINE][label])
+                                   for label, summary in by_load.items()}
+    return results
+
+
+def _goals(results: dict[str, Any], loads: Sequence[Load], corral: Sequence[str]) -> list[Goal]:
+    goals = []
+    for name in corral:
+        for load in loads:
+            if load.kind == "concurrency":
+                goals.append(goal(f"{name} {load.label} output throughput / {BASELINE}",
+                                  results["ratios"][name][load.label]["output_throughput"],
+                                  ">=", 1.0))
+        c16 = next((ld.label for ld in loads if ld.concurrency == 16), None)
+        if c16 is not None:
+            goals.append(goal(f"{name} {c16} TTFT p99 / {BASELINE}",
+                              results["ratios"][name][c16]["ttft_ms_p99"], "<=", 0.5))
+    for name in [*corral, BASELINE]:
+        failed = sum(s["requests"] - s["completed"] for s in results["runs"][name].values())
+        goals.append(goal(f"{name} requests not completed", failed, "<=", 0))
+    return goals
+
+
+def _table(results: dict[str, Any], loads: Sequence[Load], goals: Sequence[Goal]) -> None:
+    def cell(name: str, label: str, key: str, q: str | None = None) -> str:
+        summary = results["runs"][name][label]
+        value = summary[key][q] if q else summary[key]
+        text = f"{value:,.1f}" if value >= 10 else f"{value:,.2f}"
+        if name == BASELINE:
+            return text
+        ratio = results["ratios"][name][label][f"{key}_{q}" if q else key]
+        return f"{text} ({ratio:.2f}x)"
+
+    throughput, latency = [], []
+    for load in loads:
+        for name in results["runs"]:
+            s = results["runs"][name][load.label]
+            throughput.append((load.label, name, cell(name, load.label, "output_throughput"),
+                               cell(name, load.label, "request_throughput"),
+                               cell(name, load.label, "goodput"),
+                               f"{s['mean_output_tokens']:.1f}",
+                               f"{s['requests'] - s['completed']}"))
+            latency.append((load.label, name, *(cell(name, load.label, key, q)
+                                                for key, q in _SHOWN)))
+    print_table(f"corral bench serve: throughput (ratio to {BASELINE} in brackets)",
+                ["load", "target", "output tok/s", "requests/s", "goodput req/s",
+                 "tokens/request", "not completed"], throughput)
+    print_table(f"corral bench serve: latency, ms (ratio to {BASELINE} in brackets)",
+                ["load", "target", *(f"{key.removesuffix('_ms').upper()} {q}"
+                                     for key, q in _SHOWN)], latency, goals)
+
+
+def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
+    """Run the serving benchmark, print its table and write ``serve.json``."""
+    parameters = dict(_SMOKE if smoke else _FULL)
+    model_path = str(default_model_path())
+    with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory, \
+            contextlib.ExitStack() as stack:
+        work = Path(directory)
+        servers = [_mlx_lm_server(model_path, work),
+                   corral_server("corral (thread)", model_path, work, _corral_config("thread")),
+                   corral_server("corral (process)", model_path, work,
+                                 _corral_config("process"))]
+        for server in servers:
+            stack.enter_context(server.running())
+        for server in servers:
+            server.wait_ready()
+        reference = stack.enter_context(_ReferenceThread(model_path).running())
+        results = trio.run(_run, servers, reference, parameters)
+        stack.close()
+        results["exit_codes"] = {server.name: server.returncode for server in servers}
+    corral = [s.name for s in servers if s.name != BASELINE]
+    goals = _goals(results, parameters["loads"], corral)
+    _table(results, parameters["loads"], goals)
+    write_result("serve", {
+        **parameters, "smoke": smoke, "model": model_path,
+        "targets": {s.name: " ".join(s.command[1:]) for s in servers} | {
+            RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"},
+        "corral_config": {"thread": _corral_config("thread"),
+                          "process": _corral_config("process")},
+        "request": "POST /v1/completions, stream, stream_options.include_usage, "
+                   "temperature 0, max_tokens as above",
+        "order": "each load split into rounds; every round runs every target; the order "
+                 "turns and reverses each round",
+        "figures": "vLLM bench serve definitions; latencies of completed requests; "
+                   "throughputs over the load's wall time summed over rounds",
+    }, results, goals, directory=output_dir)
+    return results
