@@ -31,7 +31,7 @@ import msgspec
 import trio
 from rich.progress import Progress
 
-from corral.bench.report import goal, percentile, print_table, write_result
+from corral.bench.report import PROMPTS, goal, percentile, print_table, write_result
 from corral.config import config_from_mapping
 from corral.protocol.messages import EngineStep
 from corral.runtime import Runtime, open_runtime
@@ -40,16 +40,7 @@ from corral.tiny import default_model_path
 _ALIAS = "tiny"
 _PROMPT = "The quick brown fox"
 _BACKGROUND_MAX_TOKENS = 4000  # more than a join takes; the streams are cancelled after
-# Sixteen distinct prompts (the corpus's first words), so no two streams are alike.
-_BATCH_PROMPTS = (
-    "The quick brown fox", "A river runs through", "She opened the window and",
-    "Every morning he walks to the station", "The library closes at",
-    "Please send the report by Friday so that", "Our team finished",
-    "The children built a castle of sand on the beach", "In the winter",
-    "He asked whether the museum was open", "The recipe calls for three eggs",
-    "When the music started, the whole room", "Scientists measured the temperature",
-    "The old bridge", "I think we should leave early tomorrow, because", "The cat slept",
-)
+_BATCH_PROMPTS = PROMPTS
 
 
 class _Run(msgspec.Struct, frozen=True):

@@ -26,19 +26,11 @@ from rich.progress import Progress
 
 from corral.actors.engine import Engine
 from corral.actors.process_engine import ProcessEngine
-from corral.bench.report import goal, percentile, print_table, write_result
+from corral.bench.report import PROMPTS, goal, percentile, print_table, write_result
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo, SamplingParams
 from corral.tiny import make_tiny_model
 
-_PROMPTS = [
-    "The quick brown fox", "A river runs through", "She opened the window and",
-    "Every morning he walks to the station", "The library closes at",
-    "Please send the report by Friday so that", "Our team finished",
-    "The children built a castle of sand on the beach", "In the winter",
-    "He asked whether the museum was open", "The recipe calls for three eggs",
-    "When the music started, the whole room", "Scientists measured the temperature",
-    "The old bridge", "I think we should leave early tomorrow, because", "The cat slept",
-]
+_PROMPTS = PROMPTS
 _GUARD_S = 300.0  # only against a hang
 
 

@@ -20,6 +20,18 @@ from rich.table import Table
 
 RESULTS_DIR = Path("benchmarks/results")
 
+PROMPTS = (
+    "The quick brown fox", "A river runs through", "She opened the window and",
+    "Every morning he walks to the station", "The library closes at",
+    "Please send the report by Friday so that", "Our team finished",
+    "The children built a castle of sand on the beach", "In the winter",
+    "He asked whether the museum was open", "The recipe calls for three eggs",
+    "When the music started, the whole room", "Scientists measured the temperature",
+    "The old bridge", "I think we should leave early tomorrow, because", "The cat slept",
+)
+"""Sixteen distinct prompts (the tiny model's corpus's first words), shared by the
+benches so that no two concurrent streams are alike."""
+
 _PACKAGES = ("corral", "trio", "msgspec", "mlx", "mlx-lm", "numpy")
 
 
