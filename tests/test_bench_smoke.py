@@ -43,7 +43,9 @@ def test_the_generation_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     document = _written(tmp_path, "generation")
     assert document["results"] == json.loads(json.dumps(results))
     assert {g["name"] for g in document["goals"]} == {
-        "single_decode_ratio", "batch_ratio", "late_join_steps_prefill_to_first_token"}
+        "single_decode_ratio", "batch_ratio", "late_join_steps_prefill_to_first_token",
+        "aio_single_decode_ratio", "aio_batch_ratio"}
+    assert results["aio_single_decode_ratio"] > 0 and results["aio_batch_ratio"] > 0
     max_tokens = document["parameters"]["max_tokens"]
     assert all(0 < n <= max_tokens for n in results["single_tokens"])
     assert results["single_decode_ratio"] > 0
