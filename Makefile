@@ -21,8 +21,11 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Every benchmark, then the charts (about 10 minutes on a 2-core machine).
 bench: $(STAMP)
-	$(BIN)/corral bench actors
+	for b in actors resilience generation isolation serve chaos; do \
+		$(BIN)/corral bench $$b || exit 1; done
+	$(BIN)/corral bench plot
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
