@@ -14,6 +14,7 @@ import mlx_lm
 import pytest
 import trio
 
+from corral.actors.breaker import Outcome, State
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import (
     CircuitBreakerOpenError,
@@ -342,3 +343,104 @@ async def test_a_stream_survives_a_registry_crash_mid_stream(rt: Runtime) -> Non
     assert stream.finish_reason == "length"
     assert stream.text == fault_free
     assert (await rt.statistics()).registry.active == 0
+
+
+# -- regressions found by review ---------------------------------------------------------
+
+
+async def test_every_deadline_is_enforced_not_only_the_first(model_path: str) -> None:
+    config = _config(generation={"stall_timeout_ms": 60_000})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        errors: dict[int, BaseException] = {}
+
+        async def run(timeout_ms: int) -> None:
+            try:
+                await rt.complete("tiny", PROMPT, max_tokens=4000, timeout_ms=timeout_ms)
+            except CorralError as exc:
+                errors[timeout_ms] = exc
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, 300)
+                nursery.start_soon(run, 900)
+                await trio.sleep(0.1)
+                await rt.inject_fault("tiny", "hang")  # no step will end either stream
+        assert all(isinstance(errors[t], TimeoutError) for t in (300, 900))
+        assert errors[900].duration < 3.0  # type: ignore[attr-defined]
+
+
+async def test_a_stream_keeps_every_token_when_the_registry_dies_with_output_queued(
+        rt: Runtime) -> None:
+    expected = (await rt.complete("tiny", PROMPT, max_tokens=40)).token_ids
+    steps = 0
+
+    def kill_on_eighth_step(_: Any) -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 8:  # the step's output is queued in the registry's mailbox right now
+            rt.root.kill_child("stream_registry")
+
+    remove = rt.add_step_listener("tiny", kill_on_eighth_step)
+    async with rt.generate("tiny", PROMPT, max_tokens=40) as stream:
+        with trio.fail_after(30):
+            async for _ in stream:
+                pass
+    remove()
+    assert rt.system.ref("root/stream_registry").statistics().restarts == 1
+    assert stream.token_ids == expected
+
+
+async def test_an_abandoned_admission_holds_no_slot(model_path: str) -> None:
+    config = _config(stream_registry={"max_active_streams": 1, "max_queued": 0})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        with trio.move_on_after(0):  # a caller that leaves before the registry answers
+            await rt.complete("tiny", PROMPT, max_tokens=3)
+        assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
+        assert (await rt.registry_state()).active == 0
+
+
+async def test_a_caller_cancelled_while_acquiring_a_probe_gives_it_back(
+        model_path: str) -> None:
+    config = _config(json_rpc={"circuit_breaker": {"recovery_timeout_ms": 200}})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        await _probe_given_back(rt)
+
+
+async def _probe_given_back(rt: Runtime) -> None:
+    breaker = rt.root.child("generation").child("model:tiny").child("breaker")  # type: ignore[union-attr]
+    breaker.breaker.force_open()  # type: ignore[union-attr]
+    breaker.breaker.reset()  # type: ignore[union-attr]
+    config = rt.config.json_rpc.circuit_breaker
+    for _ in range(config.failure_threshold):
+        permit = breaker.breaker.acquire()  # type: ignore[union-attr]
+        breaker.breaker.record(permit, Outcome.FAILURE)  # type: ignore[union-attr]
+    with trio.fail_after(config.recovery_timeout_ms / 1000 + 5):
+        while breaker.breaker.state is not State.HALF_OPEN:  # type: ignore[union-attr]
+            await trio.sleep(0.05)
+    with trio.move_on_after(0):
+        await rt.complete("tiny", PROMPT, max_tokens=3)
+    # The probe permit came back, so the next callers get it and close the circuit
+    # (outcomes are told to the breaker, so its state follows a moment later).
+    for _ in range(config.half_open_success_threshold):
+        assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
+    with trio.fail_after(5):
+        while breaker.breaker.state is not State.CLOSED:  # type: ignore[union-attr]
+            await trio.sleep(0.01)
+    assert breaker.breaker.statistics().ignored == 1  # type: ignore[union-attr]
+
+
+async def test_monitors_follow_the_model_through_reloads_and_domain_restarts(
+        rt: Runtime, model_path: str) -> None:
+    model_box = rt.system.mailbox("root/generation/model:tiny/model")
+    assert len(model_box._monitors) == 1
+    await rt.unload_model("tiny")
+    await rt.load_model(model_path, alias="tiny")
+    assert len(rt.system.mailbox("root/generation/model:tiny/model")._monitors) == 1
+    rt.root.kill_child("generation")
+    with trio.fail_after(20):
+        while (rt.system.mailbox("root/generation").statistics().restarts == 0
+               or [m.state for m in rt.list_models()] != ["ready"] or not rt.health().ok):
+            await trio.sleep(0.02)
+    assert len(rt.system.mailbox("root/generation/model:tiny")._monitors) == 1
+    assert len(rt.system.mailbox("root/generation/model:tiny/model")._monitors) == 1
+    assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"

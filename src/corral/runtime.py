@@ -22,7 +22,13 @@ import msgspec
 import structlog
 import trio
 
-from corral.actors.breaker import Acquire, BreakerActor, Outcome, PermitGranted, Record
+from corral.actors.breaker import (
+    BreakerActor,
+    CircuitBreaker,
+    Outcome,
+    Record,
+    acquire_through,
+)
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.engine import EngineStatistics
 from corral.actors.model import ModelActor, engine_factory
@@ -53,6 +59,7 @@ from corral.protocol.errors import (
     Code,
     CorralError,
     EngineClientError,
+    TimeoutError,
 )
 from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
@@ -78,6 +85,8 @@ from corral.protocol.messages import (
 )
 
 _log = structlog.get_logger("corral.runtime")
+
+_READER_GRACE_S = 5.0
 
 ModelState = Literal["loading", "ready", "restarting", "failed"]
 
@@ -119,7 +128,7 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
 class _Model:
     """The runtime's record of a loaded model (read back by the tree's factories)."""
 
-    __slots__ = ("alias", "config", "info", "path", "state", "step_listeners")
+    __slots__ = ("alias", "config", "info", "monitors", "path", "state", "step_listeners")
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -128,6 +137,12 @@ class _Model:
         self.info: ModelInfo | None = None
         self.state: ModelState = "loading"
         self.step_listeners: list[Callable[[EngineStep], None]] = []
+        self.monitors: list[Callable[[], None]] = []  # removers of this model's monitors
+
+    def unwatch(self) -> None:
+        for remove in self.monitors:
+            remove()
+        self.monitors.clear()
 
     def ready(self, info: ModelInfo) -> None:
         """The model actor (re)loaded the model."""
@@ -178,7 +193,14 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
-        chunk = await self._buffer.next_chunk()
+        buffer = self._buffer
+        # The registry ends a stream at its deadline; this backstop guarantees a reader
+        # never waits forever even if the registry lost track of the stream.
+        with trio.move_on_at(buffer.deadline + _READER_GRACE_S) as scope:
+            chunk = await buffer.next_chunk()
+        if scope.cancelled_caught:
+            raise TimeoutError("generate", buffer.timeout_s, buffer.request_id,
+                               trio.current_time() - buffer.started_at)
         if chunk is None:
             raise StopAsyncIteration
         return chunk
@@ -228,18 +250,22 @@ class Runtime:
                            self.config.supervision.backoff.reset_after_ms)
         shutdown = self.config.supervision.shutdown_timeout_ms
         alias = model.alias
-        return supervisor_spec(f"model:{alias}", lambda: Supervisor([
-            ChildSpec(name="breaker", factory=lambda: BreakerActor(
-                alias, self.config.json_rpc.circuit_breaker), shutdown=shutdown),
-            ChildSpec(name="retry", factory=lambda: RetryActor(
-                self.config.json_rpc.retry.budget), shutdown=shutdown),
-            ChildSpec(name="model", factory=lambda: ModelActor(
-                alias, model.path, self.config.generation, self._registry_ref,
-                engine_factory=self._engine_factory, on_ready=model.ready,
-                step_listeners=model.step_listeners),
-                shutdown=shutdown),
-        ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff),
-            restart=Restart.TEMPORARY)
+
+        def subtree() -> Supervisor:
+            self._watch(model)  # re-armed at every start, also after a domain restart
+            return Supervisor([
+                ChildSpec(name="breaker", factory=lambda: BreakerActor(
+                    alias, self.config.json_rpc.circuit_breaker), shutdown=shutdown),
+                ChildSpec(name="retry", factory=lambda: RetryActor(
+                    self.config.json_rpc.retry.budget), shutdown=shutdown),
+                ChildSpec(name="model", factory=lambda: ModelActor(
+                    alias, model.path, self.config.generation, self._registry_ref,
+                    engine_factory=self._engine_factory, on_ready=model.ready,
+                    step_listeners=model.step_listeners),
+                    shutdown=shutdown),
+            ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff)
+
+        return supervisor_spec(f"model:{alias}", subtree, restart=Restart.TEMPORARY)
 
     @property
     def _registry_ref(self) -> ActorRef:
@@ -296,13 +322,13 @@ class Runtime:
         self._models[alias] = model
         try:
             await self._generation().start_child(self._model_spec(model))
-            self._watch(model)
             ready = await self._model_ref(alias).ask(
                 WaitReady(), timeout=self.config.python_runtime.startup_timeout_ms / 1000.0)
         except BaseException as exc:
             self._models.pop(alias, None)
             with trio.CancelScope(shield=True):
                 await self._stop_model(alias)
+            model.unwatch()
             if isinstance(exc, CorralError) and exc.code is not Code.MODEL_LOAD_ERROR:
                 raise EngineClientError(Code.MODEL_LOAD_ERROR,
                                         f"model {alias} did not load: {exc.message}",
@@ -314,7 +340,9 @@ class Runtime:
 
     def _watch(self, model: _Model) -> None:
         """Monitors: the registry hears of every model actor exit; the runtime hears
-        when the model's subtree gives up for good."""
+        when the model's subtree gives up for good. Replaces any earlier ones, so a
+        subtree started again never reports an exit twice."""
+        model.unwatch()
         alias = model.alias
         registry = self._registry_ref
 
@@ -326,24 +354,29 @@ class Runtime:
             except CorralError as exc:
                 _log.warning("runtime.model_down_undelivered", model=alias, error=repr(exc))
 
-        self.system.mailbox(f"root/generation/model:{alias}/model").add_monitor(model_exited)
+        model.monitors.append(self.system.mailbox(
+            f"root/generation/model:{alias}/model").add_monitor(model_exited))
 
         def subtree_exited(reason: Any) -> None:
             if alias in self._models and reason.abnormal:
                 model.state = "failed"
                 _log.error("runtime.model_failed", model=alias, reason=reason.describe())
 
-        self.system.mailbox(f"root/generation/model:{alias}").add_monitor(subtree_exited)
+        model.monitors.append(self.system.mailbox(
+            f"root/generation/model:{alias}").add_monitor(subtree_exited))
 
     async def unload_model(self, alias: str) -> None:
-        """Stop a model's subtree (its open streams end as cancelled) and forget it.
+        """Stop a model's subtree and forget it. Its open streams end with a
+        GenerationError carrying their partial text (the model is gone, so they cannot
+        resume); a fallback does not take them over.
 
         Raises:
             EngineClientError: ModelNotLoaded for an unknown alias.
         """
-        self._require_model(alias)
+        model = self._require_model(alias, allow_failed=True)
         del self._models[alias]
         await self._stop_model(alias)
+        model.unwatch()
 
     async def _stop_model(self, alias: str) -> None:
         try:
@@ -458,9 +491,13 @@ class Runtime:
         outcome = Outcome.IGNORED
         started = trio.current_time()
         buffer: StreamBuffer | None = None
+        submitted = False
         try:
+            # The permit was granted under a shield; a cancel that came meanwhile lands
+            # here, where the finally gives the permit back.
+            await trio.lowlevel.checkpoint_if_cancelled()
             prompt_ids = await self._prompt_ids(alias, request)
-            max_tokens = self._max_tokens(request, len(prompt_ids), entry)
+            max_tokens = self._max_tokens(request, len(prompt_ids), self._models.get(alias, entry))
             admitted = await self._registry_ref.ask(
                 Admit(alias, timeout_s, request.request_id),
                 timeout=max(deadline - trio.current_time(), 0.0),
@@ -475,6 +512,7 @@ class Runtime:
                 sequence = EngineSequence(admitted.stream_id, prompt_ids,
                                           request.sampling(max_tokens), max_tokens)
                 buffer.sequence = sequence
+                submitted = True
                 await retry_call(self._policy, self._ask_model, alias, Submit(sequence),
                                  budget=ActorBudget(self._model_ref(alias, "retry")),
                                  deadline=deadline)
@@ -489,8 +527,10 @@ class Runtime:
                     self._tell_quietly(self._registry_ref,
                                        CloseStream(buffer.stream_id, "cancelled"))
                 self.table.remove(buffer.stream_id)
-        except CorralError as exc:
-            outcome = _failure_outcome(exc)
+        except BaseException as exc:
+            # Before the submit (validation, tokenizing, admission) nothing said anything
+            # about the model's health: ignored. From the submit on, the breaker's rule.
+            outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
             raise
         finally:
             # The breaker's slow-call measure is the time to first token, as DESIGN.md
@@ -536,8 +576,7 @@ class Runtime:
             if candidate is None or candidate.state == "failed":
                 continue
             try:
-                granted: PermitGranted = await self._model_ref(alias, "breaker").ask(Acquire())
-                return alias, granted.permit
+                return alias, await acquire_through(self._model_ref(alias, "breaker"))
             except CircuitBreakerOpenError as exc:
                 first_error = first_error or exc
         if first_error is not None:
@@ -709,15 +748,8 @@ def _check_text(field: str, text: str) -> None:
 
 def _outcome(buffer: StreamBuffer) -> Outcome:
     if buffer.error is not None:
-        return _failure_outcome(buffer.error)
+        return CircuitBreaker.outcome_of(buffer.error)
     return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED
-
-
-def _failure_outcome(error: CorralError) -> Outcome:
-    if error.code in (Code.GENERATION_ERROR, Code.RUNTIME_ERROR, Code.MODEL_LOAD_ERROR,
-                      Code.INTERNAL_ERROR):
-        return Outcome.FAILURE
-    return Outcome.IGNORED
 
 
 @asynccontextmanager

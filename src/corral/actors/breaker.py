@@ -611,6 +611,21 @@ class BreakerActor(Actor[BreakerMessage]):
         return breaker.statistics()
 
 
+async def acquire_through(ref: ActorRef, *, timeout: float | None = None) -> Permit:
+    """A permit from the breaker actor at `ref`, for a caller that records the outcome
+    itself (`Record`). The wait is shielded (bounded by `timeout`), so a permit is never
+    granted to a caller that cancellation then stops from recording it: the caller
+    must follow with `checkpoint_if_cancelled` inside the block that records.
+
+    Raises:
+        CircuitBreakerOpenError: the breaker refused.
+        ActorExitedError, OverloadedError, TimeoutError: the breaker actor did not answer.
+    """
+    with trio.CancelScope(shield=True):
+        granted: PermitGranted = await ref.ask(Acquire(), timeout=timeout)
+    return granted.permit
+
+
 async def call_through(ref: ActorRef, fn: Callable[[Unpack[Ts]], Awaitable[T]],
                        *args: Unpack[Ts], timeout: float | None = None) -> T:
     """`await fn(*args)` through the breaker actor at `ref`: the function API by messages.
@@ -629,9 +644,7 @@ async def call_through(ref: ActorRef, fn: Callable[[Unpack[Ts]], Awaitable[T]],
         ActorExitedError, OverloadedError, TimeoutError: the breaker actor did not
             answer; `fn` was not called.
     """
-    with trio.CancelScope(shield=True):
-        granted: PermitGranted = await ref.ask(Acquire(), timeout=timeout)
-    permit = granted.permit
+    permit = await acquire_through(ref, timeout=timeout)
     started = trio.current_time()
     try:
         await trio.lowlevel.checkpoint_if_cancelled()

@@ -145,7 +145,7 @@ class Mailbox:
     """
 
     __slots__ = ("_decode_errors", "_dropped", "_exit_waiters", "_last_exit", "_messages_in",
-                 "_monitors", "_pending", "_recv", "_rejected", "_replies_out", "_send", "path",
+                 "_monitors", "_pending", "keep_tells", "_recv", "_rejected", "_replies_out", "_send", "path",
                  "restarts", "stash_limit", "state")
 
     def __init__(self, path: str, *, capacity: int, stash_limit: int) -> None:
@@ -156,6 +156,7 @@ class Mailbox:
         self._pending: set[Reply] = set()
         self._exit_waiters: list[trio.Event] = []
         self._monitors: list[Callable[[ExitReason], None]] = []
+        self.keep_tells = False
         self._last_exit: ExitReason | None = None
         self.restarts = 0
         self._messages_in = 0
@@ -209,19 +210,27 @@ class Mailbox:
         """Record an incarnation's exit and fail everyone who waits on it.
 
         Queued and in-flight asks fail at once with ActorExitedError (the monitor);
-        queued tells were addressed to the dead incarnation and are dropped, counted.
+        queued tells were addressed to the dead incarnation and are dropped, counted,
+        unless the actor keeps them (`keeps_tells_across_restarts`): then the next
+        incarnation gets them, in order.
         With `restarting`, later sends are stashed for the next incarnation.
         """
         self._last_exit = reason
         self.state = MailboxState.RESTARTING if restarting else MailboxState.STOPPED
         error = ActorExitedError(self.path, reason.describe())
+        kept: list[Envelope] = []
         while True:
             try:
                 payload, reply = self._recv.receive_nowait()
             except trio.WouldBlock:
                 break
             if reply is None and payload is not None:
-                self._dropped += 1
+                if restarting and self.keep_tells:
+                    kept.append((payload, None))
+                else:
+                    self._dropped += 1
+        for envelope in kept:  # room is certain: they were just taken out
+            self._send.send_nowait(envelope)
         for reply in list(self._pending):
             reply.fail(error)
         waiters, self._exit_waiters = self._exit_waiters, []
@@ -520,6 +529,9 @@ class Actor(Generic[M]):
     """
 
     Message: ClassVar[Any]
+    keeps_tells_across_restarts: ClassVar[bool] = False
+    """Set where a tell is a fact the next incarnation must still learn (tokens on
+    their way to the stream registry), not a request to the dead one."""
     _decoders: ClassVar[dict[type, Decoder[Any]]] = {}
 
     ctx: Context
@@ -571,6 +583,7 @@ class Actor(Generic[M]):
         so a busy actor never starves its neighbours.
         """
         self.ctx = ctx
+        ctx.mailbox.keep_tells = self.keeps_tells_across_restarts
         ctx.on_stop_requested(self._wake)
         try:
             async with trio.open_nursery() as nursery:

@@ -340,8 +340,18 @@ class ModelActor(Actor[ModelMessage]):
         self._waiting.clear()
 
     async def _forward(self, step: EngineStep) -> None:
-        await self._registry.tell(ModelOutput(self.alias, step.step, step.outputs))
-        self._backlog -= 1
+        """Deliver a step that found the registry's mailbox full: wait for room, also
+        through a registry restart whose stash is full, so no token is lost."""
+        message = ModelOutput(self.alias, step.step, step.outputs)
+        try:
+            while True:
+                try:
+                    await self._registry.tell(message)
+                    return
+                except OverloadedError:
+                    await trio.sleep(0.005)
+        finally:
+            self._backlog -= 1
 
     def _loaded_engine(self) -> EngineLike:
         if self._engine is None or self._info is None:

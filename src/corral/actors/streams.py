@@ -200,8 +200,7 @@ class StreamTable:
 class _Entry:
     """The registry's record of one admitted or queued stream."""
 
-    __slots__ = ("admitted_at", "deadline", "model", "reply", "request_id", "stream_id",
-                 "timeout_s")
+    __slots__ = ("deadline", "model", "reply", "request_id", "stream_id", "timeout_s")
 
     def __init__(self, stream_id: int, model: str, deadline: float, timeout_s: float,
                  request_id: str | None, reply: Reply | None) -> None:
@@ -211,7 +210,6 @@ class _Entry:
         self.timeout_s = timeout_s
         self.request_id = request_id
         self.reply = reply
-        self.admitted_at = trio.current_time()
 
 
 RegistryMessage = (Admit | ModelOutput | CloseStream | ModelDown | Reconcile | DeadlinesDue
@@ -227,6 +225,7 @@ class StreamRegistry(Actor[RegistryMessage]):
     """
 
     Message = RegistryMessage
+    keeps_tells_across_restarts = True  # tokens queued at a crash reach the next one
 
     def __init__(self, config: StreamRegistryConfig, table: StreamTable,
                  model_ref: Callable[[str], ActorRef], *, max_resumes: int = 3) -> None:
@@ -265,6 +264,7 @@ class StreamRegistry(Actor[RegistryMessage]):
                     await self._recover(entry, "not running after a registry restart")
             case DeadlinesDue(now=now):
                 await self._expire(now)
+                self._deadline_changed.set()  # the watcher computes the next deadline
             case GetRegistryState():
                 return RegistryState(
                     active=len(self._active), queued=len(self._queue),
@@ -274,6 +274,8 @@ class StreamRegistry(Actor[RegistryMessage]):
     # -- admission -----------------------------------------------------------------
 
     def _admit(self, message: Admit) -> Admitted | None:
+        if self._reply is not None and not self._reply.wanted:
+            return None  # the caller gave up while this waited in the mailbox
         stream_id = self._table.new_id()
         deadline = trio.current_time() + message.timeout_s
         entry = _Entry(stream_id, message.model, deadline, message.timeout_s,
