@@ -353,7 +353,11 @@ class StreamRegistry(Actor[RegistryMessage]):
         GenerationError carrying `partial_text`.
         """
         buffer = self._table.get(entry.stream_id)
-        if buffer is None or buffer.ended:
+        if buffer is None:
+            # Admitted, and its caller has not opened the buffer yet (it submits next,
+            # to the restarted model), or it already left (its CloseStream releases it).
+            return
+        if buffer.ended:
             self._release(entry.stream_id)
             return
         seq = buffer.sequence
