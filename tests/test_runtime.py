@@ -444,3 +444,18 @@ async def test_monitors_follow_the_model_through_reloads_and_domain_restarts(
     assert len(rt.system.mailbox("root/generation/model:tiny")._monitors) == 1
     assert len(rt.system.mailbox("root/generation/model:tiny/model")._monitors) == 1
     assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
+
+
+async def test_a_caller_cancelled_while_queued_for_admission_frees_its_place(
+        model_path: str) -> None:
+    config = _config(stream_registry={"max_active_streams": 1, "max_queued": 1})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        async with rt.generate("tiny", PROMPT, max_tokens=2000) as running:
+            await running.__anext__()
+            with trio.move_on_after(0.05):  # waits in the queue, then gives up
+                await rt.complete("tiny", PROMPT, max_tokens=3)
+            assert (await rt.registry_state()).queued == 0
+        assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
+        state = await rt.registry_state()
+        assert (state.active, state.queued) == (0, 0)
+        assert len(rt.table) == 0

@@ -69,7 +69,6 @@ from corral.protocol.messages import (
     CloseStream,
     Completion,
     Detokenize,
-    EngineSequence,
     EngineStep,
     FinishReason,
     GenerateParams,
@@ -492,41 +491,39 @@ class Runtime:
         started = trio.current_time()
         buffer: StreamBuffer | None = None
         submitted = False
+        stream_id = self.table.new_id()
         try:
             # The permit was granted under a shield; a cancel that came meanwhile lands
             # here, where the finally gives the permit back.
             await trio.lowlevel.checkpoint_if_cancelled()
             prompt_ids = await self._prompt_ids(alias, request)
-            max_tokens = self._max_tokens(request, len(prompt_ids), self._models.get(alias, entry))
-            admitted = await self._registry_ref.ask(
-                Admit(alias, timeout_s, request.request_id),
-                timeout=max(deadline - trio.current_time(), 0.0),
-                request_id=request.request_id)
-            buffer = StreamBuffer(
-                admitted.stream_id, alias, request_id=request.request_id,
-                timeout_s=timeout_s, deadline=admitted.deadline,
-                prompt_tokens=len(prompt_ids), logprobs=request.logprobs)
-            self.table.add(buffer)
-            model_ref = self._model_ref(alias)
+            serving = self._models.get(alias, entry)
+            max_tokens = self._max_tokens(request, len(prompt_ids), serving)
             try:
-                sequence = EngineSequence(admitted.stream_id, prompt_ids,
-                                          request.sampling(max_tokens), max_tokens)
-                buffer.sequence = sequence
+                await self._registry_ref.ask(
+                    Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
+                          prompt=prompt_ids, sampling=request.sampling(max_tokens),
+                          max_tokens=max_tokens, request_id=request.request_id),
+                    timeout=max(deadline - trio.current_time(), 0.0),
+                    request_id=request.request_id)
+                buffer = self.table.get(stream_id)  # the registry opened it on admission
+                assert buffer is not None and buffer.sequence is not None
                 submitted = True
-                await retry_call(self._policy, self._ask_model, alias, Submit(sequence),
+                await retry_call(self._policy, self._ask_model, alias, Submit(buffer.sequence),
                                  budget=ActorBudget(self._model_ref(alias, "retry")),
                                  deadline=deadline)
                 yield TokenStream(buffer, alias)
                 outcome = _outcome(buffer)
             finally:
-                if not buffer.ended:
-                    buffer.finish("cancelled")
-                    # Straight to the model (the batch drops it before its next step),
-                    # and to the registry for the books.
-                    self._tell_quietly(model_ref, CancelSequence(buffer.stream_id))
-                    self._tell_quietly(self._registry_ref,
-                                       CloseStream(buffer.stream_id, "cancelled"))
-                self.table.remove(buffer.stream_id)
+                # Whatever happened, from admission on: the stream is closed and its
+                # sequence leaves the batch (the model first: before its next step).
+                opened = self.table.get(stream_id)
+                if opened is None or not opened.ended:
+                    if opened is not None:
+                        opened.finish("cancelled")
+                    self._tell_quietly(self._model_ref(alias), CancelSequence(stream_id))
+                    self._tell_quietly(self._registry_ref, CloseStream(stream_id, "cancelled"))
+                self.table.remove(stream_id)
         except BaseException as exc:
             # Before the submit (validation, tokenizing, admission) nothing said anything
             # about the model's health: ignored. From the submit on, the breaker's rule.

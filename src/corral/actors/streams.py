@@ -200,16 +200,18 @@ class StreamTable:
 class _Entry:
     """The registry's record of one admitted or queued stream."""
 
-    __slots__ = ("deadline", "model", "reply", "request_id", "stream_id", "timeout_s")
+    __slots__ = ("admit", "deadline", "model", "reply", "request_id", "stream_id",
+                 "timeout_s")
 
     def __init__(self, stream_id: int, model: str, deadline: float, timeout_s: float,
-                 request_id: str | None, reply: Reply | None) -> None:
+                 request_id: str | None, admit: Admit | None = None) -> None:
         self.stream_id = stream_id
         self.model = model
         self.deadline = deadline
         self.timeout_s = timeout_s
         self.request_id = request_id
-        self.reply = reply
+        self.admit = admit  # what to open the buffer with; None once it is open
+        self.reply: Reply | None = None
 
 
 RegistryMessage = (Admit | ModelOutput | CloseStream | ModelDown | Reconcile | DeadlinesDue
@@ -242,7 +244,7 @@ class StreamRegistry(Actor[RegistryMessage]):
         for buffer in self._table.open_buffers():
             self._active[buffer.stream_id] = _Entry(
                 buffer.stream_id, buffer.model, buffer.deadline, buffer.timeout_s,
-                buffer.request_id, None)
+                buffer.request_id)
         self.start_soon(self._watch_deadlines)
         if self._active:
             self.start_soon(self._reconcile, {e.model for e in self._active.values()})
@@ -276,14 +278,11 @@ class StreamRegistry(Actor[RegistryMessage]):
     def _admit(self, message: Admit) -> Admitted | None:
         if self._reply is not None and not self._reply.wanted:
             return None  # the caller gave up while this waited in the mailbox
-        stream_id = self._table.new_id()
         deadline = trio.current_time() + message.timeout_s
-        entry = _Entry(stream_id, message.model, deadline, message.timeout_s,
-                       message.request_id, None)
+        entry = _Entry(message.stream_id, message.model, deadline, message.timeout_s,
+                       message.request_id, message)
         if len(self._active) < self._config.max_active_streams:
-            self._active[stream_id] = entry
-            self._deadline_changed.set()
-            return Admitted(stream_id, deadline)
+            return self._open(entry)
         if len(self._queue) >= self._config.max_queued:
             raise OverloadedError(
                 f"{len(self._active)} streams running and {len(self._queue)} waiting",
@@ -294,14 +293,29 @@ class StreamRegistry(Actor[RegistryMessage]):
         self._deadline_changed.set()
         return None
 
+    def _open(self, entry: _Entry) -> Admitted:
+        """Make `entry` active and open its buffer in the table, in one step."""
+        admit = entry.admit
+        assert admit is not None
+        buffer = StreamBuffer(entry.stream_id, entry.model, request_id=entry.request_id,
+                              timeout_s=entry.timeout_s, deadline=entry.deadline,
+                              prompt_tokens=len(admit.prompt),
+                              logprobs=admit.sampling.logprobs)
+        buffer.sequence = EngineSequence(entry.stream_id, admit.prompt, admit.sampling,
+                                         admit.max_tokens)
+        self._table.add(buffer)
+        entry.admit = None
+        self._active[entry.stream_id] = entry
+        self._deadline_changed.set()
+        return Admitted(entry.stream_id, entry.deadline)
+
     def _release(self, stream_id: int) -> None:
         self._active.pop(stream_id, None)
         while self._queue and len(self._active) < self._config.max_active_streams:
             entry = self._queue.popleft()
             if entry.reply is None or not entry.reply.wanted:
                 continue  # its caller gave up while it waited
-            self._active[entry.stream_id] = entry
-            entry.reply.send(Admitted(entry.stream_id, entry.deadline))
+            entry.reply.send(self._open(entry))
 
     # -- delivery --------------------------------------------------------------------
 
@@ -327,6 +341,8 @@ class StreamRegistry(Actor[RegistryMessage]):
 
     async def _close(self, stream_id: int, reason: FinishReason, error: CorralError | None,
                      *, cancel_sequence: bool = True) -> None:
+        for waiting in [e for e in self._queue if e.stream_id == stream_id]:
+            self._queue.remove(waiting)  # its caller left before it was admitted
         entry = self._active.get(stream_id)
         if entry is not None and cancel_sequence:
             await self._tell_model(entry.model, CancelSequence(stream_id))
@@ -354,9 +370,7 @@ class StreamRegistry(Actor[RegistryMessage]):
         """
         buffer = self._table.get(entry.stream_id)
         if buffer is None:
-            # Admitted, and its caller has not opened the buffer yet (it submits next,
-            # to the restarted model), or it already left (its CloseStream releases it).
-            return
+            return  # its caller already left; its CloseStream releases the slot
         if buffer.ended:
             self._release(entry.stream_id)
             return

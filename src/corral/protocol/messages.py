@@ -266,11 +266,20 @@ class Admitted(msgspec.Struct, frozen=True, tag=True):
     deadline: float
 
 
-class Admit(msgspec.Struct, frozen=True, tag=True):
-    """Ask for a stream slot; waits in the queue when all slots run, or Overloaded."""
+class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
+    """Ask for a stream slot; waits in the queue when all slots run, or Overloaded.
 
+    On admission the registry opens the stream's buffer (with the sequence to submit)
+    in the stream table, in the same step, so no stream is ever admitted untracked.
+    `stream_id` comes from the table (the caller's, so it can close what it asked for).
+    """
+
+    stream_id: int
     model: str
     timeout_s: float
+    prompt: list[int]
+    sampling: SamplingParams
+    max_tokens: int
     request_id: str | None = None
     reply_type: ClassVar[type] = Admitted
 
