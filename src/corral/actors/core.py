@@ -297,10 +297,11 @@ class ActorRef:
     so the receiver never shares an object with the sender.
     """
 
-    __slots__ = ("_default_timeout", "_mailbox", "path")
+    __slots__ = ("_default_timeout", "_mailbox", "_send_nowait", "path")
 
     def __init__(self, mailbox: Mailbox, default_timeout: float) -> None:
         self._mailbox = mailbox
+        self._send_nowait = mailbox._send.send_nowait  # the fast path, bound once
         self._default_timeout = default_timeout
         self.path = mailbox.path
 
@@ -317,14 +318,13 @@ class ActorRef:
             ActorExitedError: the path is stopped.
             OverloadedError: the actor is restarting and its stash is full.
         """
-        mailbox = self._mailbox
-        if mailbox.state is _RUNNING:
+        if self._mailbox.state is _RUNNING:
             try:
-                mailbox._send.send_nowait((encode(message), None))
+                self._send_nowait((encode(message), None))
                 return
             except trio.WouldBlock:
                 pass
-        await mailbox.put((encode(message), None))
+        await self._mailbox.put((encode(message), None))
 
     def tell_nowait(self, message: Any) -> None:
         """Like `tell`, but raises OverloadedError instead of waiting on a full mailbox."""
