@@ -1,4 +1,4 @@
-"""Shared test helpers: a recorder of lifecycle events that a test can wait on."""
+"""Shared test helpers: the tiny model, and a recorder of lifecycle events to wait on."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import trio
 
 from corral.actors.core import ActorSystem
 from corral.protocol.messages import LifecycleEvent
+from corral.tiny import make_tiny_model
 
 
 class EventLog:
@@ -44,3 +45,9 @@ class EventLog:
 def record_events() -> Callable[[ActorSystem], EventLog]:
     """`record_events(system)` starts recording that system's lifecycle events."""
     return EventLog
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model, built once per test session (offline, deterministic)."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("model") / "tiny"))

@@ -36,7 +36,6 @@ from corral.protocol.errors import (
 )
 from corral.protocol.messages import EngineStep
 from corral.runtime import Runtime, open_runtime
-from corral.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox"
 PROMPTS = [f"{PROMPT} {i}" for i in range(8)]
@@ -51,11 +50,6 @@ def _config(**overrides: Any) -> RuntimeConfig:
     for section, values in overrides.items():
         base.setdefault(section, {}).update(values)
     return config_from_mapping(base)
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("aio") / "tiny"))
 
 
 ERROR_CASES: list[tuple[str, dict[str, Any]]] = [

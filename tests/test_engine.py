@@ -19,38 +19,16 @@ import trio
 from mlx_lm.sample_utils import make_sampler
 
 from corral.actors.engine import Engine
+from corral.bench.report import PROMPTS as BENCH_PROMPTS
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineSequence, EngineStep, SamplingParams
-from corral.tiny import make_tiny_model
 
 pytestmark = pytest.mark.slow
 
 GUARD_S = 60  # only against a hang; every test takes a fraction of it
 MAX_TOKENS = 20
-PROMPTS = [
-    "The quick brown fox",
-    "A river runs through",
-    "She opened the window and",
-    "Every morning he walks to the station",
-    "The library closes at",
-    "Please send the report by Friday so that",
-    "Our team finished",
-    "The children built a castle of sand on the beach",
-    "In the winter",
-    "He asked whether the museum was open",
-    "The recipe calls for three eggs",
-    "When the music started, the whole room",
-    "Scientists measured the temperature",
-    "The old bridge",
-    "I think we should leave early tomorrow, because",
-    "The cat slept",
-]
+PROMPTS = list(BENCH_PROMPTS)
 GREEDY = SamplingParams()
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("engine") / "tiny"))
 
 
 def _in_helper_thread(fn: Callable[[], Any]) -> Any:

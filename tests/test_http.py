@@ -29,15 +29,9 @@ from corral.protocol.errors import ChildStartError, CorralError
 from corral.protocol.messages import LifecycleEvent
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpServer
-from corral.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about foxes."}]
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("http") / "tiny"))
 
 
 def _config(**overrides: Any) -> RuntimeConfig:

@@ -21,18 +21,12 @@ import trio
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError
 from corral.runtime import Runtime, open_runtime
-from corral.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox"
 GREEDY: dict[str, Any] = {"max_tokens": 48}
 SEEDED: dict[str, Any] = {"max_tokens": 48, "temperature": 0.9, "top_p": 0.95, "seed": 11}
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("isolation") / "tiny"))
 
 
 def _config(max_restarts: int = 10, **generation: Any) -> RuntimeConfig:

@@ -28,17 +28,11 @@ from corral.protocol.errors import ERROR_TABLE, Code
 from corral.protocol.jsonrpc import Method
 from corral.runtime import Runtime, open_runtime
 from corral.server.jsonrpc import JsonRpcListener
-from corral.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox"
 MAX_LINE = 4096
 MAX_PENDING = 4
 LONG = 2000  # tokens: several seconds of generation, always cancelled long before the end
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("jsonrpc") / "tiny"))
 
 
 def _config() -> RuntimeConfig:

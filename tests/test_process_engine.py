@@ -26,11 +26,11 @@ import trio
 
 from corral.actors.engine import Engine
 from corral.actors.process_engine import ProcessEngine, WorkerExitedError
+from corral.bench.report import PROMPTS as BENCH_PROMPTS
 from corral.protocol.codec import Decoder, FrameReader
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineSequence, EngineStep, SamplingParams
 from corral.protocol.worker import PROTOCOL_VERSION, FromWorker, Heartbeat, Hello
-from corral.tiny import make_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -38,22 +38,8 @@ GUARD_S = 30  # only against a hang
 PROMPTLY_S = 5  # a death is noticed in milliseconds; this only bounds the wait
 HEARTBEAT_MS = 100
 MAX_TOKENS = 16
-PROMPTS = [
-    "The quick brown fox",
-    "A river runs through",
-    "She opened the window and",
-    "Every morning he walks to the station",
-    "The library closes at",
-    "Please send the report by Friday so that",
-    "Our team finished",
-    "The children built a castle of sand on the beach",
-]
+PROMPTS = list(BENCH_PROMPTS[:8])
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("process-engine") / "tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -25,14 +25,8 @@ from corral.protocol.errors import (
     TimeoutError,
 )
 from corral.runtime import Runtime, open_runtime
-from corral.tiny import make_tiny_model
 
 PROMPT = "The quick brown fox"
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("runtime") / "tiny"))
 
 
 def _in_thread(fn: Callable[[], Any]) -> Any:

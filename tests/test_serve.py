@@ -17,14 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.tiny import make_tiny_model
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("serve") / "tiny"))
 
 
 def free_port() -> int:

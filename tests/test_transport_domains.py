@@ -7,7 +7,6 @@ import socket
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from corral.actors.supervisor import ChildSpec
@@ -16,12 +15,6 @@ from corral.metrics import Metrics
 from corral.runtime import open_runtime
 from corral.server.http import HttpServer
 from corral.server.jsonrpc import JsonRpcListener
-from corral.tiny import make_tiny_model
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(make_tiny_model(tmp_path_factory.mktemp("domains") / "tiny"))
 
 
 def _free_port() -> int:
