@@ -30,6 +30,7 @@ __all__ = [
     "JsonRpcConfig",
     "LoggingConfig",
     "ModelConfig",
+    "PrefixCacheConfig",
     "PythonRuntimeConfig",
     "RetryBudgetConfig",
     "RetryConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "StreamRegistryConfig",
     "SupervisionConfig",
     "config_from_mapping",
+    "default_prefix_cache_bytes",
     "deep_merge",
     "load_config",
     "render_config",
@@ -220,6 +222,33 @@ class ModelConfig(_Section):
     fallbacks: tuple[_Name, ...] = ()
 
 
+class PrefixCacheConfig(_Section):
+    """Reuse of the KV cache of shared prompt prefixes, in memory and optionally on disk.
+
+    `max_bytes: null` means one eighth of the machine's physical memory
+    (`default_prefix_cache_bytes`).
+    """
+
+    enabled: bool = True
+    max_bytes: _NonNegativeInt | None = None
+    disk_dir: _Name | None = None
+    disk_min_tokens: _PositiveInt = 256
+    disk_max_bytes: _NonNegativeInt = 4 * 1024**3
+
+
+def default_prefix_cache_bytes() -> int:
+    """One eighth of physical memory: the in-memory prefix cache bound when unset.
+
+    Unified memory (Apple silicon) holds the weights and the running batch's KV in the
+    same pool, so the cache takes a modest share; 0 where the size cannot be read.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return max(0, total // 8)
+
+
 class GenerationConfig(_Section):
     """The generation domain: engine isolation, models, and batching limits."""
 
@@ -232,6 +261,7 @@ class GenerationConfig(_Section):
     prefill_batch_size: _PositiveInt = 8
     completion_batch_size: _PositiveInt = 32
     prefill_step_size: _PositiveInt = 2048
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     def __post_init__(self) -> None:
         if self.default_max_tokens > self.max_tokens_limit:

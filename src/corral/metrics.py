@@ -183,9 +183,37 @@ class _RuntimeCollector(Collector):
             for state in states:
                 breaker.add_metric([model.alias, state], 1.0 if state == model.breaker else 0.0)
         yield breaker
+        yield from _prefix_cache_metrics(self._runtime)
         retries = CounterMetricFamily(
             "corral_retries", "Retries of model calls (attempts beyond the first), per "
             "incarnation of the model's retry actor.", labels=["model"])
         for alias, stats in snapshot.retries.items():
             retries.add_metric([alias], float(stats.attempts - stats.calls))
         yield retries
+
+
+def _prefix_cache_metrics(runtime: Runtime) -> Iterator[Metric]:
+    """The prefix cache of each model's live engine, named as vLLM names its own. The
+    counters start over when an engine restarts (Prometheus' rate() expects that)."""
+    queries = CounterMetricFamily(
+        "corral_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+        labels=["model"])
+    hits = CounterMetricFamily(
+        "corral_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
+        labels=["model"])
+    held = GaugeMetricFamily(
+        "corral_prefix_cache_bytes", "KV bytes the prefix cache holds in memory.",
+        labels=["model"])
+    on_disk = GaugeMetricFamily(
+        "corral_prefix_cache_disk_bytes", "Bytes of the prefix cache's files on disk.",
+        labels=["model"])
+    loads = CounterMetricFamily(
+        "corral_prefix_cache_disk_loads", "Prefix cache files read back from disk.",
+        labels=["model"])
+    for alias, stats in runtime.prefix_cache_statistics().items():
+        queries.add_metric([alias], float(stats.queries))
+        hits.add_metric([alias], float(stats.hits))
+        held.add_metric([alias], float(stats.bytes))
+        on_disk.add_metric([alias], float(stats.disk_bytes))
+        loads.add_metric([alias], float(stats.disk_loads))
+    yield from (queries, hits, held, on_disk, loads)

@@ -76,6 +76,7 @@ from corral.protocol.messages import (
     InjectFault,
     ModelDown,
     ModelInfo,
+    PrefixCacheStatistics,
     RegistryState,
     Submit,
     Tokenize,
@@ -120,8 +121,12 @@ class Health(msgspec.Struct, frozen=True):
 
 
 class RuntimeStatistics(msgspec.Struct, frozen=True):
+    """Every actor's mailbox statistics, the stream registry's state, and each model's
+    prefix cache counters (those of its engine now: they restart with the engine)."""
+
     actors: dict[str, Any]
     registry: RegistryState
+    prefix_cache: dict[str, PrefixCacheStatistics] = {}
 
 
 class _Model:
@@ -186,7 +191,8 @@ class TokenStream:
 
     @property
     def usage(self) -> Usage:
-        return Usage(self._buffer.prompt_tokens, len(self._buffer.tokens))
+        return Usage(self._buffer.prompt_tokens, len(self._buffer.tokens),
+                     self._buffer.cached_tokens)
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -695,7 +701,18 @@ class Runtime:
         actors = {path: msgspec.to_builtins(self.system.mailbox(path).statistics())
                   for path in self.system.paths()}
         registry = await self._registry_ref.ask(GetRegistryState())
-        return RuntimeStatistics(actors=actors, registry=registry)
+        return RuntimeStatistics(actors=actors, registry=registry,
+                                 prefix_cache=self.prefix_cache_statistics())
+
+    def prefix_cache_statistics(self) -> dict[str, PrefixCacheStatistics]:
+        """Each model's prefix cache counters, from its live engine (a model whose actor
+        is restarting is left out)."""
+        found = {}
+        for alias in self._models:
+            stats = self.engine_statistics(alias)
+            if stats is not None:
+                found[alias] = stats.prefix_cache
+        return found
 
     def add_step_listener(self, alias: str,
                           listener: Callable[[EngineStep], None]) -> Callable[[], None]:

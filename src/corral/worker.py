@@ -241,6 +241,7 @@ class _Worker:
             prefill_batch_size=load.prefill_batch_size,
             completion_batch_size=load.completion_batch_size,
             prefill_step_size=load.prefill_step_size,
+            prefix_cache=load.prefix_cache,
             on_step=self._on_step,
             on_failure=self._on_failure)
         try:
@@ -305,7 +306,8 @@ class _Worker:
         stats = self._engine.statistics()
         age = None if stats.last_step_at is None else time.monotonic() - stats.last_step_at
         return Heartbeat(stats.steps, stats.active, stats.queued, self._submits,
-                         stats.prompt_tokens, stats.generation_tokens, age)
+                         stats.prompt_tokens, stats.generation_tokens, age,
+                         stats.prefix_cache)
 
 
 class _FrameWriter:

@@ -26,12 +26,17 @@ import msgspec
 import structlog
 import trio
 
+from corral.config import PrefixCacheConfig, default_prefix_cache_bytes
+from corral.engine.prefix_cache import PrefixCache, reusable
+from corral.engine.prefix_disk import DiskPrefixStore, model_identity
+from corral.engine.prefix_index import BLOCK, common_prefix_length
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import (
     EngineSequence,
     EngineStep,
     FinishReason,
     ModelInfo,
+    PrefixCacheStatistics,
     SamplingParams,
     TokenOut,
 )
@@ -43,6 +48,9 @@ _log = structlog.get_logger("corral.engine")
 FaultKind = Literal["raise", "hang"]
 
 _MASK64 = (1 << 64) - 1
+# A sequence waits for a sequence ahead of it to finish prefilling when that one will
+# compute at least this many of its leading tokens that no cache holds yet.
+_SHARE_AT_LEAST = 2 * BLOCK
 _thread_numbers = itertools.count(1)
 
 
@@ -58,6 +66,7 @@ class EngineStatistics(msgspec.Struct, frozen=True):
         generation_tokens: tokens generated.
         last_step_at: `time.monotonic()` at the end of the last step, or None.
         loaded: the model is loaded and the engine thread serves commands.
+        prefix_cache: the prefix cache's counters (all zero while it is off).
     """
 
     steps: int
@@ -67,6 +76,7 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     generation_tokens: int
     last_step_at: float | None
     loaded: bool
+    prefix_cache: PrefixCacheStatistics = PrefixCacheStatistics()
 
 
 # -- commands: the trio side puts them on a queue, the engine thread applies them ------
@@ -215,8 +225,10 @@ class _Sequence:
     uid: int
     text: _Text
     logprobs: bool
-    prompt_tokens: int
+    tokens: list[int]  # prompt + generated as submitted: what its prefill computes
+    cached_tokens: int  # leading tokens taken from the prefix cache, not prefilled
     prefilled: bool = False
+    reported: bool = False  # cached_tokens went out with the first TokenOut
 
 
 # -- the engine ----------------------------------------------------------------------
@@ -242,6 +254,9 @@ class Engine:
         prefill_batch_size: prompts prefilled together at most.
         completion_batch_size: sequences decoding together at most.
         prefill_step_size: prompt tokens per forward pass while prefilling.
+        prefix_cache: reuse of the KV of prompt prefixes seen before (see
+            `corral.engine.prefix_cache`). A sequence that shares a long prefix with one
+            still prefilling waits for it, then starts from its KV.
         on_step: called in the trio thread with every step, in order. It must not
             block; if it raises, the engine fails as if a step had raised.
         on_failure: called in the trio thread, at most once, when a step raises (the
@@ -255,6 +270,7 @@ class Engine:
         prefill_batch_size: int = 8,
         completion_batch_size: int = 32,
         prefill_step_size: int = 2048,
+        prefix_cache: PrefixCacheConfig = PrefixCacheConfig(),
         on_step: Callable[[EngineStep], None],
         on_failure: Callable[[BaseException], None],
     ) -> None:
@@ -262,6 +278,7 @@ class Engine:
         self._prefill_batch_size = prefill_batch_size
         self._completion_batch_size = completion_batch_size
         self._prefill_step_size = prefill_step_size
+        self._prefix_config = prefix_cache
         self._on_step = on_step
         self._on_failure = on_failure
 
@@ -301,6 +318,10 @@ class Engine:
         self._default_stops: Any = None
         self._by_uid: dict[int, _Sequence] = {}
         self._uid_of: dict[int, int] = {}
+        self._prefix: PrefixCache | None = None
+        # Sequences waiting for the uid they share a prefix with to finish prefilling.
+        self._waiting_on: dict[int, list[EngineSequence]] = {}
+        self._waiting: dict[int, int] = {}  # seq_id -> the uid it waits on
         self._fault: FaultKind | None = None
 
     # -- trio side ----------------------------------------------------------------
@@ -461,14 +482,18 @@ class Engine:
     def statistics(self) -> EngineStatistics:
         prefilling = sum(1 for s in list(self._by_uid.values()) if not s.prefilled)
         live = len(self._by_uid)
+        prefix = self._prefix
         return EngineStatistics(
             steps=self._steps,
             active=live - prefilling,
-            queued=prefilling + max(0, self._submitted - self._applied),
+            queued=(prefilling + len(self._waiting)
+                    + max(0, self._submitted - self._applied)),
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
             last_step_at=self._last_step_at,
             loaded=self._serving,
+            prefix_cache=(prefix.statistics() if prefix is not None
+                          else PrefixCacheStatistics()),
         )
 
     def _require_running(self) -> ModelInfo:
@@ -616,6 +641,7 @@ class Engine:
             prefill_step_size=self._prefill_step_size,
             stream=stream,
         )
+        self._prefix = self._open_prefix_cache(model, config)
         max_context = config.get("max_position_embeddings")
         _log.info("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
         return ModelInfo(
@@ -626,6 +652,29 @@ class Engine:
             load_seconds=load_seconds,
             has_chat_template=bool(tokenizer.has_chat_template),
         )
+
+    def _open_prefix_cache(self, model: Any, config: dict[str, Any]) -> PrefixCache | None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        settings = self._prefix_config
+        if not settings.enabled:
+            return None
+        if not reusable(make_prompt_cache(model)):
+            _log.info("prefix_cache.off", path=self.path,
+                      reason="this model's KV cache cannot be trimmed and merged")
+            return None
+        disk = None
+        if settings.disk_dir is not None:
+            try:
+                disk = DiskPrefixStore(
+                    settings.disk_dir, model_identity(self.path, config, model),
+                    max_bytes=settings.disk_max_bytes, min_tokens=settings.disk_min_tokens)
+            except OSError as exc:
+                _log.warning("prefix_cache.disk_off", path=self.path,
+                             disk_dir=settings.disk_dir, error=repr(exc))
+        max_bytes = (settings.max_bytes if settings.max_bytes is not None
+                     else default_prefix_cache_bytes())
+        return PrefixCache(max_bytes=max_bytes, disk=disk)
 
     def _serve(self) -> None:
         while True:
@@ -664,10 +713,35 @@ class Engine:
             self._fault = command.kind
 
     def _insert(self, seq: EngineSequence) -> None:
+        self._remove(seq.seq_id)
+        tokens = [*seq.prompt, *seq.generated]
+        leader = self._leader_for(tokens)
+        if leader is None:
+            self._start(seq, tokens)
+        else:
+            self._waiting_on.setdefault(leader, []).append(seq)
+            self._waiting[seq.seq_id] = leader
+
+    def _leader_for(self, tokens: list[int]) -> int | None:
+        """The uid of a sequence still prefilling whose KV would save this one at least
+        `_SHARE_AT_LEAST` tokens of prefill over what the cache holds now, or None.
+
+        Waiting for it costs no more than prefilling those tokens again would."""
+        if self._prefix is None:
+            return None
+        covered = self._prefix.covered(tokens)
+        best, best_shared = None, covered + _SHARE_AT_LEAST - 1
+        for seq in self._by_uid.values():
+            if not seq.prefilled:
+                shared = min(common_prefix_length(seq.tokens, tokens), len(tokens) - 1)
+                if shared > best_shared:
+                    best, best_shared = seq.uid, shared
+        return best
+
+    def _start(self, seq: EngineSequence, tokens: list[int]) -> None:
         from mlx_lm.generate import StopSequences
         from mlx_lm.sample_utils import make_logits_processors
 
-        self._remove(seq.seq_id)
         sampling = seq.sampling
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8))
         start = len(seq.generated)
@@ -676,10 +750,13 @@ class Engine:
             ids = set(self._tokenizer.eos_token_ids) | set(sampling.stop_token_ids)
             stops = StopSequences([(t,) for t in sorted(ids)])
         processors = make_logits_processors(repetition_penalty=sampling.repetition_penalty)
-        tokens = [*seq.prompt, *seq.generated]
+        hit = self._prefix.lookup(tokens) if self._prefix is not None else None
+        cached = hit.tokens if hit is not None else 0
         (uid,) = self._generator.insert(
-            [tokens],
+            [tokens[cached:]],
             max_tokens=[seq.max_tokens],
+            caches=[hit.cache] if hit is not None and hit.cache is not None else None,
+            all_tokens=[tokens[:cached]],
             samplers=[_make_sampler(sampling, seed, start, self._vocab_size)],
             logits_processors=[processors],
             stop_sequences=[stops],
@@ -687,14 +764,34 @@ class Engine:
         text = _Text(self._tokenizer.detokenizer, sampling.stop)
         for token in seq.generated:
             text.push(token)
-        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, sampling.logprobs, len(tokens))
+        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, sampling.logprobs, tokens, cached)
         self._uid_of[seq.seq_id] = uid
 
     def _remove(self, seq_id: int) -> None:
+        leader = self._waiting.pop(seq_id, None)
+        if leader is not None:
+            self._waiting_on[leader] = [
+                s for s in self._waiting_on[leader] if s.seq_id != seq_id]
+            return
         uid = self._uid_of.pop(seq_id, None)
         if uid is not None:
-            del self._by_uid[uid]
-            self._generator.remove([uid])
+            seq = self._by_uid.pop(uid)
+            kept = self._generator.remove([uid], return_prompt_caches=seq.prefilled)
+            self._keep(kept)
+            self._release_waiters(uid)
+
+    def _release_waiters(self, uid: int) -> None:
+        """Start the sequences that waited for `uid` to prefill; they look the cache up
+        again now, and find its KV."""
+        for seq in self._waiting_on.pop(uid, []):
+            del self._waiting[seq.seq_id]
+            self._start(seq, [*seq.prompt, *seq.generated])
+
+    def _keep(self, caches: dict[int, tuple[list[Any], list[int]]]) -> None:
+        """Store sequences' KV (from `BatchGenerator.extract_cache` or `remove`)."""
+        if self._prefix is not None:
+            for cache, tokens in caches.values():
+                self._prefix.store(list(tokens), cache)
 
     def _step(self) -> None:
         if self._fault == "hang":
@@ -710,8 +807,13 @@ class Engine:
             if response.end_of_prompt:
                 seq = self._by_uid[response.uid]
                 seq.prefilled = True
-                self._prompt_tokens += seq.prompt_tokens
+                self._prompt_tokens += len(seq.tokens) - seq.cached_tokens
                 prefilled.append(seq.seq_id)
+                if self._prefix is not None:
+                    # Kept now, not only at the end, so sequences running alongside
+                    # and a restart after a crash can start from this prompt's KV.
+                    self._keep(self._generator.extract_cache([response.uid]))
+                    self._release_waiters(response.uid)
         outputs: list[TokenOut] = []
         stopped: list[int] = []
         for response in generation_responses:
@@ -719,7 +821,7 @@ class Engine:
             outputs.append(self._token_out(seq, response, stopped))
         self._generation_tokens += len(outputs)
         if stopped:
-            self._generator.remove(stopped)
+            self._keep(self._generator.remove(stopped, return_prompt_caches=True))
         self._last_step_at = time.monotonic()
         self._post_step(EngineStep(self._steps, outputs, prefilled))
 
@@ -742,8 +844,12 @@ class Engine:
         if finish is not None:
             del self._by_uid[seq.uid]
             del self._uid_of[seq.seq_id]
+            if response.prompt_cache is not None:
+                self._keep({seq.uid: (response.prompt_cache, response.all_tokens)})
         logprob = float(response.logprobs[token].item()) if seq.logprobs else None
-        return TokenOut(seq.seq_id, token, text, logprob, finish)
+        cached = 0 if seq.reported else seq.cached_tokens
+        seq.reported = True
+        return TokenOut(seq.seq_id, token, text, logprob, finish, cached)
 
     def _teardown(self) -> None:
         import mlx.core as mx
@@ -754,6 +860,10 @@ class Engine:
             self._generator = self._model = self._tokenizer = None
             self._by_uid.clear()
             self._uid_of.clear()
+            self._waiting_on.clear()
+            self._waiting.clear()
+            if self._prefix is not None:
+                self._prefix.close()
             # Give the model's memory back now, not when another model needs it.
             mx.clear_cache()
         except Exception as exc:  # the thread must still report its exit

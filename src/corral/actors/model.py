@@ -79,6 +79,7 @@ def engine_factory(generation: GenerationConfig, python: PythonRuntimeConfig) ->
             actor.path, prefill_batch_size=generation.prefill_batch_size,
             completion_batch_size=generation.completion_batch_size,
             prefill_step_size=generation.prefill_step_size,
+            prefix_cache=generation.prefix_cache,
             on_step=actor._on_step, on_failure=actor._on_failure, start_soon=actor.start_soon,
             heartbeat_interval_ms=python.heartbeat_interval_ms,
             startup_timeout_ms=python.startup_timeout_ms,
@@ -92,6 +93,7 @@ def _thread_engine(actor: ModelActor) -> EngineLike:
     return Engine(actor.path, prefill_batch_size=config.prefill_batch_size,
                   completion_batch_size=config.completion_batch_size,
                   prefill_step_size=config.prefill_step_size,
+                  prefix_cache=config.prefix_cache,
                   on_step=actor._on_step, on_failure=actor._on_failure)
 
 

@@ -29,9 +29,15 @@ import trio
 
 from corral.actors.engine import EngineStatistics
 from corral.actors.engine import validate_sequence
+from corral.config import PrefixCacheConfig
 from corral.protocol.codec import DecodeError, Decoder, FrameError, FrameReader, encode, frame
 from corral.protocol.errors import Code, CorralError, EngineClientError, error_from_info
-from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
+from corral.protocol.messages import (
+    EngineSequence,
+    EngineStep,
+    ModelInfo,
+    PrefixCacheStatistics,
+)
 from corral.protocol.worker import (
     PROTOCOL_VERSION,
     Call,
@@ -151,7 +157,8 @@ class ProcessEngine:
 
     Args:
         path: a local model directory for ``mlx_lm.load``, in the worker.
-        prefill_batch_size, completion_batch_size, prefill_step_size: as for `Engine`.
+        prefill_batch_size, completion_batch_size, prefill_step_size, prefix_cache: as
+            for `Engine`; the prefix cache lives in the worker.
         on_step: called with every step, in order; it must not block. If it raises,
             the worker is killed and `on_failure` gets a `WorkerExitedError`.
         on_failure: called once with a `WorkerExitedError` when the worker dies.
@@ -171,6 +178,7 @@ class ProcessEngine:
         prefill_batch_size: int = 8,
         completion_batch_size: int = 32,
         prefill_step_size: int = 2048,
+        prefix_cache: PrefixCacheConfig = PrefixCacheConfig(),
         on_step: Callable[[EngineStep], None],
         on_failure: Callable[[BaseException], None],
         start_soon: StartSoon,
@@ -181,7 +189,7 @@ class ProcessEngine:
     ) -> None:
         self.path = str(path)
         self._load = Load(self.path, prefill_batch_size, completion_batch_size,
-                          prefill_step_size)
+                          prefill_step_size, prefix_cache)
         self._on_step = on_step
         self._on_failure = on_failure
         self._start_soon = start_soon
@@ -415,6 +423,8 @@ class ProcessEngine:
             generation_tokens=self._generation_tokens,
             last_step_at=self._last_step_at,
             loaded=self._info is not None and not self._stopped,
+            prefix_cache=(beat.prefix_cache if beat is not None
+                          else PrefixCacheStatistics()),
             pid=self.pid,
             hello_at=self._hello_at,
             last_heartbeat_at=self._last_heartbeat_at,

@@ -78,6 +78,7 @@ class StreamBuffer:
         self.timeout_s = timeout_s
         self.deadline = deadline
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens = 0  # of prompt_tokens, taken from the prefix cache
         self.started_at = trio.current_time()
         self.last_read_at = self.started_at
         self.reader_waiting = False
@@ -109,6 +110,10 @@ class StreamBuffer:
     def push(self, out: TokenOut) -> None:
         if self.ended:
             return
+        if not self.tokens:
+            # A resumed sequence reports its re-prefill's hit too; the client's usage
+            # is about its own prompt, as the first run saw it.
+            self.cached_tokens = out.cached_tokens
         self.tokens.append(out.token)
         self.token_times.append(trio.current_time())
         if out.text:

@@ -116,8 +116,12 @@ class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Usage(msgspec.Struct, frozen=True):
+    """Token counts of one request. `cached_tokens` of the `prompt_tokens` were taken
+    from the prefix cache rather than prefilled."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -144,7 +148,9 @@ class TokenOut(msgspec.Struct, frozen=True, array_like=True):
 
     `text` is the newly decodable text (may be empty while a multi-byte character is
     incomplete); `finish_reason` is set on the sequence's last step; `logprob` is the
-    sampled token's log-probability when it was asked for.
+    sampled token's log-probability when it was asked for. `cached_tokens`, on the
+    first token of a sequence (or of its resumption) only, counts the leading tokens
+    whose KV came from the prefix cache (one byte on the wire for the others).
     """
 
     seq_id: int
@@ -152,6 +158,7 @@ class TokenOut(msgspec.Struct, frozen=True, array_like=True):
     text: str
     logprob: float | None
     finish_reason: FinishReason | None
+    cached_tokens: int = 0
 
 
 class EngineStep(msgspec.Struct, frozen=True, tag=True):
@@ -163,6 +170,40 @@ class EngineStep(msgspec.Struct, frozen=True, tag=True):
     step: int
     outputs: list[TokenOut]
     prefilled: list[int] = []
+
+
+class PrefixCacheStatistics(msgspec.Struct, frozen=True):
+    """One engine's prefix cache, as counters since the engine started.
+
+    Attributes:
+        enabled: the cache is in use (configured on, and the model's KV cache can be
+            trimmed and merged).
+        queries: prompt tokens looked up (vLLM's `prefix_cache_queries`).
+        hits: prompt tokens whose KV was reused instead of prefilled
+            (vLLM's `prefix_cache_hits`).
+        bytes: KV bytes held in memory now.
+        entries: prefixes held in memory now.
+        evictions: prefixes dropped from memory to stay under `max_bytes`.
+        disk_bytes: bytes of cache files on disk now.
+        disk_entries: cache files on disk now.
+        disk_writes: cache files written.
+        disk_loads: cache files read back (after a restart, or once evicted).
+        disk_hit_tokens: prompt tokens reused from files read back.
+        disk_errors: bad files skipped and deleted, and writes that failed.
+    """
+
+    enabled: bool = False
+    queries: int = 0
+    hits: int = 0
+    bytes: int = 0
+    entries: int = 0
+    evictions: int = 0
+    disk_bytes: int = 0
+    disk_entries: int = 0
+    disk_writes: int = 0
+    disk_loads: int = 0
+    disk_hit_tokens: int = 0
+    disk_errors: int = 0
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

@@ -100,10 +100,17 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
 # -- responses ---------------------------------------------------------------------------
 
 
+class PromptTokensDetails(msgspec.Struct, frozen=True):
+    """`cached_tokens`: prompt tokens served from the prefix cache, as OpenAI reports."""
+
+    cached_tokens: int
+
+
 class UsageInfo(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(msgspec.Struct, frozen=True):

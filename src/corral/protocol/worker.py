@@ -19,8 +19,14 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from corral.config import PrefixCacheConfig
 from corral.protocol.errors import ErrorInfo
-from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
+from corral.protocol.messages import (
+    EngineSequence,
+    EngineStep,
+    ModelInfo,
+    PrefixCacheStatistics,
+)
 
 __all__ = [
     "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "Cancel", "ChatTemplateArgs",
@@ -29,7 +35,7 @@ __all__ = [
     "WorkerFaultKind",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 WorkerFaultKind = Literal["raise", "hang", "exit", "segfault"]
@@ -47,6 +53,7 @@ class Load(msgspec.Struct, frozen=True, tag=True):
     prefill_batch_size: int
     completion_batch_size: int
     prefill_step_size: int
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
@@ -151,6 +158,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
         generation_tokens: tokens generated.
         last_step_age_s: seconds since the end of the last step; None before the first
             (the worker's own view, for logs: the parent times the step frames).
+        prefix_cache: the engine's prefix cache counters.
     """
 
     steps: int
@@ -160,6 +168,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     prompt_tokens: int
     generation_tokens: int
     last_step_age_s: float | None
+    prefix_cache: PrefixCacheStatistics = PrefixCacheStatistics()
 
 
 class Failed(msgspec.Struct, frozen=True, tag=True):

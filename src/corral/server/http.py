@@ -60,6 +60,7 @@ from corral.protocol.openai import (
     ErrorDetail,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     UsageInfo,
 )
 from corral.runtime import Runtime, TokenStream
@@ -196,7 +197,8 @@ def _finish(stream: TokenStream) -> Literal["stop", "length"]:
 
 
 def _usage(usage: Usage) -> UsageInfo:
-    return UsageInfo(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    return UsageInfo(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                     PromptTokensDetails(usage.cached_tokens))
 
 
 def _token_names(token_ids: Sequence[int]) -> list[str]:

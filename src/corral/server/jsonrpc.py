@@ -752,10 +752,11 @@ def _unless_notification(item: Request, reply: bytes) -> bytes | None:
     return None if item.is_notification else reply
 
 
-def _usage(usage: Usage) -> dict[str, int]:
+def _usage(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def _error_object(error: CorralError) -> Any:

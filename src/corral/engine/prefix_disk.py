@@ -1,0 +1,278 @@
+"""The disk tier of the prefix cache: long prefixes kept as safetensors files.
+
+A file holds one prefix's KV cache, written with `mlx_lm.models.cache.save_prompt_cache`
+and read with `load_prompt_cache`. Its metadata names the model's identity and the
+prefix's token ids, so a worker that restarts after a crash, or the next `corral serve`
+run, finds what it can reuse by reading file headers only, and can never load another
+model's KV.
+
+Writes happen in a writer thread, never in a step: a file is written under a temporary
+name and renamed into place, so a crash mid-write leaves no half file under a real
+name. Reads happen in the engine thread, when a lookup finds a longer prefix on disk
+than in memory. A corrupt, truncated or foreign file is deleted with a warning and
+counted; it never fails the engine. The directory is bounded in bytes, least recently
+used first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from corral.engine.prefix_index import PrefixIndex
+
+__all__ = ["DiskPrefixStore", "model_identity"]
+
+_log = structlog.get_logger("corral.prefix_cache")
+
+_FORMAT: Final = "corral-prefix-1"
+_SUFFIX: Final = ".safetensors"
+_TEMPORARY: Final = re.compile(r"^\.tmp-(\d+)-")
+# save_prompt_cache stores its metadata dict as the first member of a flattened tree.
+_META: Final = "0."
+_MAX_HEADER: Final = 1 << 26
+
+
+def model_identity(path: str, config: dict[str, Any], model: Any) -> str:
+    """A name for one model's weights: its path, its config, and the name, shape and
+    dtype of every parameter. Two models that differ in any of these never share KV."""
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.sha256()
+    digest.update(os.path.realpath(path).encode())
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, array in tree_flatten(model.parameters()):
+        digest.update(f"{name}:{tuple(array.shape)}:{array.dtype}".encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class _File:
+    path: Path
+    nbytes: int
+    written: bool  # False while the writer thread still has it queued
+
+
+class DiskPrefixStore:
+    """The cache files of one model under `directory/<identity>/`.
+
+    Everything but the writer thread runs in the engine thread.
+
+    Args:
+        directory: the configured `disk_dir`.
+        identity: `model_identity` of the loaded model.
+        max_bytes: bound on this model's files; the least recently used go first.
+        min_tokens: shorter prefixes are not written.
+    """
+
+    def __init__(self, directory: str, identity: str, *, max_bytes: int,
+                 min_tokens: int) -> None:
+        self._directory = Path(directory) / identity
+        self._identity = identity
+        self._max_bytes = max_bytes
+        self.min_tokens = min_tokens
+        self._files: OrderedDict[str, _File] = OrderedDict()  # least recently used first
+        self._index: PrefixIndex[str] = PrefixIndex()
+        self._bytes = 0
+        self._lock = threading.Lock()  # guards the counters the writer thread updates
+        self.writes = 0
+        self.loads = 0
+        self.errors = 0
+        self._jobs: queue.SimpleQueue[tuple[str, Path, list[Any], dict[str, str]] | None] = (
+            queue.SimpleQueue())
+        self._writer: threading.Thread | None = None
+        self._directory.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def longest(self, tokens: list[int]) -> tuple[str | None, int]:
+        """The written file sharing the longest prefix with `tokens`, and that length."""
+        name, length = self._index.longest(tokens)
+        if name is None or not self._files[name].written:
+            return None, 0
+        return name, length
+
+    def covers(self, tokens: list[int]) -> bool:
+        """A file (written or queued) holds all of `tokens` already."""
+        _, length = self._index.longest(tokens)
+        return length == len(tokens)
+
+    def load(self, name: str) -> tuple[list[int], list[Any]] | None:
+        """Read one file back: its tokens and KV cache (evaluated), or None if it is bad
+        (then it is deleted, with a warning)."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import load_prompt_cache
+
+        file = self._files[name]
+        tokens = self._index.tokens(name)
+        try:
+            cache, metadata = load_prompt_cache(str(file.path), return_metadata=True)
+            mx.eval([c.state for c in cache])
+            if metadata.get("corral_model") != self._identity or any(
+                c.size() != len(tokens) for c in cache
+            ):
+                raise ValueError("the file does not hold this model's prefix")
+        except Exception as exc:
+            self._reject(name, file.path, exc)
+            return None
+        self._files.move_to_end(name)
+        _touch(file.path)
+        self.loads += 1
+        return tokens, cache
+
+    def store(self, tokens: list[int], cache: list[Any]) -> None:
+        """Queue one prefix (its KV already evaluated) for writing, unless a file holds
+        it already. Files it extends are deleted; the oldest go until the bound holds."""
+        nbytes = sum(c.nbytes for c in cache)
+        if len(tokens) < self.min_tokens or nbytes > self._max_bytes or self.covers(tokens):
+            return
+        for covered in self._index.prefixes_of(tokens):
+            self._delete(covered)
+        while self._files and self._bytes + nbytes > self._max_bytes:
+            self._delete(next(iter(self._files)))
+        name = hashlib.sha256(struct.pack(f"<{len(tokens)}I", *tokens)).hexdigest()[:40]
+        path = self._directory / f"{name}{_SUFFIX}"
+        self._files[name] = _File(path, nbytes, written=False)
+        self._index.add(name, tokens)
+        self._bytes += nbytes
+        metadata = {"corral_format": _FORMAT, "corral_model": self._identity,
+                    "corral_tokens": json.dumps(tokens, separators=(",", ":"))}
+        self._jobs.put((name, path, cache, metadata))
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="corral-prefix-writer")
+            self._writer.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish the queued writes (up to `timeout` seconds), then stop the writer."""
+        if self._writer is not None:
+            self._jobs.put(None)
+            self._writer.join(timeout)
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Index the files a previous run left; delete what cannot be used."""
+        found = []
+        for path in self._directory.iterdir():
+            match = _TEMPORARY.match(path.name)
+            if match is not None:
+                if not _alive(int(match.group(1))):
+                    path.unlink(missing_ok=True)  # a write its process never finished
+                continue
+            if not path.name.endswith(_SUFFIX):
+                continue
+            try:
+                tokens = self._read_tokens(path)
+                found.append((path.stat().st_mtime, path, tokens))
+            except Exception as exc:
+                self._reject(None, path, exc)
+        for _, path, tokens in sorted(found, key=lambda item: item[0]):
+            name = path.name[: -len(_SUFFIX)]
+            nbytes = path.stat().st_size
+            self._files[name] = _File(path, nbytes, written=True)
+            self._index.add(name, tokens)
+            self._bytes += nbytes
+        while self._files and self._bytes > self._max_bytes:
+            self._delete(next(iter(self._files)))
+
+    def _read_tokens(self, path: Path) -> list[int]:
+        """The prefix a file holds, from its safetensors header alone; raises if the
+        file is truncated or not a cache file of this model."""
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 0 < length <= min(_MAX_HEADER, size - 8):
+                raise ValueError("bad safetensors header length")
+            header = json.loads(f.read(length))
+        metadata = header.pop("__metadata__", {})
+        if metadata.get(_META + "corral_format") != _FORMAT:
+            raise ValueError("not a corral prefix cache file")
+        if metadata.get(_META + "corral_model") != self._identity:
+            raise ValueError("the file belongs to another model")
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if 8 + length + end != size:
+            raise ValueError(f"truncated: {size} bytes, the header says {8 + length + end}")
+        tokens = json.loads(metadata[_META + "corral_tokens"])
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("bad token list")
+        return tokens
+
+    def _reject(self, name: str | None, path: Path, error: BaseException) -> None:
+        _log.warning("prefix_cache.bad_file", path=str(path), error=repr(error))
+        with self._lock:
+            self.errors += 1
+        if name is not None:
+            self._forget(name)
+        path.unlink(missing_ok=True)
+
+    def _delete(self, name: str) -> None:
+        file = self._forget(name)
+        if file is not None and file.written:
+            file.path.unlink(missing_ok=True)
+        # A file still queued is dropped by the writer: it sees the name is gone.
+
+    def _forget(self, name: str) -> _File | None:
+        file = self._files.pop(name, None)
+        if file is not None:
+            self._index.remove(name)
+            self._bytes -= file.nbytes
+        return file
+
+    # -- writer thread ---------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        from mlx_lm.models.cache import save_prompt_cache
+
+        while (job := self._jobs.get()) is not None:
+            name, path, cache, metadata = job
+            temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            try:
+                save_prompt_cache(str(temporary), cache, metadata)
+                file = self._files.get(name)
+                if file is None or file.path != path:
+                    temporary.unlink(missing_ok=True)  # deleted while queued
+                    continue
+                os.replace(temporary, path)
+                file.written = True
+                with self._lock:
+                    self.writes += 1
+            except Exception as exc:
+                temporary.unlink(missing_ok=True)
+                _log.warning("prefix_cache.write_failed", path=str(path), error=repr(exc))
+                with self._lock:
+                    self.errors += 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
