@@ -27,10 +27,10 @@ import trio
 from corral.actors.engine import Engine
 from corral.actors.process_engine import ProcessEngine, WorkerExitedError
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
-from corral.protocol.codec import Decoder, FrameReader
+from corral.protocol.codec import Decoder, FrameReader, encode, frame
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineSequence, EngineStep, SamplingParams
-from corral.protocol.worker import PROTOCOL_VERSION, FromWorker, Heartbeat, Hello
+from corral.protocol.worker import PROTOCOL_VERSION, FromWorker, Heartbeat, Hello, Load
 
 pytestmark = pytest.mark.slow
 
@@ -398,9 +398,11 @@ async def test_startup_failures_are_model_load_errors(tmp_path: Path) -> None:
 # -- the worker on its own: handshake, parent death, end of stdin --------------------
 
 
-async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin() -> None:
+async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin(
+        model_path: str) -> None:
     """Linux sends the parent-death signal when the spawning *thread* exits; trio spawns
-    from cached threads that do. The worker must tell that from its parent's death."""
+    from cached threads that do. The worker must tell that from its parent's death.
+    (Heartbeats begin with the Load: a standby worker is silent until adopted.)"""
     spawned: list[subprocess.Popen[bytes]] = []
 
     def spawn() -> None:
@@ -429,6 +431,8 @@ async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin() -
     try:
         await until(lambda: len(frames) >= 1)
         assert frames[0] == Hello(worker.pid, PROTOCOL_VERSION)
+        worker.stdin.write(frame(encode(Load(model_path, 8, 32, 2048))))
+        worker.stdin.flush()
         # The thread's exit signalled the worker when it started; it is still here.
         await until(lambda: sum(isinstance(f, Heartbeat) for f in frames) >= 3)
         assert worker.poll() is None

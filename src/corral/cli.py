@@ -56,11 +56,11 @@ def serve(
 
 
 @app.command("make-tiny-model")
-def make_tiny_model(directory: Path, seed: int = 0) -> None:
+def make_tiny_model(directory: Path, seed: int = 0, context: int = 2048) -> None:
     """Build the small offline llama model (random weights, local tokenizer) in DIRECTORY."""
     from corral.tiny import make_tiny_model as make
 
-    path = make(directory, seed=seed)
+    path = make(directory, seed=seed, context=context)
     typer.echo(str(path))
 
 
@@ -129,6 +129,15 @@ def bench_serve(smoke: SmokeOption = False, output_dir: OutputOption = None) -> 
 
     _quiet_logs()
     serve.main(smoke=smoke, output_dir=output_dir)
+
+
+@bench_app.command("prefix-cache")
+def bench_prefix_cache(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+    """Multi-turn chat against mlx_lm.server; kill -9 and resume with and without disk."""
+    from corral.bench import prefix_cache
+
+    _quiet_logs()
+    prefix_cache.main(smoke=smoke, output_dir=output_dir)
 
 
 @bench_app.command("chaos")

@@ -173,6 +173,7 @@ class PythonRuntimeConfig(_Section):
     startup_timeout_ms: _PositiveInt = 60000
     heartbeat_interval_ms: _PositiveInt = 1000
     python_executable: _Name | None = None
+    standby_worker: bool = True
 
     def __post_init__(self) -> None:
         if self.restart_delay_max_ms < self.restart_delay_base_ms:

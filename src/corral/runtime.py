@@ -32,6 +32,11 @@ from corral.actors.breaker import (
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.engine import EngineStatistics
 from corral.actors.model import ModelActor, engine_factory
+from corral.actors.process_engine import (
+    ProcessEngineStatistics,
+    WorkerStandby,
+    worker_command,
+)
 from corral.actors.retry import (
     ActorBudget,
     GetRetryStats,
@@ -92,6 +97,9 @@ ModelState = Literal["loading", "ready", "restarting", "failed"]
 
 
 class ModelDescription(msgspec.Struct, frozen=True):
+    """A model as `/health` and `list_models` show it; `worker_pid` is the process its
+    engine runs in under process isolation (None in thread isolation, or restarting)."""
+
     alias: str
     path: str
     state: ModelState
@@ -99,6 +107,7 @@ class ModelDescription(msgspec.Struct, frozen=True):
     info: ModelInfo | None
     restarts: int
     breaker: str
+    worker_pid: int | None = None
 
 
 class DomainHealth(msgspec.Struct, frozen=True):
@@ -222,11 +231,29 @@ class Runtime:
         self._models: dict[str, _Model] = {}
         self._transports: list[ChildSpec] = []
         self._draining = False
-        self._engine_factory = engine_factory(config.generation, config.python_runtime)
+        self._standbys: dict[str, WorkerStandby] = {}
+        self._engine_factory = engine_factory(config.generation, config.python_runtime,
+                                              self._standby_for)
         self._root: Supervisor | None = None
         self._policy = RetryPolicy.from_config(config.json_rpc.retry)
         gen = config.generation
         self._default_max_tokens = gen.default_max_tokens
+
+    def _standby_for(self, alias: str) -> WorkerStandby | None:
+        """The model's standby worker (process isolation with `standby_worker`)."""
+        py = self.config.python_runtime
+        if self.config.generation.isolation != "process" or not py.standby_worker:
+            return None
+        if alias not in self._standbys:
+            self._standbys[alias] = WorkerStandby(
+                worker_command(py.python_executable, py.heartbeat_interval_ms))
+        return self._standbys[alias]
+
+    async def _close_standbys(self, alias: str | None = None) -> None:
+        for name in [alias] if alias is not None else list(self._standbys):
+            standby = self._standbys.pop(name, None)
+            if standby is not None:
+                await standby.aclose()
 
     # -- the tree --------------------------------------------------------------------
 
@@ -381,6 +408,7 @@ class Runtime:
         model = self._require_model(alias, allow_failed=True)
         del self._models[alias]
         await self._stop_model(alias)
+        await self._close_standbys(alias)
         model.unwatch()
 
     async def _stop_model(self, alias: str) -> None:
@@ -401,10 +429,12 @@ class Runtime:
         breaker_state = ("forced_open" if state == "failed" else
                          breaker.breaker.state.value if isinstance(breaker, BreakerActor) else
                          "restarting")
+        engine = self.engine_statistics(model.alias)
         return ModelDescription(
             alias=model.alias, path=model.path, state=state,
             fallbacks=list(model.config.fallbacks), info=model.info,
-            restarts=stats.restarts, breaker=breaker_state)
+            restarts=stats.restarts, breaker=breaker_state,
+            worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None)
 
     def _live(self, alias: str, child: str) -> object | None:
         """The live actor object of one child of a model's subtree, or None while it
@@ -785,11 +815,15 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
                          fairness_interval=sup.fairness_interval,
                          default_ask_timeout=config.json_rpc.default_timeout_ms / 1000.0)
     runtime = Runtime(config, system)
-    async with open_supervisor(runtime._tree(), system=system) as root:
-        runtime._root = root
-        for model in config.generation.models:
-            await runtime.load_model(model.path, alias=model.alias, fallbacks=model.fallbacks)
-        for alias, path in (models or {}).items():
-            await runtime.load_model(path, alias=alias)
-        yield runtime
+    try:
+        async with open_supervisor(runtime._tree(), system=system) as root:
+            runtime._root = root
+            for model in config.generation.models:
+                await runtime.load_model(model.path, alias=model.alias,
+                                         fallbacks=model.fallbacks)
+            for alias, path in (models or {}).items():
+                await runtime.load_model(path, alias=alias)
+            yield runtime
+    finally:
+        await runtime._close_standbys()
 

@@ -124,7 +124,8 @@ The shop on the corner sells maps, books, pens, paper, and postcards.
 """
 
 
-def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0) -> Path:
+def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0,
+                    context: int = _MAX_POSITIONS) -> Path:
     """Write the tiny model into ``directory``, unless a complete one is already there.
 
     The files are ``config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and
@@ -137,6 +138,8 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0) -> Path
         directory: where the model goes. Created, with its parents, if missing; if it
             exists, files of other names in it are left alone.
         seed: seeds the weights. The same seed gives byte-identical files.
+        context: the model's context length (`max_position_embeddings`); RoPE has no
+            learned positions, so any length works.
 
     Returns:
         ``directory`` as an absolute path, ready for ``mlx_lm.load``.
@@ -153,7 +156,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0) -> Path
     staging = target.parent / f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     staging.mkdir()
     try:
-        _write_model(staging, seed)
+        _write_model(staging, seed, context)
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -191,13 +194,13 @@ def _is_complete(directory: Path) -> bool:
     return (directory / _MARKER).is_file()
 
 
-def _write_model(directory: Path, seed: int) -> None:
+def _write_model(directory: Path, seed: int, context: int) -> None:
     """Write every model file and then the marker into the empty ``directory``."""
     tokenizer = _train_tokenizer()
     tokenizer.save(str(directory / "tokenizer.json"))
-    config = _model_config(tokenizer.get_vocab_size())
+    config = _model_config(tokenizer.get_vocab_size(), context)
     _write_json(directory / "config.json", config)
-    _write_json(directory / "tokenizer_config.json", _tokenizer_config())
+    _write_json(directory / "tokenizer_config.json", _tokenizer_config(context))
     _write_weights(directory / _WEIGHTS, config, tokenizer, seed)
     _write_json(directory / _MARKER, {"format": _FORMAT_VERSION, "seed": seed})
     for name in (*_MODEL_FILES, _MARKER):
@@ -249,7 +252,7 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(context: int) -> dict[str, Any]:
     """The ``tokenizer_config.json`` that lets transformers load ``tokenizer.json``."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -258,12 +261,12 @@ def _tokenizer_config() -> dict[str, Any]:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": _MAX_POSITIONS,
+        "model_max_length": context,
         "chat_template": _CHAT_TEMPLATE,
     }
 
 
-def _model_config(vocab_size: int) -> dict[str, Any]:
+def _model_config(vocab_size: int, context: int) -> dict[str, Any]:
     """The llama ``config.json``, with the smallest dimensions that use every layer."""
     return {
         "model_type": "llama",
@@ -274,7 +277,7 @@ def _model_config(vocab_size: int) -> dict[str, Any]:
         "num_key_value_heads": 2,
         "intermediate_size": 128,
         "vocab_size": vocab_size,
-        "max_position_embeddings": _MAX_POSITIONS,
+        "max_position_embeddings": context,
         "rope_theta": 10000.0,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,

@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(LoggingConfig(format=args.log_format, level=args.log_level))
     structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
+    # Paid before Hello: a standby worker (see `WorkerStandby`) has it behind it when a
+    # restart adopts it, and it is most of a worker's start.
+    import mlx_lm  # noqa: F401
     worker = _Worker(frames_fd, args.heartbeat_ms / 1000.0, parent_pid)
     code = trio.run(worker.run)
     sys.stderr.flush()
@@ -298,12 +301,12 @@ class _Worker:
             await trio.sleep(self._heartbeat_s)
             if os.getppid() != self._parent_pid:
                 os._exit(EXIT_ORPHANED)
-            self._emit(self._heartbeat())
+            engine = self._engine
+            if engine is not None:  # a standby's pipe is not read until it is adopted
+                self._emit(self._heartbeat(engine))
 
-    def _heartbeat(self) -> Heartbeat:
-        if self._engine is None:
-            return Heartbeat(0, 0, 0, self._submits, 0, 0, None)
-        stats = self._engine.statistics()
+    def _heartbeat(self, engine: Engine) -> Heartbeat:
+        stats = engine.statistics()
         age = None if stats.last_step_at is None else time.monotonic() - stats.last_step_at
         return Heartbeat(stats.steps, stats.active, stats.queued, self._submits,
                          stats.prompt_tokens, stats.generation_tokens, age,

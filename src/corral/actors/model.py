@@ -16,7 +16,7 @@ import trio
 
 from corral.actors.core import Actor, ActorRef, Reply
 from corral.actors.engine import Engine, EngineStatistics
-from corral.actors.process_engine import ProcessEngine
+from corral.actors.process_engine import ProcessEngine, WorkerStandby
 from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.messages import (
@@ -69,8 +69,11 @@ EngineFactory = Callable[["ModelActor"], EngineLike]
 """Makes the engine of one model actor incarnation, wired to its callbacks."""
 
 
-def engine_factory(generation: GenerationConfig, python: PythonRuntimeConfig) -> EngineFactory:
-    """The engine maker for `generation.isolation`: a thread, or a worker process."""
+def engine_factory(generation: GenerationConfig, python: PythonRuntimeConfig,
+                   standby_for: Callable[[str], WorkerStandby | None] = lambda alias: None,
+                   ) -> EngineFactory:
+    """The engine maker for `generation.isolation`: a thread, or a worker process (which
+    adopts the model's standby worker, `standby_for(alias)`, when there is one)."""
     if generation.isolation == "thread":
         return _thread_engine
 
@@ -83,7 +86,7 @@ def engine_factory(generation: GenerationConfig, python: PythonRuntimeConfig) ->
             on_step=actor._on_step, on_failure=actor._on_failure, start_soon=actor.start_soon,
             heartbeat_interval_ms=python.heartbeat_interval_ms,
             startup_timeout_ms=python.startup_timeout_ms,
-            python_executable=python.python_executable)
+            python_executable=python.python_executable, standby=standby_for(actor.alias))
 
     return process_engine
 

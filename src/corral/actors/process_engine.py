@@ -62,7 +62,8 @@ from corral.protocol.worker import (
     WorkerFaultKind,
 )
 
-__all__ = ["ProcessEngine", "ProcessEngineStatistics", "WorkerExitedError"]
+__all__ = ["ProcessEngine", "ProcessEngineStatistics", "WorkerExitedError", "WorkerStandby",
+           "worker_command"]
 
 _log = structlog.get_logger("corral.process_engine")
 
@@ -135,6 +136,75 @@ class ProcessEngineStatistics(EngineStatistics, frozen=True):
     last_heartbeat_at: float | None = None
 
 
+def worker_command(python_executable: str | None, heartbeat_interval_ms: int) -> list[str]:
+    """The command line of a worker process serving this process."""
+    return [python_executable or sys.executable, "-m", "corral.worker",
+            "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid())]
+
+
+@final
+class WorkerStandby:
+    """One worker process per model started ahead of need: interpreter up, mlx_lm
+    imported, Hello sent, no model loaded. An engine that starts after a crash adopts
+    it (`take`) instead of starting a process, which is most of a restart's time, and
+    asks for the next one (`replenish`) once its model is loaded.
+
+    A standby that died while it waited is reaped and not handed out. `aclose` kills
+    and reaps the one waiting and starts no more; it runs when the model is unloaded
+    and when the runtime closes. Spares are started by system tasks, so no actor's
+    restart cancels one half-started. Trio thread only.
+    """
+
+    def __init__(self, command: list[str]) -> None:
+        self._command = command
+        self._spare: trio.Process | None = None
+        self._starting = False
+        self._closed = False
+
+    def take(self) -> trio.Process | None:
+        """The waiting worker, now the caller's to run and reap; None if there is none."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is not None:
+            _log.warning("process_engine.standby_died", pid=spare.pid,
+                         returncode=spare.returncode)
+            return None
+        return spare
+
+    def replenish(self) -> None:
+        """Start the next standby in the background, unless one waits or is starting."""
+        if not (self._closed or self._starting or self._spare is not None):
+            self._starting = True
+            trio.lowlevel.spawn_system_task(self._start)
+
+    async def aclose(self) -> None:
+        """Kill the waiting standby and wait until it is reaped; start no more."""
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            _kill(spare)
+            with trio.CancelScope(shield=True):
+                await _wait_reaped(spare)
+                for stream in (spare.stdin, spare.stdout):
+                    if stream is not None:
+                        await stream.aclose()
+
+    async def _start(self) -> None:
+        try:
+            process = await trio.lowlevel.open_process(
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as exc:
+            _log.warning("process_engine.standby_failed", error=repr(exc))
+            return
+        finally:
+            self._starting = False
+        if self._closed:
+            _kill(process)
+            with trio.CancelScope(shield=True):
+                await _wait_reaped(process)
+            return
+        self._spare = process
+
+
 @dataclass(eq=False)
 class _Reply:
     event: trio.Event = field(default_factory=trio.Event)
@@ -169,6 +239,8 @@ class ProcessEngine:
         startup_timeout_ms: the limit for starting the worker and loading the model.
         shutdown_timeout_ms: how long `close` lets the worker stop before killing it.
         python_executable: the interpreter for the worker; the running one if None.
+        standby: where a worker started ahead of need waits; the engine adopts it if
+            one does, and has the next one started once its model is loaded.
     """
 
     def __init__(
@@ -186,6 +258,7 @@ class ProcessEngine:
         startup_timeout_ms: int = 60000,
         shutdown_timeout_ms: int = 5000,
         python_executable: str | None = None,
+        standby: WorkerStandby | None = None,
     ) -> None:
         self.path = str(path)
         self._load = Load(self.path, prefill_batch_size, completion_batch_size,
@@ -193,11 +266,11 @@ class ProcessEngine:
         self._on_step = on_step
         self._on_failure = on_failure
         self._start_soon = start_soon
-        self._heartbeat_ms = heartbeat_interval_ms
         self._silence_limit_s = SILENT_HEARTBEATS * heartbeat_interval_ms / 1000.0
         self._startup_timeout_s = startup_timeout_ms / 1000.0
         self._shutdown_timeout_s = shutdown_timeout_ms / 1000.0
-        self._python = python_executable or sys.executable
+        self._command = worker_command(python_executable, heartbeat_interval_ms)
+        self._standby = standby
 
         self._process: trio.Process | None = None
         self._outbox, self._outgoing = trio.open_memory_channel[bytes](math.inf)
@@ -247,13 +320,13 @@ class ProcessEngine:
         """
         if self._process is not None:
             raise RuntimeError("a ProcessEngine starts once")
-        command = [self._python, "-m", "corral.worker",
-                   "--heartbeat-ms", str(self._heartbeat_ms), "--parent-pid", str(os.getpid())]
         problem: str | None = None
         try:
             with trio.move_on_after(self._startup_timeout_s) as startup:
-                self._process = await trio.lowlevel.open_process(
-                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self._process = self._standby.take() if self._standby is not None else None
+                if self._process is None:
+                    self._process = await trio.lowlevel.open_process(
+                        self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
                 self._start_soon(self._run)
                 await self._hello.wait()
                 if self._process.returncode is None and not self._stopped:
@@ -266,6 +339,8 @@ class ProcessEngine:
             raise
         answer = self._load_answer
         if isinstance(answer, Loaded):
+            if self._standby is not None:
+                self._standby.replenish()
             return answer.info
         if isinstance(answer, LoadFailed):
             await self.close()

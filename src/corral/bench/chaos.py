@@ -4,13 +4,12 @@
 enough never to give up. First a run with no fault gives each prompt's reference text;
 then, per signal (SIGKILL, and SIGSEGV as a crash from inside), the same load at
 concurrency 16 runs while a killer sends that signal to the model's worker every few
-seconds. The worker is found as a child of the server process (`/proc/<pid>/task/*/
-children`, cmdline `corral.worker`). Figures per run: requests completed, failed by error
-code, lost (no final response: must be 0), hung (no end within the per-request timeout:
-must be 0), completed with a text other than the fault-free run's (greedy requests are
-resumed, so 0 is expected), restarts (from `/metrics`, `corral_actor_restarts_total`)
-and time to recover: from a kill to the first token any client received after the
-replacement worker appeared.
+seconds: the worker `/health` names as serving the model (a standby worker waits beside
+it). Figures per run: requests completed, failed by error code, lost (no final response:
+must be 0), hung (no end within the per-request timeout: must be 0), completed with a
+text other than the fault-free run's (greedy requests are resumed, so 0 is expected),
+restarts (from `/metrics`, `corral_actor_restarts_total`) and time to recover: from a
+kill to the first token any client received after another worker served.
 
 `corral serve` has no remote fault-injection hook (JSON-RPC exposes no `inject_fault`;
 only the embedded `Runtime.inject_fault` does), so engine errors are injected as
@@ -20,7 +19,6 @@ signals to the worker from outside, the way the OS would deliver them.
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
 import re
@@ -48,7 +46,7 @@ from corral.bench.report import goal, percentile, print_table, write_result
 from corral.bench.serve import ServerProcess, corral_server
 from corral.tiny import default_model_path
 
-__all__ = ["main"]
+__all__ = ["main", "serving_worker_pid"]
 
 _CONFIG = (
     "generation:\n  isolation: process\n"
@@ -78,35 +76,32 @@ class Kill(msgspec.Struct):
     replaced_at: float = math.nan
 
 
-def worker_pids(server_pid: int) -> list[int]:
-    """The pids of `corral.worker` processes that are children of `server_pid`."""
-    pids = []
-    for path in glob.glob(f"/proc/{server_pid}/task/*/children"):
-        with contextlib.suppress(OSError):
-            pids += [int(pid) for pid in Path(path).read_text().split()]
-    workers = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if b"corral.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                workers.append(pid)
-    return sorted(set(workers))
+async def serving_worker_pid(base_url: str) -> int | None:
+    """The pid of the worker serving the first model, as `/health` reports it (the
+    standby worker beside it serves nothing); None while it restarts."""
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        health = msgspec.json.decode((await client.get(f"{base_url}/health")).content)
+    for model in health.get("models", []):
+        if model.get("state") == "ready" and model.get("worker_pid") is not None:
+            return int(model["worker_pid"])
+    return None
 
 
-async def _killer(server_pid: int, signum: signal.Signals, parameters: dict[str, Any],
+async def _killer(base_url: str, signum: signal.Signals, parameters: dict[str, Any],
                   first_done: trio.Event, kills: list[Kill]) -> None:
     """`first_kill_s` after the first request completed, then every `kill_interval_s`,
-    send `signum` to the worker; note when a new one appears."""
+    send `signum` to the serving worker; note when another one serves."""
     await first_done.wait()  # so that even a short load is killed mid-flight
     await trio.sleep(parameters["first_kill_s"])
     while len(kills) < parameters["max_kills"]:
-        victims = worker_pids(server_pid)
-        if victims:
-            kill = Kill(victims[0], signum.name, time.perf_counter())
+        victim = await serving_worker_pid(base_url)
+        if victim is not None:
+            kill = Kill(victim, signum.name, time.perf_counter())
             with contextlib.suppress(ProcessLookupError):
                 os.kill(kill.pid, signum)
             kills.append(kill)
             with trio.move_on_after(_REPLACED_S):
-                while not [p for p in worker_pids(server_pid) if p != kill.pid]:
+                while await serving_worker_pid(base_url) in (None, kill.pid):
                     await trio.sleep(0.005)
                 kill.replaced_at = time.perf_counter()
         await trio.sleep(parameters["kill_interval_s"])
@@ -145,13 +140,14 @@ async def _faulted(server: ServerProcess, prompts: list[str], load: Load,
 
     async with trio.open_nursery() as nursery:
         if signum is not None:
-            nursery.start_soon(_killer, server.pid, signum, parameters, first_done, kills)
+            nursery.start_soon(_killer, server.target.base_url, signum, parameters,
+                               first_done, kills)
         run = await run_load(server.target, prompts, load, max_tokens=parameters["max_tokens"],
                              timeout_s=parameters["timeout_s"], on_done=done)
         nursery.cancel_scope.cancel()
     # A kill right at the end may still be restarting; let the count settle.
     with trio.move_on_after(_REPLACED_S):
-        while not worker_pids(server.pid):
+        while await serving_worker_pid(server.target.base_url) is None:
             await trio.sleep(0.05)
     after = await _restarts(server.target.base_url)
     restarts = {actor: count - before.get(actor, 0.0) for actor, count in after.items()

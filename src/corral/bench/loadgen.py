@@ -27,7 +27,7 @@ import trio
 from corral.bench.report import percentile
 
 __all__ = ["Load", "Record", "Slo", "Target", "arrival_offsets", "random_prompts",
-           "run_load", "summarize"]
+           "run_load", "stream_request", "summarize"]
 
 Outcome = Literal["completed", "failed", "lost", "hung"]
 
@@ -84,6 +84,7 @@ class Record(msgspec.Struct):
     ended: float = math.nan
     output_tokens: int = 0
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
     finish_reason: str | None = None
     outcome: Outcome = "lost"
     code: str | None = None
@@ -178,16 +179,19 @@ def _apply_event(record: Record, data: bytes, now: float) -> bool:
     if usage:
         record.output_tokens = int(usage["completion_tokens"])
         record.prompt_tokens = int(usage["prompt_tokens"])
+        details = usage.get("prompt_tokens_details") or {}
+        if "cached_tokens" in details:
+            record.cached_tokens = int(details["cached_tokens"])
     return False
 
 
-async def _stream_one(client: httpx.AsyncClient, target: Target, prompt: str,
-                      max_tokens: int, record: Record) -> None:
-    """Send one streaming completion and fill `record`, except `outcome` on a hang."""
+async def stream_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                         record: Record) -> None:
+    """POST one streaming completion or chat completion (`body` as the OpenAI API
+    takes it) and fill `record` from its SSE events, except `outcome` on a hang."""
     record.sent = time.perf_counter()
     try:
-        async with client.stream("POST", f"{target.base_url}/v1/completions",
-                                 json=_body(target, prompt, max_tokens)) as response:
+        async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
                 raw = await response.aread()
                 try:
@@ -236,7 +240,8 @@ async def run_load(target: Target, prompts: Sequence[str], load: Load, *, max_to
     async def one(client: httpx.AsyncClient, i: int) -> None:
         record = records[i]
         with trio.move_on_after(timeout_s) as scope:
-            await _stream_one(client, target, prompts[i % len(prompts)], max_tokens, record)
+            await stream_request(client, f"{target.base_url}/v1/completions",
+                                 _body(target, prompts[i % len(prompts)], max_tokens), record)
         if scope.cancelled_caught:
             record.outcome, record.code = "hung", "client timeout"
             record.ended = time.perf_counter()
