@@ -1,4 +1,5 @@
-"""`corral bench serve`, `chaos` and `plot` in smoke mode, so the harness cannot rot.
+"""`corral bench serve`, `prefix-cache`, `chaos` and `plot` in smoke mode, so the
+harness cannot rot.
 
 Each starts real servers (`corral serve` twice, `mlx_lm.server`) on 127.0.0.1 with the
 tiny model and sends a handful of requests. They check the harness, not the figures: no
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from corral.bench import chaos, plot, serve
+from corral.bench import chaos, plot, prefix_cache, serve
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +82,23 @@ def test_chaos_loses_and_hangs_no_request_when_the_worker_is_killed(tmp_path: Pa
     assert document["results"]["server_survived"] is True
     written = plot.main(results_dir=tmp_path, output_dir=tmp_path)
     assert [p.name for p in written] == ["chaos.png"]
+
+
+def test_prefix_cache_runs_the_chat_and_the_resume_against_every_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where a smoke run must not write benchmarks/results/
+    results = prefix_cache.main(smoke=True)
+    assert not (tmp_path / "benchmarks").exists()
+    chat = results["chat"]
+    assert set(chat) == {"mlx_lm.server", "corral serve", "corral serve, prefix cache off"}
+    for target, summary in chat.items():
+        assert summary["completed"] == summary["requests"] == 4, (target, summary)
+        assert 0 < summary["ttft_ms"]["p50"] <= summary["ttft_ms"]["p99"]
+    # The second turn resends the first: both caches must hit, and the one switched
+    # off must not.
+    assert chat["corral serve"]["cached_tokens"] > 0
+    assert chat["mlx_lm.server"]["cached_tokens"] > 0
+    assert chat["corral serve, prefix cache off"]["cached_tokens"] == 0
+    resume = results["resume"]
+    for variant in ("with disk tier", "without disk tier"):
+        assert all(gap > 0 for gap in resume[variant]["kill_to_next_token_s"])

@@ -155,17 +155,84 @@ async def test_exceeding_max_restarts_fails_the_model_and_holds_its_circuit_open
         assert all(d.state == "running" for d in health.domains)
 
 
+def worker_processes(parent: int | None = None) -> set[int]:
+    """The live `corral.worker` children of `parent` (this process by default)."""
+    parent = parent or os.getpid()
+    children: set[int] = set()
+    for task in os.listdir(f"/proc/{parent}/task"):
+        try:
+            with open(f"/proc/{parent}/task/{task}/children") as listing:
+                children.update(int(pid) for pid in listing.read().split())
+        except OSError:
+            continue
+    workers = set()
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"corral.worker" in cmdline.read() and alive(pid):
+                    workers.add(pid)
+        except OSError:
+            continue
+    return workers
+
+
+async def standby_of(rt: Runtime, alias: str = "tiny") -> int:
+    """The pid of the worker waiting beside the serving one, once it has started."""
+    with trio.fail_after(30):
+        while True:
+            waiting = worker_processes() - {worker_pid(rt, alias)}
+            if len(waiting) == 1:
+                return waiting.pop()
+            await trio.sleep(0.02)
+
+
+async def test_a_restart_adopts_the_standby_worker_and_a_new_one_starts(
+        model_path: str) -> None:
+    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+        serving = worker_pid(rt)
+        assert serving is not None
+        standby = await standby_of(rt)
+        fault_free = (await rt.complete("tiny", PROMPT, **GREEDY)).text
+        with trio.fail_after(60):
+            text, killed = await stream_with_kill(rt, 8, **GREEDY)
+        assert killed == serving and text == fault_free
+        assert await wait_for_new_worker(rt, serving) == standby
+        next_standby = await standby_of(rt)
+        assert next_standby not in (serving, standby)
+        assert (await rt.complete("tiny", PROMPT, **GREEDY)).text == fault_free
+        workers = worker_processes()
+    assert workers == {standby, next_standby}
+    assert not any(alive(pid) for pid in workers), "closing the runtime left a worker"
+
+
+async def test_unloading_a_model_stops_its_standby_and_none_starts_when_off(
+        model_path: str) -> None:
+    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+        standby = await standby_of(rt)
+        await rt.unload_model("tiny")
+        assert not alive(standby)
+        assert worker_processes() == set()
+    off = config_from_mapping({"generation": {"isolation": "process"},
+                               "python_runtime": {"standby_worker": False}})
+    async with open_runtime(off, models={"tiny": model_path}) as rt:
+        assert (await rt.complete("tiny", PROMPT, max_tokens=4)).finish_reason == "length"
+        assert worker_processes() == {worker_pid(rt)}
+
+
 def test_a_killed_runtime_leaves_no_worker(model_path: str, tmp_path: Any) -> None:
     script = textwrap.dedent(f"""
         import sys, trio
         from corral.config import config_from_mapping
         from corral.runtime import open_runtime
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_isolation import worker_processes as workers
 
         async def main():
             config = config_from_mapping({{"generation": {{"isolation": "process"}}}})
             async with open_runtime(config, models={{"a": {model_path!r}, "b": {model_path!r}}}) as rt:
-                pids = [rt.engine_statistics(a).pid for a in ("a", "b")]
-                print(" ".join(map(str, pids)), flush=True)
+                while len(workers()) < 4:  # each model's worker and its standby
+                    await trio.sleep(0.02)
+                print(" ".join(map(str, workers())), flush=True)
                 await trio.sleep_forever()
 
         trio.run(main)
@@ -176,7 +243,7 @@ def test_a_killed_runtime_leaves_no_worker(model_path: str, tmp_path: Any) -> No
         assert parent.stdout is not None
         line = parent.stdout.readline()
         pids = [int(p) for p in line.split()]
-        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert len(pids) == 4 and all(alive(p) for p in pids)
         parent.kill()
         parent.wait(timeout=10)
         deadline = threading.Event()
