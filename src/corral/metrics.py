@@ -192,28 +192,26 @@ class _RuntimeCollector(Collector):
         yield retries
 
 
+_PREFIX_CACHE_METRICS = (
+    ("corral_prefix_cache_queries", CounterMetricFamily, "queries",
+     "Prompt tokens looked up in the prefix cache."),
+    ("corral_prefix_cache_hits", CounterMetricFamily, "hits",
+     "Prompt tokens whose KV came from the prefix cache."),
+    ("corral_prefix_cache_bytes", GaugeMetricFamily, "bytes",
+     "KV bytes the prefix cache holds in memory."),
+    ("corral_prefix_cache_disk_bytes", GaugeMetricFamily, "disk_bytes",
+     "Bytes of the prefix cache's files on disk."),
+    ("corral_prefix_cache_disk_loads", CounterMetricFamily, "disk_loads",
+     "Prefix cache files read back from disk."),
+)
+
+
 def _prefix_cache_metrics(runtime: Runtime) -> Iterator[Metric]:
     """The prefix cache of each model's live engine, named as vLLM names its own. The
     counters start over when an engine restarts (Prometheus' rate() expects that)."""
-    queries = CounterMetricFamily(
-        "corral_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-        labels=["model"])
-    hits = CounterMetricFamily(
-        "corral_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
-        labels=["model"])
-    held = GaugeMetricFamily(
-        "corral_prefix_cache_bytes", "KV bytes the prefix cache holds in memory.",
-        labels=["model"])
-    on_disk = GaugeMetricFamily(
-        "corral_prefix_cache_disk_bytes", "Bytes of the prefix cache's files on disk.",
-        labels=["model"])
-    loads = CounterMetricFamily(
-        "corral_prefix_cache_disk_loads", "Prefix cache files read back from disk.",
-        labels=["model"])
-    for alias, stats in runtime.prefix_cache_statistics().items():
-        queries.add_metric([alias], float(stats.queries))
-        hits.add_metric([alias], float(stats.hits))
-        held.add_metric([alias], float(stats.bytes))
-        on_disk.add_metric([alias], float(stats.disk_bytes))
-        loads.add_metric([alias], float(stats.disk_loads))
-    yield from (queries, hits, held, on_disk, loads)
+    by_model = runtime.prefix_cache_statistics()
+    for name, family, field, documentation in _PREFIX_CACHE_METRICS:
+        metric = family(name, documentation, labels=["model"])
+        for alias, stats in by_model.items():
+            metric.add_metric([alias], float(getattr(stats, field)))
+        yield metric
