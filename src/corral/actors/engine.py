@@ -726,7 +726,9 @@ class Engine:
         """The uid of a sequence still prefilling whose KV would save this one at least
         `_SHARE_AT_LEAST` tokens of prefill over what the cache holds now, or None.
 
-        Waiting for it costs no more than prefilling those tokens again would."""
+        Waiting for it costs no more than prefilling those tokens again would, as long
+        as they are at least half of what that sequence prefills: a short shared start
+        is not worth waiting behind a long prompt for."""
         if self._prefix is None:
             return None
         covered = self._prefix.covered(tokens)
@@ -734,7 +736,7 @@ class Engine:
         for seq in self._by_uid.values():
             if not seq.prefilled:
                 shared = min(common_prefix_length(seq.tokens, tokens), len(tokens) - 1)
-                if shared > best_shared:
+                if shared > best_shared and 2 * shared >= len(seq.tokens) - seq.cached_tokens:
                     best, best_shared = seq.uid, shared
         return best
 
@@ -787,11 +789,12 @@ class Engine:
             del self._waiting[seq.seq_id]
             self._start(seq, [*seq.prompt, *seq.generated])
 
-    def _keep(self, caches: dict[int, tuple[list[Any], list[int]]]) -> None:
+    def _keep(self, caches: dict[int, tuple[list[Any], list[int]]], *,
+              to_disk: bool = False) -> None:
         """Store sequences' KV (from `BatchGenerator.extract_cache` or `remove`)."""
         if self._prefix is not None:
             for cache, tokens in caches.values():
-                self._prefix.store(list(tokens), cache)
+                self._prefix.store(list(tokens), cache, to_disk=to_disk)
 
     def _step(self) -> None:
         if self._fault == "hang":
@@ -811,8 +814,10 @@ class Engine:
                 prefilled.append(seq.seq_id)
                 if self._prefix is not None:
                     # Kept now, not only at the end, so sequences running alongside
-                    # and a restart after a crash can start from this prompt's KV.
-                    self._keep(self._generator.extract_cache([response.uid]))
+                    # and a restart after a crash can start from this prompt's KV; the
+                    # disk tier keeps prompts only (a resume re-prefills the few tokens
+                    # generated), which halves what it writes.
+                    self._keep(self._generator.extract_cache([response.uid]), to_disk=True)
                     self._release_waiters(response.uid)
         outputs: list[TokenOut] = []
         stopped: list[int] = []

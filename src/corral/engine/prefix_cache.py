@@ -114,8 +114,9 @@ class PrefixCache:
             self._disk_hit_tokens += length
         return Hit(_view(entry, length), length)
 
-    def store(self, tokens: list[int], cache: list[Any]) -> None:
-        """Keep the KV of `tokens` (`cache` holds exactly them; it becomes the store's).
+    def store(self, tokens: list[int], cache: list[Any], *, to_disk: bool) -> None:
+        """Keep the KV of `tokens` (`cache` holds exactly them; it becomes the store's),
+        and with `to_disk` write it to the disk tier too.
 
         Stored prefixes that `tokens` extends are dropped, since this one serves them
         too; if a stored prefix already holds all of `tokens`, only its recency changes.
@@ -125,13 +126,19 @@ class PrefixCache:
         if len(tokens) < BLOCK:
             return
         key, length = self._index.longest(tokens)
-        if key is not None and length == len(tokens):
+        held = key is not None and length == len(tokens)
+        if held:
             self._entries.move_to_end(key)
+        disk = self._disk if to_disk and self._disk is not None else None
+        if disk is not None and disk.covers(tokens):
+            disk = None
+        if held and disk is None:
             return
         mx.eval([c.state for c in cache])
-        self._insert(tokens, cache)
-        if self._disk is not None:
-            self._disk.store(tokens, cache)
+        if not held:
+            self._insert(tokens, cache)
+        if disk is not None:
+            disk.store(tokens, cache)
 
     def statistics(self) -> PrefixCacheStatistics:
         disk = self._disk
@@ -157,10 +164,10 @@ class PrefixCache:
         """Add an entry, evicting the least recently used until it fits; None when it
         is larger than the whole bound (then nothing is evicted for it)."""
         nbytes = sum(c.nbytes for c in cache)
-        for covered in self._index.prefixes_of(tokens):
-            self._drop(covered)
         if nbytes > self._max_bytes:
             return None
+        for covered in self._index.prefixes_of(tokens):
+            self._drop(covered)
         while self._entries and self._bytes + nbytes > self._max_bytes:
             self._drop(next(iter(self._entries)))
             self._evictions += 1

@@ -4,14 +4,16 @@ A file holds one prefix's KV cache, written with `mlx_lm.models.cache.save_promp
 and read with `load_prompt_cache`. Its metadata names the model's identity and the
 prefix's token ids, so a worker that restarts after a crash, or the next `corral serve`
 run, finds what it can reuse by reading file headers only, and can never load another
-model's KV.
+model's KV. A BLAKE2 checksum of the tensor bytes, in the header too, is checked before
+a file is used, so a file whose KV was damaged is refused rather than decoded from.
 
 Writes happen in a writer thread, never in a step: a file is written under a temporary
 name and renamed into place, so a crash mid-write leaves no half file under a real
 name. Reads happen in the engine thread, when a lookup finds a longer prefix on disk
 than in memory. A corrupt, truncated or foreign file is deleted with a warning and
 counted; it never fails the engine. The directory is bounded in bytes, least recently
-used first.
+used first; a file counts at its size on disk once written (until then at its KV's
+size), so while writes are queued the directory may pass the bound by what they add.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ _TEMPORARY: Final = re.compile(r"^\.tmp-(\d+)-")
 # save_prompt_cache stores its metadata dict as the first member of a flattened tree.
 _META: Final = "0."
 _MAX_HEADER: Final = 1 << 26
+_CHECKSUM_KEY: Final = "corral_checksum"
+_UNSUMMED: Final = "0" * 64  # written first, replaced in place by the real checksum
+_CHUNK: Final = 1 << 20
 
 
 def model_identity(path: str, config: dict[str, Any], model: Any) -> str:
@@ -60,7 +65,7 @@ def model_identity(path: str, config: dict[str, Any], model: Any) -> str:
 @dataclass
 class _File:
     path: Path
-    nbytes: int
+    nbytes: int  # the KV's size until written, the file's size from then on
     written: bool  # False while the writer thread still has it queued
 
 
@@ -85,7 +90,10 @@ class DiskPrefixStore:
         self._files: OrderedDict[str, _File] = OrderedDict()  # least recently used first
         self._index: PrefixIndex[str] = PrefixIndex()
         self._bytes = 0
-        self._lock = threading.Lock()  # guards the counters the writer thread updates
+        # Guards what the writer thread touches: the counters, a file's rename into place
+        # against its deletion, and the sizes of the files it wrote.
+        self._lock = threading.Lock()
+        self._written: list[tuple[str, int]] = []
         self.writes = 0
         self.loads = 0
         self.errors = 0
@@ -104,6 +112,7 @@ class DiskPrefixStore:
 
     def longest(self, tokens: list[int]) -> tuple[str | None, int]:
         """The written file sharing the longest prefix with `tokens`, and that length."""
+        self._absorb()
         name, length = self._index.longest(tokens)
         if name is None or not self._files[name].written:
             return None, 0
@@ -123,6 +132,7 @@ class DiskPrefixStore:
         file = self._files[name]
         tokens = self._index.tokens(name)
         try:
+            _verify(file.path)
             cache, metadata = load_prompt_cache(str(file.path), return_metadata=True)
             mx.eval([c.state for c in cache])
             if metadata.get("corral_model") != self._identity or any(
@@ -140,6 +150,7 @@ class DiskPrefixStore:
     def store(self, tokens: list[int], cache: list[Any]) -> None:
         """Queue one prefix (its KV already evaluated) for writing, unless a file holds
         it already. Files it extends are deleted; the oldest go until the bound holds."""
+        self._absorb()
         nbytes = sum(c.nbytes for c in cache)
         if len(tokens) < self.min_tokens or nbytes > self._max_bytes or self.covers(tokens):
             return
@@ -153,7 +164,8 @@ class DiskPrefixStore:
         self._index.add(name, tokens)
         self._bytes += nbytes
         metadata = {"corral_format": _FORMAT, "corral_model": self._identity,
-                    "corral_tokens": json.dumps(tokens, separators=(",", ":"))}
+                    "corral_tokens": json.dumps(tokens, separators=(",", ":")),
+                    _CHECKSUM_KEY: _UNSUMMED}
         self._jobs.put((name, path, cache, metadata))
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, daemon=True,
@@ -165,6 +177,7 @@ class DiskPrefixStore:
         if self._writer is not None:
             self._jobs.put(None)
             self._writer.join(timeout)
+        self._absorb()
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -198,18 +211,18 @@ class DiskPrefixStore:
         file is truncated or not a cache file of this model."""
         size = path.stat().st_size
         with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if not 0 < length <= min(_MAX_HEADER, size - 8):
-                raise ValueError("bad safetensors header length")
-            header = json.loads(f.read(length))
+            start, raw = _header(f)
+        if start > size:
+            raise ValueError("truncated inside the header")
+        header = json.loads(raw)
         metadata = header.pop("__metadata__", {})
         if metadata.get(_META + "corral_format") != _FORMAT:
             raise ValueError("not a corral prefix cache file")
         if metadata.get(_META + "corral_model") != self._identity:
             raise ValueError("the file belongs to another model")
         end = max((t["data_offsets"][1] for t in header.values()), default=0)
-        if 8 + length + end != size:
-            raise ValueError(f"truncated: {size} bytes, the header says {8 + length + end}")
+        if start + end != size:
+            raise ValueError(f"truncated: {size} bytes, the header says {start + end}")
         tokens = json.loads(metadata[_META + "corral_tokens"])
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ValueError("bad token list")
@@ -223,11 +236,25 @@ class DiskPrefixStore:
             self._forget(name)
         path.unlink(missing_ok=True)
 
+    def _absorb(self) -> None:
+        """Count written files at their size on disk, then evict until the bound holds."""
+        with self._lock:
+            written, self._written = self._written, []
+        for name, size in written:
+            file = self._files.get(name)
+            if file is not None:
+                self._bytes += size - file.nbytes
+                file.nbytes = size
+        while self._files and self._bytes > self._max_bytes:
+            self._delete(next(iter(self._files)))
+
     def _delete(self, name: str) -> None:
-        file = self._forget(name)
-        if file is not None and file.written:
-            file.path.unlink(missing_ok=True)
-        # A file still queued is dropped by the writer: it sees the name is gone.
+        # Under the lock, so that the writer renames a file into place only while it is
+        # wanted; a file still queued is dropped by the writer, which sees it is gone.
+        with self._lock:
+            file = self._forget(name)
+            if file is not None and file.written:
+                file.path.unlink(missing_ok=True)
 
     def _forget(self, name: str) -> _File | None:
         file = self._files.pop(name, None)
@@ -246,19 +273,60 @@ class DiskPrefixStore:
             temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
             try:
                 save_prompt_cache(str(temporary), cache, metadata)
-                file = self._files.get(name)
-                if file is None or file.path != path:
-                    temporary.unlink(missing_ok=True)  # deleted while queued
-                    continue
-                os.replace(temporary, path)
-                file.written = True
+                _seal(temporary)
                 with self._lock:
+                    file = self._files.get(name)
+                    if file is None or file.path != path:
+                        temporary.unlink(missing_ok=True)  # deleted while queued
+                        continue
+                    os.replace(temporary, path)
+                    file.written = True
+                    self._written.append((name, path.stat().st_size))
                     self.writes += 1
             except Exception as exc:
                 temporary.unlink(missing_ok=True)
                 _log.warning("prefix_cache.write_failed", path=str(path), error=repr(exc))
                 with self._lock:
                     self.errors += 1
+
+
+def _header(f: Any) -> tuple[int, bytes]:
+    """The safetensors header of an open file: where its data starts, and its bytes."""
+    (length,) = struct.unpack("<Q", f.read(8))
+    if not 0 < length <= _MAX_HEADER:
+        raise ValueError("bad safetensors header length")
+    return 8 + length, f.read(length)
+
+
+def _data_checksum(f: Any, start: int) -> str:
+    digest = hashlib.blake2b(digest_size=32)
+    f.seek(start)
+    while chunk := f.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _seal(path: Path) -> None:
+    """Write the checksum of a file's tensor bytes over the placeholder in its header
+    (the same length, so nothing moves)."""
+    placeholder = f'"{_META}{_CHECKSUM_KEY}":"{_UNSUMMED}"'.encode()
+    with path.open("r+b") as f:
+        start, header = _header(f)
+        at = header.find(placeholder)
+        if at < 0:
+            raise ValueError("no checksum placeholder in the header")
+        checksum = _data_checksum(f, start)
+        f.seek(8 + at + len(placeholder) - len(_UNSUMMED) - 1)
+        f.write(checksum.encode())
+
+
+def _verify(path: Path) -> None:
+    """Raise unless the file's tensor bytes match the checksum in its header."""
+    with path.open("rb") as f:
+        start, header = _header(f)
+        expected = json.loads(header).get("__metadata__", {}).get(_META + _CHECKSUM_KEY)
+        if expected in (None, _UNSUMMED) or _data_checksum(f, start) != expected:
+            raise ValueError("the tensor bytes do not match the file's checksum")
 
 
 def _alive(pid: int) -> bool:
