@@ -16,6 +16,8 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +50,7 @@ _log = structlog.get_logger("corral.engine")
 FaultKind = Literal["raise", "hang"]
 
 _MASK64 = (1 << 64) - 1
+_OS_THREAD_EXIT_S = 5.0  # a bound on waiting for an engine thread's OS-level exit
 # A sequence waits for a sequence ahead of it to finish prefilling when that one will
 # compute at least this many of its leading tokens that no cache holds yet.
 _SHARE_AT_LEAST = 2 * BLOCK
@@ -458,6 +461,12 @@ class Engine:
         after this returns, and calls still waiting fail with ModelNotLoaded. An engine
         never started closes at once. On cancellation the thread still stops, but this
         no longer waits for it.
+
+        "Exited" means the OS thread is gone, not only the Python thread: its
+        thread-local destructors run after `Thread.is_alive()` turns False, and MLX's
+        per-thread compile cache calls back into Python there. If the interpreter
+        finalizes meanwhile, the process aborts ("terminate called without an active
+        exception"), so an owner about to exit must wait for this.
         """
         if self._thread is None:
             self._stopped = True
@@ -467,6 +476,9 @@ class Engine:
         # The exit callback is the thread's last act, so this loop ends at once.
         while self._thread.is_alive():
             await trio.sleep(0.001)
+        with trio.move_on_after(_OS_THREAD_EXIT_S):
+            while not _os_thread_gone(self._thread):
+                await trio.sleep(0.001)
 
     def close_nowait(self) -> None:
         """Tell the engine thread to stop after its current step; do not wait.
@@ -873,6 +885,21 @@ class Engine:
             mx.clear_cache()
         except Exception as exc:  # the thread must still report its exit
             _log.warning("engine.teardown_failed", path=self.path, error=repr(exc))
+
+
+def _os_thread_gone(thread: threading.Thread) -> bool:
+    """Whether the OS thread behind a finished `thread` has ended, its thread-local
+    destructors included: its /proc entry is gone (Linux), or it no longer takes a
+    signal (elsewhere)."""
+    if sys.platform == "linux" and thread.native_id is not None:
+        return not os.path.exists(f"/proc/self/task/{thread.native_id}")
+    if thread.ident is None:
+        return True
+    try:
+        signal.pthread_kill(thread.ident, 0)
+    except (ProcessLookupError, OSError):
+        return True
+    return False
 
 
 class _Halted(Exception):
