@@ -167,6 +167,8 @@ async def test_output_equals_the_in_process_engine(
         for i, ids in enumerate(prompts):
             engine.submit(seq(100 + i, ids))
         await recorder.wait_finished(*(100 + i for i in range(len(prompts))))
+        # Heartbeats start with the Load (a standby worker is silent until adopted).
+        await wait_until(lambda: engine.statistics().last_heartbeat_at is not None)
         stats = engine.statistics()
         await wait_until(lambda: engine.statistics().queued == 0)
     for seq_id in (0, *(100 + i for i in range(len(prompts)))):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -26,11 +26,20 @@ OutputOption = Annotated[Path | None, typer.Option("--output-dir",
 def serve(
     config: Annotated[Path | None, typer.Option(help="A runtime.yaml.")] = None,
     model: Annotated[list[str] | None, typer.Option(
-        help="PATH_OR_ID or ALIAS=PATH_OR_ID; repeatable. Default: the tiny model.")] = None,
+        help="PATH_OR_ID or ALIAS=PATH_OR_ID; repeatable. Default: the tiny test model.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(
+        help="Address of the HTTP API (default: server.http_host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(
+        help="Port of the HTTP API (default: server.http_port, 8000).", min=0, max=65535)
+    ] = None,
     http: Annotated[str | None, typer.Option(
-        help="HOST:PORT for the OpenAI-compatible API ('' to disable).")] = None,
+        help="HOST:PORT for the HTTP API, '' to disable it.")] = None,
     jsonrpc: Annotated[list[str] | None, typer.Option(
-        help="stdio, tcp://HOST:PORT or unix://PATH; repeatable.")] = None,
+        help="stdio, tcp://HOST:PORT or unix://PATH; repeatable. With stdio alone, HTTP "
+             "is off unless --http, --host or --port is given.")] = None,
+    log_level: Annotated[str | None, typer.Option(
+        help="debug, info, warning, error or critical (default: logging.level).")] = None,
     env: Annotated[str | None, typer.Option(
         help="Environment overlay; defaults to $CORRAL_ENV.")] = None,
 ) -> None:
@@ -39,11 +48,19 @@ def serve(
     from corral.logging import configure_logging
     from corral.server.serve import ServeOptions, main, parse_host_port
 
+    overrides: dict[str, Any] = {}
+    if log_level is not None:
+        overrides["logging"] = {"level": log_level}
     try:
-        runtime_config = load_config(config, env=env)
+        runtime_config = load_config(config, env=env, overrides=overrides)
     except ConfigError as exc:
         typer.echo(f"corral: bad config: {'; '.join(exc.errors)}", err=True)
         raise typer.Exit(2) from None
+    if http is None and (host is not None or port is not None):
+        server = runtime_config.server
+        http = f"{host or server.http_host}:{server.http_port if port is None else port}"
+    elif http is None and list(jsonrpc or ()) == ["stdio"]:
+        http = ""  # stdout carries JSON-RPC; a listener nobody asked for is a surprise
     if http:
         try:
             parse_host_port(http)
@@ -52,7 +69,22 @@ def serve(
             raise typer.Exit(2) from None
     configure_logging(runtime_config.logging)
     options = ServeOptions(models=tuple(model or ()), http=http, jsonrpc=tuple(jsonrpc or ()))
-    raise typer.Exit(main(runtime_config, options))
+    main(runtime_config, options)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        typer.echo(f"corral {importlib.metadata.version('corral')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")]
+             = False) -> None:
+    """corral: a fault-tolerant runtime for serving language models with MLX."""
 
 
 @app.command("make-tiny-model")

@@ -398,6 +398,7 @@ _EVENT_NAMES: dict[str, str] = {
     "start_failed": "actor.start_failed",
 }
 _ALARMING = frozenset({"exited", "intensity_exceeded", "start_failed"})
+_ROUTINE = frozenset({"started", "stopped"})  # every start and shutdown: debug level
 
 
 class Listener(Protocol):
@@ -453,7 +454,12 @@ class ActorSystem:
             fields["attempt"] = event.attempt
         if event.delay_s:
             fields["delay_s"] = round(event.delay_s, 6)
-        log = _log.warning if event.kind in _ALARMING else _log.info
+        if event.kind in _ALARMING and (event.reason is None or event.reason.abnormal):
+            log = _log.warning
+        elif event.kind in _ROUTINE or event.kind in _ALARMING:
+            log = _log.debug
+        else:
+            log = _log.info
         log(_EVENT_NAMES[event.kind], **fields)
         for listener in list(self._listeners):
             listener(event)

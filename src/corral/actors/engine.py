@@ -655,7 +655,7 @@ class Engine:
         )
         self._prefix = self._open_prefix_cache(model, config)
         max_context = config.get("max_position_embeddings")
-        _log.info("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
+        _log.debug("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
         return ModelInfo(
             path=self.path,
             vocab_size=self._vocab_size,
