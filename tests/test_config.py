@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import msgspec
@@ -13,6 +15,7 @@ from corral.config import (
     RetryConfig,
     RuntimeConfig,
     config_from_mapping,
+    config_warnings,
     deep_merge,
     load_config,
     render_config,
@@ -73,7 +76,7 @@ def test_seed_defaults() -> None:
     assert cfg.python_runtime.max_restarts == 3
     assert cfg.python_runtime.restart_delay_base_ms == 1000
     assert cfg.stream_registry.default_timeout_ms == 300000
-    assert cfg.stream_registry.max_active_streams == 10
+    assert cfg.stream_registry.max_active_streams == 32 == cfg.generation.completion_batch_size
 
 
 def test_retryable_error_names_resolve_to_codes() -> None:
@@ -267,3 +270,37 @@ def test_render_round_trip_with_models(tmp_path: Path) -> None:
         }
     )
     assert load_config(_write(tmp_path, render_config(cfg))) == cfg
+
+
+def test_every_error_of_a_file_is_reported_in_one_run(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("json_rpc:\n  retry:\n    jitter: 2\n    max_attempts: 0\n  nope: 1\n"
+                   "stream_registry:\n  max_active_streams: -1\n"
+                   "generation:\n  isolation: fork\n  default_max_tokens: 9000\n"
+                   "logging:\n  level: loud\n")
+    result = subprocess.run([sys.executable, "-m", "corral.cli", "check-config", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: json_rpc.retry.jitter: expected <= 1",
+        "error: json_rpc.retry.max_attempts: expected >= 1",
+        "error: json_rpc.nope: unknown key",
+        "error: stream_registry.max_active_streams: expected >= 1",
+        "error: generation.isolation: expected one of 'process', 'thread', got 'fork'",
+        "error: generation.default_max_tokens: expected <= max_tokens_limit",
+        "error: logging.level: expected one of 'critical', 'debug', 'error', 'info', "
+        "'warning', got 'loud'",
+    ]
+    good = tmp_path / "good.yaml"
+    good.write_text("stream_registry:\n  max_active_streams: 8\n")
+    result = subprocess.run([sys.executable, "-m", "corral.cli", "check-config", str(good)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "max_active_streams: 8" in result.stdout
+
+
+def test_an_admission_limit_unlike_the_batch_size_is_warned_about() -> None:
+    assert config_warnings(RuntimeConfig()) == []
+    narrow = config_from_mapping({"stream_registry": {"max_active_streams": 10}})
+    [warning] = config_warnings(narrow)
+    assert warning.startswith("stream_registry.max_active_streams (10) differs from "
+                              "generation.completion_batch_size (32)")

@@ -100,7 +100,7 @@ def make_tiny_model(directory: Path, seed: int = 0, context: int = 2048) -> None
 def check_config(path: Path, env: Annotated[str | None, typer.Option(
         help="Environment overlay; defaults to $CORRAL_ENV.")] = None) -> None:
     """Print the resolved configuration of PATH, or its errors (exit code 1)."""
-    from corral.config import ConfigError, load_config, render_config
+    from corral.config import ConfigError, config_warnings, load_config, render_config
 
     try:
         config = load_config(path, env=env)
@@ -108,6 +108,8 @@ def check_config(path: Path, env: Annotated[str | None, typer.Option(
         for error in exc.errors:
             typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
+    for warning in config_warnings(config):
+        typer.echo(f"warning: {warning}", err=True)
     sys.stdout.write(render_config(config))
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "StreamRegistryConfig",
     "SupervisionConfig",
     "config_from_mapping",
+    "config_warnings",
     "default_prefix_cache_bytes",
     "deep_merge",
     "load_config",
@@ -184,7 +185,7 @@ class StreamRegistryConfig(_Section):
     """Admission, deadlines and idle-reader limits of the stream registry."""
 
     default_timeout_ms: _PositiveInt = 300000
-    max_active_streams: _PositiveInt = 10
+    max_active_streams: _PositiveInt = 32  # = generation.completion_batch_size
     max_queued: _NonNegativeInt = 64
     idle_reader_timeout_ms: _PositiveInt = 30000
     overloaded_retry_after_ms: _NonNegativeInt = 1000
@@ -409,6 +410,20 @@ def load_config(
     return _validate(data, check_overlays=False)
 
 
+def config_warnings(cfg: RuntimeConfig) -> list[str]:
+    """Settings that are valid but work against each other, one line each."""
+    warnings = []
+    active = cfg.stream_registry.max_active_streams
+    batch = cfg.generation.completion_batch_size
+    if active != batch:
+        effect = ("requests wait for a whole generation while the batch has room"
+                  if active < batch else "streams beyond the batch wait inside the engine")
+        warnings.append(
+            f"stream_registry.max_active_streams ({active}) differs from "
+            f"generation.completion_batch_size ({batch}): {effect}")
+    return warnings
+
+
 def render_config(cfg: RuntimeConfig) -> str:
     """The configuration as YAML, in declaration order; `load_config` reads it back."""
     return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
@@ -476,7 +491,36 @@ def _decode(data: Mapping[str, Any]) -> tuple[RuntimeConfig | None, list[str]]:
     try:
         return msgspec.convert(data, RuntimeConfig), []
     except msgspec.ValidationError as exc:
-        return None, [_translate(exc)]
+        return None, _every_error(data, RuntimeConfig, "") or [_translate(exc)]
+
+
+def _every_error(data: Any, section: type[_Section], path: str) -> list[str]:
+    """Every problem in `data` for `section`, not only the first that msgspec meets:
+    each key is checked on its own (sections key by key), then the whole section for
+    the checks that span keys."""
+    if not isinstance(data, Mapping):
+        return _section_errors(data, section, path)
+    fields = {f.name: f.type for f in msgspec.structs.fields(section)}
+    errors: list[str] = []
+    for key, value in data.items():
+        where = _join(path, str(key))
+        if key not in fields:
+            errors.append(f"{where}: unknown key")
+            continue
+        kind = fields[key]
+        if isinstance(kind, type) and issubclass(kind, _Section) and isinstance(value, Mapping):
+            errors.extend(_every_error(value, kind, where))
+        else:
+            errors.extend(_section_errors({key: value}, section, path))
+    return errors or _section_errors(data, section, path)
+
+
+def _section_errors(data: Any, section: type[_Section], path: str) -> list[str]:
+    try:
+        msgspec.convert(data, section)
+    except msgspec.ValidationError as exc:
+        return [_translate(exc, path)]
+    return []
 
 
 _FIELD: Final = re.compile(
@@ -490,12 +534,17 @@ _ENUM: Final = re.compile(r"^Invalid enum value (?P<value>.*)$")
 _MSGSPEC_KINDS: Final = {"object": "mapping", "array": "list"}
 
 
-def _translate(exc: msgspec.ValidationError) -> str:
-    """msgspec's `<Message> - at `$.a.b`` as `a.b: <message>`."""
+def _translate(exc: msgspec.ValidationError, prefix: str = "") -> str:
+    """msgspec's `<Message> - at `$.a.b`` as `a.b: <message>` (under `prefix`, the path
+    of the section that was decoded)."""
     message, at, where = str(exc).rpartition(" - at `$")
     if not at:
         message, where = where, ""
-    path = where.rstrip("`").lstrip(".")
+    relative = where.rstrip("`").lstrip(".")
+    if not prefix or not relative:
+        path = prefix or relative
+    else:
+        path = prefix + relative if relative.startswith("[") else f"{prefix}.{relative}"
     cause = exc.__cause__
     if isinstance(cause, _FieldError):
         return f"{_join(path, cause.field)}: {cause}"
