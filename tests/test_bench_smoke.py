@@ -54,3 +54,16 @@ def test_the_generation_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     # step after the one that ends its prefill, and a join stalls no decoding stream.
     assert results["late_join_steps_prefill_to_first_token_max"] == 1
     assert results["late_join_others_missed_tokens"] == 0
+
+
+def test_a_smoke_run_never_writes_the_committed_results(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # where benchmarks/results/ would be
+    resilience.main(smoke=True)
+    assert not (tmp_path / "benchmarks").exists()
+    written = [Path(line.removeprefix("results: ")) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("results: ")]
+    assert sorted(p.name for p in written) == ["resilience.json", "retry_storm.json"]
+    for path in written:
+        _written(path.parent, path.stem)

@@ -226,5 +226,5 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         ("restart p50 / p99 ms", results["restart_p50_ms"], results["restart_p99_ms"], "-"),
     ], goals)
     write_result("actors", {**parameters, "smoke": smoke}, results, goals,
-                 directory=output_dir)
+                 directory=output_dir, smoke=smoke)
     return results

@@ -230,5 +230,5 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
                            "no remote fault-injection hook",
         "recover": "kill to the first token any client received after the replacement "
                    "worker process appeared",
-    }, results_all, goals, directory=output_dir)
+    }, results_all, goals, directory=output_dir, smoke=smoke)
     return results_all

@@ -414,5 +414,5 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         "statistic": "median over rounds; reference and runtime rounds alternate; ratio "
                      "of each round's pair",
         "decode": "tokens after the first read over the time after it",
-        "clock": "wall clock (time.perf_counter)"}, results, goals, directory=output_dir)
+        "clock": "wall clock (time.perf_counter)"}, results, goals, directory=output_dir, smoke=smoke)
     return results

@@ -199,7 +199,7 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
             ("restart to loaded", "restart_to_loaded"))),
     ], goals)
     write_result("isolation", {**parameters, "model": "tiny", "smoke": smoke}, results, goals,
-                 directory=output_dir)
+                 directory=output_dir, smoke=smoke)
     return results
 
 

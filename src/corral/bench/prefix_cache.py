@@ -282,11 +282,8 @@ def _goals(chat: dict[str, Any], resume: dict[str, Any]) -> list[Goal]:
 
 
 def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
-    """Run both parts, print their tables and write ``prefix_cache.json`` (a smoke run
-    writes to a temporary directory unless `output_dir` is given)."""
+    """Run both parts, print their tables and write ``prefix_cache.json``."""
     p = dict(_SMOKE if smoke else _FULL)
-    if smoke and output_dir is None:
-        output_dir = Path(tempfile.mkdtemp(prefix="corral-bench-smoke-"))
     model_path = str(default_model_path())
     with tempfile.TemporaryDirectory(prefix="corral-bench-prefix-") as directory, \
             Progress(transient=True) as progress:
@@ -312,13 +309,12 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
                 [(name, f"{r['median_s']:.3f}", ", ".join(f"{g:.3f}" for g in
                                                            r["kill_to_next_token_s"]))
                  for name, r in resume.items() if name != "ratio"], goals)
-    path = write_result("prefix_cache", {
+    write_result("prefix_cache", {
         **p, "smoke": smoke, "model": model_path,
         "targets": {BASELINE: "python -m mlx_lm.server --model MODEL (its defaults)",
                     CORRAL: "corral serve --model tiny=MODEL (its defaults)",
                     NO_CACHE: "corral serve, generation.prefix_cache.enabled: false"},
         "request": "POST /v1/chat/completions, stream, include_usage, temperature 0",
         "order": "rounds, each with its own system prompt; the target order turns",
-    }, {"chat": chat, "resume": resume}, goals, directory=output_dir)
-    print(f"results: {path}")
+    }, {"chat": chat, "resume": resume}, goals, directory=output_dir, smoke=smoke)
     return {"chat": chat, "resume": resume}

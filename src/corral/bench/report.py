@@ -10,6 +10,7 @@ import datetime as _dt
 import importlib.metadata
 import os
 import platform
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def write_result(name: str, parameters: Mapping[str, Any], results: Mapping[str, Any],
-                 goals: Iterable[Goal] = (), *, directory: Path | None = None) -> Path:
-    """Write ``<directory>/<name>.json`` with the machine, versions, parameters and results."""
-    directory = directory or RESULTS_DIR
+                 goals: Iterable[Goal] = (), *, directory: Path | None = None,
+                 smoke: bool = False) -> Path:
+    """Write ``<directory>/<name>.json`` with the machine, versions, parameters and results,
+    and print where. With no `directory`, a full run writes to `RESULTS_DIR` and a smoke
+    run to a new temporary directory: a smoke run never overwrites committed results."""
+    if directory is None:
+        directory = Path(tempfile.mkdtemp(prefix="corral-bench-smoke-")) if smoke \
+            else RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     document = {
         "bench": name,
@@ -98,6 +104,7 @@ def write_result(name: str, parameters: Mapping[str, Any], results: Mapping[str,
     }
     path = directory / f"{name}.json"
     path.write_bytes(msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n")
+    print(f"results: {path}")
     return path
 
 

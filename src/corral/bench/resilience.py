@@ -98,7 +98,7 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         "clock": "wall clock (time.perf_counter)",
     }
     results = {"variants": rows}
-    report.write_result("resilience", parameters, results, goals, directory=output_dir)
+    report.write_result("resilience", parameters, results, goals, directory=output_dir, smoke=smoke)
     report.print_table(
         "resilience overhead per call (success path)",
         ["variant", "µs / call", "ratio to direct", "overhead µs", "spread µs"],

@@ -436,5 +436,5 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
                  "turns and reverses each round",
         "figures": "vLLM bench serve definitions; latencies of completed requests; "
                    "throughputs over the load's wall time summed over rounds",
-    }, results, goals, directory=output_dir)
+    }, results, goals, directory=output_dir, smoke=smoke)
     return results
