@@ -41,8 +41,8 @@ def test_serve_measures_every_target_under_every_load(serve_results: Path) -> No
     document = _document(serve_results, "serve")
     results = document["results"]
     assert results["loads"] == ["c=1", "c=2", "20 req/s"]
-    assert set(results["runs"]) == {"mlx_lm.server", "corral (thread)", "corral (process)",
-                                    "raw mlx_lm"}
+    assert set(results["runs"]) == {"mlx_lm.server", "corral (defaults)", "corral (thread)",
+                                    "corral (process)", "raw mlx_lm"}
     for target, by_load in results["runs"].items():
         assert list(by_load) == results["loads"], target
         for label, summary in by_load.items():

@@ -1,8 +1,9 @@
 """`corral bench serve`: `corral serve` against `mlx_lm.server`, same model, same load.
 
 Targets, all measured in one run on the tiny model with the same seeded prompts:
-- `corral serve` with `thread` isolation and with `process` isolation, and
-  `mlx_lm.server`, each a subprocess started here on a free 127.0.0.1 port and driven
+- `corral serve` with its DEFAULT configuration (no config file: what a user runs),
+  tuned with `thread` isolation and with `process` isolation, and `mlx_lm.server` with
+  its defaults, each a subprocess started here on a free 127.0.0.1 port and driven
   over HTTP by the load generator (`corral.bench.loadgen`);
 - raw mlx_lm in this process: a bare `BatchGenerator` fed the same prompts under the
   same load, in a dedicated thread, with no HTTP at all: the ceiling.
@@ -55,6 +56,7 @@ _READY_S = 120.0
 _STOP_S = 20.0
 BASELINE = "mlx_lm.server"
 RAW = "raw mlx_lm"
+DEFAULTS = "corral (defaults)"
 # The engine settings every target shares: mlx_lm.server's defaults (decode and prompt
 # concurrency, prefill step), which are also corral's.
 _COMPLETION_BATCH = 32
@@ -410,6 +412,8 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
             contextlib.ExitStack() as stack:
         work = Path(directory)
         servers = [_mlx_lm_server(model_path, work),
+                   # What a user runs: no config file at all, info logs included.
+                   corral_server(DEFAULTS, model_path, work, ""),
                    corral_server("corral (thread)", model_path, work, _corral_config("thread")),
                    corral_server("corral (process)", model_path, work,
                                  _corral_config("process"))]
@@ -428,7 +432,7 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         **parameters, "smoke": smoke, "model": model_path,
         "targets": {s.name: " ".join(s.command[1:]) for s in servers} | {
             RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"},
-        "corral_config": {"thread": _corral_config("thread"),
+        "corral_config": {"defaults": "(none)", "thread": _corral_config("thread"),
                           "process": _corral_config("process")},
         "request": "POST /v1/completions, stream, stream_options.include_usage, "
                    "temperature 0, max_tokens as above",
