@@ -40,22 +40,23 @@ def _start(model_path: str, isolation: str, tmp_path: Path) -> tuple[subprocess.
     return process, port
 
 
-def _wait_for_banner(process: subprocess.Popen[str], lines: list[str]) -> threading.Thread:
-    """Read stderr into `lines` in a thread; return once the banner is out."""
-    banner = threading.Event()
+def _read_until(process: subprocess.Popen[str], lines: list[str],
+                prefix: str = "corral serving") -> threading.Thread:
+    """Read stderr into `lines` in a thread; return once a line starts with `prefix`."""
+    seen = threading.Event()
 
     def read() -> None:
         assert process.stderr is not None
         for line in process.stderr:
             lines.append(line.rstrip("\n"))
-            if line.startswith("corral serving"):
-                banner.set()
-        banner.set()
+            if line.startswith(prefix):
+                seen.set()
+        seen.set()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    assert banner.wait(60), lines[-20:]
-    assert any(line.startswith("corral serving") for line in lines), lines[-20:]
+    assert seen.wait(60), lines[-20:]
+    assert any(line.startswith(prefix) for line in lines), lines[-20:]
     return reader
 
 
@@ -105,7 +106,7 @@ def test_sigterm_after_a_mixed_load_exits_0(model_path: str, tmp_path: Path,
     process, port = _start(model_path, isolation, tmp_path)
     try:
         lines: list[str] = []
-        reader = _wait_for_banner(process, lines)
+        reader = _read_until(process, lines)
         _load(f"http://127.0.0.1:{port}")
         process.send_signal(signal.SIGTERM)
         _assert_clean_exit(process, reader, lines)
@@ -121,7 +122,7 @@ def test_sigint_right_after_the_banner_drains_and_exits_0(
     process, _ = _start(model_path, isolation, tmp_path)
     try:
         lines: list[str] = []
-        reader = _wait_for_banner(process, lines)
+        reader = _read_until(process, lines)
         process.send_signal(signal.SIGINT)
         _assert_clean_exit(process, reader, lines)
         assert "corral: shutting down, draining open streams" in lines
@@ -135,19 +136,7 @@ def test_a_signal_while_the_model_loads_exits_0_without_serving(
     process, _ = _start(model_path, "process", tmp_path)
     try:
         lines: list[str] = []
-        loading = threading.Event()
-
-        def read() -> None:
-            assert process.stderr is not None
-            for line in process.stderr:
-                lines.append(line.rstrip("\n"))
-                if line.startswith("loading tiny"):
-                    loading.set()
-            loading.set()
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert loading.wait(60), lines
+        reader = _read_until(process, lines, "loading tiny")
         process.send_signal(signal.SIGTERM)
         _assert_clean_exit(process, reader, lines)
         assert not [line for line in lines if line.startswith("corral serving")] or \
