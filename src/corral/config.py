@@ -160,6 +160,7 @@ class JsonRpcConfig(_Section):
     default_timeout_ms: _PositiveInt = 30000
     max_line_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
     max_pending_per_connection: _PositiveInt = 64
+    max_streams_per_connection: _PositiveInt = 16
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
@@ -175,6 +176,7 @@ class PythonRuntimeConfig(_Section):
     heartbeat_interval_ms: _PositiveInt = 1000
     python_executable: _Name | None = None
     standby_worker: bool = True
+    reload_delay_max_ms: _PositiveInt = 300000
 
     def __post_init__(self) -> None:
         if self.restart_delay_max_ms < self.restart_delay_base_ms:
@@ -257,8 +259,8 @@ class GenerationConfig(_Section):
     isolation: Literal["thread", "process"] = "thread"
     models: tuple[ModelConfig, ...] = ()
     default_max_tokens: _PositiveInt = 256
-    max_tokens_limit: _PositiveInt = 4096
-    max_prompt_tokens: _PositiveInt = 4096
+    max_tokens_limit: _PositiveInt | None = None
+    max_prompt_tokens: _PositiveInt | None = None
     stall_timeout_ms: _PositiveInt = 30000
     prefill_batch_size: _PositiveInt = 8
     completion_batch_size: _PositiveInt = 32
@@ -266,7 +268,7 @@ class GenerationConfig(_Section):
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     def __post_init__(self) -> None:
-        if self.default_max_tokens > self.max_tokens_limit:
+        if self.max_tokens_limit is not None and self.default_max_tokens > self.max_tokens_limit:
             raise _FieldError("default_max_tokens", "expected <= max_tokens_limit")
         aliases: set[str] = set()
         for index, model in enumerate(self.models):
@@ -290,6 +292,10 @@ class ServerConfig(_Section):
     jsonrpc: tuple[str, ...] = ()
     drain_timeout_ms: _NonNegativeInt = 30000
     max_body_bytes: _PositiveInt = 4194304
+    body_timeout_ms: _PositiveInt = 30000
+    keep_alive_timeout_ms: _PositiveInt = 5000
+    max_connections: _PositiveInt | None = None
+    max_streams_per_client: _PositiveInt | None = None
 
     def __post_init__(self) -> None:
         for index, uri in enumerate(self.jsonrpc):

@@ -4,16 +4,26 @@
     ├── stream_registry                 permanent
     ├── generation (dynamic)
     │   └── model:<alias> (rest_for_one): breaker, retry, model     temporary
-    └── transport (one_for_one)         filled by `corral serve`
+    ├── transport (one_for_one)         filled by `corral serve`
+    └── reloader                        permanent: reloads the models that failed for good
 
 Every request goes: validate at the edge → the model's breaker (or a fallback while it
 is open) → admission by the registry → submit with retry → tokens from the registry's
 buffer. The facade holds no state a restart would need except the table of open
 streams and the list of loaded models, which the tree's factories read back.
+
+A model whose subtree gives up (more than `python_runtime.max_restarts` restarts) is
+failed, not gone: its circuit is held open, and the reloader loads it again after
+`json_rpc.circuit_breaker.recovery_timeout_ms`, then twice as long after each failed
+trial, up to `python_runtime.reload_delay_max_ms`. A request meanwhile gets CircuitOpen with the
+time until that trial as its retry-after.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal, final
@@ -29,7 +39,7 @@ from corral.actors.breaker import (
     Record,
     acquire_through,
 )
-from corral.actors.core import ActorRef, ActorSystem
+from corral.actors.core import ActorRef, ActorSystem, Context
 from corral.actors.engine import EngineStatistics
 from corral.actors.model import ModelActor, engine_factory
 from corral.actors.process_engine import (
@@ -75,6 +85,7 @@ from corral.protocol.messages import (
     Completion,
     Detokenize,
     EngineStep,
+    ExitReason,
     FinishReason,
     GenerateParams,
     GetRegistryState,
@@ -93,12 +104,23 @@ _log = structlog.get_logger("corral.runtime")
 
 _READER_GRACE_S = 5.0
 
+# Unless generation.max_prompt_tokens / max_tokens_limit set them: the prompt and
+# max_tokens limits of a model whose config gives no context length, and the least
+# max_tokens limit of any model (generation stops where the context is full anyway).
+_DEFAULT_LIMIT = 4096
+
 ModelState = Literal["loading", "ready", "restarting", "failed"]
 
 
 class ModelDescription(msgspec.Struct, frozen=True):
     """A model as `/health` and `list_models` show it; `worker_pid` is the process its
-    engine runs in under process isolation (None in thread isolation, or restarting)."""
+    engine runs in under process isolation (None in thread isolation, or restarting).
+
+    A failed model is reloaded: `reloads` counts the attempts so far, and
+    `reload_in_s` is the time until the next one (None while one runs, and unless
+    the model failed); `breaker` is "forced_open" while it waits, "half_open" while a
+    reload runs.
+    """
 
     alias: str
     path: str
@@ -108,6 +130,8 @@ class ModelDescription(msgspec.Struct, frozen=True):
     restarts: int
     breaker: str
     worker_pid: int | None = None
+    reloads: int = 0
+    reload_in_s: float | None = None
 
 
 class DomainHealth(msgspec.Struct, frozen=True):
@@ -139,18 +163,35 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
 
 
 class _Model:
-    """The runtime's record of a loaded model (read back by the tree's factories)."""
+    """The runtime's record of a loaded model (read back by the tree's factories).
 
-    __slots__ = ("alias", "config", "info", "monitors", "path", "state", "step_listeners")
+    `path` is what the user gave; `source` the local directory it resolved to. While
+    the model is failed, `reload_at` is the time of its next reload (None while one
+    runs) and `reload_streak` the reloads that failed in a row, which sets the delay.
+    """
 
-    def __init__(self, config: ModelConfig) -> None:
+    __slots__ = ("alias", "config", "info", "monitors", "path", "ready_since", "reload_at",
+                 "reload_streak", "reloads", "source", "state", "step_listeners")
+
+    def __init__(self, config: ModelConfig, source: str) -> None:
         self.config = config
         self.alias = config.alias
         self.path = config.path
+        self.source = source
         self.info: ModelInfo | None = None
         self.state: ModelState = "loading"
         self.step_listeners: list[Callable[[EngineStep], None]] = []
         self.monitors: list[Callable[[], None]] = []  # removers of this model's monitors
+        self.reloads = 0
+        self.reload_streak = 0
+        self.reload_at: float | None = None
+        self.ready_since = -math.inf
+
+    @property
+    def in_trial(self) -> bool:
+        """A load decides whether the model serves at all (its first load, or a reload
+        of a failed model): its failure is an answer, not a restart."""
+        return self.state in ("loading", "failed")
 
     def unwatch(self) -> None:
         for remove in self.monitors:
@@ -238,6 +279,13 @@ class Runtime:
         self._policy = RetryPolicy.from_config(config.json_rpc.retry)
         gen = config.generation
         self._default_max_tokens = gen.default_max_tokens
+        self._max_prompt_tokens = gen.max_prompt_tokens
+        self._max_tokens_limit = gen.max_tokens_limit
+        self._reload_backoff = _backoff(config.json_rpc.circuit_breaker.recovery_timeout_ms,
+                                        config.python_runtime.reload_delay_max_ms,
+                                        config.supervision.backoff.random_factor,
+                                        config.supervision.backoff.reset_after_ms)
+        self._rng = random.Random()
 
     def _standby_for(self, alias: str) -> WorkerStandby | None:
         """The model's standby worker (process isolation with `standby_worker`)."""
@@ -272,6 +320,9 @@ class Runtime:
                 strategy=Strategy.DYNAMIC, intensity=intensity, backoff=backoff)),
             supervisor_spec("transport", lambda: Supervisor(
                 list(self._transports), intensity=intensity, backoff=backoff)),
+            # Last, so stopped first: a reload it cuts short stops the model it started
+            # through the generation domain, which must still be running then.
+            ChildSpec(name="reloader", factory=lambda: _Reloader(self), shutdown="brutal"),
         ], strategy=Strategy.ONE_FOR_ONE, intensity=intensity, backoff=backoff)
 
     def _model_spec(self, model: _Model) -> ChildSpec:
@@ -291,9 +342,10 @@ class Runtime:
                 ChildSpec(name="retry", factory=lambda: RetryActor(
                     self.config.json_rpc.retry.budget), shutdown=shutdown),
                 ChildSpec(name="model", factory=lambda: ModelActor(
-                    alias, model.path, self.config.generation, self._registry_ref,
+                    alias, model.source, self.config.generation, self._registry_ref,
                     engine_factory=self._engine_factory, on_ready=model.ready,
-                    step_listeners=model.step_listeners),
+                    step_listeners=model.step_listeners,
+                    crash_on_failed_load=not model.in_trial),
                     shutdown=shutdown),
             ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff)
 
@@ -333,13 +385,17 @@ class Runtime:
 
     async def load_model(self, path: str, *, alias: str | None = None,
                          fallbacks: tuple[str, ...] = ()) -> ModelDescription:
-        """Load a model (a local directory or a Hugging Face id already in the cache).
+        """Load a model: a local directory, or a Hugging Face model id already in the
+        local cache (never downloaded; see `resolve_model_path`).
 
         Waits until it is loaded; other models and callers are never blocked meanwhile.
+        A model that cannot load is an answer, not a crash: no model actor restarts
+        for it, and a path that leads to no model starts none at all.
 
         Raises:
             EngineClientError: InvalidParams for a taken alias or unknown fallback,
-                ModelLoadError when the engine cannot load it.
+                ModelLoadError when the path leads to no model or the engine cannot
+                load it.
         """
         alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
         if alias in self._models:
@@ -350,25 +406,97 @@ class Runtime:
                 raise EngineClientError(Code.INVALID_PARAMS,
                                         f"fallbacks: {name!r} is not a loaded model",
                                         {"field": "fallbacks"})
-        model = _Model(ModelConfig(alias=alias, path=path, fallbacks=fallbacks))
+        model = _Model(ModelConfig(alias=alias, path=path, fallbacks=fallbacks),
+                       resolve_model_path(path))
         self._models[alias] = model
+        try:
+            info = await self._start(model)
+        except BaseException:
+            self._models.pop(alias, None)
+            with trio.CancelScope(shield=True):
+                await self._close_standbys(alias)
+            raise
+        model.info = info
+        model.state = "ready"
+        model.ready_since = trio.current_time()
+        return self._describe(model)
+
+    async def _start(self, model: _Model) -> ModelInfo:
+        """Start the model's subtree and wait for its load (a trial: a failed load is
+        answered, not restarted). On any failure the subtree is stopped again.
+
+        Raises:
+            EngineClientError: ModelLoadError, with the cause's message.
+        """
+        alias = model.alias
         try:
             await self._generation().start_child(self._model_spec(model))
             ready = await self._model_ref(alias).ask(
                 WaitReady(), timeout=self.config.python_runtime.startup_timeout_ms / 1000.0)
         except BaseException as exc:
-            self._models.pop(alias, None)
-            with trio.CancelScope(shield=True):
-                await self._stop_model(alias)
+            if self._models.get(alias) is model:  # else whoever unloaded it stopped it
+                with trio.CancelScope(shield=True):
+                    await self._stop_model(alias)
             model.unwatch()
             if isinstance(exc, CorralError) and exc.code is not Code.MODEL_LOAD_ERROR:
                 raise EngineClientError(Code.MODEL_LOAD_ERROR,
                                         f"model {alias} did not load: {exc.message}",
-                                        {"model": alias, "path": path}) from exc
+                                        {"model": alias, "path": model.path},
+                                        retryable=False) from exc
             raise
-        model.info = ready.info
-        model.state = "ready"
-        return self._describe(model)
+        return ready.info  # type: ignore[no-any-return]
+
+    def _failed(self, model: _Model, reason: ExitReason) -> None:
+        """The model's subtree gave up: hold its circuit open and schedule a reload."""
+        if trio.current_time() - model.ready_since >= self._reload_backoff.reset_after:
+            model.reload_streak = 0  # it served long enough: start the delays over
+        model.state = "failed"
+        delay = self._schedule_reload(model)
+        _log.error("runtime.model_failed", model=model.alias, reason=reason.describe(),
+                   reload_in_s=round(delay, 3))
+        reloader = self.root.child("reloader")
+        if isinstance(reloader, _Reloader):  # else it restarts, and takes this one up
+            reloader.reload(model)
+
+    def _failed_models(self) -> list[_Model]:
+        return [m for m in self._models.values() if m.state == "failed"]
+
+    def _schedule_reload(self, model: _Model) -> float:
+        """Set the time of the model's next reload; returns the delay until then."""
+        backoff = self._reload_backoff
+        delay = min(backoff.max, backoff.delay(model.reload_streak, self._rng))
+        model.reload_streak += 1
+        model.reload_at = trio.current_time() + delay
+        return delay
+
+    async def _reload(self, model: _Model) -> None:
+        """Reload a failed model, each time after its delay, until it serves again or
+        is unloaded. Each reload is a trial (half-open): one load, whose failure
+        doubles the next delay, up to `python_runtime.reload_delay_max_ms`."""
+        alias = model.alias
+        if model.reload_at is None:  # a trial was cut short (its reloader restarted)
+            self._schedule_reload(model)
+        while self._models.get(alias) is model and model.state == "failed":
+            assert model.reload_at is not None
+            await trio.sleep_until(model.reload_at)
+            if self._models.get(alias) is not model:
+                return
+            model.reload_at = None
+            model.reloads += 1
+            try:
+                model.source = resolve_model_path(model.path)
+                await self._stop_model(alias)  # what a trial cut short may have left
+                info = await self._start(model)
+            except CorralError as exc:
+                delay = self._schedule_reload(model)
+                _log.warning("runtime.model_reload_failed", model=alias,
+                             attempt=model.reloads, error=exc.message,
+                             reload_in_s=round(delay, 3))
+                continue
+            model.info = info
+            model.state = "ready"
+            model.ready_since = trio.current_time()
+            _log.info("runtime.model_reloaded", model=alias, attempt=model.reloads)
 
     def _watch(self, model: _Model) -> None:
         """Monitors: the registry hears of every model actor exit; the runtime hears
@@ -389,10 +517,10 @@ class Runtime:
         model.monitors.append(self.system.mailbox(
             f"root/generation/model:{alias}/model").add_monitor(model_exited))
 
-        def subtree_exited(reason: Any) -> None:
-            if alias in self._models and reason.abnormal:
-                model.state = "failed"
-                _log.error("runtime.model_failed", model=alias, reason=reason.describe())
+        def subtree_exited(reason: ExitReason) -> None:
+            # A trial's failure (a first load, a reload) is the caller's to handle.
+            if self._models.get(alias) is model and reason.abnormal and not model.in_trial:
+                self._failed(model, reason)
 
         model.monitors.append(self.system.mailbox(
             f"root/generation/model:{alias}").add_monitor(subtree_exited))
@@ -426,15 +554,22 @@ class Runtime:
         if state == "ready" and stats.state != "running":
             state = "restarting"
         breaker = self._live(model.alias, "breaker")
-        breaker_state = ("forced_open" if state == "failed" else
-                         breaker.breaker.state.value if isinstance(breaker, BreakerActor) else
-                         "restarting")
+        reload_in = None
+        if state == "failed":
+            breaker_state = "forced_open" if model.reload_at is not None else "half_open"
+            if model.reload_at is not None:
+                reload_in = max(0.0, model.reload_at - trio.current_time())
+        elif isinstance(breaker, BreakerActor):
+            breaker_state = breaker.breaker.state.value
+        else:
+            breaker_state = "restarting"
         engine = self.engine_statistics(model.alias)
         return ModelDescription(
             alias=model.alias, path=model.path, state=state,
             fallbacks=list(model.config.fallbacks), info=model.info,
             restarts=stats.restarts, breaker=breaker_state,
-            worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None)
+            worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None,
+            reloads=model.reloads, reload_in_s=reload_in)
 
     def _live(self, alias: str, child: str) -> object | None:
         """The live actor object of one child of a model's subtree, or None while it
@@ -456,9 +591,7 @@ class Runtime:
             raise EngineClientError(Code.MODEL_NOT_LOADED, f"model {alias!r} is not loaded",
                                     {"model": alias, "loaded": sorted(self._models)})
         if model.state == "failed" and not allow_failed:
-            # Its subtree gave up: the circuit is held open until the model is reloaded.
-            raise CircuitBreakerOpenError(self.config.json_rpc.circuit_breaker
-                                          .recovery_timeout_ms, "forced_open", alias)
+            raise _held_open(model)
         return model
 
     # -- tokenizer ---------------------------------------------------------------------
@@ -539,7 +672,8 @@ class Runtime:
                 await self._registry_ref.ask(
                     Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
                           prompt=prompt_ids, sampling=request.sampling(max_tokens),
-                          max_tokens=max_tokens, request_id=request.request_id),
+                          max_tokens=max_tokens, request_id=request.request_id,
+                          client=request.client),
                     timeout=max(deadline - trio.current_time(), 0.0),
                     request_id=request.request_id)
                 buffer = self.table.get(stream_id)  # the registry opened it on admission
@@ -644,23 +778,62 @@ class Runtime:
                 raise EngineClientError(Code.INVALID_PARAMS,
                                         f"prompt: token ids must be < {info.vocab_size}",
                                         {"field": "prompt"})
-        limit = self.config.generation.max_prompt_tokens
         if not ids:
             raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected at least one token",
                                     {"field": "prompt"})
-        if len(ids) > limit:
-            raise EngineClientError(Code.INVALID_PARAMS,
-                                    f"prompt: {len(ids)} tokens, expected <= {limit}",
-                                    {"field": "prompt", "prompt_tokens": len(ids)})
+        self._check_prompt_length(len(ids), self._models[alias].info)
         return ids
 
+    def _check_prompt_length(self, tokens: int, info: ModelInfo | None) -> None:
+        """A prompt fits generation.max_prompt_tokens when set, else the model's context
+        less one token to generate.
+
+        Raises:
+            EngineClientError: InvalidParams naming the limit and the key that sets it.
+        """
+        context = info.max_context if info is not None else None
+        limit = self._max_prompt_tokens
+        if limit is not None:
+            over = f"over generation.max_prompt_tokens ({limit})"
+        elif context is not None:
+            limit = context - 1
+            over = (f"over the model's context of {context} (at most {limit}, leaving one "
+                    f"token to generate; generation.max_prompt_tokens sets the limit)")
+        else:
+            limit = _DEFAULT_LIMIT
+            over = (f"over {limit} (the model's context is unknown; "
+                    f"generation.max_prompt_tokens sets the limit)")
+        if tokens > limit:
+            raise EngineClientError(Code.INVALID_PARAMS, f"prompt: {tokens} tokens, {over}",
+                                    {"field": "prompt", "prompt_tokens": tokens,
+                                     "limit": limit})
+
     def _max_tokens(self, request: GenerateParams, prompt_tokens: int, entry: _Model) -> int:
-        limit = self.config.generation.max_tokens_limit
+        """The request's max_tokens, checked against generation.max_tokens_limit when
+        set, else against the model's context (or `_DEFAULT_LIMIT` when that is more,
+        so that what an earlier default let through still goes through); then cut to
+        what the context leaves after the prompt: generation ends where it is full.
+
+        Raises:
+            EngineClientError: InvalidParams naming the limit and the key that sets it.
+        """
         max_tokens = request.max_tokens or self._default_max_tokens
-        if max_tokens > limit:
-            raise EngineClientError(Code.INVALID_PARAMS,
-                                    f"max_tokens: expected <= {limit}", {"field": "max_tokens"})
         context = entry.info.max_context if entry.info else None
+        limit = self._max_tokens_limit
+        if limit is not None:
+            over = f"over generation.max_tokens_limit ({limit})"
+        elif context is not None and context >= _DEFAULT_LIMIT:
+            limit = context
+            over = (f"over the model's context of {context} "
+                    f"(generation.max_tokens_limit sets the limit)")
+        else:
+            limit = _DEFAULT_LIMIT
+            known = f"is {context}" if context is not None else "is unknown"
+            over = (f"over {limit} (the model's context {known}; "
+                    f"generation.max_tokens_limit sets the limit)")
+        if max_tokens > limit:
+            raise EngineClientError(Code.INVALID_PARAMS, f"max_tokens: {max_tokens}, {over}",
+                                    {"field": "max_tokens", "limit": limit})
         if context is not None and prompt_tokens + max_tokens > context:
             max_tokens = max(1, context - prompt_tokens)
         return max_tokens
@@ -704,6 +877,9 @@ class Runtime:
         for model in models:
             if model.state == "failed":
                 reasons.append(f"model {model.alias} failed")
+                reasons.append(f"model {model.alias} reloads in {model.reload_in_s:.1f}s"
+                               if model.reload_in_s is not None
+                               else f"model {model.alias} is reloading")
         if self._draining:
             reasons.append("shutting down")
         stall = self.config.generation.stall_timeout_ms / 1000.0
@@ -779,6 +955,50 @@ def shutting_down_error(why: str) -> EngineClientError:
                              {"shutting_down": True}, retryable=True)
 
 
+def resolve_model_path(path: str) -> str:
+    """The local directory a model path names: the directory itself, or the snapshot of
+    a Hugging Face model id in the local cache. Reads the disk only: never the network.
+
+    Raises:
+        EngineClientError: ModelLoadError saying, in the user's words, why `path`
+            leads to no model.
+    """
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise _no_model(path, f"{path} has no config.json: it is not a model directory")
+        return local
+    if os.path.exists(local):
+        raise _no_model(path, f"{path} is a file, not a model directory")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(path, "config.json")
+    except HFValidationError:
+        raise _no_model(path, f"no such directory {path}, and {path!r} is not a Hugging "
+                              f"Face model id (org/name) either") from None
+    if isinstance(cached, str):
+        return os.path.dirname(cached)
+    raise _no_model(path, f"no such directory {path}, and no model {path!r} in the Hugging "
+                          f"Face cache at {constants.HF_HUB_CACHE} (corral does not download "
+                          f"models: `hf download {path}` does)")
+
+
+def _no_model(path: str, message: str) -> EngineClientError:
+    return EngineClientError(Code.MODEL_LOAD_ERROR, message, {"path": path}, retryable=False)
+
+
+def _held_open(model: _Model) -> CircuitBreakerOpenError:
+    """What a request to a failed model gets: the time until its next reload, or while
+    a reload runs (the half-open trial), about as long as its last load took."""
+    if model.reload_at is not None:
+        wait, state = model.reload_at - trio.current_time(), "forced_open"
+    else:
+        wait, state = (model.info.load_seconds if model.info is not None else 1.0), "half_open"
+    return CircuitBreakerOpenError(max(1, math.ceil(wait * 1000.0)), state, model.alias)
+
+
 def _backoff(min_ms: float, max_ms: float, random_factor: float, reset_ms: float) -> Backoff:
     return Backoff(min=min_ms / 1000.0, max=max_ms / 1000.0, random_factor=random_factor,
                    reset_after=reset_ms / 1000.0)
@@ -794,6 +1014,34 @@ def _outcome(buffer: StreamBuffer) -> Outcome:
     if buffer.error is not None:
         return CircuitBreaker.outcome_of(buffer.error)
     return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED
+
+
+@final
+class _Reloader:
+    """Reloads the models that failed for good: a child of the root.
+
+    It keeps no state: the models' records say which reloads are due and when, so an
+    incarnation started after a crash takes them all up.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._nursery: trio.Nursery | None = None
+
+    def reload(self, model: _Model) -> None:
+        """Reload `model`, failed, at its `reload_at`, until it serves or is unloaded."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._runtime._reload, model)
+
+    async def run(self, ctx: Context, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for model in self._runtime._failed_models():
+                self.reload(model)
+            task_status.started()
+            await ctx.wait_stop_requested()
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager

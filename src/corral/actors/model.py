@@ -4,7 +4,9 @@ It starts the engine (load in the background, so starting never blocks its super
 hands it sequences, forwards each engine step to the stream registry, and answers
 tokenizer calls. When the engine fails, the actor crashes on purpose: its supervisor
 restarts it (which reloads the model), the registry hears of the exit through a monitor,
-and the breaker records the failure. It knows nothing of HTTP or of who reads a stream.
+and the breaker records the failure. A load that someone waits on to learn whether the
+model loads at all (a first load, a trial reload) is an answer, not a crash. It knows
+nothing of HTTP or of who reads a stream.
 """
 
 from __future__ import annotations
@@ -111,7 +113,10 @@ class ModelActor(Actor[ModelMessage]):
 
     Until the model is loaded, submitted sequences wait in the actor and `WaitReady`
     asks are answered when the load ends. A failed load answers every waiter with
-    ModelLoadError and then crashes the actor.
+    ModelLoadError and then crashes the actor, so that its supervisor reloads it with
+    backoff; with `crash_on_failed_load=False` (the caller of a first load or of a trial
+    reload waits for its outcome) it answers instead, now and at every later
+    `WaitReady` and tokenizer call, and waits to be stopped.
     """
 
     Message = ModelMessage
@@ -119,7 +124,8 @@ class ModelActor(Actor[ModelMessage]):
     def __init__(self, alias: str, path: str, config: GenerationConfig,
                  registry: ActorRef, engine_factory: EngineFactory | None = None,
                  on_ready: Callable[[ModelInfo], None] | None = None,
-                 step_listeners: Sequence[Callable[[EngineStep], None]] = ()) -> None:
+                 step_listeners: Sequence[Callable[[EngineStep], None]] = (),
+                 crash_on_failed_load: bool = True) -> None:
         self.alias = alias
         self.path = path
         self._config = config
@@ -137,6 +143,8 @@ class ModelActor(Actor[ModelMessage]):
         self._held: list[tuple[HeldCall, Reply]] = []  # tokenizer calls during a load
         self._on_ready = on_ready
         self._step_listeners = step_listeners  # observers (benchmarks, tests); never block
+        self._crash_on_failed_load = crash_on_failed_load
+        self._load_error: EngineClientError | None = None  # a load that failed for good
 
     async def on_start(self) -> None:
         self._engine = self._engine_factory(self)
@@ -232,10 +240,15 @@ class ModelActor(Actor[ModelMessage]):
                 self._loaded(info)
             case EngineFailed(error=error):
                 self._fail_waiters(error)
+                if self._info is None and not self._crash_on_failed_load:
+                    self._answer_failed_load(error)
+                    return None
                 raise EngineCrash(f"engine of model {self.alias} failed: {error}")
             case WaitReady():
                 if self._info is not None:
                     return Ready(self.alias, self._info)
+                if self._load_error is not None:
+                    raise self._load_error
                 reply = self.defer_reply()
                 if reply is not None:
                     self._waiting.append(reply)
@@ -294,6 +307,9 @@ class ModelActor(Actor[ModelMessage]):
         """Answer a tokenizer call, or hold it while the engine (re)loads or has just
         died: a restart is not the caller's error. Held calls are answered after the
         load, or fail with ActorExitedError at the crash (and are re-sent)."""
+        if self._load_error is not None:
+            reply.fail(self._load_error)
+            return
         if not self._serving:
             self._held.append((message, reply))
             return
@@ -336,13 +352,25 @@ class ModelActor(Actor[ModelMessage]):
     def _fail_waiters(self, error: str) -> None:
         """Answer `WaitReady` callers: the load failed, or the engine died. Held
         tokenizer calls are left to the crash (ActorExitedError, re-sent by callers)."""
-        failure = EngineClientError(Code.MODEL_LOAD_ERROR if self._info is None
-                                    else Code.GENERATION_ERROR,
-                                    f"model {self.alias}: {error}",
-                                    {"model": self.alias, "path": self.path}, retryable=False)
+        failure = self._failure(error)
         for reply in self._waiting:
             reply.fail(failure)
         self._waiting.clear()
+
+    def _answer_failed_load(self, error: str) -> None:
+        """The load failed and the caller that waits for it decides what follows: from
+        now on every call is answered with the load's ModelLoadError."""
+        self._load_error = self._failure(error)
+        held, self._held = self._held, []
+        for _, reply in held:
+            reply.fail(self._load_error)
+        self.ctx.log.info("model.load_failed", model=self.alias, path=self.path, error=error)
+
+    def _failure(self, error: str) -> EngineClientError:
+        return EngineClientError(Code.MODEL_LOAD_ERROR if self._info is None
+                                 else Code.GENERATION_ERROR,
+                                 f"model {self.alias}: {error}",
+                                 {"model": self.alias, "path": self.path}, retryable=False)
 
     async def _forward(self, step: EngineStep) -> None:
         """Deliver a step that found the registry's mailbox full: wait for room, also

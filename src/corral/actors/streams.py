@@ -1,10 +1,13 @@
 """The stream registry: admission, deadlines and delivery of tokens to client streams.
 
 The registry actor decides which streams run (at most `max_active_streams`, then up to
-`max_queued` waiting, then Overloaded), ends streams at their deadline, and routes each
-engine step's tokens to the client end of every stream (`StreamBuffer`). Buffers live in
-a `StreamTable` owned by the runtime, not by the actor, so a restarted registry picks the
-open streams back up from it, as an Erlang table outlives its owner through an heir.
+`max_queued` waiting, then Overloaded), fairly between clients (a freed slot goes to
+the waiting client with the fewest streams running; a full queue makes room for a
+client by refusing the newest waiter of the client that holds the most), ends streams
+at their deadline, and routes each engine step's tokens to the client end of every
+stream (`StreamBuffer`). Buffers live in a `StreamTable` owned by the runtime, not by
+the actor, so a restarted registry picks the open streams back up from it, as an
+Erlang table outlives its owner through an heir.
 A buffer never blocks its writer: output waiting for a slow reader coalesces.
 This module knows nothing of MLX, HTTP or how tokens are made.
 """
@@ -71,10 +74,11 @@ class StreamBuffer:
 
     def __init__(self, stream_id: int, model: str, *, request_id: str | None,
                  timeout_s: float, deadline: float, prompt_tokens: int,
-                 logprobs: bool) -> None:
+                 logprobs: bool, client: str | None = None) -> None:
         self.stream_id = stream_id
         self.model = model
         self.request_id = request_id
+        self.client = client
         self.timeout_s = timeout_s
         self.deadline = deadline
         self.prompt_tokens = prompt_tokens
@@ -205,18 +209,25 @@ class StreamTable:
 class _Entry:
     """The registry's record of one admitted or queued stream."""
 
-    __slots__ = ("admit", "deadline", "model", "reply", "request_id", "stream_id",
+    __slots__ = ("admit", "client", "deadline", "model", "reply", "request_id", "stream_id",
                  "timeout_s")
 
     def __init__(self, stream_id: int, model: str, deadline: float, timeout_s: float,
-                 request_id: str | None, admit: Admit | None = None) -> None:
+                 request_id: str | None, client: str | None,
+                 admit: Admit | None = None) -> None:
         self.stream_id = stream_id
         self.model = model
         self.deadline = deadline
         self.timeout_s = timeout_s
         self.request_id = request_id
+        self.client = client
         self.admit = admit  # what to open the buffer with; None once it is open
         self.reply: Reply | None = None
+
+    @property
+    def waiting(self) -> bool:
+        """Queued, and its caller still waits for the answer."""
+        return self.reply is not None and self.reply.wanted
 
 
 RegistryMessage = (Admit | ModelOutput | CloseStream | ModelDown | Reconcile | DeadlinesDue
@@ -229,6 +240,12 @@ class StreamRegistry(Actor[RegistryMessage]):
     On (re)start it takes up every open buffer of the table as an active stream, so a
     registry crash loses no stream. A model's exit (ModelDown) ends that model's streams
     with a retryable GenerationError carrying the partial text.
+
+    Admission is fair between clients (`Admit.client`): a queued stream's turn comes by
+    its client's running streams first and its arrival second, and when the queue is
+    full a client with fewer streams (running and queued) than another takes the
+    place of that one's newest waiter, which gets Overloaded. One client that holds
+    many slots, or never reads, thus never keeps the others waiting behind its own.
     """
 
     Message = RegistryMessage
@@ -249,7 +266,7 @@ class StreamRegistry(Actor[RegistryMessage]):
         for buffer in self._table.open_buffers():
             self._active[buffer.stream_id] = _Entry(
                 buffer.stream_id, buffer.model, buffer.deadline, buffer.timeout_s,
-                buffer.request_id)
+                buffer.request_id, buffer.client)
         self.start_soon(self._watch_deadlines)
         if self._active:
             self.start_soon(self._reconcile, {e.model for e in self._active.values()})
@@ -285,18 +302,46 @@ class StreamRegistry(Actor[RegistryMessage]):
             return None  # the caller gave up while this waited in the mailbox
         deadline = trio.current_time() + message.timeout_s
         entry = _Entry(message.stream_id, message.model, deadline, message.timeout_s,
-                       message.request_id, message)
+                       message.request_id, message.client, message)
         if len(self._active) < self._config.max_active_streams:
             return self._open(entry)
-        if len(self._queue) >= self._config.max_queued:
-            raise OverloadedError(
-                f"{len(self._active)} streams running and {len(self._queue)} waiting",
-                retry_after_ms=self._config.overloaded_retry_after_ms,
-                details={"active": len(self._active), "queued": len(self._queue)})
+        self._queue = collections.deque(e for e in self._queue if e.waiting)
+        if len(self._queue) >= self._config.max_queued and not self._make_room(entry.client):
+            raise self._overloaded()
         entry.reply = self.defer_reply()
         self._queue.append(entry)
         self._deadline_changed.set()
         return None
+
+    def _overloaded(self) -> OverloadedError:
+        return OverloadedError(
+            f"{len(self._active)} streams running and {len(self._queue)} waiting",
+            retry_after_ms=self._config.overloaded_retry_after_ms,
+            details={"active": len(self._active), "queued": len(self._queue)})
+
+    def _held(self) -> collections.Counter[str | None]:
+        """Streams per client, running and queued."""
+        return collections.Counter(e.client for e in (*self._active.values(), *self._queue))
+
+    def _make_room(self, client: str | None) -> bool:
+        """Refuse the newest waiter of the client holding the most streams, if it holds
+        at least two more than `client`; returns whether room was made."""
+        if not self._queue:
+            return False
+        held = self._held()
+        most = max((e.client for e in self._queue), key=lambda c: held[c])
+        if held[most] <= held[client] + 1:
+            return False
+        victim = next(e for e in reversed(self._queue) if e.client == most)
+        self._queue.remove(victim)
+        assert victim.reply is not None
+        victim.reply.fail(OverloadedError(
+            f"the queue is full and this client holds {held[most]} streams, the most of "
+            "any client: its newest waiting stream gave way to another client's",
+            retry_after_ms=self._config.overloaded_retry_after_ms,
+            details={"active": len(self._active), "queued": len(self._queue),
+                     "client_streams": held[most]}))
+        return True
 
     def _open(self, entry: _Entry) -> Admitted:
         """Make `entry` active and open its buffer in the table, in one step."""
@@ -305,7 +350,7 @@ class StreamRegistry(Actor[RegistryMessage]):
         buffer = StreamBuffer(entry.stream_id, entry.model, request_id=entry.request_id,
                               timeout_s=entry.timeout_s, deadline=entry.deadline,
                               prompt_tokens=len(admit.prompt),
-                              logprobs=admit.sampling.logprobs)
+                              logprobs=admit.sampling.logprobs, client=entry.client)
         buffer.sequence = EngineSequence(entry.stream_id, admit.prompt, admit.sampling,
                                          admit.max_tokens)
         self._table.add(buffer)
@@ -317,10 +362,19 @@ class StreamRegistry(Actor[RegistryMessage]):
     def _release(self, stream_id: int) -> None:
         self._active.pop(stream_id, None)
         while self._queue and len(self._active) < self._config.max_active_streams:
-            entry = self._queue.popleft()
-            if entry.reply is None or not entry.reply.wanted:
-                continue  # its caller gave up while it waited
+            entry = self._next_waiter()
+            if entry is None:
+                self._queue.clear()  # every caller gave up while it waited
+                return
+            self._queue.remove(entry)
+            assert entry.reply is not None
             entry.reply.send(self._open(entry))
+
+    def _next_waiter(self) -> _Entry | None:
+        """The waiter whose client runs the fewest streams; the earliest among equals."""
+        running = collections.Counter(e.client for e in self._active.values())
+        waiting = [e for e in self._queue if e.waiting]
+        return min(waiting, key=lambda e: running[e.client], default=None)
 
     # -- delivery --------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ _WORDS = ("river", "valley", "engine", "garden", "station", "harbor", "letter", 
           "village", "concert", "painting", "company", "language", "computer", "storm")
 
 _FULL = {"conversations": 8, "turns": 3, "concurrency": 4, "system_tokens": 1500,
-         "user_words": (12, 30), "max_tokens": 48, "rounds": 2, "timeout_s": 120.0,
+         "user_words": (12, 30), "max_tokens": 48, "rounds": 4, "timeout_s": 120.0,
          "resume_prompt_tokens": 2500, "resume_max_tokens": 1000, "resume_kill_after": 8,
          "resume_runs": 3}
 _SMOKE = {"conversations": 2, "turns": 2, "concurrency": 2, "system_tokens": 300,

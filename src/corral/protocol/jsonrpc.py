@@ -3,7 +3,9 @@
 The server side parses a line into requests (`parse_message`), types their params
 (`params_as`) and encodes replies (`encode_result`, `encode_error`, `encode_batch`) and
 stream notifications (`encode_notification`); the client side encodes requests and turns
-replies back into values and typed errors (`parse_reply`, `error_from_response`).
+replies back into values and typed errors (`parse_reply`, `error_from_response`);
+`decode_json` and `convert_params` read any JSON body the same way for every transport,
+naming the field of whatever they refuse.
 Error numbers come from the error table in `errors.py` alone. Every failure on
 untrusted input is a `CorralError`, never a msgspec or codec exception. This module
 never does I/O: encoded messages are newline-free JSON bytes and the transport frames
@@ -13,6 +15,7 @@ them.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, Final, Literal, TypeAlias, TypeVar
@@ -120,6 +123,8 @@ Reply: TypeAlias = Response | ErrorResponse | Request
 
 _VERSION: Final = "2.0"
 _request_decoder: Final = msgspec.json.Decoder(Request)
+# Only to find where a number beyond a float's range (1e999) is: as an infinity.
+_lenient_decoder: Final = msgspec.json.Decoder(float_hook=float)
 _encoder: Final = msgspec.json.Encoder()
 # Details are free-form; an error reply must still go out when one of them has no JSON
 # form, so such a value is sent as its repr instead of failing the reply.
@@ -131,7 +136,8 @@ _NAMED_FIELD: Final = re.compile(r"Object (?P<what>missing required|contains unk
 
 
 def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
+    """msgspec's sentence as the rest of ours: "Expected" → "expected", "JSON" stays."""
+    return text if text[1:2].isupper() else text[:1].lower() + text[1:]
 
 
 def _explain(exc: msgspec.ValidationError) -> tuple[str, str]:
@@ -155,14 +161,50 @@ def _parse_error(reason: str) -> EngineClientError:
     return EngineClientError(Code.PARSE_ERROR, f"invalid JSON: {reason}")
 
 
-def _decode_json(data: bytes) -> Any:
+def decode_json(data: bytes) -> Any:
+    """Any JSON text as builtins, for every interface that reads JSON.
+
+    Integers of any size decode as Python ints, left to the range checks of the Struct
+    they are converted to (`convert_params`), which name the field.
+
+    Raises:
+        EngineClientError: code ParseError when `data` is not JSON: invalid UTF-8,
+            nesting too deep to decode, or a number beyond a float's range (1e999),
+            which is named by its path in the message and `details["field"]`
+            (`temperature`, `params.stop_token_ids[2]`). Nothing else.
+    """
     try:
         return msgspec.json.decode(data)
     except RecursionError:
         raise _parse_error("nested too deeply") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec reports a number it cannot hold (1e400) as a ValidationError.
+        path = _out_of_range(data) if isinstance(exc, msgspec.ValidationError) else None
+        if path:
+            raise EngineClientError(
+                Code.PARSE_ERROR, f"invalid JSON: {path}: number out of range",
+                {"field": path}) from None
         raise _parse_error(_lower_first(str(exc))) from None
+
+
+def _out_of_range(data: bytes) -> str | None:
+    """The path of the first number beyond a float's range in `data`, if any."""
+    try:
+        value = _lenient_decoder.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:  # not recursive: the value may be nested as deeply as msgspec allows
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{key}" if path else str(key), member)
+                         for key, member in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{index}]", member)
+                         for index, member in reversed(list(enumerate(item))))
+    return None
 
 
 def _valid_id(value: Any) -> RequestId:
@@ -202,7 +244,7 @@ def parse_message(data: bytes) -> ParsedItem | list[ParsedItem]:
         return _request_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         pass  # Not a well-formed single request: decode again to say what it is.
-    value = _decode_json(data)
+    value = decode_json(data)
     if not isinstance(value, list):
         return _item(value)
     if not value:
@@ -327,7 +369,7 @@ def parse_reply(data: bytes) -> Reply | list[Reply]:
             notification: the connection can no longer be trusted. Nothing else.
     """
     try:
-        value = _decode_json(data)
+        value = decode_json(data)
     except EngineClientError as exc:
         raise EngineClientError(Code.TRANSPORT_ERROR, f"malformed reply: {exc.message}") from None
     if isinstance(value, list):

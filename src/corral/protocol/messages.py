@@ -7,7 +7,7 @@ variable `reply_type`, so `ask` decodes the reply with the right schema.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
@@ -313,6 +313,10 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     On admission the registry opens the stream's buffer (with the sequence to submit)
     in the stream table, in the same step, so no stream is ever admitted untracked.
     `stream_id` comes from the table (the caller's, so it can close what it asked for).
+    `client` names who asked (a connection, an address), for fair admission: a freed
+    slot goes to the waiting client with the fewest streams running, and a full queue
+    makes room by refusing the newest waiter of the client that holds the most. None
+    is one anonymous client.
     """
 
     stream_id: int
@@ -322,6 +326,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     sampling: SamplingParams
     max_tokens: int
     request_id: str | None = None
+    client: str | None = None
     reply_type: ClassVar[type] = Admitted
 
 
@@ -369,6 +374,26 @@ class GetRegistryState(msgspec.Struct, frozen=True, tag=True):
 
 
 # -- the public generate call, as every interface receives it -----------------------------
+# Every value here crosses into msgpack (64-bit integers at most) and into MLX (token ids
+# are int32), so each is range-checked where it enters: out of range is InvalidParams
+# naming the field, never an OverflowError deep inside a request.
+
+MAX_INT32: Final = 2**31 - 1
+MAX_STOP_STRINGS: Final = 16
+MAX_STOP_CHARS: Final = 256  # the engine checks every stop string at every step
+MAX_NAME_CHARS: Final = 256  # model aliases, request ids and client names
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)]
+"""A token id, as MLX holds it (int32); the runtime also checks it against the vocabulary."""
+TokenCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
+"""A positive number of tokens (max_tokens); the runtime applies the configured limit."""
+TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+TimeoutMs = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
+"""A deadline in milliseconds, up to about 24 days."""
+StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 
 _Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 _Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -377,26 +402,31 @@ _Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A generate or complete call. Decoding this struct is the input validation: an
-    out-of-range value or unknown field is an InvalidParams error naming the field.
+    out-of-range value (nan and infinities included) or unknown field is an
+    InvalidParams error naming the field.
 
     Exactly one of `prompt` (text or token ids) and `messages` (chat turns) is given.
+    `client` names who asks, for fair admission (see `Admit`); a transport sets it to
+    the connection or address the request came from, whatever the request said.
     """
 
-    model: str | None = None
-    prompt: str | list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    model: Name | None = None
+    prompt: str | list[TokenId] | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
     temperature: _Temperature = 0.0
     top_p: _Probability = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    top_k: TopK = 0
     min_p: _Fraction = 0.0
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    seed: Seed | None = None
+    stop: StopString | Annotated[list[StopString],
+                                 msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[TokenId] = []
     logprobs: bool = False
-    timeout_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
-    request_id: str | None = None
+    timeout_ms: TimeoutMs | None = None
+    request_id: Name | None = None
+    client: Name | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -7,8 +7,10 @@ default (`n`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 fails validation, since corral would silently ignore it. `top_k`, `min_p`,
 `repetition_penalty` and `stop_token_ids` are accepted as extensions, as vLLM does, and
 `timeout_ms`, the request's deadline.
-Ranges of sampling values are checked once, by `GenerateParams`. This module holds
-data only; `server/http.py` maps it to and from the runtime.
+Ranges of sampling values are checked once, by `GenerateParams`, which names the same
+fields; only the token counts are bounded here too, so that `max_completion_tokens` is
+named as the client sent it. This module holds data only; `server/http.py` maps it to
+and from the runtime.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-_PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+from corral.protocol.messages import TokenCount
+
 _Zero = Annotated[float, msgspec.Meta(ge=0.0, le=0.0)]
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
 _NoZeroLogprobs = Annotated[int, msgspec.Meta(ge=0, le=0)]
@@ -40,7 +43,7 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """What completions and chat completions share."""
 
     model: str | None = None
-    max_tokens: _PositiveInt | None = None
+    max_tokens: TokenCount | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -92,7 +95,7 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
     """POST /v1/chat/completions. `max_completion_tokens` wins over `max_tokens`."""
 
     messages: list[ChatMessageIn]
-    max_completion_tokens: _PositiveInt | None = None
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool = False
     top_logprobs: _NoZeroLogprobs | None = None
 

@@ -8,13 +8,25 @@ error after a stream has started is its last SSE event, never a dropped connecti
 client that goes away cancels its generation, streaming or not. This module speaks to
 the runtime facade only; it never reaches into actors, and holds no state a restart
 of the HTTP server would lose.
+
+What one client can hold is bounded (`HttpLimits`): a request body has a deadline, a
+connection with no request in progress closes after the keep-alive timeout, open
+connections are capped, and so, optionally, are the generation requests of one client
+address. Hypercorn's own `read_timeout` is not used: it bounds every read of a
+connection, so it would also end an SSE reply whose client sends nothing while it
+reads, which is what every SSE client does.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import logging
 import math
 import re
+import resource
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,7 +36,10 @@ import msgspec
 import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,10 +51,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from corral.actors.core import Context
 from corral.actors.streams import StreamChunk
+from corral.config import ServerConfig
 from corral.logging import bind_request
 from corral.metrics import Metrics, RequestOutcome
-from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import convert_params
+from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
+from corral.protocol.jsonrpc import convert_params, decode_json
 from corral.protocol.messages import FinishReason, Usage, innermost
 from corral.protocol.openai import (
     NEUTRAL_ONLY,
@@ -65,7 +81,7 @@ from corral.protocol.openai import (
 )
 from corral.runtime import Runtime, TokenStream
 
-__all__ = ["HttpServer", "build_app"]
+__all__ = ["HttpLimits", "HttpServer", "build_app", "default_max_connections"]
 
 _log = structlog.get_logger("corral.http")
 
@@ -78,6 +94,51 @@ _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream; charset=utf-8"),
                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _encode = msgspec.json.Encoder().encode
 _LAST_WORDS_S: Final = 1.0
+_RECEIVE_BYTES: Final = 65536
+_MAX_CONNECTIONS_CEILING: Final = 4096
+
+
+def default_max_connections() -> int:
+    """Half the process's file-descriptor limit (the rest is for models, engine workers
+    and JSON-RPC), between 16 and 4096: past the limit accept() fails, and with it
+    every other file the process opens."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_CONNECTIONS_CEILING
+    return max(16, min(_MAX_CONNECTIONS_CEILING, soft // 2))
+
+
+class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one client may hold of the HTTP server.
+
+    Attributes:
+        body_timeout_ms: a request's whole body must arrive within this after its
+            headers; else the client gets 408 (code Timeout) and the connection closes.
+        keep_alive_timeout_ms: a connection with no request in progress (new and
+            silent, headers half sent, or idle between requests) closes after this.
+        max_connections: connections open at once; one more is answered 429
+            (Overloaded, with Retry-After) and closed. None: `default_max_connections()`.
+        max_streams_per_client: generation requests one client address may have open
+            at once; one more is 429 (Overloaded, with Retry-After). None: no limit, as
+            clients behind one proxy share an address. Either way, the registry admits
+            the streams of different addresses fairly.
+    """
+
+    body_timeout_ms: int = 30000
+    keep_alive_timeout_ms: int = 5000
+    max_connections: int | None = None
+    max_streams_per_client: int | None = None
+
+    @classmethod
+    def from_config(cls, server: ServerConfig) -> HttpLimits:
+        """The limits the `server.*` keys of the same names set."""
+        return cls(body_timeout_ms=server.body_timeout_ms,
+                   keep_alive_timeout_ms=server.keep_alive_timeout_ms,
+                   max_connections=server.max_connections,
+                   max_streams_per_client=server.max_streams_per_client)
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -95,17 +156,45 @@ def _error_body(error: CorralError, request_id: str) -> ErrorBody:
 
 def status_of(error: CorralError) -> int:
     """The HTTP status of an error: the table's, except 503 while the server shuts down
-    (the table has no code of its own for that; the error is a retryable ServerError)."""
-    return 503 if error.details.get("shutting_down") else error.spec.http
+    (the table has no code of its own for that; the error is a retryable ServerError)
+    and 408 for a request body that did not arrive in time (the client's Timeout)."""
+    if error.details.get("shutting_down"):
+        return 503
+    if "body_timeout_ms" in error.details:
+        return 408
+    return error.spec.http
 
 
 def _error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
-    """Retry-After (whole seconds, rounded up) for the codes that carry a wait."""
+    """Retry-After (whole seconds, rounded up) for the errors that carry a wait;
+    Connection: close after a body that did not arrive in time (its rest may follow)."""
+    headers = []
     retry_after_ms = error.details.get("retry_after_ms")
-    if error.code in (Code.OVERLOADED, Code.CIRCUIT_OPEN) and isinstance(
-            retry_after_ms, int | float):
-        return [(b"retry-after", str(max(0, math.ceil(retry_after_ms / 1000.0))).encode())]
-    return []
+    if (error.code in (Code.OVERLOADED, Code.CIRCUIT_OPEN) or error.details.get(
+            "shutting_down")) and isinstance(retry_after_ms, int | float):
+        headers.append(_retry_after(retry_after_ms))
+    if "body_timeout_ms" in error.details:
+        headers.append((b"connection", b"close"))
+    return headers
+
+
+def _retry_after(ms: float) -> tuple[bytes, bytes]:
+    return (b"retry-after", str(max(0, math.ceil(ms / 1000.0))).encode())
+
+
+def _drain_wait_ms(drain_ms: int) -> int:
+    """The wait a draining server's 503 tells: the drain's length (at least a second),
+    the earliest a restarted server could answer at this address."""
+    return max(drain_ms, 1000)
+
+
+def _with_drain_wait(error: CorralError, drain_ms: int) -> CorralError:
+    """A shutting-down error with the wait its 503 tells the client."""
+    if not error.details.get("shutting_down") or "retry_after_ms" in error.details:
+        return error
+    return EngineClientError(error.code, error.message,
+                             {**error.details, "retry_after_ms": _drain_wait_ms(drain_ms)},
+                             retryable=error.retryable)
 
 
 def _error_response(error: CorralError, request_id: str) -> Response:
@@ -133,28 +222,29 @@ def _explained(error: CorralError) -> CorralError:
 # -- requests ---------------------------------------------------------------------------
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The request body as builtins.
+async def _read_json(request: Request, limit: int, timeout_ms: int) -> Any:
+    """The request body as builtins, read within `timeout_ms`.
 
     Raises:
         EngineClientError: InvalidRequest for a body over `limit` bytes, ParseError for
-            one that is not JSON.
+            one that is not JSON, Timeout (`details["body_timeout_ms"]`, sent as 408)
+            for one that did not arrive in time.
         ClientDisconnect: the client went away while sending it.
     """
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise EngineClientError(Code.INVALID_REQUEST,
-                                    f"body: larger than {limit} bytes", {"limit": limit})
-        parts.append(part)
-    try:
-        return msgspec.json.decode(b"".join(parts))
-    except RecursionError:
-        raise EngineClientError(Code.PARSE_ERROR, "invalid JSON: nested too deeply") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise EngineClientError(Code.PARSE_ERROR, f"invalid JSON: {exc}") from None
+    with trio.move_on_after(timeout_ms / 1000.0) as reading:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise EngineClientError(Code.INVALID_REQUEST,
+                                        f"body: larger than {limit} bytes", {"limit": limit})
+            parts.append(part)
+    if reading.cancelled_caught:
+        raise EngineClientError(
+            Code.TIMEOUT, f"body: {size} bytes arrived in {timeout_ms / 1000.0:g}s, not all",
+            {"body_timeout_ms": timeout_ms})
+    return decode_json(b"".join(parts))
 
 
 def _sampling(request: ChatCompletionRequest | CompletionRequest,
@@ -307,7 +397,7 @@ class _Job(msgspec.Struct, frozen=True):
     logprobs: bool
 
 
-def _chat_job(body: Any, request_id: str) -> _Job:
+def _chat_job(body: Any, request_id: str, client: str) -> _Job:
     request = convert_params(body, ChatCompletionRequest)
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": m.content if isinstance(m.content, str)
@@ -316,18 +406,18 @@ def _chat_job(body: Any, request_id: str) -> _Job:
     params = _sampling(request, request.max_completion_tokens or request.max_tokens)
     options = request.stream_options
     return _Job({**params, "messages": messages, "logprobs": request.logprobs,
-                 "request_id": request_id},
+                 "request_id": request_id, "client": client},
                 _ChatShape(f"chatcmpl-{request_id}", int(time.time())), request.stream,
                 bool(options and options.include_usage), request.logprobs)
 
 
-def _completion_job(body: Any, request_id: str) -> _Job:
+def _completion_job(body: Any, request_id: str, client: str) -> _Job:
     request = convert_params(body, CompletionRequest)
     logprobs = request.logprobs is not None
     params = _sampling(request, request.max_tokens)
     options = request.stream_options
     return _Job({**params, "prompt": _prompt(request.prompt), "logprobs": logprobs,
-                 "request_id": request_id},
+                 "request_id": request_id, "client": client},
                 _CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
                 bool(options and options.include_usage), logprobs)
 
@@ -345,10 +435,11 @@ class _Exchange:
     """
 
     def __init__(self, send: Send, request_id: str, metrics: Metrics,
-                 started_at: float) -> None:
+                 started_at: float, drain_ms: int) -> None:
         self._send = send
         self._metrics = metrics
         self._started_at = started_at
+        self._drain_ms = drain_ms
         self._observed = False
         self.request_id = request_id
         self.sse_started = False
@@ -399,6 +490,7 @@ class _Exchange:
 
     async def fail(self, error: CorralError) -> None:
         """Report `error` the only way still open: a status, or the last SSE event."""
+        error = _with_drain_wait(error, self._drain_ms)
         self.failed(error)
         if self.sse_started:
             await self.event(_error_body(error, self.request_id))
@@ -411,9 +503,17 @@ class _Exchange:
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
                                 exchange: _Exchange) -> None:
     """Cancel `scope` when the client goes away (the body was read already, so the next
-    ASGI message is the disconnect)."""
+    ASGI message is the disconnect).
+
+    Once the outcome is settled, the disconnect is hypercorn ending the exchange as the
+    last bytes go out, and nothing is cancelled: hypercorn starts the connection's
+    keep-alive timer from inside that last send, and a cancel then would kill the timer,
+    leaving an idle connection open for good.
+    """
     while (await receive())["type"] != "http.disconnect":
         pass
+    if exchange.ended:
+        return
     exchange.disconnected = True
     scope.cancel()
 
@@ -433,27 +533,69 @@ async def _last_words(exchange: _Exchange) -> None:
                       error=repr(exc))
 
 
+def _client_address(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+@final
+class _ClientStreams:
+    """Generation requests open per client address, shared by both endpoints."""
+
+    def __init__(self, limit: int | None, retry_after_ms: int) -> None:
+        self._limit = limit
+        self._retry_after_ms = retry_after_ms
+        self._open: collections.Counter[str] = collections.Counter()
+
+    def take(self, client: str) -> None:
+        """Count one more request of `client`; `give_back` it when it ends.
+
+        Raises:
+            OverloadedError: `client` has as many open as allowed.
+        """
+        if self._limit is not None and self._open[client] >= self._limit:
+            raise OverloadedError(
+                f"client {client} has {self._open[client]} generation requests open, "
+                "the most allowed", self._retry_after_ms,
+                {"max_streams_per_client": self._limit})
+        self._open[client] += 1
+
+    def give_back(self, client: str) -> None:
+        self._open[client] -= 1
+        if self._open[client] <= 0:
+            del self._open[client]
+
+
 @final
 class _GenerateEndpoint:
     """POST /v1/completions or /v1/chat/completions, as a plain ASGI app.
 
     It owns the whole exchange, so that a disconnect cancels the generation whatever
     it is doing: waiting for admission, for tokens, or for the client to read. Errors
-    before the first token get their HTTP status (the SSE headers wait for it).
+    before the first token get their HTTP status (the SSE headers wait for it). The
+    client's address is the `client` of its streams for the registry's fair admission.
     """
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "text"]) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "text"],
+                 limits: HttpLimits, clients: _ClientStreams) -> None:
         self._runtime = runtime
         self._metrics = metrics
         self._make_job = _chat_job if kind == "chat" else _completion_job
         self._max_body = runtime.config.server.max_body_bytes
+        self._drain_ms = runtime.config.server.drain_timeout_ms
+        self._body_timeout_ms = limits.body_timeout_ms
+        self._clients = clients
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
-        exchange = _Exchange(send, request_id, self._metrics, trio.current_time())
+        client = _client_address(scope)
+        exchange = _Exchange(send, request_id, self._metrics, trio.current_time(),
+                             self._drain_ms)
         try:
-            job = self._make_job(await _read_json(Request(scope, receive), self._max_body),
-                                 request_id)
+            body = await _read_json(Request(scope, receive), self._max_body,
+                                    self._body_timeout_ms)
+            job = self._make_job(body, request_id, f"http:{client}")
+            self._clients.take(client)
         except ClientDisconnect:
             exchange.abandoned()
             return
@@ -469,6 +611,7 @@ class _GenerateEndpoint:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            self._clients.give_back(client)
             if not exchange.ended and not exchange.disconnected:
                 await _last_words(exchange)
             exchange.abandoned()
@@ -559,9 +702,14 @@ class _Routes:
                               {"model": alias}), request.state.request_id)
 
     async def health(self, request: Request) -> Response:
+        """200, or 503 with the reasons; while draining, with the drain's Retry-After."""
         health = self._runtime.health()
         body = {"status": "ok" if health.ok else "unavailable", **msgspec.to_builtins(health)}
-        return _json(body, 200 if health.ok else 503)
+        response = _json(body, 200 if health.ok else 503)
+        if not health.ok and self._runtime.draining:
+            response.raw_headers.append(
+                _retry_after(_drain_wait_ms(self._runtime.config.server.drain_timeout_ms)))
+        return response
 
     async def metrics(self, request: Request) -> Response:
         return Response(await self._metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -631,14 +779,22 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def build_app(runtime: Runtime, metrics: Metrics) -> Starlette:
-    """The ASGI app of the HTTP API over `runtime`, reporting to `metrics`."""
+def build_app(runtime: Runtime, metrics: Metrics, limits: HttpLimits | None = None
+              ) -> Starlette:
+    """The ASGI app of the HTTP API over `runtime`, reporting to `metrics`; of `limits`
+    (default: the config's `server.*` keys) it applies the body timeout and the streams
+    per client."""
+    limits = limits or HttpLimits.from_config(runtime.config.server)
     routes = _Routes(runtime, metrics)
+    clients = _ClientStreams(limits.max_streams_per_client,
+                             runtime.config.stream_registry.overloaded_retry_after_ms)
     return Starlette(
         routes=[
-            Route("/v1/completions", _GenerateEndpoint(runtime, metrics, "text"),
+            Route("/v1/completions",
+                  _GenerateEndpoint(runtime, metrics, "text", limits, clients),
                   methods=["POST"]),
-            Route("/v1/chat/completions", _GenerateEndpoint(runtime, metrics, "chat"),
+            Route("/v1/chat/completions",
+                  _GenerateEndpoint(runtime, metrics, "chat", limits, clients),
                   methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
@@ -653,25 +809,6 @@ def build_app(runtime: Runtime, metrics: Metrics) -> Starlette:
 
 
 @final
-class _Bound:
-    """The task_status handed to hypercorn: it reports the bound address and started."""
-
-    def __init__(self, server: HttpServer, inner: trio.TaskStatus[None], ctx: Context) -> None:
-        self._server = server
-        self._inner = inner
-        self._ctx = ctx
-        self.reported = False
-
-    def started(self, binds: list[str] | None = None) -> None:
-        self.reported = True
-        self._server.binds = list(binds or [])
-        if self._server.binds:
-            self._server.port = int(self._server.binds[0].rsplit(":", 1)[1])
-        self._ctx.log.info("http.listening", binds=self._server.binds)
-        self._inner.started()
-
-
-@final
 class HttpServer:
     """The HTTP listener as a supervised child (of the transport domain).
 
@@ -681,17 +818,45 @@ class HttpServer:
     `server.drain_timeout_ms` (bounded by the ChildSpec's shutdown timeout), then
     returns. A killed server drops its connections and a restart binds the same port.
 
+    Hypercorn serves each connection (its `TCPServer`, as its own trio worker does);
+    the accept loop is this class's, so that it can cap the connections: one beyond
+    `limits.max_connections` is answered 429 with Retry-After and closed at once.
+
     Attributes:
         port: the port asked for; once bound, the port bound (useful with port 0).
         binds: the URLs listened on, once bound.
+        limits: what one client may hold (`HttpLimits`).
+        max_connections: the connection cap in force.
+        refused: connections refused at the cap, over all incarnations.
     """
 
-    def __init__(self, runtime: Runtime, host: str, port: int, metrics: Metrics) -> None:
+    def __init__(self, runtime: Runtime, host: str, port: int, metrics: Metrics, *,
+                 limits: HttpLimits | None = None) -> None:
         self._runtime = runtime
         self._metrics = metrics
         self.host = host
         self.port = port
         self.binds: list[str] = []
+        self.limits = limits or HttpLimits.from_config(runtime.config.server)
+        self.max_connections = self.limits.max_connections or default_max_connections()
+        self.refused = 0
+        self._open = 0
+        self._at_capacity = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    def _hypercorn_config(self) -> HypercornConfig:
+        config = HypercornConfig()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        config.bind = [f"{host}:{self.port}"]
+        config.accesslog = None  # `http.request` is the access log
+        # Through the logging module (the host application decides), not a stderr handler.
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.graceful_timeout = self._runtime.config.server.drain_timeout_ms / 1000.0
+        config.keep_alive_timeout = self.limits.keep_alive_timeout_ms / 1000.0
+        return config
 
     async def run(self, ctx: Context, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -701,25 +866,81 @@ class HttpServer:
             EngineClientError: TransportError when the address cannot be bound (in use,
                 not local, no permission), before started is reported.
         """
-        config = HypercornConfig()
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        config.bind = [f"{host}:{self.port}"]
-        config.accesslog = None  # `http.request` is the access log
-        # Through the logging module (the host application decides), not a stderr handler.
-        config.errorlog = logging.getLogger("hypercorn.error")
-        config.graceful_timeout = self._runtime.config.server.drain_timeout_ms / 1000.0
-        bound = _Bound(self, task_status, ctx)
-        # Starlette's ASGI types and hypercorn's differ only in their TypedDict names.
-        app: Any = build_app(self._runtime, self._metrics)
+        config = self._hypercorn_config()
+        sockets: list[socket.socket] = []
         try:
-            await serve(app, config, shutdown_trigger=ctx.wait_stop_requested,
-                        task_status=bound)
-        except Exception as exc:
-            cause = innermost(exc)
-            if bound.reported or not isinstance(cause, OSError):
-                raise
+            sockets = config.create_sockets().insecure_sockets
+            for sock in sockets:
+                sock.listen(config.backlog)
+        except OSError as exc:
+            for sock in sockets:
+                sock.close()
             raise EngineClientError(
                 Code.TRANSPORT_ERROR,
-                f"http: cannot listen on {self.host}:{self.port}: {cause.strerror or cause}",
-                {"host": self.host, "port": self.port}) from cause
-        ctx.log.info("http.stopped", binds=self.binds)
+                f"http: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}",
+                {"host": self.host, "port": self.port}) from exc
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        self.binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+        self.port = int(sockets[0].getsockname()[1])
+        # Starlette's ASGI types and hypercorn's differ only in their TypedDict names.
+        app: Any = build_app(self._runtime, self._metrics, self.limits)
+        context = WorkerContext(None)
+        serve_one = functools.partial(
+            self._connection, wrap_app(app, config.wsgi_max_body_size, "asgi"), config,
+            context, ConnectionState({}))
+        try:
+            async with trio.open_nursery() as connections:
+                ctx.log.debug("http.listening", binds=self.binds)
+                task_status.started()
+                try:
+                    with trio.CancelScope() as accepting:
+                        ctx.on_stop_requested(accepting.cancel)
+                        if not ctx.stop_requested:
+                            await trio.serve_listeners(serve_one, listeners,
+                                                       handler_nursery=connections)
+                finally:
+                    # Idle keep-alive connections close now; requests get the drain.
+                    await context.terminated.set()
+                    connections.cancel_scope.deadline = (trio.current_time()
+                                                         + config.graceful_timeout)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+        ctx.log.debug("http.stopped", binds=self.binds)
+
+    async def _connection(self, app: Any, config: HypercornConfig, context: WorkerContext,
+                          state: ConnectionState, stream: trio.SocketStream) -> None:
+        """Serve one accepted connection, or refuse it at the cap."""
+        if self._open >= self.max_connections:
+            await self._refuse(stream)
+            return
+        self._open += 1
+        try:
+            # Hypercorn's annotation names its TLS stream; its trio worker passes plain
+            # socket streams as well.
+            await TCPServer(app, config, context, state, stream).run()  # type: ignore[arg-type]
+        finally:
+            self._open -= 1
+            self._at_capacity = False
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Answer 429 with Retry-After and close, within `_LAST_WORDS_S`; what the client
+        sends meanwhile is read, so that closing does not reset the answer away."""
+        self.refused += 1
+        if not self._at_capacity:
+            self._at_capacity = True
+            _log.warning("http.connections_at_capacity", max_connections=self.max_connections)
+        error = OverloadedError(
+            f"the server has {self._open} connections open, the most it allows",
+            self._runtime.config.stream_registry.overloaded_retry_after_ms,
+            {"max_connections": self.max_connections})
+        body = _encode(_error_body(error, uuid.uuid4().hex))
+        head = [b"HTTP/1.1 429 Too Many Requests", b"content-type: application/json",
+                b"content-length: " + str(len(body)).encode(), b"connection: close",
+                *(name + b": " + value for name, value in _error_headers(error))]
+        with trio.move_on_after(_LAST_WORDS_S), contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await stream.send_eof()
+            while await stream.receive_some(_RECEIVE_BYTES):
+                pass

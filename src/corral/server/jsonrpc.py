@@ -46,7 +46,14 @@ from corral.protocol.jsonrpc import (
     params_as,
     parse_message,
 )
-from corral.protocol.messages import GenerateParams, Usage
+from corral.protocol.messages import (
+    GenerateParams,
+    Name,
+    StreamId,
+    TokenId,
+    Usage,
+    innermost,
+)
 from corral.runtime import Runtime, TokenStream
 
 __all__ = ["JsonRpcListener", "ListenerStatistics"]
@@ -58,6 +65,7 @@ _LINES_PER_WRITE: Final = 64
 _ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM,
                                             errno.ENOBUFS})
 _ACCEPT_RETRY_S: Final = 0.1
+_STREAM_METHODS: Final = frozenset({Method.GENERATE, Method.COMPLETE})
 
 _log = structlog.get_logger("corral.server.jsonrpc")
 
@@ -73,27 +81,27 @@ class _NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class _LoadModelParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     path: str
-    alias: str | None = None
-    fallbacks: list[str] = []
+    alias: Name | None = None
+    fallbacks: list[Name] = []
 
 
 class _UnloadModelParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    alias: str
+    alias: Name
 
 
 class _TokenizeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    model: str | None = None
+    model: Name | None = None
     text: str
     add_special_tokens: bool = True
 
 
 class _DetokenizeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    model: str | None = None
-    token_ids: list[int]
+    model: Name | None = None
+    token_ids: list[TokenId]
 
 
 class _CancelParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    stream_id: int
+    stream_id: StreamId
 
 
 class ListenerStatistics(msgspec.Struct, frozen=True):
@@ -154,12 +162,21 @@ class JsonRpcListener:
     """
 
     def __init__(self, runtime: Runtime, uri: str, *,
-                 on_shutdown: Callable[[], None] | None = None) -> None:
-        """Raises: ValueError for a URI that is not tcp://HOST:PORT, unix://PATH or stdio."""
+                 on_shutdown: Callable[[], None] | None = None,
+                 max_streams_per_connection: int | None = None) -> None:
+        """Raises: ValueError for a URI that is not tcp://HOST:PORT, unix://PATH or stdio.
+
+        Args:
+            max_streams_per_connection: `generate` and `complete` calls one connection
+                may have open at once; None takes `json_rpc.max_streams_per_connection`.
+        """
+        self._kind, self._host, self._port = _parse_uri(uri)
         self.runtime = runtime
         self.uri = uri
         self._on_shutdown = on_shutdown
-        self._kind, self._host, self._port = _parse_uri(uri)
+        self.max_streams_per_connection = (
+            runtime.config.json_rpc.max_streams_per_connection
+            if max_streams_per_connection is None else max_streams_per_connection)
         self.shutdown_requested = trio.Event()
         self.address: tuple[str, int] | str | None = None
         self._numbers = itertools.count(1)
@@ -304,6 +321,7 @@ class JsonRpcListener:
             "limits": {
                 "max_line_bytes": config.json_rpc.max_line_bytes,
                 "max_pending_per_connection": config.json_rpc.max_pending_per_connection,
+                "max_streams_per_connection": self.max_streams_per_connection,
                 "default_timeout_ms": config.json_rpc.default_timeout_ms,
                 "max_active_streams": config.stream_registry.max_active_streams,
                 "max_queued_streams": config.stream_registry.max_queued,
@@ -404,14 +422,19 @@ class _Connection:
     Reading: lines longer than `json_rpc.max_line_bytes` are answered with InvalidRequest
     (id null) and skipped up to their newline; every other line is parsed and each
     request starts a task, at most `json_rpc.max_pending_per_connection` at once (a
-    generate counts until its stream ends); beyond that a request gets Overloaded.
-    `cancel` and `shutdown` are answered at once and need no slot, so a client can
-    always free its slots. Bytes left without a newline at the end of input are a cut
-    frame: ParseError.
+    generate counts until its stream ends), and of those at most
+    `max_streams_per_connection` generate or complete calls; beyond either a request
+    gets Overloaded. `cancel` and `shutdown` are answered at once and need no slot, so
+    a client can always free its slots. Bytes left without a newline at the end of
+    input are a cut frame: ParseError. The connection is the `client` of its streams
+    for the registry's fair admission.
 
     Closing: at the end of input or a failed write the peer is gone, and its requests
     and streams are cancelled at once. On a stop request reading ends, running requests
     finish (bounded by the handler's shutdown timeout) and queued replies are flushed.
+    A bug in one request (an exception that is not a CorralError) answers it with
+    InternalError, ends every other stream of the connection with a stream.error, and
+    crashes the connection, which is never restarted.
     """
 
     def __init__(self, listener: JsonRpcListener, stream: trio.abc.Stream) -> None:
@@ -421,10 +444,14 @@ class _Connection:
         config = listener.runtime.config
         self._max_line = config.json_rpc.max_line_bytes
         self._max_pending = config.json_rpc.max_pending_per_connection
+        self._max_streams = listener.max_streams_per_connection
         self._retry_after_ms = config.stream_registry.overloaded_retry_after_ms
         self._flush_timeout = config.supervision.shutdown_timeout_ms / 1000.0
         self._pending = 0
+        self._open_streams = 0  # generate and complete calls running
+        self._client = ""  # the connection's actor path, once it runs
         self._streams: dict[int, trio.CancelScope] = {}
+        self._unended: set[int] = set()  # stream ids told to the client, not yet ended
         self._out: trio.MemorySendChannel[bytes] | None = None
         self._tasks: trio.Nursery | None = None
         self._scope = trio.CancelScope()
@@ -448,6 +475,7 @@ class _Connection:
     async def run(self, ctx: Context, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         log = ctx.log
+        self._client = ctx.path
         send, receive = trio.open_memory_channel[bytes](_QUEUED_LINES)
         self._out = send
         flushed = trio.Event()
@@ -458,15 +486,23 @@ class _Connection:
             with self._scope:
                 async with trio.open_nursery() as connection:
                     connection.start_soon(self._write, receive, flushed)
-                    async with trio.open_nursery() as tasks:
-                        self._tasks = tasks
-                        with trio.CancelScope() as reading:
-                            ctx.on_stop_requested(reading.cancel)
-                            if ctx.stop_requested:
-                                reading.cancel()
-                            await self._read()
-                        if not reading.cancelled_caught:
-                            tasks.cancel_scope.cancel()  # the peer is gone: so is its work
+                    try:
+                        async with trio.open_nursery() as tasks:
+                            self._tasks = tasks
+                            with trio.CancelScope() as reading:
+                                ctx.on_stop_requested(reading.cancel)
+                                if ctx.stop_requested:
+                                    reading.cancel()
+                                await self._read()
+                            if not reading.cancelled_caught:
+                                tasks.cancel_scope.cancel()  # the peer is gone: so is its work
+                    except Exception as exc:
+                        with trio.move_on_after(self._flush_timeout), contextlib.suppress(
+                                trio.BrokenResourceError, trio.ClosedResourceError):
+                            await self._end_streams_on_crash(innermost(exc))
+                            await send.aclose()
+                            await flushed.wait()
+                        raise
                     with trio.move_on_after(self._flush_timeout):
                         await send.aclose()
                         await flushed.wait()
@@ -516,6 +552,18 @@ class _Connection:
                 buffer.clear()
                 searched = 0
                 discarding = True
+
+    async def _end_streams_on_crash(self, cause: BaseException) -> None:
+        """A request's bug crashes the connection: its other streams end in a typed,
+        retryable error rather than in silence."""
+        for sid in sorted(self._unended):
+            error = EngineClientError(
+                Code.TRANSPORT_ERROR,
+                f"stream {sid} ended: the connection failed ({type(cause).__name__})",
+                {"stream_id": sid}, retryable=True)
+            await self._send(encode_notification(
+                Notification.STREAM_ERROR, {"stream_id": sid, "error": _error_object(error)}))
+        self._unended.clear()
 
     async def _too_long(self) -> None:
         await self._send(encode_error(None, EngineClientError(
@@ -599,7 +647,14 @@ class _Connection:
             return _unless_notification(item, encode_error(rid, OverloadedError(
                 f"this connection has {self._pending} requests pending, the most allowed",
                 self._retry_after_ms, {"max_pending_per_connection": self._max_pending})))
+        streaming = method in _STREAM_METHODS
+        if streaming and self._open_streams >= self._max_streams:
+            return _unless_notification(item, encode_error(rid, OverloadedError(
+                f"this connection has {self._open_streams} streams open, the most allowed",
+                self._retry_after_ms, {"max_streams_per_connection": self._max_streams})))
         self._pending += 1
+        if streaming:
+            self._open_streams += 1
         assert self._tasks is not None
         self._tasks.start_soon(self._serve, item, method, respond)
         return None
@@ -644,6 +699,8 @@ class _Connection:
                 await respond(encode_result(rid, result))
         finally:
             self._pending -= 1
+            if method in _STREAM_METHODS:
+                self._open_streams -= 1
 
     # -- methods ---------------------------------------------------------------------
 
@@ -683,9 +740,14 @@ class _Connection:
         params = params_as(request, _DetokenizeParams)
         return {"text": await self._runtime.detokenize(params.model, params.token_ids)}
 
+    def _generate_params(self, request: Request) -> dict[str, Any]:
+        """The runtime's arguments: the params, with this connection as their client."""
+        params = msgspec.structs.replace(params_as(request, GenerateParams),
+                                         client=self._client)
+        return dict(msgspec.to_builtins(params))
+
     async def _complete(self, request: Request, _: _Respond) -> Any:
-        params = params_as(request, GenerateParams)
-        completion = await self._runtime.complete(**msgspec.to_builtins(params))
+        completion = await self._runtime.complete(**self._generate_params(request))
         return {**msgspec.to_builtins(completion), "usage": _usage(completion.usage)}
 
     async def _generate(self, request: Request, respond: _Respond) -> _Streaming:
@@ -694,9 +756,9 @@ class _Connection:
         `cancel` or leaving ends the `generate` block, which drops the sequence from the
         batch at the next engine step.
         """
-        params = params_as(request, GenerateParams)
-        async with self._runtime.generate(**msgspec.to_builtins(params)) as stream:
+        async with self._runtime.generate(**self._generate_params(request)) as stream:
             sid = stream.stream_id
+            self._unended.add(sid)
             await respond(encode_result(_reply_id(request),
                                         {"stream_id": sid, "model": stream.model}))
             with trio.CancelScope() as cancelled:
@@ -708,6 +770,7 @@ class _Connection:
         if cancelled.cancelled_caught:
             await self._notify(Notification.STREAM_END, {
                 "stream_id": sid, "finish_reason": "cancelled", "usage": _usage(stream.usage)})
+        self._unended.discard(sid)
         return _STREAMING
 
     async def _forward(self, stream: TokenStream) -> None:
@@ -730,6 +793,7 @@ class _Connection:
         # Out of reach of `cancel` from here on: one terminal notification at most.
         del self._streams[sid]
         await self._send(end)
+        self._unended.discard(sid)
 
     def _cancel(self, request: Request) -> Any:
         stream_id = params_as(request, _CancelParams).stream_id

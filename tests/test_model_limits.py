@@ -1,0 +1,114 @@
+"""Prompt and max_tokens limits: the serving model's context decides unless the config
+sets them, and a refusal names the limit and the key that changes it (issue 12, item 4).
+
+Real tiny models (of 2k and 128k context) in real time; prompts are token ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from corral.config import RuntimeConfig, config_from_mapping
+from corral.protocol.errors import Code, EngineClientError
+from corral.runtime import Runtime, open_runtime
+from corral.tiny import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def _config(**generation: Any) -> RuntimeConfig:
+    return config_from_mapping({"generation": generation})
+
+
+def _prompt(rt: Runtime, tokens: int) -> list[int]:
+    """`tokens` token ids the model knows, none of them special."""
+    info = rt.list_models()[0].info
+    assert info is not None
+    return [5 + i % (info.vocab_size - 10) for i in range(tokens)]
+
+
+async def _refused(rt: Runtime, **params: Any) -> EngineClientError:
+    with pytest.raises(EngineClientError) as caught:
+        await rt.complete("tiny", **params)
+    assert caught.value.code is Code.INVALID_PARAMS
+    return caught.value
+
+
+async def _served(rt: Runtime) -> None:
+    completion = await rt.complete("tiny", "The quick brown fox", max_tokens=4)
+    assert completion.finish_reason in ("length", "stop")
+
+
+async def test_a_128k_context_model_takes_a_5k_prompt_by_default(tmp_path: Path) -> None:
+    long_context = str(make_tiny_model(tmp_path / "long", context=131072))
+    async with open_runtime(_config(), models={"tiny": long_context}) as rt:
+        info = rt.list_models()[0].info
+        assert info is not None and info.max_context == 131072
+        with trio.fail_after(120):
+            completion = await rt.complete("tiny", _prompt(rt, 5000), max_tokens=4)
+            assert completion.usage.prompt_tokens == 5000
+            assert completion.finish_reason in ("length", "stop")
+            # So does a max_tokens past the old 4096 limit, up to the context.
+            async with rt.generate("tiny", "The quick brown fox", max_tokens=8000) as stream:
+                async for _ in stream:
+                    break
+            refused = await _refused(rt, prompt="The quick brown fox", max_tokens=131073)
+            assert refused.message == ("max_tokens: 131073, over the model's context of "
+                                       "131072 (generation.max_tokens_limit sets the limit)")
+            await _served(rt)
+
+
+async def test_a_prompt_over_the_models_context_names_it_and_the_key(model_path: str) -> None:
+    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+        with trio.fail_after(60):
+            refused = await _refused(rt, prompt=_prompt(rt, 2100), max_tokens=4)
+            assert refused.message.startswith(
+                "prompt: 2100 tokens, over the model's context of 2048 (at most 2047")
+            assert "generation.max_prompt_tokens" in refused.message
+            assert refused.details["limit"] == 2047
+            # The whole context but one token is a prompt the model takes.
+            completion = await rt.complete("tiny", _prompt(rt, 2047), max_tokens=4)
+            assert completion.usage.prompt_tokens == 2047
+            assert len(completion.token_ids) == 1  # all the room the context leaves
+            await _served(rt)
+
+
+async def test_a_configured_prompt_limit_wins_and_is_named(model_path: str) -> None:
+    async with open_runtime(_config(max_prompt_tokens=1000),
+                            models={"tiny": model_path}) as rt:
+        with trio.fail_after(60):
+            refused = await _refused(rt, prompt=_prompt(rt, 1001), max_tokens=4)
+            assert refused.message == (
+                "prompt: 1001 tokens, over generation.max_prompt_tokens (1000)")
+            completion = await rt.complete("tiny", _prompt(rt, 1000), max_tokens=4)
+            assert completion.usage.prompt_tokens == 1000
+            await _served(rt)
+
+
+async def test_a_configured_max_tokens_limit_wins_and_is_named(model_path: str) -> None:
+    async with open_runtime(_config(max_tokens_limit=100, default_max_tokens=16),
+                            models={"tiny": model_path}) as rt:
+        with trio.fail_after(60):
+            refused = await _refused(rt, prompt="The quick brown fox", max_tokens=101)
+            assert refused.message == "max_tokens: 101, over generation.max_tokens_limit (100)"
+            assert refused.details == {"field": "max_tokens", "limit": 100}
+            await _served(rt)
+
+
+async def test_unset_max_tokens_is_cut_to_what_the_context_leaves(model_path: str) -> None:
+    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+        with trio.fail_after(60):
+            # More than the context holds is not refused (up to 4096, which the old
+            # default allowed): generation ends where the context is full.
+            completion = await rt.complete("tiny", _prompt(rt, 2000), max_tokens=4000)
+            assert completion.usage.prompt_tokens == 2000
+            assert len(completion.token_ids) <= 48
+            refused = await _refused(rt, prompt="The quick brown fox", max_tokens=4097)
+            assert refused.message == (
+                "max_tokens: 4097, over 4096 (the model's context is 2048; "
+                "generation.max_tokens_limit sets the limit)")
+            await _served(rt)
