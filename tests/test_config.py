@@ -105,6 +105,7 @@ def test_overlay_chosen_by_corral_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CORRAL_ENV", "production")
     cfg = load_config(RUNTIME_YAML)
     assert cfg.logging == LoggingConfig(format="json", level="info")
+    assert RuntimeConfig().logging.level is None  # info serving, warning embedded
     assert cfg.generation.isolation == "process"
     # Keys the overlay does not name keep the file's values.
     assert cfg.generation.default_max_tokens == 256

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 
 import pytest
@@ -84,3 +87,28 @@ def test_json_exception_is_structured() -> None:
     [line] = _lines(stream)
     assert line["event"] == "engine.crashed"
     assert line["exception"][0]["exc_type"] == "ValueError"
+
+
+@pytest.mark.slow
+def test_an_embedded_runtime_logs_warnings_only_unless_configured(model_path: str) -> None:
+    """Info lines of a runtime embedded in a host program would crowd the host's own
+    output: with `logging.level` unset it logs at warning; set, it logs at that level."""
+    script = textwrap.dedent(f"""
+        import sys, trio
+        from corral.config import config_from_mapping
+        from corral.runtime import open_runtime
+
+        async def main(level):
+            config = config_from_mapping({{"logging": {{"level": level}}}} if level else {{}})
+            async with open_runtime(config, models={{"tiny": {model_path!r}}}) as rt:
+                await rt.complete("tiny", "Hello", max_tokens=2)
+            print("done", flush=True)
+
+        trio.run(main, sys.argv[1] if len(sys.argv) > 1 else None)
+    """)
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=120)
+    assert quiet.stdout == "done\n" and quiet.stderr == "", quiet.stderr[-2000:]
+    chatty = subprocess.run([sys.executable, "-c", script, "debug"], capture_output=True,
+                            text=True, timeout=120)
+    assert chatty.stdout == "done\n" and "actor.started" in chatty.stderr

@@ -193,3 +193,30 @@ def _wait_until(condition: Any, timeout: float = 60.0) -> None:
         done.wait(0.05)
     raise AssertionError("condition not met in time")
 
+
+
+def test_jsonrpc_stdio_answers_what_it_read_before_eof_and_listens_nowhere_else(
+        model_path: str) -> None:
+    requests = [
+        {"jsonrpc": "2.0", "id": 1, "method": "list_models"},
+        {"jsonrpc": "2.0", "id": 2, "method": "complete",
+         "params": {"model": "tiny", "prompt": "Hi", "max_tokens": 3}},
+        {"jsonrpc": "2.0", "id": 3, "method": "generate",
+         "params": {"model": "tiny", "prompt": "Hi", "max_tokens": 3}},
+        {"jsonrpc": "2.0", "id": 4, "method": "no/such/method"},
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "serve", "--model", f"tiny={model_path}",
+         "--jsonrpc", "stdio"],
+        input="".join(json.dumps(r) + "\n" for r in requests), capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    messages = [json.loads(line) for line in result.stdout.splitlines()]
+    answered = {m["id"]: m for m in messages if "id" in m}
+    assert set(answered) == {1, 2, 3, 4}
+    assert answered[2]["result"]["usage"]["completion_tokens"] == 3
+    assert answered[4]["error"]["code"] == -32601
+    [end] = [m for m in messages if m.get("method") == "stream.end"]
+    assert end["params"]["stream_id"] == answered[3]["result"]["stream_id"]
+    [banner] = [line for line in result.stderr.splitlines() if line.startswith("corral serving")]
+    assert banner == "corral serving stdio (models: tiny)"  # no HTTP listener beside it

@@ -307,10 +307,12 @@ class ServerConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    """Log rendering and the minimum level emitted."""
+    """Log rendering and the minimum level emitted. `level: null` means info for
+    `corral serve` and warning for a runtime embedded in another program, whose own
+    output corral's info lines would crowd."""
 
     format: Literal["json", "console"] = "console"
-    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    level: Literal["debug", "info", "warning", "error", "critical"] | None = None
 
 
 class RuntimeConfig(_Section):

@@ -30,7 +30,8 @@ _LEVELS: Final[dict[str, int]] = {
 }
 
 
-def configure_logging(cfg: LoggingConfig, *, stream: IO[str] | None = None) -> None:
+def configure_logging(cfg: LoggingConfig, *, stream: IO[str] | None = None,
+                      default_level: str = "info") -> None:
     """Set up structlog for the whole process, replacing any earlier setup.
 
     Safe to call again (tests do, with a new stream each time): loggers obtained from
@@ -39,6 +40,7 @@ def configure_logging(cfg: LoggingConfig, *, stream: IO[str] | None = None) -> N
     Args:
         cfg: the output format and the minimum level emitted.
         stream: where lines go; standard error when None.
+        default_level: the level when `cfg.level` is None.
     """
     output = sys.stderr if stream is None else stream
     renderer: Processor
@@ -58,7 +60,8 @@ def configure_logging(cfg: LoggingConfig, *, stream: IO[str] | None = None) -> N
     processors.append(renderer)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[cfg.level]),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            _LEVELS[cfg.level or default_level]),
         logger_factory=structlog.PrintLoggerFactory(file=output),
         # Cached loggers would keep the first setup; reconfiguring must reach them all.
         cache_logger_on_first_use=False,

@@ -1057,7 +1057,7 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
     config = config or RuntimeConfig()
     if not structlog.is_configured():
         # An embedding application that configured structlog keeps its own setup.
-        configure_logging(config.logging)
+        configure_logging(config.logging, default_level="warning")
     sup = config.supervision
     system = ActorSystem(mailbox_capacity=sup.mailbox_capacity, stash_limit=sup.stash_limit,
                          fairness_interval=sup.fairness_interval,

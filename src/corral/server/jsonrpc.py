@@ -291,7 +291,7 @@ class JsonRpcListener:
     async def _start_connection(self, connections: Supervisor, name: str,
                                 stream: trio.abc.Stream) -> ActorRef | None:
         """Start a handler for `stream`; returns its ActorRef, or None if it could not."""
-        handler = _Connection(self, stream)
+        handler = _Connection(self, stream, answer_after_eof=name == "stdio")
         spec = ChildSpec(name=name, factory=lambda: handler, restart=Restart.TEMPORARY,
                          shutdown=self.runtime.config.supervision.shutdown_timeout_ms)
         try:
@@ -430,15 +430,19 @@ class _Connection:
     for the registry's fair admission.
 
     Closing: at the end of input or a failed write the peer is gone, and its requests
-    and streams are cancelled at once. On a stop request reading ends, running requests
+    and streams are cancelled at once; on stdio the end of input only means no more
+    requests (`printf ... | corral serve --jsonrpc stdio`), so what was read is answered
+    first. On a stop request reading ends, running requests
     finish (bounded by the handler's shutdown timeout) and queued replies are flushed.
     A bug in one request (an exception that is not a CorralError) answers it with
     InternalError, ends every other stream of the connection with a stream.error, and
     crashes the connection, which is never restarted.
     """
 
-    def __init__(self, listener: JsonRpcListener, stream: trio.abc.Stream) -> None:
+    def __init__(self, listener: JsonRpcListener, stream: trio.abc.Stream, *,
+                 answer_after_eof: bool = False) -> None:
         self._listener = listener
+        self._answer_after_eof = answer_after_eof
         self._runtime = listener.runtime
         self._stream = stream
         config = listener.runtime.config
@@ -494,7 +498,7 @@ class _Connection:
                                 if ctx.stop_requested:
                                     reading.cancel()
                                 await self._read()
-                            if not reading.cancelled_caught:
+                            if not (reading.cancelled_caught or self._answer_after_eof):
                                 tasks.cancel_scope.cancel()  # the peer is gone: so is its work
                     except Exception as exc:
                         with trio.move_on_after(self._flush_timeout), contextlib.suppress(
