@@ -143,6 +143,7 @@ def test_a_port_in_use_exits_non_zero_with_one_clear_line(model_path: str) -> No
             _wait_until(lambda: bool(server.said("corral:")))
             [line] = server.said("corral:")
             assert "Address already in use" in line and str(port) in line
+            assert not server.said("loading"), "the port is checked before any model loads"
         finally:
             server.stop()
 
@@ -220,3 +221,28 @@ def test_jsonrpc_stdio_answers_what_it_read_before_eof_and_listens_nowhere_else(
     assert end["params"]["stream_id"] == answered[3]["result"]["stream_id"]
     [banner] = [line for line in result.stderr.splitlines() if line.startswith("corral serving")]
     assert banner == "corral serving stdio (models: tiny)"  # no HTTP listener beside it
+
+
+def test_the_default_model_says_what_it_is_and_host_port_log_level_work() -> None:
+    port = free_port()
+    server = Server(["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+    try:
+        server.wait_ready()
+        assert server.said("loading tiny")
+        assert server.said("corral serving")[0].startswith(f"corral serving http://127.0.0.1:{port}")
+        [note] = server.said("corral: 'tiny' is the built-in test model")
+        assert "random weights" in note and "Serve your own model" in note
+        # At warning level, no actor internals on the way up.
+        assert not [line for line in server.lines if "actor.started" in line]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+def test_version_prints_the_package_version() -> None:
+    result = subprocess.run([sys.executable, "-m", "corral.cli", "--version"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("corral 0.")
