@@ -39,7 +39,8 @@ def _config(**overrides: Any) -> RuntimeConfig:
         "stream_registry": {"max_active_streams": 16, "max_queued": 4},
         "supervision": {"backoff": {"min_ms": 1, "max_ms": 10}},
         "python_runtime": {"restart_delay_base_ms": 1, "restart_delay_max_ms": 10},
-        "server": {"drain_timeout_ms": 1000}}
+        "server": {"drain_timeout_ms": 1000},
+        "logging": {"level": "info"}}  # the access log is at info; embedded, the default is warning
     for section, values in overrides.items():
         base.setdefault(section, {}).update(values)
     return config_from_mapping(base)

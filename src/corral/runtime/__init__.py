@@ -1,0 +1,305 @@
+"""The embedded runtime: `async with open_runtime(config) as rt`.
+
+`Runtime` is a thin facade over the parts of this package, each with one job:
+`tree` (the supervision tree), `models` (the loaded models and their subtrees),
+`healing` (reloading models that failed for good), `requests` (the request pipeline
+and `TokenStream`), `limits` (prompt and completion lengths) and `health` (what the
+runtime reports). The facade holds no state a restart would need except the table of
+open streams and the records of the loaded models, which the tree's factories read
+back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Literal, final
+
+import msgspec
+import structlog
+
+from corral.actors.core import ActorRef, ActorSystem
+from corral.actors.engine import EngineStatistics
+from corral.actors.retry import GetRetryStats, RetryStatistics
+from corral.actors.streams import StreamTable
+from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.config import RuntimeConfig
+from corral.logging import configure_logging
+from corral.protocol.jsonrpc import convert_params
+from corral.protocol.messages import (
+    Completion,
+    EngineStep,
+    GenerateParams,
+    GetRegistryState,
+    InjectFault,
+    PrefixCacheStatistics,
+    RegistryState,
+)
+from corral.runtime.healing import Healer, Reloader
+from corral.runtime.health import (
+    DomainHealth,
+    Health,
+    ModelDescription,
+    ModelState,
+    RuntimeStatistics,
+    assess,
+)
+from corral.runtime.models import Models, resolve_model_path
+from corral.runtime.requests import Requests, TokenStream, shutting_down_error
+from corral.runtime.tree import REGISTRY, build_root, domain, model_path
+
+__all__ = ["DomainHealth", "Health", "ModelDescription", "ModelState", "Runtime",
+           "RuntimeStatistics", "TokenStream", "open_runtime", "resolve_model_path",
+           "shutting_down_error"]
+
+
+@final
+class Runtime:
+    """The embedded facade over one supervision tree. Made by `open_runtime`."""
+
+    def __init__(self, config: RuntimeConfig, system: ActorSystem) -> None:
+        self.config = config
+        self.system = system
+        self.table = StreamTable()
+        self._transports: list[ChildSpec] = []
+        self._root: Supervisor | None = None
+        self.models = Models(config, system, generation=lambda: self.domain("generation"),
+                             on_failed=lambda model, reason: self._healer.failed(model, reason))
+        self._healer = Healer(config, self.models, lambda: self.root)
+        self.requests = Requests(config, system, self.models, self.table)
+
+    def tree(self) -> Supervisor:
+        """The root supervisor to start (once, by `open_runtime`)."""
+        return build_root(self.config, self.table, self.models.ref,
+                          self.models.specs, self._transports,
+                          lambda: Reloader(self._healer))
+
+    def attach(self, root: Supervisor) -> None:
+        """The root supervisor `tree()` built is running (called once by `open_runtime`)."""
+        self._root = root
+
+    @property
+    def root(self) -> Supervisor:
+        assert self._root is not None, "the runtime's tree is not running"
+        return self._root
+
+    def domain(self, name: str) -> Supervisor:
+        """A failure domain's supervisor ("stream_registry" is an actor, not one).
+
+        Raises:
+            EngineClientError: RuntimeError (retryable) while the domain restarts.
+        """
+        return domain(self.root, name)
+
+    def model_ref(self, alias: str, child: str = "model") -> ActorRef:
+        """The ref of one child (breaker, retry, model) of a model's subtree."""
+        return self.system.ref(model_path(alias, child))
+
+    async def start_transport(self, spec: ChildSpec) -> ActorRef:
+        """Start a listener (HTTP, JSON-RPC) as a child of the transport supervisor.
+
+        The spec is kept, so a restarted transport domain starts it again.
+
+        Raises:
+            ChildStartError: the listener failed to start (a port in use, say).
+        """
+        ref = await self.domain("transport").start_child(spec)
+        self._transports.append(spec)
+        return ref
+
+    # -- models ------------------------------------------------------------------------
+
+    async def load_model(self, path: str, *, alias: str | None = None,
+                         fallbacks: tuple[str, ...] = ()) -> ModelDescription:
+        """Load a model: a local directory, or a Hugging Face model id already in the
+        local cache (never downloaded; see `resolve_model_path`).
+
+        Waits until it is loaded; other models and callers are never blocked meanwhile.
+        A model that cannot load is an answer, not a crash: no model actor restarts
+        for it, and a path that leads to no model starts none at all.
+
+        Raises:
+            EngineClientError: InvalidParams for a taken alias or unknown fallback,
+                ModelLoadError when the path leads to no model or the engine cannot
+                load it.
+        """
+        return await self.models.load(path, alias=alias, fallbacks=fallbacks)
+
+    async def unload_model(self, alias: str) -> None:
+        """Stop a model's subtree and forget it. Its open streams end with a
+        GenerationError carrying their partial text (the model is gone, so they cannot
+        resume); a fallback does not take them over.
+
+        Raises:
+            EngineClientError: ModelNotLoaded for an unknown alias.
+        """
+        await self.models.unload(alias)
+
+    def list_models(self) -> list[ModelDescription]:
+        return self.models.list()
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def tokenize(self, model: str | None, text: str, *,
+                       add_special_tokens: bool = True) -> list[int]:
+        return await self.requests.tokenize(model, text,
+                                            add_special_tokens=add_special_tokens)
+
+    async def detokenize(self, model: str | None, ids: list[int]) -> str:
+        return await self.requests.detokenize(model, ids)
+
+    @asynccontextmanager
+    async def generate(self, model: str | None = None, prompt: str | list[int] | None = None,
+                       **params: Any) -> AsyncIterator[TokenStream]:
+        """Start a generation; iterate the yielded stream for its chunks.
+
+        Keyword arguments are those of `GenerateParams` (max_tokens, temperature, top_p,
+        top_k, min_p, repetition_penalty, seed, stop, stop_token_ids, logprobs,
+        messages, timeout_ms, request_id): a convenience over `stream`.
+
+        Leaving the block before the end cancels the generation: the sequence leaves
+        the batch at the next engine step. So does cancelling the enclosing scope.
+
+        Raises:
+            EngineClientError: InvalidParams (naming the field), ModelNotLoaded.
+            CircuitBreakerOpenError: the model's breaker is open and no fallback is.
+            OverloadedError: the registry is full.
+            TimeoutError: the deadline passed (from the block or from the loop).
+        """
+        request = convert_params({**params, "model": model, "prompt": prompt}, GenerateParams)
+        async with self.requests.open_stream(request) as stream:
+            yield stream
+
+    def stream(self, request: GenerateParams) -> AbstractAsyncContextManager[TokenStream]:
+        """`generate` for a request already typed (what the transports build once):
+        `async with rt.stream(params) as stream`."""
+        return self.requests.open_stream(request)
+
+    async def complete(self, model: str | None = None, prompt: str | list[int] | None = None,
+                       **params: Any) -> Completion:
+        """Generate to the end and return the whole completion; see `generate`.
+
+        Cancelling the caller cancels the generation at the next engine step.
+        """
+        request = convert_params({**params, "model": model, "prompt": prompt}, GenerateParams)
+        return await self.run(request)
+
+    async def run(self, request: GenerateParams) -> Completion:
+        """`complete` for a request already typed."""
+        async with self.requests.open_stream(request) as stream:
+            logprobs: list[float] = []
+            async for chunk in stream:
+                if chunk.logprobs:
+                    logprobs.extend(chunk.logprobs)
+            assert stream.finish_reason is not None
+            return Completion(stream.stream_id, stream.model, stream.text, stream.token_ids,
+                              stream.finish_reason, stream.usage,
+                              logprobs if request.logprobs else None)
+
+    @property
+    def draining(self) -> bool:
+        return self.requests.draining
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting, let open streams finish for up to `timeout` seconds, then end
+        the rest with a typed, retryable ServerError (`details.shutting_down`).
+
+        Returns:
+            How many streams were cut off at the timeout.
+        """
+        return await self.requests.drain(timeout)
+
+    # -- health and statistics ---------------------------------------------------------
+
+    def health(self) -> Health:
+        models = self.list_models()
+        return assess(self.system, models, draining=self.draining,
+                      progress_ages={m.alias: self.models.progress_age(m.alias)
+                                     for m in models},
+                      stall_s=self.config.generation.stall_timeout_ms / 1000.0,
+                      active_streams=len(self.table.open_buffers()))
+
+    async def registry_state(self, *, timeout: float | None = None) -> RegistryState:
+        """Running and waiting streams, as the registry counts them."""
+        state: RegistryState = await self.system.ref(REGISTRY).ask(
+            GetRegistryState(), timeout=timeout)
+        return state
+
+    async def retry_statistics(self, alias: str, *,
+                               timeout: float | None = None) -> RetryStatistics:
+        """The retry statistics of one model (reset when its retry actor restarts)."""
+        self.models.require(alias)
+        stats: RetryStatistics = await self.model_ref(alias, "retry").ask(
+            GetRetryStats(), timeout=timeout)
+        return stats
+
+    async def statistics(self) -> RuntimeStatistics:
+        actors = {path: msgspec.to_builtins(self.system.mailbox(path).statistics())
+                  for path in self.system.paths()}
+        return RuntimeStatistics(actors=actors, registry=await self.registry_state(),
+                                 prefix_cache=self.prefix_cache_statistics())
+
+    def prefix_cache_statistics(self) -> dict[str, PrefixCacheStatistics]:
+        """Each model's prefix cache counters, from its live engine (a model whose actor
+        is restarting is left out)."""
+        found = {}
+        for alias in self.models.by_alias:
+            stats = self.engine_statistics(alias)
+            if stats is not None:
+                found[alias] = stats.prefix_cache
+        return found
+
+    def add_step_listener(self, alias: str,
+                          listener: Callable[[EngineStep], None]) -> Callable[[], None]:
+        """Call `listener` with every engine step of a model (across its restarts), in
+        the trio thread, before the registry sees the step. It must not block or raise.
+        Returns a function that removes it. For benchmarks and tests that count steps.
+        """
+        listeners = self.models.require(alias).step_listeners
+        listeners.append(listener)
+        return lambda: listeners.remove(listener)
+
+    def engine_statistics(self, alias: str) -> EngineStatistics | None:
+        """The live engine's statistics (with `pid` under process isolation), or None
+        while the model actor restarts."""
+        return self.models.engine_statistics(alias)
+
+    async def inject_fault(self, model: str,
+                           kind: Literal["raise", "hang", "exit", "segfault"]) -> None:
+        """Test hook: make the model's engine fail (raise) or stall (hang) at its next
+        step; with process isolation, end its worker (exit, segfault)."""
+        entry = self.models.require(model)
+        await self.model_ref(entry.alias).ask(InjectFault(kind))
+
+
+@asynccontextmanager
+async def open_runtime(config: RuntimeConfig | None = None, *,
+                       models: Mapping[str, str] | None = None) -> AsyncIterator[Runtime]:
+    """Start the supervision tree; load `config.generation.models` and `models`
+    (alias → path). Leaving the block stops everything gracefully, standby workers
+    included.
+
+    Raises:
+        EscalationError: the root gave up (restart intensity exceeded), with the chain.
+        EngineClientError: ModelLoadError for a configured model that fails to load.
+    """
+    config = config or RuntimeConfig()
+    if not structlog.is_configured():
+        # An embedding application that configured structlog keeps its own setup.
+        configure_logging(config.logging, default_level="warning")
+    sup = config.supervision
+    system = ActorSystem(mailbox_capacity=sup.mailbox_capacity, stash_limit=sup.stash_limit,
+                         fairness_interval=sup.fairness_interval,
+                         default_ask_timeout=config.json_rpc.default_timeout_ms / 1000.0)
+    runtime = Runtime(config, system)
+    try:
+        async with open_supervisor(runtime.tree(), system=system) as root:
+            runtime.attach(root)
+            for model in config.generation.models:
+                await runtime.load_model(model.path, alias=model.alias,
+                                         fallbacks=model.fallbacks)
+            for alias, path in (models or {}).items():
+                await runtime.load_model(path, alias=alias)
+            yield runtime
+    finally:
+        await runtime.models.close_standbys()

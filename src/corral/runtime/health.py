@@ -1,0 +1,97 @@
+"""What a runtime reports about itself: health, model descriptions, statistics.
+
+Data only, plus the rule that turns the state of the domains and models into a
+verdict. Nothing here asks an actor anything or changes state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from corral.actors.core import ActorSystem
+from corral.protocol.messages import ModelInfo, PrefixCacheStatistics, RegistryState
+
+__all__ = ["DomainHealth", "Health", "ModelDescription", "ModelState", "RuntimeStatistics",
+           "assess"]
+
+ModelState = Literal["loading", "ready", "restarting", "failed"]
+
+DOMAINS = ("stream_registry", "generation", "transport")
+
+
+class ModelDescription(msgspec.Struct, frozen=True):
+    """A model as `/health` and `list_models` show it; `worker_pid` is the process its
+    engine runs in under process isolation (None in thread isolation, or restarting).
+
+    A failed model is reloaded: `reloads` counts the attempts so far, and
+    `reload_in_s` is the time until the next one (None while one runs, and unless
+    the model failed); `breaker` is "forced_open" while it waits, "half_open" while a
+    reload runs.
+    """
+
+    alias: str
+    path: str
+    state: ModelState
+    fallbacks: list[str]
+    info: ModelInfo | None
+    restarts: int
+    breaker: str
+    worker_pid: int | None = None
+    reloads: int = 0
+    reload_in_s: float | None = None
+
+
+class DomainHealth(msgspec.Struct, frozen=True):
+    name: str
+    state: str
+    restarts: int
+
+
+class Health(msgspec.Struct, frozen=True):
+    """Each failure domain, each model, and whether the runtime can serve.
+
+    `ok` is False when a domain is down or a model has failed for good.
+    """
+
+    ok: bool
+    domains: list[DomainHealth]
+    models: list[ModelDescription]
+    active_streams: int
+    reasons: list[str]
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True):
+    """Every actor's mailbox statistics, the stream registry's state, and each model's
+    prefix cache counters (those of its engine now: they restart with the engine)."""
+
+    actors: dict[str, Any]
+    registry: RegistryState
+    prefix_cache: dict[str, PrefixCacheStatistics] = {}
+
+
+def assess(system: ActorSystem, models: list[ModelDescription], *, draining: bool,
+           progress_ages: dict[str, float], stall_s: float, active_streams: int) -> Health:
+    """The runtime's health: not ok while a domain is not running, a model failed, the
+    server drains, or an engine with work made no step for half the stall timeout."""
+    domains = []
+    reasons = []
+    for name in DOMAINS:
+        stats = system.mailbox(f"root/{name}").statistics()
+        domains.append(DomainHealth(name, stats.state, stats.restarts))
+        if stats.state != "running":
+            reasons.append(f"{name} is {stats.state}")
+    for model in models:
+        if model.state == "failed":
+            reasons.append(f"model {model.alias} failed")
+            reasons.append(f"model {model.alias} reloads in {model.reload_in_s:.1f}s"
+                           if model.reload_in_s is not None
+                           else f"model {model.alias} is reloading")
+    if draining:
+        reasons.append("shutting down")
+    for alias, age in progress_ages.items():
+        if age > stall_s / 2:
+            reasons.append(f"model {alias} has work but made no step for {age:.1f}s")
+    return Health(ok=not reasons, domains=domains, models=models,
+                  active_streams=active_streams, reasons=reasons)

@@ -1,0 +1,349 @@
+"""The models a runtime has loaded: load, unload, watch, describe.
+
+Each model runs as a subtree of the generation domain (see `tree`); this module keeps
+the record of each one, which the tree's factories read back after a restart, and the
+standby worker of each model under process isolation. It never serves a request: the
+request pipeline asks it which models exist and in what state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from corral.actors.breaker import BreakerActor
+from corral.actors.core import ActorRef, ActorSystem
+from corral.actors.engine import EngineStatistics
+from corral.actors.model import ModelActor, engine_factory
+from corral.actors.process_engine import (
+    ProcessEngineStatistics,
+    WorkerStandby,
+    worker_command,
+)
+from corral.actors.supervisor import Supervisor
+from corral.config import ModelConfig, RuntimeConfig
+from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
+from corral.protocol.messages import EngineStep, ExitReason, ModelDown, ModelInfo, WaitReady
+from corral.runtime.health import ModelDescription, ModelState
+from corral.runtime.tree import REGISTRY, model_path, model_subtree_spec
+
+__all__ = ["ModelRecord", "Models", "held_open", "resolve_model_path"]
+
+_log = structlog.get_logger("corral.runtime")
+
+
+class ModelRecord:
+    """The runtime's record of a loaded model (read back by the tree's factories).
+
+    `path` is what the user gave; `source` the local directory it resolved to. While
+    the model is failed, `reload_at` is the time of its next reload (None while one
+    runs) and `reload_streak` the reloads that failed in a row, which sets the delay.
+    """
+
+    __slots__ = ("alias", "config", "info", "monitors", "path", "ready_since", "reload_at",
+                 "reload_streak", "reloads", "source", "state", "step_listeners")
+
+    def __init__(self, config: ModelConfig, source: str) -> None:
+        self.config = config
+        self.alias = config.alias
+        self.path = config.path
+        self.source = source
+        self.info: ModelInfo | None = None
+        self.state: ModelState = "loading"
+        self.step_listeners: list[Callable[[EngineStep], None]] = []
+        self.monitors: list[Callable[[], None]] = []  # removers of this model's monitors
+        self.reloads = 0
+        self.reload_streak = 0
+        self.reload_at: float | None = None
+        self.ready_since = -math.inf
+
+    @property
+    def in_trial(self) -> bool:
+        """A load decides whether the model serves at all (its first load, or a reload
+        of a failed model): its failure is an answer, not a restart."""
+        return self.state in ("loading", "failed")
+
+    def unwatch(self) -> None:
+        for remove in self.monitors:
+            remove()
+        self.monitors.clear()
+
+    def ready(self, info: ModelInfo) -> None:
+        """The model actor (re)loaded the model."""
+        self.info = info
+        if self.state != "failed":
+            self.state = "ready"
+
+    def serving(self, info: ModelInfo) -> None:
+        """A trial load (first load or reload) succeeded: the model serves."""
+        self.info = info
+        self.state = "ready"
+        self.ready_since = trio.current_time()
+
+
+class Models:
+    """The loaded models of one runtime, by alias.
+
+    Args:
+        config: the runtime's configuration.
+        system: the actor system (for monitors, refs and mailbox statistics).
+        generation: the generation domain's supervisor, now (raises while it restarts).
+        on_failed: called when a model's subtree gives up for good (outside a trial).
+    """
+
+    def __init__(self, config: RuntimeConfig, system: ActorSystem, *,
+                 generation: Callable[[], Supervisor],
+                 on_failed: Callable[[ModelRecord, ExitReason], None]) -> None:
+        self._config = config
+        self._system = system
+        self._generation = generation
+        self._on_failed = on_failed
+        self.by_alias: dict[str, ModelRecord] = {}
+        self._standbys: dict[str, WorkerStandby] = {}
+        self._engine_factory = engine_factory(config.generation, config.python_runtime,
+                                              self._standby_for)
+
+    def ref(self, alias: str, child: str = "model") -> ActorRef:
+        return self._system.ref(model_path(alias, child))
+
+    def specs(self) -> list[Any]:
+        """The subtrees to start with the generation domain: every model not failed."""
+        return [self.spec(m) for m in self.by_alias.values() if m.state != "failed"]
+
+    def spec(self, model: ModelRecord) -> Any:
+        return model_subtree_spec(
+            self._config, model.alias, model.source, registry=self._system.ref(REGISTRY),
+            engine_factory=self._engine_factory, on_start=lambda: self.watch(model),
+            on_ready=model.ready, step_listeners=model.step_listeners,
+            crash_on_failed_load=lambda: not model.in_trial)
+
+    # -- loading -----------------------------------------------------------------------
+
+    async def load(self, path: str, *, alias: str | None = None,
+                   fallbacks: tuple[str, ...] = ()) -> ModelDescription:
+        """See `Runtime.load_model`."""
+        alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
+        if alias in self.by_alias:
+            raise EngineClientError(Code.INVALID_PARAMS, f"alias: {alias!r} is already loaded",
+                                    {"field": "alias"})
+        for name in fallbacks:
+            if name not in self.by_alias:
+                raise EngineClientError(Code.INVALID_PARAMS,
+                                        f"fallbacks: {name!r} is not a loaded model",
+                                        {"field": "fallbacks"})
+        model = ModelRecord(ModelConfig(alias=alias, path=path, fallbacks=fallbacks),
+                            resolve_model_path(path))
+        self.by_alias[alias] = model
+        try:
+            info = await self.start(model)
+        except BaseException:
+            self.by_alias.pop(alias, None)
+            with trio.CancelScope(shield=True):
+                await self.close_standbys(alias)
+            raise
+        model.serving(info)
+        return self.describe(model)
+
+    async def start(self, model: ModelRecord) -> ModelInfo:
+        """Start the model's subtree and wait for its load (a trial: a failed load is
+        answered, not restarted). On any failure the subtree is stopped again.
+
+        Raises:
+            EngineClientError: ModelLoadError, with the cause's message.
+        """
+        alias = model.alias
+        try:
+            await self._generation().start_child(self.spec(model))
+            ready = await self.ref(alias).ask(
+                WaitReady(), timeout=self._config.python_runtime.startup_timeout_ms / 1000.0)
+        except BaseException as exc:
+            if self.by_alias.get(alias) is model:  # else whoever unloaded it stopped it
+                with trio.CancelScope(shield=True):
+                    await self.stop(alias)
+            model.unwatch()
+            if isinstance(exc, CorralError) and exc.code is not Code.MODEL_LOAD_ERROR:
+                raise EngineClientError(Code.MODEL_LOAD_ERROR,
+                                        f"model {alias} did not load: {exc.message}",
+                                        {"model": alias, "path": model.path},
+                                        retryable=False) from exc
+            raise
+        info: ModelInfo = ready.info
+        return info
+
+    def watch(self, model: ModelRecord) -> None:
+        """Monitors: the registry hears of every model actor exit; `on_failed` hears
+        when the model's subtree gives up for good. Replaces any earlier ones, so a
+        subtree started again never reports an exit twice."""
+        model.unwatch()
+        alias = model.alias
+        registry = self._system.ref(REGISTRY)
+
+        def model_exited(reason: Any) -> None:
+            if model.state == "ready":
+                model.state = "restarting"
+            try:
+                registry.tell_nowait(ModelDown(alias, reason))
+            except CorralError as exc:
+                _log.warning("runtime.model_down_undelivered", model=alias, error=repr(exc))
+
+        model.monitors.append(self._system.mailbox(model_path(alias)).add_monitor(
+            model_exited))
+
+        def subtree_exited(reason: ExitReason) -> None:
+            # A trial's failure (a first load, a reload) is the caller's to handle.
+            if self.by_alias.get(alias) is model and reason.abnormal and not model.in_trial:
+                self._on_failed(model, reason)
+
+        model.monitors.append(self._system.mailbox(
+            f"root/generation/model:{alias}").add_monitor(subtree_exited))
+
+    async def unload(self, alias: str) -> None:
+        """See `Runtime.unload_model`."""
+        model = self.require(alias, allow_failed=True)
+        del self.by_alias[alias]
+        await self.stop(alias)
+        await self.close_standbys(alias)
+        model.unwatch()
+
+    async def stop(self, alias: str) -> None:
+        """Stop the model's subtree if it runs."""
+        try:
+            await self._generation().terminate_child(f"model:{alias}")
+        except CorralError:
+            pass  # never started, or already gone with its generation domain
+
+    # -- standby workers ---------------------------------------------------------------
+
+    def _standby_for(self, alias: str) -> WorkerStandby | None:
+        """The model's standby worker (process isolation with `standby_worker`)."""
+        py = self._config.python_runtime
+        if self._config.generation.isolation != "process" or not py.standby_worker:
+            return None
+        if alias not in self._standbys:
+            self._standbys[alias] = WorkerStandby(
+                worker_command(py.python_executable, py.heartbeat_interval_ms))
+        return self._standbys[alias]
+
+    async def close_standbys(self, alias: str | None = None) -> None:
+        """Stop the standby worker of `alias`, or of every model."""
+        for name in [alias] if alias is not None else list(self._standbys):
+            standby = self._standbys.pop(name, None)
+            if standby is not None:
+                await standby.aclose()
+
+    # -- reading -------------------------------------------------------------------------
+
+    def require(self, alias: str | None, *, allow_failed: bool = False) -> ModelRecord:
+        """The model a request names (the only one, when it names none).
+
+        Raises:
+            EngineClientError: InvalidParams (no model named, several loaded),
+                ModelNotLoaded.
+            CircuitBreakerOpenError: the model failed for good (unless `allow_failed`).
+        """
+        if alias is None:
+            if len(self.by_alias) == 1:
+                return next(iter(self.by_alias.values()))
+            raise EngineClientError(Code.INVALID_PARAMS, "model: required field missing",
+                                    {"field": "model"})
+        model = self.by_alias.get(alias)
+        if model is None:
+            raise EngineClientError(Code.MODEL_NOT_LOADED, f"model {alias!r} is not loaded",
+                                    {"model": alias, "loaded": sorted(self.by_alias)})
+        if model.state == "failed" and not allow_failed:
+            raise held_open(model)
+        return model
+
+    def list(self) -> list[ModelDescription]:
+        return [self.describe(m) for m in self.by_alias.values()]
+
+    def describe(self, model: ModelRecord) -> ModelDescription:
+        stats = self._system.mailbox(model_path(model.alias)).statistics()
+        state = model.state
+        if state == "ready" and stats.state != "running":
+            state = "restarting"
+        breaker = self.live(model.alias, "breaker")
+        reload_in = None
+        if state == "failed":
+            breaker_state = "forced_open" if model.reload_at is not None else "half_open"
+            if model.reload_at is not None:
+                reload_in = max(0.0, model.reload_at - trio.current_time())
+        elif isinstance(breaker, BreakerActor):
+            breaker_state = breaker.breaker.state.value
+        else:
+            breaker_state = "restarting"
+        engine = self.engine_statistics(model.alias)
+        return ModelDescription(
+            alias=model.alias, path=model.path, state=state,
+            fallbacks=list(model.config.fallbacks), info=model.info,
+            restarts=stats.restarts, breaker=breaker_state,
+            worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None,
+            reloads=model.reloads, reload_in_s=reload_in)
+
+    def live(self, alias: str, child: str) -> object | None:
+        """The live actor object of one child of a model's subtree, or None while it
+        restarts. For reading health and statistics only: never to send it work."""
+        try:
+            subtree = self._generation().child(f"model:{alias}")
+        except CorralError:
+            return None
+        return subtree.child(child) if isinstance(subtree, Supervisor) else None
+
+    def engine_statistics(self, alias: str) -> EngineStatistics | None:
+        """The live engine's statistics, or None while the model actor restarts."""
+        actor = self.live(alias, "model")
+        return actor.engine_statistics() if isinstance(actor, ModelActor) else None
+
+    def progress_age(self, alias: str) -> float:
+        """Seconds the model's engine has had work without a step (0 when idle)."""
+        actor = self.live(alias, "model")
+        return actor.progress_age() if isinstance(actor, ModelActor) else 0.0
+
+
+def held_open(model: ModelRecord) -> CircuitBreakerOpenError:
+    """What a request to a failed model gets: the time until its next reload, or while
+    a reload runs (the half-open trial), about as long as its last load took."""
+    if model.reload_at is not None:
+        wait, state = model.reload_at - trio.current_time(), "forced_open"
+    else:
+        wait, state = (model.info.load_seconds if model.info is not None else 1.0), "half_open"
+    return CircuitBreakerOpenError(max(1, math.ceil(wait * 1000.0)), state, model.alias)
+
+
+def resolve_model_path(path: str) -> str:
+    """The local directory a model path names: the directory itself, or the snapshot of
+    a Hugging Face model id in the local cache. Reads the disk only: never the network.
+
+    Raises:
+        EngineClientError: ModelLoadError saying, in the user's words, why `path`
+            leads to no model.
+    """
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise _no_model(path, f"{path} has no config.json: it is not a model directory")
+        return local
+    if os.path.exists(local):
+        raise _no_model(path, f"{path} is a file, not a model directory")
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(path, "config.json")
+    except HFValidationError:
+        raise _no_model(path, f"no such directory {path}, and {path!r} is not a Hugging "
+                              f"Face model id (org/name) either") from None
+    if isinstance(cached, str):
+        return os.path.dirname(cached)
+    raise _no_model(path, f"no such directory {path}, and no model {path!r} in the Hugging "
+                          f"Face cache at {constants.HF_HUB_CACHE} (corral does not download "
+                          f"models: `hf download {path}` does)")
+
+
+def _no_model(path: str, message: str) -> EngineClientError:
+    return EngineClientError(Code.MODEL_LOAD_ERROR, message, {"path": path}, retryable=False)

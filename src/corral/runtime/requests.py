@@ -1,0 +1,320 @@
+"""The request pipeline: one typed request in, one stream of tokens out.
+
+Every request goes: validate at the edge (`GenerateParams`, built once by the caller)
+→ the model's breaker (or a fallback while it is open) → the prompt's token ids and
+limits → admission by the registry → submit with retry → tokens from the registry's
+buffer, read through a `TokenStream`. Whatever ends a request (its end, an error, the
+client leaving, cancellation), its sequence leaves the batch and its breaker hears the
+outcome. This module never builds the tree and never loads a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import structlog
+import trio
+
+from corral.actors.breaker import CircuitBreaker, Outcome, Record, acquire_through
+from corral.actors.core import ActorRef, ActorSystem
+from corral.actors.retry import ActorBudget, RetryPolicy
+from corral.actors.retry import call as retry_call
+from corral.actors.streams import StreamBuffer, StreamChunk, StreamTable
+from corral.config import RuntimeConfig
+from corral.protocol.errors import (
+    ActorExitedError,
+    CircuitBreakerOpenError,
+    Code,
+    CorralError,
+    EngineClientError,
+    TimeoutError,
+)
+from corral.protocol.messages import (
+    Admit,
+    ApplyChatTemplate,
+    CancelSequence,
+    CloseStream,
+    Detokenize,
+    FinishReason,
+    GenerateParams,
+    Submit,
+    Tokenize,
+    Usage,
+)
+from corral.runtime.limits import check_prompt_length, max_tokens_for
+from corral.runtime.models import ModelRecord, Models
+from corral.runtime.tree import REGISTRY
+
+__all__ = ["Requests", "TokenStream", "check_text", "shutting_down_error"]
+
+_log = structlog.get_logger("corral.runtime")
+
+_READER_GRACE_S = 5.0
+
+
+@final
+class TokenStream:
+    """One generation as the client reads it: `async for chunk in stream`.
+
+    After the loop, `finish_reason`, `usage` and `text` describe the whole completion.
+    A stream that ends with an error raises it from the loop (a CorralError: Timeout,
+    GenerationError with `details["partial_text"]`, Cancelled for an idle reader).
+    """
+
+    def __init__(self, buffer: StreamBuffer, model: str) -> None:
+        self._buffer = buffer
+        self.model = model
+
+    @property
+    def stream_id(self) -> int:
+        return self._buffer.stream_id
+
+    @property
+    def text(self) -> str:
+        return self._buffer.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._buffer.tokens)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._buffer.finish_reason
+
+    @property
+    def token_times(self) -> list[float]:
+        """trio time at which each token reached the stream (for TTFT and ITL)."""
+        return list(self._buffer.token_times)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self._buffer.prompt_tokens, len(self._buffer.tokens),
+                     self._buffer.cached_tokens)
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        buffer = self._buffer
+        # The registry ends a stream at its deadline; this backstop guarantees a reader
+        # never waits forever even if the registry lost track of the stream.
+        with trio.move_on_at(buffer.deadline + _READER_GRACE_S) as scope:
+            chunk = await buffer.next_chunk()
+        if scope.cancelled_caught:
+            raise TimeoutError("generate", buffer.timeout_s, buffer.request_id,
+                               trio.current_time() - buffer.started_at)
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+
+@final
+class Requests:
+    """Runs requests against the runtime's models.
+
+    Args:
+        config: the runtime's configuration.
+        system: the actor system (refs to the registry and the models).
+        models: the loaded models.
+        table: the open streams, shared with the registry.
+    """
+
+    def __init__(self, config: RuntimeConfig, system: ActorSystem, models: Models,
+                 table: StreamTable) -> None:
+        self._config = config
+        self._models = models
+        self._table = table
+        self._registry = system.ref(REGISTRY)
+        self._policy = RetryPolicy.from_config(config.json_rpc.retry)
+        self.draining = False
+
+    async def tokenize(self, model: str | None, text: str, *,
+                       add_special_tokens: bool = True) -> list[int]:
+        entry = self._models.require(model)
+        check_text("text", text)
+        reply = await self.ask_model(entry.alias, Tokenize(text, add_special_tokens))
+        return list(reply.ids)
+
+    async def detokenize(self, model: str | None, ids: list[int]) -> str:
+        entry = self._models.require(model)
+        reply = await self.ask_model(entry.alias, Detokenize(list(ids)))
+        return str(reply.text)
+
+    @asynccontextmanager
+    async def open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
+        """See `Runtime.generate`, which this runs once the request is typed."""
+        if self.draining:
+            raise shutting_down_error("new requests are refused")
+        entry = self._models.require(request.model, allow_failed=True)
+        timeout_s = (request.timeout_ms
+                     or self._config.stream_registry.default_timeout_ms) / 1000.0
+        deadline = trio.current_time() + timeout_s
+        alias, permit = await self._acquire(entry)
+        outcome = Outcome.IGNORED
+        started = trio.current_time()
+        buffer: StreamBuffer | None = None
+        submitted = False
+        stream_id = self._table.new_id()
+        try:
+            # The permit was granted under a shield; a cancel that came meanwhile lands
+            # here, where the finally gives the permit back.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            prompt_ids = await self._prompt_ids(alias, request)
+            serving = self._models.by_alias.get(alias, entry)
+            max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
+                                        len(prompt_ids), serving.info)
+            try:
+                await self._registry.ask(
+                    Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
+                          prompt=prompt_ids, sampling=request.sampling(max_tokens),
+                          max_tokens=max_tokens, request_id=request.request_id,
+                          client=request.client),
+                    timeout=max(deadline - trio.current_time(), 0.0),
+                    request_id=request.request_id)
+                buffer = self._table.get(stream_id)  # the registry opened it on admission
+                assert buffer is not None and buffer.sequence is not None
+                submitted = True
+                await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
+                                 budget=ActorBudget(self._models.ref(alias, "retry")),
+                                 deadline=deadline)
+                yield TokenStream(buffer, alias)
+                outcome = _outcome(buffer)
+            finally:
+                # Whatever happened, from admission on: the stream is closed and its
+                # sequence leaves the batch (the model first: before its next step).
+                opened = self._table.get(stream_id)
+                if opened is None or not opened.ended:
+                    if opened is not None:
+                        opened.finish("cancelled")
+                    tell_quietly(self._models.ref(alias), CancelSequence(stream_id))
+                    tell_quietly(self._registry, CloseStream(stream_id, "cancelled"))
+                self._table.remove(stream_id)
+        except BaseException as exc:
+            # Before the submit (validation, tokenizing, admission) nothing said anything
+            # about the model's health: ignored. From the submit on, the breaker's rule.
+            outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
+            raise
+        finally:
+            # The breaker's slow-call measure is the time to first token, as DESIGN.md
+            # says; a request that produced none is measured to its end.
+            first = buffer.token_times[0] if buffer is not None and buffer.token_times else None
+            duration = (first if first is not None else trio.current_time()) - started
+            tell_quietly(self._models.ref(alias, "breaker"), Record(permit, outcome, duration))
+
+    async def ask_model(self, alias: str, message: Any) -> Any:
+        """Ask the model actor; if its incarnation dies first, ask the next one.
+
+        A model actor's crash fails the asks waiting on it with ActorExitedError at
+        once, before they ran to completion, so sending the message again is safe: the
+        restarting actor's mailbox stashes it until the next incarnation runs. Bounded
+        by the model's restart budget; a model that failed for good answers at once.
+        """
+        ref = self._models.ref(alias)
+        attempts = self._config.python_runtime.max_restarts + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await ref.ask(message)
+            except ActorExitedError:
+                if attempt == attempts:
+                    raise
+                self._models.require(alias)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _acquire(self, entry: ModelRecord) -> tuple[str, Any]:
+        """A breaker permit from the model, or from its first fallback that gives one."""
+        first_error: CircuitBreakerOpenError | None = None
+        for alias in (entry.alias, *entry.config.fallbacks):
+            candidate = self._models.by_alias.get(alias)
+            if candidate is None or candidate.state == "failed":
+                continue
+            try:
+                return alias, await acquire_through(self._models.ref(alias, "breaker"))
+            except CircuitBreakerOpenError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        self._models.require(entry.alias)  # raises: held open, the model failed
+        raise AssertionError("unreachable: a live model either grants or refuses a permit")
+
+    async def _prompt_ids(self, alias: str, request: GenerateParams) -> list[int]:
+        if (request.prompt is None) == (request.messages is None):
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    "prompt: give exactly one of prompt and messages",
+                                    {"field": "prompt"})
+        if request.messages is not None:
+            if not request.messages:
+                raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                        {"field": "messages"})
+            for index, message in enumerate(request.messages):
+                check_text(f"messages[{index}].content", message.content)
+            reply = await self.ask_model(alias, ApplyChatTemplate(list(request.messages)))
+            ids = list(reply.ids)
+        elif isinstance(request.prompt, str):
+            check_text("prompt", request.prompt)
+            if not request.prompt:
+                raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
+                                        {"field": "prompt"})
+            ids = list((await self.ask_model(alias, Tokenize(request.prompt))).ids)
+        else:
+            assert request.prompt is not None
+            ids = list(request.prompt)
+            info = self._models.by_alias[alias].info
+            if info is not None and any(i >= info.vocab_size for i in ids):
+                raise EngineClientError(Code.INVALID_PARAMS,
+                                        f"prompt: token ids must be < {info.vocab_size}",
+                                        {"field": "prompt"})
+        if not ids:
+            raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected at least one token",
+                                    {"field": "prompt"})
+        check_prompt_length(self._config.generation, len(ids),
+                            self._models.by_alias[alias].info)
+        return ids
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting, let open streams finish for up to `timeout` seconds, then end
+        the rest with a typed, retryable ServerError (`details.shutting_down`).
+
+        Returns:
+            How many streams were cut off at the timeout.
+        """
+        self.draining = True
+        with trio.move_on_after(timeout):
+            while self._table.open_buffers():
+                await trio.sleep(0.01)
+        remaining = self._table.open_buffers()
+        error = shutting_down_error("the drain timeout passed")
+        for buffer in remaining:
+            buffer.finish("cancelled", error)
+            tell_quietly(self._models.ref(buffer.model), CancelSequence(buffer.stream_id))
+            tell_quietly(self._registry, CloseStream(buffer.stream_id, "cancelled"))
+        return len(remaining)
+
+
+def tell_quietly(ref: ActorRef, message: Any) -> None:
+    """Tell, from cleanup code that must not raise: a stopped or overfull target has
+    nothing left to do with the message."""
+    try:
+        ref.tell_nowait(message)
+    except CorralError as exc:
+        _log.info("runtime.tell_undelivered", actor=ref.path, error=repr(exc))
+
+
+def shutting_down_error(why: str) -> EngineClientError:
+    """What a request gets while `corral serve` shuts down: retry elsewhere or later."""
+    return EngineClientError(Code.SERVER_ERROR, f"the server is shutting down: {why}",
+                             {"shutting_down": True}, retryable=True)
+
+
+def check_text(field: str, text: str) -> None:
+    """Raise InvalidParams for text that no tokenizer may see (NUL bytes)."""
+    if "\x00" in text:
+        raise EngineClientError(Code.INVALID_PARAMS, f"{field}: NUL bytes are not allowed",
+                                {"field": field})
+
+
+def _outcome(buffer: StreamBuffer) -> Outcome:
+    if buffer.error is not None:
+        return CircuitBreaker.outcome_of(buffer.error)
+    return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED

@@ -1,0 +1,123 @@
+"""The supervision tree of one runtime: the root, its failure domains, a model's subtree.
+
+    root (one_for_one)
+    ├── stream_registry                 permanent
+    ├── generation (dynamic)
+    │   └── model:<alias> (rest_for_one): breaker, retry, model     temporary
+    ├── transport (one_for_one)         filled by `corral serve`
+    └── reloader                        permanent: reloads the models that failed for good
+
+This module only builds specs and finds children by path; it holds no state and never
+sends an actor work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from corral.actors.breaker import BreakerActor
+from corral.actors.core import ActorRef
+from corral.actors.model import EngineFactory, ModelActor
+from corral.actors.retry import RetryActor
+from corral.actors.streams import StreamRegistry, StreamTable
+from corral.actors.supervisor import (
+    Backoff,
+    ChildSpec,
+    Intensity,
+    Restart,
+    Strategy,
+    Supervisor,
+    supervisor_spec,
+)
+from corral.config import RuntimeConfig
+from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.messages import EngineStep, ModelInfo
+
+__all__ = ["REGISTRY", "backoff_of", "build_root", "domain", "model_path",
+           "model_subtree_spec"]
+
+REGISTRY = "root/stream_registry"
+"""The stream registry's path."""
+
+
+def model_path(alias: str, child: str = "model") -> str:
+    """The path of one child (breaker, retry, model) of a model's subtree."""
+    return f"root/generation/model:{alias}/{child}"
+
+
+def backoff_of(min_ms: float, max_ms: float, random_factor: float, reset_ms: float) -> Backoff:
+    """A `Backoff` from the config's milliseconds."""
+    return Backoff(min=min_ms / 1000.0, max=max_ms / 1000.0, random_factor=random_factor,
+                   reset_after=reset_ms / 1000.0)
+
+
+def build_root(config: RuntimeConfig, table: StreamTable,
+               model_ref: Callable[[str], ActorRef],
+               generation: Callable[[], list[ChildSpec]], transports: list[ChildSpec],
+               reloader: Callable[[], Any]) -> Supervisor:
+    """The root supervisor. `generation()` gives the model subtrees to start (called
+    again at each restart of the domain); `transports` is read at each restart too."""
+    sup = config.supervision
+    intensity = Intensity(sup.max_restarts, sup.period_ms / 1000.0)
+    backoff = backoff_of(sup.backoff.min_ms, sup.backoff.max_ms, sup.backoff.random_factor,
+                         sup.backoff.reset_after_ms)
+    return Supervisor([
+        ChildSpec(name="stream_registry", factory=lambda: StreamRegistry(
+            config.stream_registry, table, model_ref,
+            max_resumes=config.python_runtime.max_restarts),
+            shutdown=sup.shutdown_timeout_ms),
+        supervisor_spec("generation", lambda: Supervisor(
+            generation(), strategy=Strategy.DYNAMIC, intensity=intensity, backoff=backoff)),
+        supervisor_spec("transport", lambda: Supervisor(
+            list(transports), intensity=intensity, backoff=backoff)),
+        # Last, so stopped first: a reload it cuts short stops the model it started
+        # through the generation domain, which must still be running then.
+        ChildSpec(name="reloader", factory=reloader, shutdown="brutal"),
+    ], strategy=Strategy.ONE_FOR_ONE, intensity=intensity, backoff=backoff)
+
+
+def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
+                       registry: ActorRef, engine_factory: EngineFactory,
+                       on_start: Callable[[], None], on_ready: Callable[[ModelInfo], None],
+                       step_listeners: list[Callable[[EngineStep], None]],
+                       crash_on_failed_load: Callable[[], bool]) -> ChildSpec:
+    """The subtree of one model: its breaker, its retry budget and its model actor,
+    restarted rest-for-one within `python_runtime.max_restarts`. `on_start` runs each
+    time the subtree starts (to re-arm monitors)."""
+    py = config.python_runtime
+    intensity = Intensity(py.max_restarts, py.restart_period_ms / 1000.0)
+    backoff = backoff_of(py.restart_delay_base_ms, py.restart_delay_max_ms,
+                         config.supervision.backoff.random_factor,
+                         config.supervision.backoff.reset_after_ms)
+    shutdown = config.supervision.shutdown_timeout_ms
+
+    def subtree() -> Supervisor:
+        on_start()
+        return Supervisor([
+            ChildSpec(name="breaker", factory=lambda: BreakerActor(
+                alias, config.json_rpc.circuit_breaker), shutdown=shutdown),
+            ChildSpec(name="retry", factory=lambda: RetryActor(
+                config.json_rpc.retry.budget), shutdown=shutdown),
+            ChildSpec(name="model", factory=lambda: ModelActor(
+                alias, source, config.generation, registry,
+                engine_factory=engine_factory, on_ready=on_ready,
+                step_listeners=step_listeners,
+                crash_on_failed_load=crash_on_failed_load()),
+                shutdown=shutdown),
+        ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff)
+
+    return supervisor_spec(f"model:{alias}", subtree, restart=Restart.TEMPORARY)
+
+
+def domain(root: Supervisor, name: str) -> Supervisor:
+    """A failure domain's supervisor.
+
+    Raises:
+        EngineClientError: RuntimeError (retryable) while the domain restarts.
+    """
+    child = root.child(name)
+    if not isinstance(child, Supervisor):
+        raise EngineClientError(Code.RUNTIME_ERROR, f"the {name} domain is restarting",
+                                retryable=True)
+    return child
