@@ -104,7 +104,7 @@ def resolve_error_name(name: str) -> Code:
         ) from None
 
 
-class RetryBudgetConfig(_Section):
+class RetryBudgetConfig(_Section, frozen=True):
     """A token bucket shared by all callers, as in gRPC retry throttling."""
 
     enabled: bool = True
@@ -112,7 +112,7 @@ class RetryBudgetConfig(_Section):
     token_ratio: _Rate = 0.1
 
 
-class RetryConfig(_Section):
+class RetryConfig(_Section, frozen=True):
     """Retry with exponential backoff and jitter; `jitter` is a ± fraction of the delay."""
 
     max_attempts: _PositiveInt = 3
@@ -134,7 +134,7 @@ class RetryConfig(_Section):
                 raise _FieldError(f"retryable_errors[{index}]", str(exc)) from None
 
 
-class CircuitBreakerConfig(_Section):
+class CircuitBreakerConfig(_Section, frozen=True):
     """A breaker with a consecutive-failure trip and optional rate and slow-call trips.
 
     `sliding_window_size` counts calls when `sliding_window_type` is "count" and is a
@@ -154,7 +154,7 @@ class CircuitBreakerConfig(_Section):
     slow_call_rate_threshold: _Rate = 1.0
 
 
-class JsonRpcConfig(_Section):
+class JsonRpcConfig(_Section, frozen=True):
     """Call defaults shared by every ask and JSON-RPC connection."""
 
     default_timeout_ms: _PositiveInt = 30000
@@ -165,7 +165,7 @@ class JsonRpcConfig(_Section):
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
 
-class PythonRuntimeConfig(_Section):
+class PythonRuntimeConfig(_Section, frozen=True):
     """How engine worker processes (process isolation) are started and restarted."""
 
     max_restarts: _NonNegativeInt = 3
@@ -183,7 +183,7 @@ class PythonRuntimeConfig(_Section):
             raise _FieldError("restart_delay_max_ms", "expected >= restart_delay_base_ms")
 
 
-class StreamRegistryConfig(_Section):
+class StreamRegistryConfig(_Section, frozen=True):
     """Admission, deadlines and idle-reader limits of the stream registry."""
 
     default_timeout_ms: _PositiveInt = 300000
@@ -193,7 +193,7 @@ class StreamRegistryConfig(_Section):
     overloaded_retry_after_ms: _NonNegativeInt = 1000
 
 
-class BackoffConfig(_Section):
+class BackoffConfig(_Section, frozen=True):
     """Exponential backoff between a supervisor's restarts of one child."""
 
     min_ms: _NonNegativeInt = 10
@@ -206,7 +206,7 @@ class BackoffConfig(_Section):
             raise _FieldError("max_ms", "expected >= min_ms")
 
 
-class SupervisionConfig(_Section):
+class SupervisionConfig(_Section, frozen=True):
     """Restart intensity, backoff and mailbox bounds for every supervisor and actor."""
 
     max_restarts: _NonNegativeInt = 3
@@ -218,7 +218,7 @@ class SupervisionConfig(_Section):
     fairness_interval: _PositiveInt = 64
 
 
-class ModelConfig(_Section):
+class ModelConfig(_Section, frozen=True):
     """A model loaded at start: its alias, where to load it from, and fallback aliases."""
 
     alias: _Name
@@ -226,7 +226,7 @@ class ModelConfig(_Section):
     fallbacks: tuple[_Name, ...] = ()
 
 
-class PrefixCacheConfig(_Section):
+class PrefixCacheConfig(_Section, frozen=True):
     """Reuse of the KV cache of shared prompt prefixes, in memory and optionally on disk.
 
     `max_bytes: null` means one eighth of the machine's physical memory
@@ -253,7 +253,7 @@ def default_prefix_cache_bytes() -> int:
     return max(0, total // 8)
 
 
-class GenerationConfig(_Section):
+class GenerationConfig(_Section, frozen=True):
     """The generation domain: engine isolation, models, and batching limits."""
 
     isolation: Literal["thread", "process"] = "thread"
@@ -284,7 +284,7 @@ class GenerationConfig(_Section):
                     )
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     """Where `corral serve` listens and how long it drains on shutdown."""
 
     http_host: _Name = "127.0.0.1"
@@ -306,7 +306,7 @@ class ServerConfig(_Section):
                 )
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(_Section, frozen=True):
     """Log rendering and the minimum level emitted. `level: null` means info for
     `corral serve` and warning for a runtime embedded in another program, whose own
     output corral's info lines would crowd."""
@@ -315,7 +315,7 @@ class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error", "critical"] | None = None
 
 
-class RuntimeConfig(_Section):
+class RuntimeConfig(_Section, frozen=True):
     """The whole runtime configuration.
 
     `environments` keeps the raw overlays from the file so that a rendered config can be
@@ -434,7 +434,8 @@ def config_warnings(cfg: RuntimeConfig) -> list[str]:
 
 def render_config(cfg: RuntimeConfig) -> str:
     """The configuration as YAML, in declaration order; `load_config` reads it back."""
-    return yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+    text: str = yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+    return text
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import AbstractContextManager
-from typing import IO, Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 from structlog.typing import FilteringBoundLogger, Processor
@@ -30,7 +30,7 @@ _LEVELS: Final[dict[str, int]] = {
 }
 
 
-def configure_logging(cfg: LoggingConfig, *, stream: IO[str] | None = None,
+def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None,
                       default_level: str = "info") -> None:
     """Set up structlog for the whole process, replacing any earlier setup.
 

@@ -234,7 +234,9 @@ class Supervisor:
                 raise
             return self.ref(spec.name)
 
-        return await self._call(operation)  # type: ignore[no-any-return]
+        ref = await self._call(operation)
+        assert isinstance(ref, ActorRef)
+        return ref
 
     async def terminate_child(self, name: str) -> None:
         """Stop child `name` by its shutdown spec and remove it; no restart follows.

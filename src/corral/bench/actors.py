@@ -48,7 +48,7 @@ class _Sink(Actor[Count | Ping | Crash]):
     def __init__(self) -> None:
         self.seen = 0
 
-    def handle(self, message: Count | Ping | Crash) -> Any:  # type: ignore[override]
+    def handle(self, message: Count | Ping | Crash) -> Any:
         if type(message) is Count:
             self.seen += 1
             if self.seen == self.target:
@@ -62,7 +62,7 @@ class _Sink(Actor[Count | Ping | Crash]):
 class _AsyncSink(_Sink):
     """The same sink with an `async def` handler, which costs a coroutine per message."""
 
-    async def handle(self, message: Count | Ping | Crash) -> Any:  # type: ignore[override]
+    async def handle(self, message: Count | Ping | Crash) -> Any:
         return _Sink.handle(self, message)
 
 
@@ -116,7 +116,8 @@ async def _actor_tell(sink: _Sink, n: int) -> float:
 async def _raw_ping_pong(n: int) -> float:
     req_send, req_recv = trio.open_memory_channel[bytes](0)
     rep_send, rep_recv = trio.open_memory_channel[bytes](0)
-    ping_decoder, pong_decoder = Decoder(Count | Ping | Crash), Decoder(Pong)
+    ping_decoder = Decoder(Count | Ping | Crash)
+    pong_decoder: Decoder[Pong] = Decoder(Pong)
 
     async def responder() -> None:
         async for payload in req_recv:

@@ -56,10 +56,10 @@ _CONFIG = (
     "stream_registry:\n  max_active_streams: 32\n  max_queued: 4096\n"
     "server:\n  drain_timeout_ms: 2000\n"
     "logging:\n  format: json\n  level: warning\n")
-_FULL = {"requests": 480, "concurrency": 16, "max_tokens": 64, "min_words": 16,
+_FULL: dict[str, Any] = {"requests": 480, "concurrency": 16, "max_tokens": 64, "min_words": 16,
          "max_words": 96, "timeout_s": 60.0, "first_kill_s": 0.5, "kill_interval_s": 3.0,
          "max_kills": 8, "signals": ["SIGKILL", "SIGSEGV"]}
-_SMOKE = {"requests": 24, "concurrency": 16, "max_tokens": 32, "min_words": 4,
+_SMOKE: dict[str, Any] = {"requests": 24, "concurrency": 16, "max_tokens": 32, "min_words": 4,
           "max_words": 12, "timeout_s": 30.0, "first_kill_s": 0.0, "kill_interval_s": 3.0,
           "max_kills": 1, "signals": ["SIGKILL", "SIGSEGV"]}
 _REPLACED_S = 30.0  # how long the killer looks for a replacement worker
@@ -197,7 +197,7 @@ async def _run(server: ServerProcess, parameters: dict[str, Any]) -> dict[str, A
 
 def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Run the chaos benchmark, print its table and write ``chaos.json``."""
-    parameters = dict(_SMOKE if smoke else _FULL)
+    parameters: dict[str, Any] = dict(_SMOKE if smoke else _FULL)
     model_path = str(default_model_path())
     with tempfile.TemporaryDirectory(prefix="corral-bench-chaos-") as directory:
         server = corral_server("corral (process)", model_path, Path(directory), _CONFIG)

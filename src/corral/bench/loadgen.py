@@ -216,9 +216,14 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: dict[str, An
     except (httpx.HTTPError, OSError, msgspec.DecodeError) as exc:
         record.outcome, record.code = "lost", type(exc).__name__
     finally:
-        record.ended = time.perf_counter()
-        if record.outcome == "completed" and not record.output_tokens:
-            record.output_tokens = len(record.chunk_times)
+        _ended(record)
+
+
+def _ended(record: Record) -> None:
+    """Stamp the end; a completed stream with no usage counts its text chunks."""
+    record.ended = time.perf_counter()
+    if record.outcome == "completed" and not record.output_tokens:
+        record.output_tokens = len(record.chunk_times)
 
 
 async def run_load(target: Target, prompts: Sequence[str], load: Load, *, max_tokens: int,

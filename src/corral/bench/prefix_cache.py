@@ -53,11 +53,11 @@ _WORDS = ("river", "valley", "engine", "garden", "station", "harbor", "letter", 
           "window", "morning", "library", "teacher", "bridge", "summer", "mountain",
           "village", "concert", "painting", "company", "language", "computer", "storm")
 
-_FULL = {"conversations": 8, "turns": 3, "concurrency": 4, "system_tokens": 1500,
+_FULL: dict[str, Any] = {"conversations": 8, "turns": 3, "concurrency": 4, "system_tokens": 1500,
          "user_words": (12, 30), "max_tokens": 48, "rounds": 4, "timeout_s": 120.0,
          "resume_prompt_tokens": 2500, "resume_max_tokens": 1000, "resume_kill_after": 8,
          "resume_runs": 3}
-_SMOKE = {"conversations": 2, "turns": 2, "concurrency": 2, "system_tokens": 300,
+_SMOKE: dict[str, Any] = {"conversations": 2, "turns": 2, "concurrency": 2, "system_tokens": 300,
           "user_words": (4, 8), "max_tokens": 8, "rounds": 1, "timeout_s": 60.0,
           "resume_prompt_tokens": 400, "resume_max_tokens": 400, "resume_kill_after": 4,
           "resume_runs": 1}
@@ -283,7 +283,7 @@ def _goals(chat: dict[str, Any], resume: dict[str, Any]) -> list[Goal]:
 
 def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Run both parts, print their tables and write ``prefix_cache.json``."""
-    p = dict(_SMOKE if smoke else _FULL)
+    p: dict[str, Any] = dict(_SMOKE if smoke else _FULL)
     model_path = str(default_model_path())
     with tempfile.TemporaryDirectory(prefix="corral-bench-prefix-") as directory, \
             Progress(transient=True) as progress:

@@ -63,13 +63,13 @@ _COMPLETION_BATCH = 32
 _PREFILL_BATCH = 8
 _PREFILL_STEP = 2048
 
-_FULL = {
+_FULL: dict[str, Any] = {
     "loads": [Load("concurrency", 96, concurrency=1), Load("concurrency", 192, concurrency=4),
               Load("concurrency", 256, concurrency=16), Load("poisson", 160, rate=10.0),
               Load("poisson", 192, rate=20.0)],
     "rounds": 2, "max_tokens": 64, "min_words": 16, "max_words": 96, "timeout_s": 120.0,
     "warmup_requests": 8, "slo": Slo(ttft_ms=250.0, tpot_ms=25.0, e2e_ms=2000.0)}
-_SMOKE = {
+_SMOKE: dict[str, Any] = {
     "loads": [Load("concurrency", 3, concurrency=1), Load("concurrency", 4, concurrency=2),
               Load("poisson", 3, rate=20.0)],
     "rounds": 1, "max_tokens": 12, "min_words": 4, "max_words": 12, "timeout_s": 60.0,
@@ -406,7 +406,7 @@ def _table(results: dict[str, Any], loads: Sequence[Load], goals: Sequence[Goal]
 
 def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Run the serving benchmark, print its table and write ``serve.json``."""
-    parameters = dict(_SMOKE if smoke else _FULL)
+    parameters: dict[str, Any] = dict(_SMOKE if smoke else _FULL)
     model_path = str(default_model_path())
     with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory, \
             contextlib.ExitStack() as stack:

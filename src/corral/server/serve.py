@@ -19,6 +19,7 @@ system reads as a crash.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -170,8 +171,8 @@ async def _load_models(rt: Runtime, options: ServeOptions) -> bool:
         await _load(rt, path, alias or path)
     if rt.list_models():
         return False
-    path = await trio.to_thread.run_sync(default_model_path)
-    await _load(rt, str(path), _DEFAULT_ALIAS)
+    default = await trio.to_thread.run_sync(default_model_path)
+    await _load(rt, str(default), _DEFAULT_ALIAS)
     return True
 
 
@@ -203,7 +204,7 @@ async def _start_listeners(rt: Runtime, config: RuntimeConfig, http: str,
     for index, uri in enumerate(options.jsonrpc or config.server.jsonrpc):
         await rt.start_transport(ChildSpec(
             name=f"jsonrpc-{index}",
-            factory=lambda uri=uri: JsonRpcListener(rt, uri, on_shutdown=stop.set),
+            factory=functools.partial(JsonRpcListener, rt, uri, on_shutdown=stop.set),
             shutdown="infinity"))  # each connection has its own shutdown timeout
         addresses.append(uri)
     return addresses
