@@ -14,7 +14,7 @@ from corral.protocol.errors import EngineClientError as EngineClientError
 from corral.protocol.errors import EscalationError as EscalationError
 from corral.protocol.errors import OverloadedError as OverloadedError
 from corral.protocol.errors import RetryAbortedError as RetryAbortedError
-from corral.protocol.errors import TimeoutError as TimeoutError  # noqa: A004
+from corral.protocol.errors import TimeoutError as TimeoutError
 from corral.protocol.errors import classify as classify
 from corral.protocol.messages import Completion as Completion
 from corral.protocol.messages import GenerateParams as GenerateParams

@@ -16,7 +16,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar, TypeVarTuple, Unpack, final
+from typing import Any, ClassVar, TypeVar, TypeVarTuple, final
 
 import msgspec
 import structlog
@@ -360,7 +360,7 @@ class CircuitBreaker:
             return Outcome.IGNORED
         return Outcome.FAILURE if isinstance(error, Exception) else Outcome.IGNORED
 
-    async def call(self, fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: Unpack[Ts]) -> T:
+    async def call(self, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts) -> T:
         """`await fn(*args)` through the breaker; its result or exception passes through.
 
         The outcome is recorded by `outcome_of`, with the call's duration. Cancellation
@@ -626,8 +626,8 @@ async def acquire_through(ref: ActorRef, *, timeout: float | None = None) -> Per
     return granted.permit
 
 
-async def call_through(ref: ActorRef, fn: Callable[[Unpack[Ts]], Awaitable[T]],
-                       *args: Unpack[Ts], timeout: float | None = None) -> T:
+async def call_through(ref: ActorRef, fn: Callable[[*Ts], Awaitable[T]],
+                       *args: *Ts, timeout: float | None = None) -> T:
     """`await fn(*args)` through the breaker actor at `ref`: the function API by messages.
 
     Acquires a permit, runs `fn`, and tells the outcome (by `CircuitBreaker.outcome_of`,

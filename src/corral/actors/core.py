@@ -144,9 +144,24 @@ class Mailbox:
     ActorExitedError with the last exit reason.
     """
 
-    __slots__ = ("_decode_errors", "_dropped", "_exit_waiters", "_last_exit", "_messages_in",
-                 "_monitors", "_pending", "keep_tells", "_recv", "_rejected", "_replies_out", "_send", "path",
-                 "restarts", "stash_limit", "state")
+    __slots__ = (
+        "_decode_errors",
+        "_dropped",
+        "_exit_waiters",
+        "_last_exit",
+        "_messages_in",
+        "_monitors",
+        "_pending",
+        "_recv",
+        "_rejected",
+        "_replies_out",
+        "_send",
+        "keep_tells",
+        "path",
+        "restarts",
+        "stash_limit",
+        "state",
+    )
 
     def __init__(self, path: str, *, capacity: int, stash_limit: int) -> None:
         self.path = path

@@ -16,7 +16,7 @@ import functools
 import math
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, TypeVarTuple, Unpack, final
+from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, TypeVarTuple, final
 
 import msgspec
 import structlog
@@ -390,7 +390,7 @@ class _Loop:
         self.charge_failure = False
         self.ending: _Ending = "cancelled"
 
-    async def run(self, fn: Callable[[Unpack[Ts]], Awaitable[T]], args: tuple[Unpack[Ts]],
+    async def run(self, fn: Callable[[*Ts], Awaitable[T]], args: tuple[*Ts],
                   ) -> T:
         previous = self.policy.initial_delay_ms / 1000.0
         while True:
@@ -451,8 +451,8 @@ class _Loop:
             self.budget.report(outcome)
 
 
-async def call(policy: RetryPolicy, fn: Callable[[Unpack[Ts]], Awaitable[T]],
-               *args: Unpack[Ts], budget: RetryBudget | Budget | None = None,
+async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
+               *args: *Ts, budget: RetryBudget | Budget | None = None,
                deadline: float | None = None, timeout: float | None = None,
                on_retry: OnRetry | None = None, rng: random.Random | None = None,
                stats: RetryCounters | None = None,

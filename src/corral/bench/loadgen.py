@@ -33,7 +33,20 @@ Outcome = Literal["completed", "failed", "lost", "hung"]
 
 # Plain words for prompts: any byte-level tokenizer encodes them, and no prompt is a
 # prefix of another, so no server's prompt cache serves one request from another's.
-_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river", "valley", "spring", "water", "cold", "clear", "window", "rain", "book", "morning", "station", "newspaper", "train", "library", "weekday", "report", "friday", "meeting", "team", "project", "office", "children", "castle", "sand", "beach", "waves", "winter", "mountain", "snow", "road", "museum", "recipe", "eggs", "flour", "salt", "music", "room", "dance", "scientist", "ocean", "bridge", "summer", "truck", "traffic", "cat", "garden", "sun", "post", "apple", "tree", "fence", "computer", "update", "file", "writing", "reader", "boat", "harbor", "fog", "doctor", "sleep", "star", "grandmother", "village", "bread", "bakery", "school", "teacher", "server", "client", "engine", "pilot", "bird", "flower", "letter", "friend", "market", "fish", "cheese", "storm", "street", "language", "painting", "light", "concert", "company", "engineer", "city", "candle", "brother", "soup", "trail", "lake", "noon"]
+_WORDS = [
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river", "valley",
+    "spring", "water", "cold", "clear", "window", "rain", "book", "morning", "station",
+    "newspaper", "train", "library", "weekday", "report", "friday", "meeting", "team",
+    "project", "office", "children", "castle", "sand", "beach", "waves", "winter", "mountain",
+    "snow", "road", "museum", "recipe", "eggs", "flour", "salt", "music", "room", "dance",
+    "scientist", "ocean", "bridge", "summer", "truck", "traffic", "cat", "garden", "sun",
+    "post", "apple", "tree", "fence", "computer", "update", "file", "writing", "reader",
+    "boat", "harbor", "fog", "doctor", "sleep", "star", "grandmother", "village", "bread",
+    "bakery", "school", "teacher", "server", "client", "engine", "pilot", "bird", "flower",
+    "letter", "friend", "market", "fish", "cheese", "storm", "street", "language", "painting",
+    "light", "concert", "company", "engineer", "city", "candle", "brother", "soup", "trail",
+    "lake", "noon",
+]
 
 
 class Target(msgspec.Struct, frozen=True):

@@ -17,7 +17,8 @@ long prompt; after a few tokens its worker is killed with SIGKILL; the figure is
 time from the kill to the resumed stream's next token, with the disk tier
 (`generation.prefix_cache.disk_dir`) and without it. That time holds the worker's
 restart (a new process importing mlx_lm and loading the model) as well as the resumed
-prefill, which is all the disk tier can shorten. Goal: with/without <= 0.25x. The model is the tiny one with a 4,096-token context, so the prompt fits.
+prefill, which is all the disk tier can shorten. Goal: with/without <= 0.25x. The
+model is the tiny one with a 4,096-token context, so the prompt fits.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def _chat(model_path: str, work: Path, p: dict[str, Any],
                 progress.advance(task, p["conversations"])
     summaries = {name: _chat_summary(rounds, p["turns"]) for name, rounds in runs.items()}
     base = summaries[BASELINE]
-    for name, s in summaries.items():
+    for s in summaries.values():
         s["ratios"] = {
             "ttft_p50": s["ttft_ms"]["p50"] / base["ttft_ms"]["p50"],
             "ttft_p99": s["ttft_ms"]["p99"] / base["ttft_ms"]["p99"],
@@ -255,7 +256,7 @@ def _resume(work: Path, p: dict[str, Any], progress: Progress) -> dict[str, Any]
         gaps = []
         with server.running():
             server.wait_ready()
-            for run in range(p["resume_runs"]):
+            for _ in range(p["resume_runs"]):
                 # A prompt of its own each run: only the disk tier may hold it.
                 prompt = [rng.randrange(3, 200) for _ in range(p["resume_prompt_tokens"])]
                 outcome = trio.run(_resume_once, server, prompt, p)

@@ -225,7 +225,8 @@ def run_retry_storm_bench(output_dir: Path | None = None, *, smoke: bool = False
         "bound": "attempts <= requests + max_tokens/2 + token_ratio * successes",
     }
     results = {"runs": rows}
-    report.write_result("retry_storm", parameters, results, goals, directory=output_dir, smoke=smoke)
+    report.write_result("retry_storm", parameters, results, goals, directory=output_dir,
+                        smoke=smoke)
     report.print_table(
         f"retry storm: {clients} clients, {outage_s:g} s outage (simulated time)",
         ["mode", "budget", "attempts", "per request", "failed", "p50 s", "p99 s", "max s",

@@ -360,11 +360,9 @@ async def _run(servers: list[ServerProcess], reference: _ReferenceThread | None,
 def _goals(results: dict[str, Any], loads: Sequence[Load], corral: Sequence[str]) -> list[Goal]:
     goals = []
     for name in corral:
-        for load in loads:
-            if load.kind == "concurrency":
-                goals.append(goal(f"{name} {load.label} output throughput / {BASELINE}",
-                                  results["ratios"][name][load.label]["output_throughput"],
-                                  ">=", 1.0))
+        goals += [goal(f"{name} {load.label} output throughput / {BASELINE}",
+                       results["ratios"][name][load.label]["output_throughput"], ">=", 1.0)
+                  for load in loads if load.kind == "concurrency"]
         c16 = next((ld.label for ld in loads if ld.concurrency == 16), None)
         if c16 is not None:
             goals.append(goal(f"{name} {c16} TTFT p99 / {BASELINE}",

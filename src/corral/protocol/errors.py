@@ -187,7 +187,7 @@ class EngineClientError(CorralError):
         super().__init__(message, details=details, retryable=retryable)
 
 
-class TimeoutError(CorralError):  # noqa: A001 - the design names it so; it is corral.TimeoutError
+class TimeoutError(CorralError):
     """A call ran past its deadline."""
 
     code = Code.TIMEOUT
