@@ -18,7 +18,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 serve: $(STAMP)
 	$(BIN)/corral serve --http 127.0.0.1:8000
 
+# Lint and types first (ruff, mypy --strict over src/, config in pyproject.toml), then
+# the tests.
 test: $(STAMP)
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # Every benchmark, then the charts (about 10 minutes on a 2-core machine).
