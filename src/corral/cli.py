@@ -113,74 +113,37 @@ def check_config(path: Path, env: Annotated[str | None, typer.Option(
     sys.stdout.write(render_config(config))
 
 
-def _quiet_logs() -> None:
-    from corral.config import LoggingConfig
-    from corral.logging import configure_logging
-
-    configure_logging(LoggingConfig(level="error"))
-
-
-@bench_app.command("actors")
-def bench_actors(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """Mailbox tell/ask against raw trio channels; restart latency."""
-    from corral.bench import actors
-
-    _quiet_logs()
-    actors.main(smoke=smoke, output_dir=output_dir)
+BENCHES: dict[str, str] = {
+    "actors": "Mailbox tell/ask against raw trio channels; restart latency.",
+    "resilience": "Breaker and retry overhead per call; the retry storm per jitter mode.",
+    "generation": "Decode tokens/s through the runtime against raw mlx_lm; a late joiner's TTFT.",
+    "isolation": "Decode throughput with worker processes against the engine thread; "
+                 "restart latency.",
+    "serve": "corral serve (defaults, thread, process) against mlx_lm.server, same load.",
+    "prefix-cache": "Multi-turn chat against mlx_lm.server; kill -9 and resume with and "
+                    "without the disk tier.",
+    "chaos": "The serve load while workers are killed: completed, failed, lost, hung.",
+}
+"""Every `corral bench NAME`: the module `corral.bench.<name>` runs it (its `main`)."""
 
 
-@bench_app.command("resilience")
-def bench_resilience(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """Breaker and retry overhead per call; the retry storm per jitter mode."""
-    from corral.bench import resilience
+def _bench_command(name: str, summary: str) -> None:
+    def run(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+        import importlib
 
-    _quiet_logs()
-    resilience.main(smoke=smoke, output_dir=output_dir)
+        from corral.config import LoggingConfig
+        from corral.logging import configure_logging
 
+        configure_logging(LoggingConfig(level="error"))
+        module = importlib.import_module(f"corral.bench.{name.replace('-', '_')}")
+        module.main(smoke=smoke, output_dir=output_dir)
 
-@bench_app.command("generation")
-def bench_generation(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """Decode tokens/s through the runtime against raw mlx_lm; a late joiner's TTFT."""
-    from corral.bench import generation
-
-    _quiet_logs()
-    generation.main(smoke=smoke, output_dir=output_dir)
+    run.__doc__ = summary
+    bench_app.command(name)(run)
 
 
-@bench_app.command("isolation")
-def bench_isolation(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """Decode throughput with worker processes against the engine thread; restart latency."""
-    from corral.bench import isolation
-
-    _quiet_logs()
-    isolation.main(smoke=smoke, output_dir=output_dir)
-
-
-@bench_app.command("serve")
-def bench_serve(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """corral serve (thread and process isolation) against mlx_lm.server, same load."""
-    from corral.bench import serve
-
-    _quiet_logs()
-    serve.main(smoke=smoke, output_dir=output_dir)
-
-
-@bench_app.command("prefix-cache")
-def bench_prefix_cache(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """Multi-turn chat against mlx_lm.server; kill -9 and resume with and without disk."""
-    from corral.bench import prefix_cache
-
-    _quiet_logs()
-    prefix_cache.main(smoke=smoke, output_dir=output_dir)
-
-
-@bench_app.command("chaos")
-def bench_chaos(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
-    """The serve load while workers are killed: completed, failed, lost, hung."""
-    from corral.bench import chaos
-
-    _quiet_logs()
-    chaos.main(smoke=smoke, output_dir=output_dir)
+for _name, _summary in BENCHES.items():
+    _bench_command(_name, _summary)
 
 
 @bench_app.command("plot")
