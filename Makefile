@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # Every benchmark, then the charts (about 10 minutes on a 2-core machine).
 bench: $(STAMP)
-	for b in actors resilience generation isolation serve chaos; do \
+	for b in actors resilience generation isolation serve prefix-cache chaos; do \
 		$(BIN)/corral bench $$b || exit 1; done
 	$(BIN)/corral bench plot
 
