@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from corral.config import (
+    ALIASES,
     ConfigError,
     LoggingConfig,
     RetryConfig,
@@ -60,12 +61,12 @@ def test_no_path_gives_defaults() -> None:
 
 def test_seed_defaults() -> None:
     cfg = RuntimeConfig()
-    assert cfg.json_rpc.default_timeout_ms == 30000
-    retry = cfg.json_rpc.retry
+    assert cfg.calls.default_timeout_ms == 30000
+    retry = cfg.calls.retry
     assert (retry.max_attempts, retry.initial_delay_ms, retry.max_delay_ms) == (3, 100, 5000)
     assert (retry.backoff_multiplier, retry.jitter) == (2.0, 0.25)
     assert retry.retryable_errors == ("TIMEOUT", "ECONNRESET")
-    breaker = cfg.json_rpc.circuit_breaker
+    breaker = cfg.calls.circuit_breaker
     assert (
         breaker.failure_threshold,
         breaker.recovery_timeout_ms,
@@ -73,8 +74,8 @@ def test_seed_defaults() -> None:
         breaker.half_open_success_threshold,
         breaker.failure_window_ms,
     ) == (5, 10000, 1, 2, 60000)
-    assert cfg.python_runtime.max_restarts == 3
-    assert cfg.python_runtime.restart_delay_base_ms == 1000
+    assert cfg.restarts.max_restarts == 3
+    assert cfg.restarts.delay_base_ms == 1000
     assert cfg.stream_registry.default_timeout_ms == 300000
     assert cfg.stream_registry.max_active_streams == 32 == cfg.generation.completion_batch_size
 
@@ -90,7 +91,7 @@ def test_retryable_error_names_resolve_to_codes() -> None:
         resolve_error_name("EBOGUS")
     retry = config_from_mapping(
         {"json_rpc": {"retry": {"retryable_errors": ["Overloaded", "CIRCUIT_OPEN"]}}}
-    ).json_rpc.retry
+    ).calls.retry
     assert retry.retryable_errors == ("Overloaded", "CIRCUIT_OPEN")
 
 
@@ -118,7 +119,7 @@ def test_overlay_chosen_by_argument_wins_over_corral_env(
     monkeypatch.setenv("CORRAL_ENV", "production")
     cfg = load_config(RUNTIME_YAML, env="test")
     assert cfg.logging.format == "console"
-    retry = cfg.json_rpc.retry
+    retry = cfg.calls.retry
     assert (retry.initial_delay_ms, retry.max_delay_ms, retry.max_attempts) == (1, 10, 3)
     assert cfg.supervision.backoff.random_factor == 0.2
 
@@ -135,8 +136,8 @@ def test_overrides_merge_after_the_overlay() -> None:
         overrides={"logging": {"format": "json"}, "json_rpc": {"retry": {"max_attempts": 5}}},
     )
     assert cfg.logging == LoggingConfig(format="json", level="debug")
-    assert cfg.json_rpc.retry.max_attempts == 5
-    assert cfg.json_rpc.retry.jitter == 0.25
+    assert cfg.calls.retry.max_attempts == 5
+    assert cfg.calls.retry.jitter == 0.25
 
 
 def test_unknown_key_names_its_path() -> None:
@@ -305,3 +306,32 @@ def test_an_admission_limit_unlike_the_batch_size_is_warned_about() -> None:
     [warning] = config_warnings(narrow)
     assert warning.startswith("stream_registry.max_active_streams (10) differs from "
                               "generation.completion_batch_size (32)")
+
+
+def test_the_seed_keys_are_aliases_of_calls_and_restarts() -> None:
+    """json_rpc.{default_timeout_ms,retry,circuit_breaker} and python_runtime's restart
+    keys load the same values as calls.* and restarts.*; errors name what was written,
+    and giving a key under both names is an error."""
+    seed = config_from_mapping({
+        "json_rpc": {"default_timeout_ms": 1234, "retry": {"max_attempts": 7},
+                     "circuit_breaker": {"failure_threshold": 9}, "max_line_bytes": 4096},
+        "python_runtime": {"max_restarts": 5, "restart_period_ms": 1000,
+                           "restart_delay_base_ms": 20, "restart_delay_max_ms": 40,
+                           "reload_delay_max_ms": 5000, "startup_timeout_ms": 777}})
+    named = config_from_mapping({
+        "calls": {"default_timeout_ms": 1234, "retry": {"max_attempts": 7},
+                  "circuit_breaker": {"failure_threshold": 9}},
+        "json_rpc": {"max_line_bytes": 4096},
+        "restarts": {"max_restarts": 5, "period_ms": 1000, "delay_base_ms": 20,
+                     "delay_max_ms": 40, "reload_delay_max_ms": 5000},
+        "python_runtime": {"startup_timeout_ms": 777}})
+    assert seed == named
+    assert set(ALIASES) == {
+        "json_rpc.default_timeout_ms", "json_rpc.retry", "json_rpc.circuit_breaker",
+        "python_runtime.max_restarts", "python_runtime.restart_period_ms",
+        "python_runtime.restart_delay_base_ms", "python_runtime.restart_delay_max_ms",
+        "python_runtime.reload_delay_max_ms"}
+    assert _errors({"python_runtime": {"restart_delay_base_ms": -1}}) == [
+        "python_runtime.restart_delay_base_ms: expected >= 0"]
+    assert _errors({"json_rpc": {"retry": {"jitter": 2}}, "calls": {"retry": {}}}) == [
+        "json_rpc.retry: also given as calls.retry; give one of them"]

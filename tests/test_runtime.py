@@ -404,7 +404,7 @@ async def _probe_given_back(rt: Runtime) -> None:
     breaker = rt.root.child("generation").child("model:tiny").child("breaker")  # type: ignore[union-attr]
     breaker.breaker.force_open()  # type: ignore[union-attr]
     breaker.breaker.reset()  # type: ignore[union-attr]
-    config = rt.config.json_rpc.circuit_breaker
+    config = rt.config.calls.circuit_breaker
     for _ in range(config.failure_threshold):
         permit = breaker.breaker.acquire()  # type: ignore[union-attr]
         breaker.breaker.record(permit, Outcome.FAILURE)  # type: ignore[union-attr]

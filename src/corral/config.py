@@ -22,8 +22,10 @@ import yaml
 from corral.protocol.errors import Code
 
 __all__ = [
+    "ALIASES",
     "RETRY_ERROR_ALIASES",
     "BackoffConfig",
+    "CallsConfig",
     "CircuitBreakerConfig",
     "ConfigError",
     "GenerationConfig",
@@ -32,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "PrefixCacheConfig",
     "PythonRuntimeConfig",
+    "RestartsConfig",
     "RetryBudgetConfig",
     "RetryConfig",
     "RuntimeConfig",
@@ -154,33 +157,50 @@ class CircuitBreakerConfig(_Section, frozen=True):
     slow_call_rate_threshold: _Rate = 1.0
 
 
-class JsonRpcConfig(_Section, frozen=True):
-    """Call defaults shared by every ask and JSON-RPC connection."""
+class CallsConfig(_Section, frozen=True):
+    """Every call the runtime makes to a model or an actor, whatever the transport: the
+    default deadline of an ask, the retry policy around a model call, the circuit
+    breaker of each model. (`json_rpc.default_timeout_ms`, `json_rpc.retry` and
+    `json_rpc.circuit_breaker` are aliases, from the format corral started from.)"""
 
     default_timeout_ms: _PositiveInt = 30000
-    max_line_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
-    max_pending_per_connection: _PositiveInt = 64
-    max_streams_per_connection: _PositiveInt = 16
     retry: RetryConfig = RetryConfig()
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
 
 
-class PythonRuntimeConfig(_Section, frozen=True):
-    """How engine worker processes (process isolation) are started and restarted."""
+class JsonRpcConfig(_Section, frozen=True):
+    """What one JSON-RPC connection may send and hold."""
+
+    max_line_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1048576
+    max_pending_per_connection: _PositiveInt = 64
+    max_streams_per_connection: _PositiveInt = 16
+
+
+class RestartsConfig(_Section, frozen=True):
+    """How a model's subtree restarts (its engine thread or worker process), and how a
+    model that failed for good is reloaded. `max_restarts` also bounds how often one
+    stream is resumed. (The `python_runtime.*` keys of the same meaning, `max_restarts`,
+    `restart_period_ms`, `restart_delay_base_ms`, `restart_delay_max_ms` and
+    `reload_delay_max_ms`, are aliases.)"""
 
     max_restarts: _NonNegativeInt = 3
-    restart_period_ms: _PositiveInt = 60000
-    restart_delay_base_ms: _NonNegativeInt = 1000
-    restart_delay_max_ms: _NonNegativeInt = 30000
+    period_ms: _PositiveInt = 60000
+    delay_base_ms: _NonNegativeInt = 1000
+    delay_max_ms: _NonNegativeInt = 30000
+    reload_delay_max_ms: _PositiveInt = 300000
+
+    def __post_init__(self) -> None:
+        if self.delay_max_ms < self.delay_base_ms:
+            raise _FieldError("delay_max_ms", "expected >= delay_base_ms")
+
+
+class PythonRuntimeConfig(_Section, frozen=True):
+    """How engine worker processes (process isolation) are started and watched."""
+
     startup_timeout_ms: _PositiveInt = 60000
     heartbeat_interval_ms: _PositiveInt = 1000
     python_executable: _Name | None = None
     standby_worker: bool = True
-    reload_delay_max_ms: _PositiveInt = 300000
-
-    def __post_init__(self) -> None:
-        if self.restart_delay_max_ms < self.restart_delay_base_ms:
-            raise _FieldError("restart_delay_max_ms", "expected >= restart_delay_base_ms")
 
 
 class StreamRegistryConfig(_Section, frozen=True):
@@ -322,7 +342,9 @@ class RuntimeConfig(_Section, frozen=True):
     loaded again under another environment; the other sections are already resolved.
     """
 
+    calls: CallsConfig = CallsConfig()
     json_rpc: JsonRpcConfig = JsonRpcConfig()
+    restarts: RestartsConfig = RestartsConfig()
     python_runtime: PythonRuntimeConfig = PythonRuntimeConfig()
     stream_registry: StreamRegistryConfig = StreamRegistryConfig()
     supervision: SupervisionConfig = SupervisionConfig()
@@ -410,9 +432,10 @@ def load_config(
         if env not in config.environments:
             known = ", ".join(sorted(config.environments)) or "none"
             raise ConfigError([f"environments.{env}: unknown environment{source}; known: {known}"])
-        data = deep_merge(data, config.environments[env])
+        data = deep_merge(_dealias(data)[0], _dealias(config.environments[env])[0])
     if overrides:
-        data = deep_merge(data, overrides)
+        # Aliases name the same keys: merged under one name, or they would clash.
+        data = deep_merge(_dealias(data)[0], _dealias(overrides)[0])
     # The overlays were checked against the file as written; checking them again on top
     # of the chosen one would blame them for combinations nobody configured.
     return _validate(data, check_overlays=False)
@@ -496,11 +519,66 @@ def _check_environments(raw: Any, errors: list[str]) -> dict[str, dict[str, Any]
     return environments
 
 
+ALIASES: Final[Mapping[str, str]] = {
+    "json_rpc.default_timeout_ms": "calls.default_timeout_ms",
+    "json_rpc.retry": "calls.retry",
+    "json_rpc.circuit_breaker": "calls.circuit_breaker",
+    "python_runtime.max_restarts": "restarts.max_restarts",
+    "python_runtime.restart_period_ms": "restarts.period_ms",
+    "python_runtime.restart_delay_base_ms": "restarts.delay_base_ms",
+    "python_runtime.restart_delay_max_ms": "restarts.delay_max_ms",
+    "python_runtime.reload_delay_max_ms": "restarts.reload_delay_max_ms",
+}
+"""Keys of the format corral started from (left) and the keys they set (right)."""
+
+
+def _dealias(data: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """`data` with every alias moved to its key; the moves made (key -> alias as
+    written), and an error for each alias given beside its key."""
+    moved: dict[str, Any] = {}
+    for section, value in data.items():
+        for alias, key in ALIASES.items():  # new sections stand where the file's stood
+            new_section = key.split(".")[0]
+            if (alias.split(".")[0] == section and isinstance(value, Mapping)
+                    and alias.split(".")[1] in value and new_section not in data):
+                moved.setdefault(new_section, {})
+        moved[section] = dict(value) if isinstance(value, Mapping) else value
+    renames: dict[str, str] = {}
+    clashes: list[str] = []
+    for alias, key in ALIASES.items():
+        old_section, old_key = alias.split(".")
+        new_section, new_key = key.split(".")
+        source = moved.get(old_section)
+        if not isinstance(source, dict) or old_key not in source:
+            continue
+        target = moved.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # the section's own error is reported by decoding
+        value = source.pop(old_key)
+        if new_key in target:
+            clashes.append(f"{alias}: also given as {key}; give one of them")
+            continue
+        target[new_key] = value
+        renames[key] = alias
+    return moved, renames, clashes
+
+
 def _decode(data: Mapping[str, Any]) -> tuple[RuntimeConfig | None, list[str]]:
+    data, renames, clashes = _dealias(data)
     try:
-        return msgspec.convert(data, RuntimeConfig), []
+        config = msgspec.convert(data, RuntimeConfig)
     except msgspec.ValidationError as exc:
-        return None, _every_error(data, RuntimeConfig, "") or [_translate(exc)]
+        errors = _every_error(data, RuntimeConfig, "") or [_translate(exc)]
+        return None, clashes + [_as_written(error, renames) for error in errors]
+    return (None, clashes) if clashes else (config, [])
+
+
+def _as_written(error: str, renames: Mapping[str, str]) -> str:
+    """An error about a key the file set through its alias names the alias."""
+    for key, alias in renames.items():
+        if error.startswith((f"{key}:", f"{key}.", f"{key}[")):
+            return alias + error[len(key):]
+    return error
 
 
 def _every_error(data: Any, section: type[_Section], path: str) -> list[str]:

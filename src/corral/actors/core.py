@@ -355,7 +355,7 @@ class ActorRef:
 
         Args:
             message: a Struct the actor accepts.
-            timeout: seconds; defaults to the system's `json_rpc.default_timeout_ms`.
+            timeout: seconds; defaults to the system's `calls.default_timeout_ms`.
             request_id: carried into a TimeoutError, for the caller's logs.
 
         Returns:

@@ -290,7 +290,7 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
     sup = config.supervision
     system = ActorSystem(mailbox_capacity=sup.mailbox_capacity, stash_limit=sup.stash_limit,
                          fairness_interval=sup.fairness_interval,
-                         default_ask_timeout=config.json_rpc.default_timeout_ms / 1000.0)
+                         default_ask_timeout=config.calls.default_timeout_ms / 1000.0)
     runtime = Runtime(config, system)
     try:
         async with open_supervisor(runtime.tree(), system=system) as root:

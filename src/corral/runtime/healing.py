@@ -1,9 +1,9 @@
 """Self-healing of models that failed for good.
 
-A model whose subtree gives up (more than `python_runtime.max_restarts` restarts) is
+A model whose subtree gives up (more than `restarts.max_restarts` restarts) is
 failed, not gone: its circuit is held open, and it is loaded again after
-`json_rpc.circuit_breaker.recovery_timeout_ms`, then twice as long after each failed
-trial, up to `python_runtime.reload_delay_max_ms`. Each reload is one trial load (the
+`calls.circuit_breaker.recovery_timeout_ms`, then twice as long after each failed
+trial, up to `restarts.reload_delay_max_ms`. Each reload is one trial load (the
 half-open state); a request meanwhile gets CircuitOpen with the time until the next
 trial as its retry-after (`models.held_open`). The reloads run in the `reloader`
 child of the root, so a crash of theirs is supervised like any other.
@@ -45,8 +45,8 @@ class Healer:
                  root: Callable[[], Supervisor]) -> None:
         self._models = models
         self._root = root
-        self._backoff = backoff_of(config.json_rpc.circuit_breaker.recovery_timeout_ms,
-                                   config.python_runtime.reload_delay_max_ms,
+        self._backoff = backoff_of(config.calls.circuit_breaker.recovery_timeout_ms,
+                                   config.restarts.reload_delay_max_ms,
                                    config.supervision.backoff.random_factor,
                                    config.supervision.backoff.reset_after_ms)
         self._rng = random.Random()
@@ -76,7 +76,7 @@ class Healer:
     async def reload(self, model: ModelRecord) -> None:
         """Reload a failed model, each time after its delay, until it serves again or
         is unloaded. Each reload is a trial (half-open): one load, whose failure
-        doubles the next delay, up to `python_runtime.reload_delay_max_ms`.
+        doubles the next delay, up to `restarts.reload_delay_max_ms`.
 
         On cancellation (the reloader stops) a trial in progress is cut short; the
         next reloader takes the model up again."""

@@ -127,7 +127,7 @@ class Requests:
         self._models = models
         self._table = table
         self._registry = system.ref(REGISTRY)
-        self._policy = RetryPolicy.from_config(config.json_rpc.retry)
+        self._policy = RetryPolicy.from_config(config.calls.retry)
         self.draining = False
 
     async def tokenize(self, model: str | None, text: str, *,
@@ -212,7 +212,7 @@ class Requests:
         by the model's restart budget; a model that failed for good answers at once.
         """
         ref = self._models.ref(alias)
-        attempts = self._config.python_runtime.max_restarts + 1
+        attempts = self._config.restarts.max_restarts + 1
         for attempt in range(1, attempts + 1):
             try:
                 return await ref.ask(message)

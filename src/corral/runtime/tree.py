@@ -65,7 +65,7 @@ def build_root(config: RuntimeConfig, table: StreamTable,
     return Supervisor([
         ChildSpec(name="stream_registry", factory=lambda: StreamRegistry(
             config.stream_registry, table, model_ref,
-            max_resumes=config.python_runtime.max_restarts),
+            max_resumes=config.restarts.max_restarts),
             shutdown=sup.shutdown_timeout_ms),
         supervisor_spec("generation", lambda: Supervisor(
             generation(), strategy=Strategy.DYNAMIC, intensity=intensity, backoff=backoff)),
@@ -83,11 +83,11 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
                        step_listeners: list[Callable[[EngineStep], None]],
                        crash_on_failed_load: Callable[[], bool]) -> ChildSpec:
     """The subtree of one model: its breaker, its retry budget and its model actor,
-    restarted rest-for-one within `python_runtime.max_restarts`. `on_start` runs each
+    restarted rest-for-one within `restarts.max_restarts`. `on_start` runs each
     time the subtree starts (to re-arm monitors)."""
-    py = config.python_runtime
-    intensity = Intensity(py.max_restarts, py.restart_period_ms / 1000.0)
-    backoff = backoff_of(py.restart_delay_base_ms, py.restart_delay_max_ms,
+    restarts = config.restarts
+    intensity = Intensity(restarts.max_restarts, restarts.period_ms / 1000.0)
+    backoff = backoff_of(restarts.delay_base_ms, restarts.delay_max_ms,
                          config.supervision.backoff.random_factor,
                          config.supervision.backoff.reset_after_ms)
     shutdown = config.supervision.shutdown_timeout_ms
@@ -96,9 +96,9 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
         on_start()
         return Supervisor([
             ChildSpec(name="breaker", factory=lambda: BreakerActor(
-                alias, config.json_rpc.circuit_breaker), shutdown=shutdown),
+                alias, config.calls.circuit_breaker), shutdown=shutdown),
             ChildSpec(name="retry", factory=lambda: RetryActor(
-                config.json_rpc.retry.budget), shutdown=shutdown),
+                config.calls.retry.budget), shutdown=shutdown),
             ChildSpec(name="model", factory=lambda: ModelActor(
                 alias, source, config.generation, registry,
                 engine_factory=engine_factory, on_ready=on_ready,
