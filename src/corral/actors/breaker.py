@@ -530,7 +530,7 @@ class PermitGranted(msgspec.Struct, frozen=True):
 class Acquire(msgspec.Struct, frozen=True, tag="breaker.acquire"):
     """Ask for a permit: answered `PermitGranted`, or CircuitBreakerOpenError."""
 
-    reply_type: ClassVar[type] = PermitGranted
+    reply_type: ClassVar[type[PermitGranted]] = PermitGranted
 
 
 class Record(msgspec.Struct, frozen=True, tag="breaker.record"):
@@ -544,25 +544,25 @@ class Record(msgspec.Struct, frozen=True, tag="breaker.record"):
 class GetState(msgspec.Struct, frozen=True, tag="breaker.get_state"):
     """Answered with the breaker's `BreakerStatistics`."""
 
-    reply_type: ClassVar[type] = BreakerStatistics
+    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
 
 
 class ForceOpen(msgspec.Struct, frozen=True, tag="breaker.force_open"):
     """Operator: `CircuitBreaker.force_open`; answered with the statistics after it."""
 
-    reply_type: ClassVar[type] = BreakerStatistics
+    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
 
 
 class Disable(msgspec.Struct, frozen=True, tag="breaker.disable"):
     """Operator: `CircuitBreaker.disable`; answered with the statistics after it."""
 
-    reply_type: ClassVar[type] = BreakerStatistics
+    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
 
 
 class Reset(msgspec.Struct, frozen=True, tag="breaker.reset"):
     """Operator: `CircuitBreaker.reset`; answered with the statistics after it."""
 
-    reply_type: ClassVar[type] = BreakerStatistics
+    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
 
 
 BreakerMessage = Acquire | Record | GetState | ForceOpen | Disable | Reset

@@ -13,7 +13,7 @@ import contextlib
 import enum
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Generic, Protocol, TypeVar, final
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, final, overload
 
 import msgspec
 import structlog
@@ -31,10 +31,20 @@ from corral.protocol.errors import (
 from corral.protocol.messages import SHUTDOWN, ExitReason, LifecycleEvent
 
 M = TypeVar("M")
-R = TypeVar("R")
 
 _log = structlog.get_logger("corral.actors")
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+R = TypeVar("R")
+ReplyT = TypeVar("ReplyT", covariant=True)
+
+
+class Asks(Protocol[ReplyT]):
+    """A message that expects an answer: its class names the answer's type."""
+
+    @property
+    def reply_type(self) -> type[ReplyT]: ...
 
 
 class MailboxState(enum.StrEnum):
@@ -349,9 +359,19 @@ class ActorRef:
         """Send bytes already encoded (from a pipe or socket); decoding is the receiver's."""
         await self._mailbox.put((payload, None))
 
+    @overload
+    async def ask(self, message: Asks[R], *, timeout: float | None = None,
+                  request_id: str | int | None = None) -> R: ...
+
+    @overload
+    async def ask(self, message: msgspec.Struct, *, timeout: float | None = None,
+                  request_id: str | int | None = None) -> None: ...
+
     async def ask(self, message: Any, *, timeout: float | None = None,
                   request_id: str | int | None = None) -> Any:
-        """Send `message` and wait for the answer, decoded as `message.reply_type`.
+        """Send `message` and wait for the answer, decoded as `message.reply_type`
+        (typed as that: `await ref.ask(Ping())` is a `Pong`, as msgspec's `Decoder[T]`
+        decodes a `T`).
 
         Args:
             message: a Struct the actor accepts.

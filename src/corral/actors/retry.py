@@ -544,13 +544,13 @@ class RequestRetry(msgspec.Struct, frozen=True, tag="retry.request_retry"):
     """An attempt failed with a retryable error and its caller would retry: charge it
     one token and answer whether it may."""
 
-    reply_type: ClassVar[type] = RetryGrant
+    reply_type: ClassVar[type[RetryGrant]] = RetryGrant
 
 
 class GetRetryStats(msgspec.Struct, frozen=True, tag="retry.get_stats"):
     """Ask for the target's `RetryStatistics`."""
 
-    reply_type: ClassVar[type] = RetryStatistics
+    reply_type: ClassVar[type[RetryStatistics]] = RetryStatistics
 
 
 RetryMessage = RequestRetry | ReportOutcome | GetRetryStats
