@@ -426,17 +426,17 @@ async def _probe_given_back(rt: Runtime) -> None:
 async def test_monitors_follow_the_model_through_reloads_and_domain_restarts(
         rt: Runtime, model_path: str) -> None:
     model_box = rt.system.mailbox("root/generation/model:tiny/model")
-    assert len(model_box._monitors) == 1
+    assert model_box.statistics().monitors == 1
     await rt.unload_model("tiny")
     await rt.load_model(model_path, alias="tiny")
-    assert len(rt.system.mailbox("root/generation/model:tiny/model")._monitors) == 1
+    assert rt.system.mailbox("root/generation/model:tiny/model").statistics().monitors == 1
     rt.root.kill_child("generation")
     with trio.fail_after(20):
         while (rt.system.mailbox("root/generation").statistics().restarts == 0
                or [m.state for m in rt.list_models()] != ["ready"] or not rt.health().ok):
             await trio.sleep(0.02)
-    assert len(rt.system.mailbox("root/generation/model:tiny")._monitors) == 1
-    assert len(rt.system.mailbox("root/generation/model:tiny/model")._monitors) == 1
+    assert rt.system.mailbox("root/generation/model:tiny").statistics().monitors == 1
+    assert rt.system.mailbox("root/generation/model:tiny/model").statistics().monitors == 1
     assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
 
 

@@ -71,6 +71,7 @@ class ActorStatistics(msgspec.Struct, frozen=True):
         pending_asks: callers waiting for an answer now.
         restarts: times a supervisor restarted this path.
         last_exit_reason: how the last incarnation ended, if one has.
+        monitors: callbacks that will hear of the path's next exit.
     """
 
     path: str
@@ -84,6 +85,7 @@ class ActorStatistics(msgspec.Struct, frozen=True):
     pending_asks: int
     restarts: int
     last_exit_reason: str | None
+    monitors: int = 0
 
 
 @final
@@ -311,6 +313,7 @@ class Mailbox:
             pending_asks=len(self._pending),
             restarts=self.restarts,
             last_exit_reason=self._last_exit.describe() if self._last_exit else None,
+            monitors=len(self._monitors),
         )
 
 
