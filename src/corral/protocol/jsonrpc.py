@@ -5,7 +5,9 @@ The server side parses a line into requests (`parse_message`), types their param
 stream notifications (`encode_notification`); the client side encodes requests and turns
 replies back into values and typed errors (`parse_reply`, `error_from_response`);
 `decode_json` and `convert_params` read any JSON body the same way for every transport,
-naming the field of whatever they refuse.
+naming the field of whatever they refuse. The params, results and notifications of
+corral's methods are Structs here too (`LoadModelParams`, `RuntimeInfo`,
+`StreamEndParams`, ...).
 Error numbers come from the error table in `errors.py` alone. Every failure on
 untrusted input is a `CorralError`, never a msgspec or codec exception. This module
 never does I/O: encoded messages are newline-free JSON bytes and the transport frames
@@ -31,6 +33,8 @@ from corral.protocol.errors import (
     code_for_jsonrpc,
     error_from_info,
 )
+from corral.protocol.messages import FinishReason, Name, StreamId, TokenId
+from corral.protocol.openai import UsageInfo
 
 RequestId: TypeAlias = str | int | None
 """A request id as the spec allows it here: a string, an integer or null."""
@@ -119,6 +123,95 @@ class InvalidItem(msgspec.Struct, frozen=True):
 
 
 ParsedItem: TypeAlias = Request | InvalidItem
+
+
+# -- the methods' params, results and notifications -------------------------------------
+# Decoding params is the validation: a wrong type or unknown field is InvalidParams
+# naming the field. Positional params fill fields in declaration order (`params_as`).
+
+
+class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The params of a method that takes none (absent, null, `{}` or `[]`)."""
+
+
+class LoadModelParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    path: str
+    alias: Name | None = None
+    fallbacks: list[Name] = []
+
+
+class UnloadModelParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    alias: Name
+
+
+class TokenizeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: Name | None = None
+    text: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    model: Name | None = None
+    token_ids: list[TokenId]
+
+
+class CancelParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    stream_id: StreamId
+
+
+class InfoLimits(msgspec.Struct, frozen=True):
+    """What one client may ask of the server, as `runtime/info` reports it."""
+
+    max_line_bytes: int
+    max_pending_per_connection: int
+    max_streams_per_connection: int
+    default_timeout_ms: int
+    max_active_streams: int
+    max_queued_streams: int
+    max_tokens_limit: int | None
+
+
+class InfoGeneration(msgspec.Struct, frozen=True):
+    isolation: str
+    default_max_tokens: int
+
+
+class RuntimeInfo(msgspec.Struct, frozen=True):
+    """The result of `runtime/info`: the server, its transport, methods and limits."""
+
+    name: str
+    version: str
+    transport: str
+    methods: list[str]
+    notifications: list[str]
+    models: list[str]
+    limits: InfoLimits
+    generation: InfoGeneration
+
+
+class StreamChunkParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`stream.chunk`: text and token ids since the last chunk; `logprobs` when asked."""
+
+    stream_id: int
+    text: str
+    token_ids: list[int]
+    index: int
+    logprobs: list[float] | None = None
+
+
+class StreamEndParams(msgspec.Struct, frozen=True):
+    """`stream.end`: the stream finished (or was cancelled) with this usage."""
+
+    stream_id: int
+    finish_reason: FinishReason | None
+    usage: UsageInfo
+
+
+class StreamErrorParams(msgspec.Struct, frozen=True):
+    """`stream.error`: the stream ended with this error; no other notification follows."""
+
+    stream_id: int
+    error: ErrorObject
 Reply: TypeAlias = Response | ErrorResponse | Request
 
 _VERSION: Final = "2.0"
@@ -126,9 +219,6 @@ _request_decoder: Final = msgspec.json.Decoder(Request)
 # Only to find where a number beyond a float's range (1e999) is: as an infinity.
 _lenient_decoder: Final = msgspec.json.Decoder(float_hook=float)
 _encoder: Final = msgspec.json.Encoder()
-# Details are free-form; an error reply must still go out when one of them has no JSON
-# form, so such a value is sent as its repr instead of failing the reply.
-_error_encoder: Final = msgspec.json.Encoder(enc_hook=repr)
 
 _AT_PATH: Final = re.compile(r"(?s)(?P<text>.*) - at `\$\.?(?P<path>.*)`")
 _NAMED_FIELD: Final = re.compile(r"Object (?P<what>missing required|contains unknown) field "
@@ -272,7 +362,7 @@ def params_as(request: Request, type_: type[_S]) -> _S:
                 Code.INVALID_PARAMS,
                 f"expected at most {len(names)} positional params, got {len(params)}",
             )
-        params = dict(zip(names, params))
+        params = dict(zip(names, params, strict=False))  # trailing fields: defaults
     return convert_params({} if params is None else params, type_)
 
 
@@ -327,11 +417,20 @@ def encode_error(id: RequestId, error: CorralError | ErrorInfo) -> bytes:
     overrides `code` or `retryable`, and a detail with no JSON form is sent as its repr.
     Never raises for any `CorralError` or `ErrorInfo`.
     """
+    return _encoder.encode(ErrorResponse(_VERSION, id, error_object(error)))
+
+
+def error_object(error: CorralError | ErrorInfo) -> ErrorObject:
+    """The `error` member of an error reply (see `encode_error`), also the `error` of a
+    `stream.error` notification. Never raises for any `CorralError` or `ErrorInfo`:
+    details are free-form, and the error must still go out when one of them has no
+    JSON form, so such a value becomes its repr.
+    """
     info = error.info() if isinstance(error, CorralError) else error
     data: dict[str, Any] = {"code": info.code.value, "retryable": info.retryable}
     data.update((key, value) for key, value in info.details.items() if key not in data)
-    body = ErrorObject(ERROR_TABLE[info.code].jsonrpc, info.message, data)
-    return _error_encoder.encode(ErrorResponse(_VERSION, id, body))
+    return ErrorObject(ERROR_TABLE[info.code].jsonrpc, info.message,
+                       msgspec.to_builtins(data, enc_hook=repr))
 
 
 def encode_batch(responses: Sequence[bytes]) -> bytes:

@@ -9,8 +9,8 @@ fails validation, since corral would silently ignore it. `top_k`, `min_p`,
 `timeout_ms`, the request's deadline.
 Ranges of sampling values are checked once, by `GenerateParams`, which names the same
 fields; only the token counts are bounded here too, so that `max_completion_tokens` is
-named as the client sent it. This module holds data only; `server/http.py` maps it to
-and from the runtime.
+named as the client sent it. This module holds data only; `server/openai.py` maps it
+to and from the runtime.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from corral.protocol.messages import TokenCount
+from corral.protocol.messages import TokenCount, Usage
 
 _Zero = Annotated[float, msgspec.Meta(ge=0.0, le=0.0)]
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
@@ -110,10 +110,18 @@ class PromptTokensDetails(msgspec.Struct, frozen=True):
 
 
 class UsageInfo(msgspec.Struct, frozen=True):
+    """OpenAI's `usage`; JSON-RPC's `complete` and `stream.end` report the same shape."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, usage: Usage) -> UsageInfo:
+        """The counts of `usage` in OpenAI's shape."""
+        return cls(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                   PromptTokensDetails(usage.cached_tokens))
 
 
 class CompletionLogprobs(msgspec.Struct, frozen=True):

@@ -138,12 +138,9 @@ async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event) -> None:
 
 def _check_listen_addresses(http: str, jsonrpc: tuple[str, ...] | list[str]) -> None:
     """Fail before any model loads (minutes, for a large one) if a port is taken."""
-    addresses = []
-    if http:
-        addresses.append(("http://" + http, *parse_host_port(http)))
-    for uri in jsonrpc:
-        if uri.startswith("tcp://"):
-            addresses.append((uri, *parse_host_port(uri.removeprefix("tcp://"))))
+    addresses = [("http://" + http, *parse_host_port(http))] if http else []
+    addresses += [(uri, *parse_host_port(uri.removeprefix("tcp://")))
+                  for uri in jsonrpc if uri.startswith("tcp://")]
     for name, host, port in addresses:
         if port == 0:
             continue

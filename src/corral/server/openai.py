@@ -1,0 +1,325 @@
+"""The OpenAI API's side of the HTTP transport: jobs (a request body as one typed
+`GenerateParams`), response shapes (bodies and SSE chunks), and the mapping from
+corral's errors to HTTP statuses, error bodies and headers.
+
+Pure functions and small objects over `protocol/openai.py`'s Structs: this module never
+does I/O, never knows of ASGI or Starlette, and never calls the runtime (a shape only
+reads a stream that has ended).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Final, Literal, TypeAlias, final
+
+import msgspec
+
+from corral.actors.streams import StreamChunk
+from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.jsonrpc import convert_params
+from corral.protocol.messages import FinishReason, GenerateParams, Usage
+from corral.protocol.openai import (
+    NEUTRAL_ONLY,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorBody,
+    ErrorDetail,
+    UsageInfo,
+)
+from corral.runtime import TokenStream
+
+__all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completion_job",
+           "drain_wait_ms", "error_body", "error_headers", "explained", "finish",
+           "internal_error", "retry_after", "status_of", "with_drain_wait"]
+
+_ERROR_TYPES: Final[dict[int, str]] = {
+    400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+    429: "rate_limit_error", 499: "cancelled",
+}
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def status_of(error: CorralError) -> int:
+    """The HTTP status of an error: the table's, except 503 while the server shuts down
+    (the table has no code of its own for that; the error is a retryable ServerError)
+    and 408 for a request body that did not arrive in time (the client's Timeout)."""
+    if error.details.get("shutting_down"):
+        return 503
+    if "body_timeout_ms" in error.details:
+        return 408
+    return error.spec.http
+
+
+def error_body(error: CorralError, request_id: str) -> ErrorBody:
+    """OpenAI's error body for `error`, with corral's code name and the request id."""
+    status = status_of(error)
+    field = error.details.get("field")
+    return ErrorBody(ErrorDetail(
+        message=error.message,
+        type=_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        code=error.code.value, param=field if isinstance(field, str) else None,
+        request_id=request_id, retryable=error.retryable))
+
+
+def error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
+    """Retry-After (whole seconds, rounded up) for the errors that carry a wait;
+    Connection: close after a body that did not arrive in time (its rest may follow)."""
+    headers = []
+    retry_after_ms = error.details.get("retry_after_ms")
+    if (error.code in (Code.OVERLOADED, Code.CIRCUIT_OPEN) or error.details.get(
+            "shutting_down")) and isinstance(retry_after_ms, int | float):
+        headers.append(retry_after(retry_after_ms))
+    if "body_timeout_ms" in error.details:
+        headers.append((b"connection", b"close"))
+    return headers
+
+
+def retry_after(ms: float) -> tuple[bytes, bytes]:
+    """The Retry-After header for a wait of `ms`: whole seconds, rounded up."""
+    return (b"retry-after", str(max(0, math.ceil(ms / 1000.0))).encode())
+
+
+def drain_wait_ms(drain_ms: int) -> int:
+    """The wait a draining server's 503 tells: the drain's length (at least a second),
+    the earliest a restarted server could answer at this address."""
+    return max(drain_ms, 1000)
+
+
+def with_drain_wait(error: CorralError, drain_ms: int) -> CorralError:
+    """A shutting-down error with the wait its 503 tells the client; any other error
+    as it is."""
+    if not error.details.get("shutting_down") or "retry_after_ms" in error.details:
+        return error
+    return EngineClientError(error.code, error.message,
+                             {**error.details, "retry_after_ms": drain_wait_ms(drain_ms)},
+                             retryable=error.retryable)
+
+
+def internal_error(exc: BaseException) -> CorralError:
+    """What a client is told of a bug in the HTTP server: its type only."""
+    return EngineClientError(Code.INTERNAL_ERROR,
+                             f"internal error in the HTTP server: {type(exc).__name__}")
+
+
+def explained(error: CorralError) -> CorralError:
+    """Say what is supported for the fields accepted with their neutral value only."""
+    field = error.details.get("field")
+    if error.code is Code.INVALID_PARAMS and field in NEUTRAL_ONLY:
+        return EngineClientError(Code.INVALID_PARAMS,
+                                 f"{field}: not supported; only {NEUTRAL_ONLY[field]} is",
+                                 error.details)
+    return error
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+
+def _sampling(request: ChatCompletionRequest | CompletionRequest,
+              max_tokens: int | None) -> dict[str, Any]:
+    """The `GenerateParams` fields that both APIs share, as the client sent them;
+    `GenerateParams` checks their ranges and names the field."""
+    params = {"model": request.model, "max_tokens": max_tokens,
+              "temperature": request.temperature, "top_p": request.top_p,
+              "top_k": request.top_k, "min_p": request.min_p,
+              "repetition_penalty": request.repetition_penalty, "seed": request.seed,
+              "stop": request.stop, "stop_token_ids": request.stop_token_ids,
+              "timeout_ms": request.timeout_ms}
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _prompt(prompt: str | list[str | int]) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    ids = [item for item in prompt if isinstance(item, int)]
+    if len(ids) != len(prompt):
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                "prompt: batched prompts are not supported; send one string "
+                                "or one list of token ids per request", {"field": "prompt"})
+    return ids
+
+
+class Job(msgspec.Struct, frozen=True):
+    """One validated generation request: the runtime's params and the reply's shape.
+
+    Attributes:
+        params: what the runtime runs, with the request id and the client set.
+        shape: makes the reply's bodies or chunks.
+        stream: whether the reply is SSE.
+        include_usage: SSE only: a last chunk with the usage.
+        logprobs: whether the whole reply carries the tokens' log-probabilities.
+    """
+
+    params: GenerateParams
+    shape: Shape
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def chat_job(body: Any, request_id: str, client: str) -> Job:
+    """A POST /v1/chat/completions body (builtins) as a job.
+
+    Raises:
+        EngineClientError: InvalidParams naming the field.
+    """
+    request = convert_params(body, ChatCompletionRequest)
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": m.content if isinstance(m.content, str)
+                 else "".join(part.text for part in m.content)}
+                for m in request.messages]
+    params = _sampling(request, request.max_completion_tokens or request.max_tokens)
+    options = request.stream_options
+    return Job(convert_params({**params, "messages": messages, "logprobs": request.logprobs,
+                               "request_id": request_id, "client": client}, GenerateParams),
+               ChatShape(f"chatcmpl-{request_id}", int(time.time())), request.stream,
+               bool(options and options.include_usage), request.logprobs)
+
+
+def completion_job(body: Any, request_id: str, client: str) -> Job:
+    """A POST /v1/completions body (builtins) as a job.
+
+    Raises:
+        EngineClientError: InvalidParams naming the field (batched prompts included).
+    """
+    request = convert_params(body, CompletionRequest)
+    logprobs = request.logprobs is not None
+    params = _sampling(request, request.max_tokens)
+    options = request.stream_options
+    return Job(convert_params({**params, "prompt": _prompt(request.prompt),
+                               "logprobs": logprobs, "request_id": request_id,
+                               "client": client}, GenerateParams),
+               CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
+               bool(options and options.include_usage), logprobs)
+
+
+def finish(stream: TokenStream) -> Literal["stop", "length"]:
+    """The OpenAI finish reason of a stream that ended without an error.
+
+    Raises:
+        EngineClientError: Cancelled, when the runtime ended it (an unloaded model).
+    """
+    reason: FinishReason | None = stream.finish_reason
+    if reason == "stop" or reason == "length":
+        return reason
+    raise EngineClientError(Code.CANCELLED, f"the generation ended early: {reason}",
+                            {"finish_reason": reason})
+
+
+# -- response shapes ------------------------------------------------------------------
+
+
+def _token_names(token_ids: Sequence[int]) -> list[str]:
+    return [f"token_id:{token}" for token in token_ids]
+
+
+def _clean(logprobs: Sequence[float]) -> list[float | None]:
+    return [None if math.isnan(value) else value for value in logprobs]
+
+
+@final
+class ChatShape:
+    """Chat completion bodies and chunks of one request."""
+
+    def __init__(self, response_id: str, created: int) -> None:
+        self._id = response_id
+        self._created = created
+
+    def _logprobs(self, token_ids: Sequence[int],
+                  logprobs: Sequence[float] | None) -> ChatLogprobs | None:
+        if logprobs is None:
+            return None
+        return ChatLogprobs([ChatTokenLogprob(name, value) for name, value in
+                             zip(_token_names(token_ids), _clean(logprobs), strict=True)])
+
+    def _chunk(self, model: str, choices: list[ChatChunkChoice],
+               usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(self._id, self._created, model, choices, usage)
+
+    def opening(self, model: str) -> list[msgspec.Struct]:
+        """The events before the first token: the assistant's role."""
+        return [self._chunk(model, [ChatChunkChoice(ChatDelta(role="assistant", content=""))])]
+
+    def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
+        """The event of one chunk, or None for a chunk with nothing to tell."""
+        if not chunk.text and chunk.logprobs is None:
+            return None
+        return self._chunk(model, [ChatChunkChoice(
+            ChatDelta(content=chunk.text),
+            logprobs=self._logprobs(chunk.token_ids, chunk.logprobs))])
+
+    def closing(self, model: str, finish: str, usage: Usage | None) -> list[msgspec.Struct]:
+        """The last events: the finish reason, then the usage when asked."""
+        events: list[msgspec.Struct] = [
+            self._chunk(model, [ChatChunkChoice(ChatDelta(), finish_reason=finish)])]
+        if usage is not None:
+            events.append(self._chunk(model, [], UsageInfo.of(usage)))
+        return events
+
+    def whole(self, stream: TokenStream, finish: str,
+              logprobs: list[float] | None) -> msgspec.Struct:
+        """The body of a reply that is not streamed."""
+        choice = ChatChoice(ChatMessageOut(stream.text), finish,
+                            logprobs=self._logprobs(stream.token_ids, logprobs))
+        return ChatCompletionResponse(self._id, self._created, stream.model, [choice],
+                                      UsageInfo.of(stream.usage))
+
+
+@final
+class CompletionShape:
+    """Text completion bodies and chunks of one request (as `ChatShape`'s)."""
+
+    def __init__(self, response_id: str, created: int) -> None:
+        self._id = response_id
+        self._created = created
+
+    @staticmethod
+    def _logprobs(token_ids: Sequence[int],
+                  logprobs: Sequence[float] | None) -> CompletionLogprobs | None:
+        if logprobs is None:
+            return None
+        return CompletionLogprobs(_token_names(token_ids), _clean(logprobs))
+
+    def opening(self, model: str) -> list[msgspec.Struct]:
+        return []
+
+    def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
+        if not chunk.text and chunk.logprobs is None:
+            return None
+        return CompletionResponse(self._id, self._created, model, [CompletionChoice(
+            chunk.text, logprobs=self._logprobs(chunk.token_ids, chunk.logprobs))])
+
+    def closing(self, model: str, finish: str, usage: Usage | None) -> list[msgspec.Struct]:
+        events: list[msgspec.Struct] = [CompletionResponse(
+            self._id, self._created, model, [CompletionChoice("", finish_reason=finish)])]
+        if usage is not None:
+            events.append(CompletionResponse(self._id, self._created, model, [],
+                                             UsageInfo.of(usage)))
+        return events
+
+    def whole(self, stream: TokenStream, finish: str,
+              logprobs: list[float] | None) -> msgspec.Struct:
+        choice = CompletionChoice(stream.text, finish_reason=finish,
+                                  logprobs=self._logprobs(stream.token_ids, logprobs))
+        return CompletionResponse(self._id, self._created, stream.model, [choice],
+                                  UsageInfo.of(stream.usage))
+
+
+Shape: TypeAlias = ChatShape | CompletionShape
+"""What a job's reply is made by: a chat or a text completion."""
