@@ -20,9 +20,8 @@ from corral.config import (
     deep_merge,
     load_config,
     render_config,
-    resolve_error_name,
 )
-from corral.protocol.errors import Code
+from corral.protocol.errors import Code, resolve_error_name
 
 RUNTIME_YAML = Path(__file__).resolve().parent.parent / "config" / "runtime.yaml"
 
@@ -278,7 +277,8 @@ def test_every_error_of_a_file_is_reported_in_one_run(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("json_rpc:\n  retry:\n    jitter: 2\n    max_attempts: 0\n  nope: 1\n"
                    "stream_registry:\n  max_active_streams: -1\n"
-                   "generation:\n  isolation: fork\n  default_max_tokens: 9000\n  max_tokens_limit: 100\n"
+                   "generation:\n  isolation: fork\n  default_max_tokens: 9000\n"
+                   "  max_tokens_limit: 100\n"
                    "logging:\n  level: loud\n")
     result = subprocess.run([sys.executable, "-m", "corral.cli", "check-config", str(bad)],
                             capture_output=True, text=True, timeout=60)

@@ -19,11 +19,10 @@ import msgspec
 import msgspec.inspect
 import yaml
 
-from corral.protocol.errors import Code
+from corral.protocol.errors import resolve_error_name
 
 __all__ = [
     "ALIASES",
-    "RETRY_ERROR_ALIASES",
     "BackoffConfig",
     "CallsConfig",
     "CircuitBreakerConfig",
@@ -47,7 +46,6 @@ __all__ = [
     "default_prefix_cache_bytes",
     "load_config",
     "render_config",
-    "resolve_error_name",
 ]
 
 _PositiveInt: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
@@ -56,12 +54,6 @@ _Fraction: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 _Rate: TypeAlias = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 _Name: TypeAlias = Annotated[str, msgspec.Meta(min_length=1)]
 _Port: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-
-RETRY_ERROR_ALIASES: Final[Mapping[str, Code]] = {
-    "TIMEOUT": Code.TIMEOUT,
-    "ECONNRESET": Code.TRANSPORT_ERROR,
-}
-"""Names kept from the configuration format corral started from, and what they mean."""
 
 _LISTEN_URI: Final = re.compile(r"stdio|tcp://(?:\[[^\]\s]+\]|[^/\s:\[\]]+):\d{1,5}|unix://\S+")
 
@@ -80,31 +72,6 @@ class _FieldError(ValueError):
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Common options of every config Struct."""
-
-
-def resolve_error_name(name: str) -> Code:
-    """The error code a `retryable_errors` entry names.
-
-    Accepts a code as it appears on the wire (`"Timeout"`), its enum member name
-    (`"TIMEOUT"`) or an alias from `RETRY_ERROR_ALIASES` (`"ECONNRESET"`).
-
-    Raises:
-        ValueError: if the name matches none of these.
-    """
-    if name in RETRY_ERROR_ALIASES:
-        return RETRY_ERROR_ALIASES[name]
-    try:
-        return Code(name)
-    except ValueError:
-        pass
-    try:
-        return Code[name]
-    except KeyError:
-        aliases = ", ".join(RETRY_ERROR_ALIASES)
-        raise ValueError(
-            f"unknown error code {name!r}; expected a corral.protocol.errors.Code name "
-            f"(e.g. 'Timeout') or one of {aliases}"
-        ) from None
 
 
 class RetryBudgetConfig(_Section, frozen=True):

@@ -23,7 +23,7 @@ import structlog
 import trio
 
 from corral.actors.core import Actor, ActorRef
-from corral.config import RetryBudgetConfig, RetryConfig, resolve_error_name
+from corral.config import RetryBudgetConfig, RetryConfig
 from corral.protocol.errors import (
     CLIENT_ERROR_CODES,
     Code,
@@ -31,6 +31,7 @@ from corral.protocol.errors import (
     RetryAbortedError,
     TimeoutError,
     classify,
+    resolve_error_name,
 )
 
 __all__ = [

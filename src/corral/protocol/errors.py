@@ -8,6 +8,7 @@ else in corral invents a status code. This module holds data and lookups, never 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from typing import Any, Final
 
 import msgspec
@@ -317,3 +318,35 @@ class ChildStartError(CorralError):
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
         super().__init__(f"{path} failed to start: {reason}", details={"path": path})
+
+
+RETRY_ERROR_ALIASES: Final[Mapping[str, Code]] = {
+    "TIMEOUT": Code.TIMEOUT,
+    "ECONNRESET": Code.TRANSPORT_ERROR,
+}
+"""Names kept from the configuration format corral started from, and what they mean."""
+
+
+def resolve_error_name(name: str) -> Code:
+    """The error code a `retryable_errors` entry names.
+
+    Accepts a code as it appears on the wire (`"Timeout"`), its enum member name
+    (`"TIMEOUT"`) or an alias from `RETRY_ERROR_ALIASES` (`"ECONNRESET"`).
+
+    Raises:
+        ValueError: if the name matches none of these.
+    """
+    if name in RETRY_ERROR_ALIASES:
+        return RETRY_ERROR_ALIASES[name]
+    try:
+        return Code(name)
+    except ValueError:
+        pass
+    try:
+        return Code[name]
+    except KeyError:
+        aliases = ", ".join(RETRY_ERROR_ALIASES)
+        raise ValueError(
+            f"unknown error code {name!r}; expected a corral.protocol.errors.Code name "
+            f"(e.g. 'Timeout') or one of {aliases}"
+        ) from None
