@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import pytest
+import structlog
 import trio
 
 from corral.actors.core import ActorSystem
@@ -51,3 +53,12 @@ def record_events() -> Callable[[ActorSystem], EventLog]:
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny model, built once per test session (offline, deterministic)."""
     return str(make_tiny_model(tmp_path_factory.mktemp("model") / "tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _log_every_level() -> Iterator[None]:
+    """Tests read info and debug events (`structlog.testing.capture_logs`). An embedded
+    runtime configures warning level for the whole process when nothing configured
+    structlog before it, so each test starts with every level let through."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    yield

@@ -1,4 +1,4 @@
-"""Tests for corral.actors.engine on the real tiny model: no mocks, no MockClock.
+"""Tests for corral.engine.thread on the real tiny model: no mocks, no MockClock.
 
 The engine thread computes in real time, so these tests count engine steps rather than
 seconds; `trio.fail_after` only guards against a hang.
@@ -18,8 +18,8 @@ import pytest
 import trio
 from mlx_lm.sample_utils import make_sampler
 
-from corral.actors.engine import Engine
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
+from corral.engine.thread import Engine
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineSequence, EngineStep, SamplingParams
 

@@ -156,7 +156,7 @@ async def test_exceeding_max_restarts_fails_the_model_and_holds_its_circuit_open
 
 
 def worker_processes(parent: int | None = None) -> set[int]:
-    """The live `corral.worker` children of `parent` (this process by default)."""
+    """The live `corral.engine.worker` children of `parent` (this process by default)."""
     parent = parent or os.getpid()
     children: set[int] = set()
     for task in os.listdir(f"/proc/{parent}/task"):
@@ -169,7 +169,7 @@ def worker_processes(parent: int | None = None) -> set[int]:
     for pid in children:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                if b"corral.worker" in cmdline.read() and alive(pid):
+                if b"corral.engine.worker" in cmdline.read() and alive(pid):
                     workers.add(pid)
         except OSError:
             continue

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_engine import GREEDY, Recorder, open_engine, seq
 
-from corral.actors.engine import Engine, EngineStatistics
 from corral.config import PrefixCacheConfig
+from corral.engine.api import EngineStatistics
 from corral.engine.prefix_index import BLOCK, PrefixIndex, common_prefix_length
+from corral.engine.thread import Engine
 from corral.protocol.messages import PrefixCacheStatistics, SamplingParams
+from test_engine import GREEDY, Recorder, open_engine, seq
 
 MAX_TOKENS = 20
 SEEDED = SamplingParams(temperature=0.8, top_p=0.9, seed=2024)

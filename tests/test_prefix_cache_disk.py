@@ -19,13 +19,11 @@ from typing import Any
 
 import pytest
 import trio
-from test_engine import Recorder, open_engine, seq
-from test_isolation import alive, wait_for_new_worker, worker_pid
 
-from corral.actors.engine import Engine
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
 from corral.config import PrefixCacheConfig, RuntimeConfig, config_from_mapping
 from corral.engine.prefix_index import BLOCK
+from corral.engine.thread import Engine
 from corral.protocol.messages import (
     Completion,
     EngineSequence,
@@ -34,6 +32,8 @@ from corral.protocol.messages import (
 )
 from corral.runtime import Runtime, TokenStream, open_runtime
 from corral.tiny import make_tiny_model
+from test_engine import Recorder, open_engine, seq
+from test_isolation import alive, wait_for_new_worker, worker_pid
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
-"""Tests for corral.actors.process_engine and corral.worker: real processes, real signals.
+"""Tests for corral.engine.process and corral.engine.worker: real processes, real signals.
 
-Workers run `python -m corral.worker` on the tiny model. Time is real (other processes
+Workers run `python -m corral.engine.worker` on the tiny model. Time is real (other processes
 do not follow a MockClock), so every wait is bounded by `trio.fail_after` and the tests
 assert on what happened, not on how fast; the one exception, "promptly", allows seconds
 for what takes milliseconds.
@@ -24,9 +24,10 @@ from typing import Any
 import pytest
 import trio
 
-from corral.actors.engine import Engine
-from corral.actors.process_engine import ProcessEngine, WorkerExitedError
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
+from corral.engine.process import ProcessEngine
+from corral.engine.spawn import WorkerExitedError
+from corral.engine.thread import Engine
 from corral.protocol.codec import Decoder, FrameReader, encode, frame
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineSequence, EngineStep, SamplingParams
@@ -409,7 +410,7 @@ async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin(
 
     def spawn() -> None:
         spawned.append(subprocess.Popen(
-            [sys.executable, "-m", "corral.worker", "--heartbeat-ms", str(HEARTBEAT_MS),
+            [sys.executable, "-m", "corral.engine.worker", "--heartbeat-ms", str(HEARTBEAT_MS),
              "--parent-pid", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE))
 
@@ -450,7 +451,7 @@ async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin(
 
 _PARENT = textwrap.dedent("""
     import sys, trio
-    from corral.actors.process_engine import ProcessEngine
+    from corral.engine.process import ProcessEngine
 
     async def main():
         async with trio.open_nursery() as nursery:

@@ -24,10 +24,10 @@ from typing import Any, Final, NoReturn, TypeVar, final
 import outcome
 import trio
 
-from corral.actors.streams import StreamChunk
+from corral.actors.streams import StreamBuffer, StreamChunk
 from corral.config import RuntimeConfig
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import Completion, FinishReason, Usage, innermost
+from corral.protocol.messages import Completion, FinishReason, TokenOut, Usage, innermost
 from corral.runtime import (
     Health,
     ModelDescription,
@@ -45,6 +45,8 @@ T = TypeVar("T")
 # What trio puts in a call's result future when the runtime stopped under the call; the
 # asyncio side turns it into the runtime's failure or a shutting-down error.
 _CLOSED: Final = object()
+# What trio puts in a stream's pending read when output waits in the stream's buffer.
+_OUTPUT: Final = object()
 
 
 def _resolve(future: asyncio.Future[Any], value: Any) -> None:
@@ -270,7 +272,7 @@ class _Bridge:
             with task.scope:
                 try:
                     value = await fn(runtime, task)
-                except Exception as exc:  # noqa: BLE001 - the asyncio caller raises it
+                except Exception as exc:  # the asyncio caller raises it
                     # Raised while this task is being cancelled, it is about that (a
                     # retry aborted, say): the caller gets why, from the asyncio side.
                     cancelled = trio.current_effective_deadline() == -math.inf
@@ -310,10 +312,10 @@ class TokenStream:
     GenerationError with the partial text, Cancelled for an idle reader...). One task
     reads a stream at a time.
 
-    The trio side reads the runtime's stream at most one chunk ahead of this reader and
-    then waits for it, so output waiting for a slow reader coalesces in the runtime
-    (nothing lost, memory bounded by max_tokens) and an idle reader is noticed there, as
-    with the trio facade, one chunk later at most.
+    The trio side reads the runtime's stream into a `StreamBuffer` of its own, at most
+    one chunk ahead of this reader, and then waits for it, so output waiting for a slow
+    reader coalesces in the runtime (nothing lost, memory bounded by max_tokens) and an
+    idle reader is noticed there, as with the trio facade, one chunk later at most.
     """
 
     def __init__(self, bridge: _Bridge, model: str | None, prompt: str | list[int] | None,
@@ -323,8 +325,9 @@ class TokenStream:
         self._task: _TrioTask | None = None
         self._stream: TrioTokenStream | None = None
         self._read: asyncio.Future[Any] | None = None  # the pending read, if any
-        self._ahead: StreamChunk | None = None  # read ahead, not yet taken by asyncio
-        self._taken: trio.Event | None = None  # the trio side waits for `_ahead` to go
+        # Output the trio side read and asyncio has not taken yet (from the first chunk on).
+        self._ahead: StreamBuffer | None = None
+        self._taken: trio.Event | None = None  # the trio side waits for output to go
         self._ended = False
         self._error: BaseException | object | None = None
 
@@ -402,35 +405,37 @@ class TokenStream:
     async def __anext__(self) -> StreamChunk:
         """The output since the last read, as one chunk.
 
-        Cancellation loses nothing: a chunk that arrives for a cancelled read is kept
-        for the next one.
+        Cancellation loses nothing: output that arrives for a cancelled read waits in
+        the buffer for the next one.
         """
         self._opened()
         if self._read is not None:
             raise RuntimeError("another task is already reading this stream")
-        if self._ahead is not None:
-            chunk, self._ahead = self._ahead, None
-            taken = self._taken
-            if taken is not None and not taken.is_set():
-                self._bridge.run_sync_soon(taken.set)
+        chunk = self._take()
+        if chunk is not None:
             return chunk
         if self._ended:
             await self._end_async()
         read = self._read = self._bridge.loop.create_future()
         try:
-            chunk = await read
-        except asyncio.CancelledError:
-            # Cancelled after trio had answered: the chunk waits for the next read (an
-            # end is kept by `_finish`).
-            if read.done() and not read.cancelled() and read.exception() is None \
-                    and isinstance(read.result(), StreamChunk):
-                self._keep(read.result())
-            raise
+            # Cancelled after the trio side announced output, the read leaves that
+            # output in the buffer for the next one.
+            answer = await read
         finally:
             self._read = None
-        if chunk is None or chunk is _CLOSED:
+        chunk = self._take() if answer is _OUTPUT else None
+        if chunk is None:
             await self._end_async()
-        return chunk  # type: ignore[no-any-return]
+        return chunk
+
+    def _take(self) -> StreamChunk | None:
+        """Everything the trio side read and asyncio has not taken, as one chunk (the
+        buffer coalesces, as the runtime's does); the trio side may read on."""
+        chunk = self._ahead.take() if self._ahead is not None else None
+        taken = self._taken
+        if chunk is not None and taken is not None and not taken.is_set():
+            self._bridge.run_sync_soon(taken.set)
+        return chunk
 
     async def _end_async(self) -> NoReturn:
         if self._error is _CLOSED:
@@ -443,19 +448,6 @@ class TokenStream:
         if isinstance(self._error, BaseException):
             raise self._error
         raise StopAsyncIteration
-
-    def _keep(self, chunk: StreamChunk) -> None:
-        """Hold `chunk` for the next read, after any output already held (coalesced, as
-        the runtime's buffer coalesces)."""
-        ahead = self._ahead
-        if ahead is None:
-            self._ahead = chunk
-            return
-        logprobs = (None if ahead.logprobs is None and chunk.logprobs is None else
-                    [*(ahead.logprobs or []), *(chunk.logprobs or [])])
-        self._ahead = StreamChunk(text=ahead.text + chunk.text,
-                                  token_ids=[*ahead.token_ids, *chunk.token_ids],
-                                  logprobs=logprobs, index=ahead.index)
 
     # -- trio side ---------------------------------------------------------------------
 
@@ -475,27 +467,40 @@ class TokenStream:
         """Hand the trio stream's chunks to asyncio until it ends, one chunk ahead.
 
         A reader that keeps up has its next read waiting when the chunk comes, so it
-        gets it in the same trio tick, and asking costs it no wakeup of trio (which
-        would go through guest mode's I/O thread). Only after running ahead does the
-        trio side wait, for the reader to take that chunk.
+        hears of it in the same trio tick, and asking costs it no wakeup of trio (which
+        would go through guest mode's I/O thread). Only after running ahead of the
+        reader does the trio side wait, for the reader to take what is held.
         """
         while True:
-            while self._ahead is not None:
-                self._taken = trio.Event()
-                await self._taken.wait()
             try:
                 chunk = await stream.__anext__()
             except StopAsyncIteration:
                 self._finish(None)
                 return
-            except Exception as exc:  # noqa: BLE001 - the asyncio reader raises it
+            except Exception as exc:  # the asyncio reader raises it
                 self._finish(exc)
                 return
+            ahead = self._hold(stream, chunk)
             read = self._read
             if read is not None and not read.done():
-                read.set_result(chunk)
-            else:
-                self._keep(chunk)
+                read.set_result(_OUTPUT)  # the reader takes it, and whatever follows it
+                continue
+            while ahead.has_unread:
+                self._taken = trio.Event()
+                await self._taken.wait()
+
+    def _hold(self, stream: TrioTokenStream, chunk: StreamChunk) -> StreamBuffer:
+        """Add a chunk of the trio stream to the buffer, token by token; return it."""
+        ahead = self._ahead
+        if ahead is None:
+            ahead = self._ahead = StreamBuffer(
+                stream.stream_id, stream.model, request_id=None, timeout_s=math.inf,
+                deadline=math.inf, prompt_tokens=0, logprobs=chunk.logprobs is not None)
+        for i, token in enumerate(chunk.token_ids):
+            logprob = chunk.logprobs[i] if chunk.logprobs is not None else None
+            ahead.push(TokenOut(stream.stream_id, token, chunk.text if i == 0 else "",
+                                logprob, None))
+        return ahead
 
     def _finish(self, error: BaseException | object | None) -> None:
         """The end: None for a normal one, an error, or `_CLOSED` (the runtime stopped)."""

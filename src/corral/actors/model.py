@@ -12,14 +12,13 @@ nothing of HTTP or of who reads a stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from corral.actors.core import Actor, ActorRef, Reply
-from corral.actors.engine import Engine, EngineStatistics
-from corral.actors.process_engine import ProcessEngine, WorkerStandby
 from corral.config import GenerationConfig, PythonRuntimeConfig
+from corral.engine.api import EngineClient, EngineStatistics, WorkerStandby, make_engine
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.messages import (
     Accepted,
@@ -52,56 +51,6 @@ class EngineStalled(RuntimeError):
     """The engine had work and made no step for too long (the progress watchdog)."""
 
 
-class EngineLike(Protocol):
-    """What the model actor needs of an engine: the thread `Engine` or a worker process."""
-
-    async def start(self) -> ModelInfo: ...
-    def submit(self, seq: EngineSequence) -> None: ...
-    def cancel(self, seq_id: int) -> None: ...
-    def inject_fault(self, kind: Any) -> None: ...
-    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-    async def detokenize(self, ids: list[int]) -> str: ...
-    async def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
-    async def close(self) -> None: ...
-    def close_nowait(self) -> None: ...
-    def statistics(self) -> EngineStatistics: ...
-
-
-EngineFactory = Callable[["ModelActor"], EngineLike]
-"""Makes the engine of one model actor incarnation, wired to its callbacks."""
-
-
-def engine_factory(generation: GenerationConfig, python: PythonRuntimeConfig,
-                   standby_for: Callable[[str], WorkerStandby | None] = lambda alias: None,
-                   ) -> EngineFactory:
-    """The engine maker for `generation.isolation`: a thread, or a worker process (which
-    adopts the model's standby worker, `standby_for(alias)`, when there is one)."""
-    if generation.isolation == "thread":
-        return _thread_engine
-
-    def process_engine(actor: ModelActor) -> EngineLike:
-        return ProcessEngine(
-            actor.path, prefill_batch_size=generation.prefill_batch_size,
-            completion_batch_size=generation.completion_batch_size,
-            prefill_step_size=generation.prefill_step_size,
-            prefix_cache=generation.prefix_cache,
-            on_step=actor._on_step, on_failure=actor._on_failure, start_soon=actor.start_soon,
-            heartbeat_interval_ms=python.heartbeat_interval_ms,
-            startup_timeout_ms=python.startup_timeout_ms,
-            python_executable=python.python_executable, standby=standby_for(actor.alias))
-
-    return process_engine
-
-
-def _thread_engine(actor: ModelActor) -> EngineLike:
-    config = actor._config
-    return Engine(actor.path, prefill_batch_size=config.prefill_batch_size,
-                  completion_batch_size=config.completion_batch_size,
-                  prefill_step_size=config.prefill_step_size,
-                  prefix_cache=config.prefix_cache,
-                  on_step=actor._on_step, on_failure=actor._on_failure)
-
-
 HeldCall = Tokenize | Detokenize | ApplyChatTemplate
 
 ModelMessage = (Submit | CancelSequence | EngineStep | EngineFailed | EngineLoaded | WaitReady
@@ -109,7 +58,8 @@ ModelMessage = (Submit | CancelSequence | EngineStep | EngineFailed | EngineLoad
 
 
 class ModelActor(Actor[ModelMessage]):
-    """Serves one model alias through one engine (a dedicated MLX thread).
+    """Serves one model alias through one engine: a dedicated MLX thread, or a worker
+    process, as `config.isolation` says (see `corral.engine.api.make_engine`).
 
     Until the model is loaded, submitted sequences wait in the actor and `WaitReady`
     asks are answered when the load ends. A failed load answers every waiter with
@@ -117,37 +67,53 @@ class ModelActor(Actor[ModelMessage]):
     backoff; with `crash_on_failed_load=False` (the caller of a first load or of a trial
     reload waits for its outcome) it answers instead, now and at every later
     `WaitReady` and tokenizer call, and waits to be stopped.
+
+    Args:
+        alias: the model's name.
+        path: the local model directory.
+        config: batching, isolation and the progress watchdog's limit.
+        registry: where engine steps go (the stream registry).
+        python: how a worker process starts (process isolation only).
+        standby: the model's worker started ahead of need, which this incarnation's
+            process engine adopts (process isolation only).
+        on_ready: called with the model's info once it is loaded.
+        step_listeners: observers of every step (benchmarks, tests); they never block.
+        crash_on_failed_load: crash on a failed load (False: answer it instead).
     """
 
     Message = ModelMessage
 
     def __init__(self, alias: str, path: str, config: GenerationConfig,
-                 registry: ActorRef, engine_factory: EngineFactory | None = None,
+                 registry: ActorRef, *, python: PythonRuntimeConfig = PythonRuntimeConfig(),
+                 standby: WorkerStandby | None = None,
                  on_ready: Callable[[ModelInfo], None] | None = None,
                  step_listeners: Sequence[Callable[[EngineStep], None]] = (),
                  crash_on_failed_load: bool = True) -> None:
         self.alias = alias
         self.path = path
         self._config = config
+        self._python = python
+        self._standby = standby
         self._registry = registry
-        self._engine: EngineLike | None = None
+        self._engine: EngineClient | None = None
         self._info: ModelInfo | None = None
         self._waiting: list[Reply] = []
         self._queued: list[EngineSequence] = []
         self._running: set[int] = set()
-        self._engine_factory = engine_factory or _thread_engine
         self._exited = False
         self._engine_failed = False
         self._last_progress = 0.0
         self._backlog = 0  # steps waiting in this mailbox for room at the registry
         self._held: list[tuple[HeldCall, Reply]] = []  # tokenizer calls during a load
         self._on_ready = on_ready
-        self._step_listeners = step_listeners  # observers (benchmarks, tests); never block
+        self._step_listeners = step_listeners
         self._crash_on_failed_load = crash_on_failed_load
         self._load_error: EngineClientError | None = None  # a load that failed for good
 
     async def on_start(self) -> None:
-        self._engine = self._engine_factory(self)
+        self._engine = make_engine(
+            self.path, self._config, self._python, on_step=self._on_step,
+            on_failure=self._on_failure, start_soon=self.start_soon, standby=self._standby)
         self.start_soon(self._load)
         self.start_soon(self._watch_progress)
 
@@ -386,7 +352,7 @@ class ModelActor(Actor[ModelMessage]):
         finally:
             self._backlog -= 1
 
-    def _loaded_engine(self) -> EngineLike:
+    def _loaded_engine(self) -> EngineClient:
         if self._engine is None or self._info is None:
             raise EngineClientError(Code.MODEL_NOT_LOADED,
                                     f"model {self.alias} is still loading",

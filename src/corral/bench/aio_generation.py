@@ -5,10 +5,10 @@ chunk by chunk through `corral.aio` (the runtime as a trio guest on an asyncio l
 as a ratio to the same reads through the trio facade under `trio.run` (goal >= 0.95).
 Both runtimes load the same model and stay open for the whole run, rounds alternate
 between them (and which goes first, ABBA) so drift hits both, and each figure is the
-median over rounds of each round's ratio. The trio runtime runs in a thread of its own (its own `trio.run`); the
-asyncio loop and its guest run keep the main thread. Only one side decodes at a time.
-Each asyncio round also runs the trio side's code inside the guest run (`run_in_trio`),
-which tells guest mode's own cost from the bridge's.
+median over rounds of each round's ratio. The trio runtime runs in a thread of its own
+(its own `trio.run`); the asyncio loop and its guest run keep the main thread. Only one
+side decodes at a time. Each asyncio round also runs the trio side's code inside the
+guest run (`run_in_trio`), which tells guest mode's own cost from the bridge's.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from typing import Any, Self
 import trio
 
 from corral import aio
-from corral.bench.generation import (
-    _ALIAS,
-    _BATCH_PROMPTS,
-    _PROMPT,
-    _Run,
-    _runtime_batch,
-    _runtime_single,
-)
 from corral.bench.report import Goal, goal
+from corral.bench.runners import (
+    ALIAS,
+    BATCH_PROMPTS,
+    PROMPT,
+    Run,
+    runtime_batch,
+    runtime_single,
+)
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.runtime import Runtime, open_runtime
 
@@ -78,36 +78,36 @@ class _TrioSide:
     def _serve(self) -> None:
         try:
             trio.run(self._main)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+        except BaseException as exc:
             self._failure = exc
             self._ready.set()
 
     async def _main(self) -> None:
-        async with open_runtime(self._config, models={_ALIAS: self._path}) as runtime:
+        async with open_runtime(self._config, models={ALIAS: self._path}) as runtime:
             self._runtime, self._stop = runtime, trio.Event()
             self._token = trio.lowlevel.current_trio_token()
             self._ready.set()
             await self._stop.wait()
 
 
-async def _aio_single(rt: aio.Runtime, prompt: str, max_tokens: int) -> _Run:
+async def _aio_single(rt: aio.Runtime, prompt: str, max_tokens: int) -> Run:
     tokens = first_tokens = 0
     started = first = time.perf_counter()
-    async with rt.generate(_ALIAS, prompt, max_tokens=max_tokens) as stream:
+    async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
         async for chunk in stream:
             if not tokens:
                 first, first_tokens = time.perf_counter(), len(chunk.token_ids)
             tokens += len(chunk.token_ids)
-    return _Run(tokens, first_tokens, started, first, time.perf_counter())
+    return Run(tokens, first_tokens, started, first, time.perf_counter())
 
 
-async def _aio_batch(rt: aio.Runtime, prompts: list[list[int]], max_tokens: int) -> _Run:
+async def _aio_batch(rt: aio.Runtime, prompts: list[list[int]], max_tokens: int) -> Run:
     counts = [0]
     firsts: list[tuple[float, int]] = []
     started = time.perf_counter()
 
     async def one(prompt: list[int]) -> None:
-        async with rt.generate(_ALIAS, prompt, max_tokens=max_tokens) as stream:
+        async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
             async for chunk in stream:
                 if not counts[0]:
                     firsts.append((time.perf_counter(), len(chunk.token_ids)))
@@ -115,31 +115,31 @@ async def _aio_batch(rt: aio.Runtime, prompts: list[list[int]], max_tokens: int)
 
     await asyncio.gather(*(one(prompt) for prompt in prompts))
     first, first_tokens = firsts[0]
-    return _Run(counts[0], first_tokens, started, first, time.perf_counter())
+    return Run(counts[0], first_tokens, started, first, time.perf_counter())
 
 
 async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
                rounds: int) -> dict[str, Any]:
     config = config_from_mapping({"stream_registry": {"max_active_streams": 2 * streams}})
-    single_trio: list[_Run] = []
-    single_aio: list[_Run] = []
-    single_guest: list[_Run] = []
-    batch_trio: list[_Run] = []
-    batch_aio: list[_Run] = []
-    batch_guest: list[_Run] = []
+    single_trio: list[Run] = []
+    single_aio: list[Run] = []
+    single_guest: list[Run] = []
+    batch_trio: list[Run] = []
+    batch_aio: list[Run] = []
+    batch_guest: list[Run] = []
     with _TrioSide(config, path) as trio_side:
-        async with aio.open_runtime(config, models={_ALIAS: path}) as rt:
-            prompts = [await rt.tokenize(_ALIAS, p) for p in _BATCH_PROMPTS[:streams]]
+        async with aio.open_runtime(config, models={ALIAS: path}) as rt:
+            prompts = [await rt.tokenize(ALIAS, p) for p in BATCH_PROMPTS[:streams]]
 
-            async def trio_single(runtime: Runtime) -> _Run:
-                return await _runtime_single(runtime, _PROMPT, max_tokens)
+            async def trio_single(runtime: Runtime) -> Run:
+                return await runtime_single(runtime, PROMPT, max_tokens)
 
-            async def trio_batch(runtime: Runtime) -> _Run:
-                return await _runtime_batch(runtime, prompts, batch_max_tokens)
+            async def trio_batch(runtime: Runtime) -> Run:
+                return await runtime_batch(runtime, prompts, batch_max_tokens)
 
             # Warm both sides up: first calls compile kernels and allocate caches.
             await trio_side.run(trio_single)
-            await _aio_single(rt, _PROMPT, max_tokens)
+            await _aio_single(rt, PROMPT, max_tokens)
             await trio_side.run(trio_batch)
             await _aio_batch(rt, prompts, batch_max_tokens)
             for i in range(rounds):
@@ -150,15 +150,15 @@ async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
                         single_trio.append(await trio_side.run(trio_single))
                         batch_trio.append(await trio_side.run(trio_batch))
                     else:
-                        single_aio.append(await _aio_single(rt, _PROMPT, max_tokens))
+                        single_aio.append(await _aio_single(rt, PROMPT, max_tokens))
                         single_guest.append(await rt.run_in_trio(trio_single))
                         batch_aio.append(await _aio_batch(rt, prompts, batch_max_tokens))
                         batch_guest.append(await rt.run_in_trio(trio_batch))
 
-    def median(runs: list[_Run], rate: str) -> float:
+    def median(runs: list[Run], rate: str) -> float:
         return float(statistics.median(getattr(r, rate) for r in runs))
 
-    def ratio(aio_runs: list[_Run], trio_runs: list[_Run], rate: str) -> float:
+    def ratio(aio_runs: list[Run], trio_runs: list[Run], rate: str) -> float:
         return float(statistics.median(getattr(a, rate) / getattr(t, rate)
                                        for a, t in zip(aio_runs, trio_runs, strict=True)))
 

@@ -17,10 +17,7 @@ one (MLX streams are thread-local); the runtime's engine has its own thread.
 
 from __future__ import annotations
 
-import concurrent.futures
-import queue
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,170 +28,24 @@ import msgspec
 import trio
 from rich.progress import Progress
 
-from corral.bench.report import PROMPTS, goal, percentile, print_table, write_result
+from corral.bench.report import goal, percentile, print_table, write_result
+from corral.bench.runners import (
+    ALIAS,
+    BATCH_PROMPTS,
+    PROMPT,
+    ReferenceThread,
+    Run,
+    raw_batch,
+    raw_single,
+    runtime_batch,
+    runtime_single,
+)
 from corral.config import config_from_mapping
 from corral.protocol.messages import EngineStep
 from corral.runtime import Runtime, open_runtime
 from corral.tiny import default_model_path
 
-_ALIAS = "tiny"
-_PROMPT = "The quick brown fox"
 _BACKGROUND_MAX_TOKENS = 4000  # more than a join takes; the streams are cancelled after
-_BATCH_PROMPTS = PROMPTS
-
-
-class _Run(msgspec.Struct, frozen=True):
-    """One timed generation: tokens counted, and perf_counter times of its events.
-
-    `first_tokens` is how many tokens the first read held (a runtime chunk may hold
-    more than one); the decode rate counts the tokens after it, over the time after it.
-    """
-
-    tokens: int
-    first_tokens: int
-    started: float
-    first: float
-    ended: float
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (self.tokens - self.first_tokens) / (self.ended - self.first)
-
-    @property
-    def e2e_tokens_per_s(self) -> float:
-        return self.tokens / (self.ended - self.started)
-
-
-# -- the references: raw mlx_lm in a thread of their own ------------------------------
-
-
-class _ReferenceThread:
-    """A dedicated OS thread that loads the model once and runs raw mlx_lm jobs.
-
-    A job is `fn(model, tokenizer, stream)`, where `stream` is an MLX stream made in this
-    thread. The trio side waits for a job's result in a pooled thread that only blocks on
-    a future and never touches MLX.
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], concurrent.futures.Future[Any]]
-                                      | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="corral-bench-reference",
-                                        daemon=True)
-
-    @contextmanager
-    def running(self) -> Iterator[_ReferenceThread]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            self._jobs.put(None)
-            self._thread.join()
-
-    async def run(self, fn: Callable[..., Any]) -> Any:
-        """Run `fn(model, tokenizer, stream)` in the reference thread; return its result."""
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._jobs.put((fn, future))
-        return await trio.to_thread.run_sync(future.result)
-
-    def _serve(self) -> None:
-        import mlx.core as mx
-        import mlx_lm
-
-        loaded: tuple[Any, ...] | BaseException
-        try:
-            model, tokenizer = mlx_lm.load(self._path)[:2]
-            loaded = (model, tokenizer, mx.new_stream(mx.default_device()))
-        except Exception as exc:  # every job gets it
-            loaded = exc
-        while (job := self._jobs.get()) is not None:
-            fn, future = job
-            if isinstance(loaded, BaseException):
-                future.set_exception(loaded)
-                continue
-            try:
-                future.set_result(fn(*loaded))
-            except Exception as exc:
-                future.set_exception(exc)
-
-
-def _raw_single(prompt: str, max_tokens: int) -> Callable[..., _Run]:
-    def run(model: Any, tokenizer: Any, stream: Any) -> _Run:
-        import mlx_lm
-
-        tokens = 0
-        started = first = time.perf_counter()
-        for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-            tokens += 1
-            if tokens == 1:
-                first = time.perf_counter()
-        return _Run(tokens, 1, started, first, time.perf_counter())
-
-    return run
-
-
-def _raw_batch(prompts: list[list[int]], max_tokens: int, completion_batch_size: int,
-               prefill_batch_size: int, prefill_step_size: int) -> Callable[..., _Run]:
-    """Insert every prompt into a bare BatchGenerator and call next() until all finish:
-    the engine's generator with the engine's batch sizes and stop tokens, and nothing else."""
-
-    def run(model: Any, tokenizer: Any, stream: Any) -> _Run:
-        from mlx_lm.generate import BatchGenerator
-
-        generator = BatchGenerator(
-            model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-            completion_batch_size=completion_batch_size,
-            prefill_batch_size=prefill_batch_size, prefill_step_size=prefill_step_size,
-            stream=stream)
-        try:
-            started = first = time.perf_counter()
-            live = set(generator.insert(prompts, max_tokens=[max_tokens] * len(prompts)))
-            tokens = first_tokens = 0
-            while live:
-                _, responses = generator.next()
-                if responses and not tokens:
-                    first, first_tokens = time.perf_counter(), len(responses)
-                tokens += len(responses)
-                live -= {r.uid for r in responses if r.finish_reason is not None}
-            return _Run(tokens, first_tokens, started, first, time.perf_counter())
-        finally:
-            generator.close()
-
-    return run
-
-
-# -- the runtime ----------------------------------------------------------------------
-
-
-async def _runtime_single(rt: Runtime, prompt: str, max_tokens: int) -> _Run:
-    tokens = first_tokens = 0
-    started = first = time.perf_counter()
-    async with rt.generate(_ALIAS, prompt, max_tokens=max_tokens) as stream:
-        async for chunk in stream:
-            if not tokens:
-                first, first_tokens = time.perf_counter(), len(chunk.token_ids)
-            tokens += len(chunk.token_ids)
-    return _Run(tokens, first_tokens, started, first, time.perf_counter())
-
-
-async def _runtime_batch(rt: Runtime, prompts: list[list[int]], max_tokens: int) -> _Run:
-    counts = [0]
-    firsts: list[tuple[float, int]] = []
-    started = time.perf_counter()
-
-    async def one(prompt: list[int]) -> None:
-        async with rt.generate(_ALIAS, prompt, max_tokens=max_tokens) as stream:
-            async for chunk in stream:
-                if not counts[0]:
-                    firsts.append((time.perf_counter(), len(chunk.token_ids)))
-                counts[0] += len(chunk.token_ids)
-
-    async with trio.open_nursery() as nursery:
-        for prompt in prompts:
-            nursery.start_soon(one, prompt)
-    first, first_tokens = firsts[0]
-    return _Run(counts[0], first_tokens, started, first, time.perf_counter())
 
 
 class _StepTap:
@@ -212,7 +63,7 @@ class _StepTap:
             self.changed.set()
             self.changed = trio.Event()
 
-        remove = rt.add_step_listener(_ALIAS, record)
+        remove = rt.add_step_listener(ALIAS, record)
         try:
             yield self
         finally:
@@ -255,7 +106,7 @@ async def _late_joiner(rt: Runtime, prompts: list[list[int]], warm_steps: int) -
     ids: list[int] = []
 
     async def background(prompt: list[int]) -> None:
-        async with rt.generate(_ALIAS, prompt, max_tokens=_BACKGROUND_MAX_TOKENS) as stream:
+        async with rt.generate(ALIAS, prompt, max_tokens=_BACKGROUND_MAX_TOKENS) as stream:
             ids.append(stream.stream_id)
             async for _ in stream:
                 pass
@@ -273,7 +124,7 @@ async def _late_joiner(rt: Runtime, prompts: list[list[int]], warm_steps: int) -
             opened_at = tap.last_step
             started = time.perf_counter()
             ttft = float("nan")
-            async with rt.generate(_ALIAS, joiner, max_tokens=4) as stream:
+            async with rt.generate(ALIAS, joiner, max_tokens=4) as stream:
                 async for _ in stream:
                     ttft = time.perf_counter() - started
                     break
@@ -295,45 +146,45 @@ async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
                rounds: int, joins: int, warm_steps: int) -> dict[str, Any]:
     config = config_from_mapping({"stream_registry": {"max_active_streams": 2 * streams}})
     gen = config.generation
-    single_raw: list[_Run] = []
-    single_bare: list[_Run] = []
-    single_rt: list[_Run] = []
-    batch_raw: list[_Run] = []
-    batch_rt: list[_Run] = []
+    single_raw: list[Run] = []
+    single_bare: list[Run] = []
+    single_rt: list[Run] = []
+    batch_raw: list[Run] = []
+    batch_rt: list[Run] = []
     joined: list[_Join] = []
-    reference = _ReferenceThread(path)
+    reference = ReferenceThread(path)
     with reference.running(), Progress(transient=True) as progress:
-        async with open_runtime(config, models={_ALIAS: path}) as rt:
-            prompts = [await rt.tokenize(_ALIAS, p) for p in _BATCH_PROMPTS[:streams]]
+        async with open_runtime(config, models={ALIAS: path}) as rt:
+            prompts = [await rt.tokenize(ALIAS, p) for p in BATCH_PROMPTS[:streams]]
             sizes = (gen.completion_batch_size, gen.prefill_batch_size, gen.prefill_step_size)
-            single = _raw_single(_PROMPT, max_tokens)
-            single_batch = _raw_batch([await rt.tokenize(_ALIAS, _PROMPT)], max_tokens, *sizes)
-            batch = _raw_batch(prompts, batch_max_tokens, *sizes)
+            single = raw_single(PROMPT, max_tokens)
+            single_batch = raw_batch([await rt.tokenize(ALIAS, PROMPT)], max_tokens, *sizes)
+            batch = raw_batch(prompts, batch_max_tokens, *sizes)
             # Warm both sides up: first calls compile kernels and allocate caches.
             await reference.run(single)
             await reference.run(single_batch)
-            await _runtime_single(rt, _PROMPT, max_tokens)
+            await runtime_single(rt, PROMPT, max_tokens)
             await reference.run(batch)
-            await _runtime_batch(rt, prompts, batch_max_tokens)
+            await runtime_batch(rt, prompts, batch_max_tokens)
             task = progress.add_task("single stream / batch rounds", total=rounds)
             for _ in range(rounds):
                 single_raw.append(await reference.run(single))
                 single_bare.append(await reference.run(single_batch))
-                single_rt.append(await _runtime_single(rt, _PROMPT, max_tokens))
+                single_rt.append(await runtime_single(rt, PROMPT, max_tokens))
                 batch_raw.append(await reference.run(batch))
-                batch_rt.append(await _runtime_batch(rt, prompts, batch_max_tokens))
+                batch_rt.append(await runtime_batch(rt, prompts, batch_max_tokens))
                 progress.advance(task)
             task = progress.add_task("late joiner", total=joins)
             for _ in range(joins):
                 joined.append(await _late_joiner(rt, prompts, warm_steps))
                 progress.advance(task)
 
-    def median(runs: list[_Run], rate: str) -> float:
-        return statistics.median(getattr(r, rate) for r in runs)
+    def median(runs: list[Run], rate: str) -> float:
+        return float(statistics.median(getattr(r, rate) for r in runs))
 
-    def ratio(corral: list[_Run], raw: list[_Run], rate: str) -> float:
-        return statistics.median(getattr(c, rate) / getattr(r, rate)
-                                 for c, r in zip(corral, raw, strict=True))
+    def ratio(corral: list[Run], raw: list[Run], rate: str) -> float:
+        return float(statistics.median(getattr(c, rate) / getattr(r, rate)
+                                       for c, r in zip(corral, raw, strict=True)))
 
     join_steps = [j.steps_prefill_to_first_token for j in joined]
     return {
@@ -410,9 +261,10 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         *aio_generation.rows(results),
     ], goals)
     write_result("generation", {
-        **parameters, "smoke": smoke, "model": path, "prompt": _PROMPT,
+        **parameters, "smoke": smoke, "model": path, "prompt": PROMPT,
         "statistic": "median over rounds; reference and runtime rounds alternate; ratio "
                      "of each round's pair",
         "decode": "tokens after the first read over the time after it",
-        "clock": "wall clock (time.perf_counter)"}, results, goals, directory=output_dir, smoke=smoke)
+        "clock": "wall clock (time.perf_counter)"}, results, goals, directory=output_dir,
+        smoke=smoke)
     return results

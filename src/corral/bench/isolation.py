@@ -24,9 +24,9 @@ from typing import Any
 import trio
 from rich.progress import Progress
 
-from corral.actors.engine import Engine
-from corral.actors.process_engine import ProcessEngine
 from corral.bench.report import PROMPTS, goal, percentile, print_table, write_result
+from corral.engine.process import ProcessEngine
+from corral.engine.thread import Engine
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo, SamplingParams
 from corral.tiny import make_tiny_model
 
@@ -100,8 +100,8 @@ async def _throughput(path: str, concurrency: int, max_tokens: int, rounds: int,
             await _round(process, process_counter, prompts, max_tokens, 0)
             for r in range(rounds):
                 first_id = (r + 1) * concurrency
-                engines = [(thread, thread_counter, thread_tps),
-                           (process, process_counter, process_tps)]
+                engines: list[tuple[Engine | ProcessEngine, _Counter, list[float]]] = [
+                    (thread, thread_counter, thread_tps), (process, process_counter, process_tps)]
                 for engine, counter, rates in engines if r % 2 == 0 else engines[::-1]:
                     tokens, seconds = await _round(engine, counter, prompts, max_tokens,
                                                    first_id)

@@ -34,7 +34,6 @@ import httpx
 import trio
 from rich.progress import Progress, TaskID
 
-from corral.bench.generation import _ReferenceThread
 from corral.bench.loadgen import (
     Load,
     LoadRun,
@@ -47,6 +46,7 @@ from corral.bench.loadgen import (
     summarize,
 )
 from corral.bench.report import Goal, goal, print_table, write_result
+from corral.bench.runners import ReferenceThread
 from corral.tiny import default_model_path
 
 __all__ = ["ServerProcess", "corral_server", "free_port", "main"]
@@ -247,7 +247,7 @@ def _raw_load(prompts: Sequence[str], load: Load, offsets: Sequence[float],
     return run
 
 
-async def _raw_run(reference: _ReferenceThread, prompts: Sequence[str], load: Load,
+async def _raw_run(reference: ReferenceThread, prompts: Sequence[str], load: Load,
                    max_tokens: int, seed: int) -> LoadRun:
     offsets = arrival_offsets(load, seed=seed)
     records, started, ended, cpu = await reference.run(
@@ -262,7 +262,7 @@ async def _raw_run(reference: _ReferenceThread, prompts: Sequence[str], load: Lo
 class _Runner:
     """Runs loads against every target, round by round, collecting records per target."""
 
-    def __init__(self, targets: list[Target], reference: _ReferenceThread | None,
+    def __init__(self, targets: list[Target], reference: ReferenceThread | None,
                  parameters: dict[str, Any], progress: Progress) -> None:
         self.targets = targets
         self.reference = reference
@@ -339,7 +339,7 @@ def _ratio(value: float, reference: float) -> float:
     return value / reference if reference else float("nan")
 
 
-async def _run(servers: list[ServerProcess], reference: _ReferenceThread | None,
+async def _run(servers: list[ServerProcess], reference: ReferenceThread | None,
                parameters: dict[str, Any]) -> dict[str, Any]:
     slo: Slo = parameters["slo"]
     results: dict[str, Any] = {"loads": [load.label for load in parameters["loads"]],
@@ -419,7 +419,7 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
             stack.enter_context(server.running())
         for server in servers:
             server.wait_ready()
-        reference = stack.enter_context(_ReferenceThread(model_path).running())
+        reference = stack.enter_context(ReferenceThread(model_path).running())
         results = trio.run(_run, servers, reference, parameters)
         stack.close()
         results["exit_codes"] = {server.name: server.returncode for server in servers}

@@ -1,5 +1,7 @@
-"""What runs next to MLX and knows nothing of actors: the prefix cache and its disk tier.
+"""One model's engine, knowing nothing of actors: `api` (the protocol and the one
+factory), `thread` and `core` (in-process), `process`, `pipes`, `spawn` and `worker`
+(a worker process), `sampling`, `text` (stop strings) and the prefix cache.
 
-Every function here is called from one model's engine thread (the writer thread of the
-disk tier excepted, which touches files only).
+Owners import from `corral.engine.api`. Every MLX call runs in one engine thread, in this
+process or in a worker's.
 """

@@ -127,7 +127,7 @@ class PrefixCache:
             return
         key, length = self._index.longest(tokens)
         held = key is not None and length == len(tokens)
-        if held:
+        if key is not None and held:
             self._entries.move_to_end(key)
         disk = self._disk if to_disk and self._disk is not None else None
         if disk is not None and disk.covers(tokens):

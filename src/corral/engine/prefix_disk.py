@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import structlog
 
@@ -57,7 +57,9 @@ def model_identity(path: str, config: dict[str, Any], model: Any) -> str:
     digest = hashlib.sha256()
     digest.update(os.path.realpath(path).encode())
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, array in tree_flatten(model.parameters()):
+    # Without a `destination`, tree_flatten returns (name, array) pairs.
+    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    for name, array in parameters:
         digest.update(f"{name}:{tuple(array.shape)}:{array.dtype}".encode())
     return digest.hexdigest()[:32]
 

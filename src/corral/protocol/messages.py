@@ -78,7 +78,7 @@ class Ping(msgspec.Struct, frozen=True, tag=True):
     """A liveness probe; the answer is `Pong` with the same `seq`."""
 
     seq: int = 0
-    reply_type: ClassVar[type] = Pong
+    reply_type: ClassVar[type[Pong]] = Pong
 
 
 # -- generation: what a client asks for and what it gets back ------------------------
@@ -225,10 +225,11 @@ class Accepted(msgspec.Struct, frozen=True, tag=True):
 
 
 class Submit(msgspec.Struct, frozen=True, tag=True):
-    """Start (or resume) a sequence; answered once the engine has it queued."""
+    """Start (or resume) a sequence; answered once the engine has it queued. Also the
+    frame that hands a sequence, already validated, to a worker process (no answer)."""
 
     seq: EngineSequence
-    reply_type: ClassVar[type] = Accepted
+    reply_type: ClassVar[type[Accepted]] = Accepted
 
 
 class CancelSequence(msgspec.Struct, frozen=True, tag=True):
@@ -255,7 +256,7 @@ class Ready(msgspec.Struct, frozen=True, tag=True):
 class WaitReady(msgspec.Struct, frozen=True, tag=True):
     """Answered with `Ready` once the model is loaded, or the load's typed error."""
 
-    reply_type: ClassVar[type] = Ready
+    reply_type: ClassVar[type[Ready]] = Ready
 
 
 class TokenIds(msgspec.Struct, frozen=True, tag=True):
@@ -269,17 +270,17 @@ class Text(msgspec.Struct, frozen=True, tag=True):
 class Tokenize(msgspec.Struct, frozen=True, tag=True):
     text: str
     add_special_tokens: bool = True
-    reply_type: ClassVar[type] = TokenIds
+    reply_type: ClassVar[type[TokenIds]] = TokenIds
 
 
 class Detokenize(msgspec.Struct, frozen=True, tag=True):
     ids: list[int]
-    reply_type: ClassVar[type] = Text
+    reply_type: ClassVar[type[Text]] = Text
 
 
 class ApplyChatTemplate(msgspec.Struct, frozen=True, tag=True):
     messages: list[ChatMessage]
-    reply_type: ClassVar[type] = TokenIds
+    reply_type: ClassVar[type[TokenIds]] = TokenIds
 
 
 class Sequences(msgspec.Struct, frozen=True, tag=True):
@@ -289,14 +290,20 @@ class Sequences(msgspec.Struct, frozen=True, tag=True):
 class ListSequences(msgspec.Struct, frozen=True, tag=True):
     """Which sequences the engine runs now (reconciliation after a registry restart)."""
 
-    reply_type: ClassVar[type] = Sequences
+    reply_type: ClassVar[type[Sequences]] = Sequences
+
+
+FaultKind = Literal["raise", "hang", "exit", "segfault"]
+"""Test hooks: the engine's next step raises or hangs (until it is closed); in process
+isolation the whole worker also ends, with `os._exit(3)` ("exit") or a real SIGSEGV
+("segfault")."""
 
 
 class InjectFault(msgspec.Struct, frozen=True, tag=True):
-    """Test hook: make the engine's next step raise or hang; in process isolation,
-    also end the worker with os._exit or a segfault."""
+    """Test hook: break the engine (see `FaultKind`). A model actor's message, and the
+    frame that carries it on to a worker process."""
 
-    kind: Literal["raise", "hang", "exit", "segfault"]
+    kind: FaultKind
 
 
 # -- stream registry messages ------------------------------------------------------------
@@ -327,7 +334,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     max_tokens: int
     request_id: str | None = None
     client: str | None = None
-    reply_type: ClassVar[type] = Admitted
+    reply_type: ClassVar[type[Admitted]] = Admitted
 
 
 class ModelOutput(msgspec.Struct, frozen=True, tag=True):
@@ -370,7 +377,7 @@ class RegistryState(msgspec.Struct, frozen=True, tag=True):
 
 
 class GetRegistryState(msgspec.Struct, frozen=True, tag=True):
-    reply_type: ClassVar[type] = RegistryState
+    reply_type: ClassVar[type[RegistryState]] = RegistryState
 
 
 # -- the public generate call, as every interface receives it -----------------------------

@@ -1,71 +1,71 @@
-"""The frames between a model actor and its engine worker process (process isolation).
+"""The frames between a `ProcessEngine` and its engine worker process (process isolation).
 
 Each frame is one tagged Struct, msgpack-encoded and length-prefixed (`codec.frame`),
 on the worker's stdin (parent to worker, `ToWorker`) or stdout (worker to parent,
 `FromWorker`). A session runs:
 
     worker: Hello                      the readiness handshake, before any model work
-    parent: Load                       then Submit / Cancel / Call / InjectFault, any order
+    parent: Load                       then Submit / CancelSequence / Call / InjectFault
     worker: Loaded | LoadFailed        then Step / CallResult / Heartbeat, any order
     parent: Shutdown, then closes stdin; or just closes stdin (the worker exits at once)
     worker: Failed, then exits non-zero, when its engine fails
 
-Data only: this module never does I/O and holds no behaviour.
+`Submit`, `CancelSequence` and `InjectFault` are the model actor's own messages
+(`corral.protocol.messages`), carried on unchanged. Data only: this module never does I/O
+and holds no behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 
 from corral.config import PrefixCacheConfig
 from corral.protocol.errors import ErrorInfo
 from corral.protocol.messages import (
-    EngineSequence,
+    CancelSequence,
     EngineStep,
+    InjectFault,
     ModelInfo,
     PrefixCacheStatistics,
+    Submit,
 )
 
 __all__ = [
-    "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "Cancel", "ChatTemplateArgs",
-    "DetokenizeArgs", "Failed", "FromWorker", "Heartbeat", "Hello", "InjectFault", "Load",
-    "LoadFailed", "Loaded", "Shutdown", "Step", "Submit", "ToWorker", "TokenizeArgs",
-    "WorkerFaultKind",
+    "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "ChatTemplateArgs",
+    "DetokenizeArgs", "EngineSettings", "Failed", "FromWorker", "Heartbeat", "Hello", "Load",
+    "LoadFailed", "Loaded", "Shutdown", "Step", "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 """Bumped on any change to these frames; a worker of another version is refused."""
 
-WorkerFaultKind = Literal["raise", "hang", "exit", "segfault"]
-"""Test hooks: the engine's own ("raise", "hang") and whole-process crashes
-("exit": `os._exit(3)`; "segfault": a real SIGSEGV)."""
+
+class EngineSettings(msgspec.Struct, frozen=True):
+    """How an engine runs one model, the same in a thread and in a worker process.
+
+    Attributes:
+        path: a local model directory for ``mlx_lm.load``.
+        prefill_batch_size: prompts prefilled together at most.
+        completion_batch_size: sequences decoding together at most.
+        prefill_step_size: prompt tokens per forward pass while prefilling.
+        prefix_cache: reuse of the KV of prompt prefixes seen before.
+    """
+
+    path: str
+    prefill_batch_size: int = 8
+    completion_batch_size: int = 32
+    prefill_step_size: int = 2048
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
 
 # -- parent -> worker ----------------------------------------------------------------
 
 
-class Load(msgspec.Struct, frozen=True, tag=True):
-    """Load the model and start the engine; answered by `Loaded` or `LoadFailed`."""
-
-    path: str
-    prefill_batch_size: int
-    completion_batch_size: int
-    prefill_step_size: int
-    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
-
-
-class Submit(msgspec.Struct, frozen=True, tag=True):
-    """Queue a sequence, already validated by the parent; no answer."""
-
-    seq: EngineSequence
-
-
-class Cancel(msgspec.Struct, frozen=True, tag=True):
-    """Remove a sequence from the batch; unknown ids are ignored; no answer."""
-
-    seq_id: int
+class Load(EngineSettings, frozen=True, tag=True):
+    """Load the model with these settings and start the engine; answered by `Loaded` or
+    `LoadFailed`."""
 
 
 class TokenizeArgs(msgspec.Struct, frozen=True, tag="tokenize", tag_field="op"):
@@ -95,17 +95,11 @@ class Call(msgspec.Struct, frozen=True, tag=True):
     args: CallArgs
 
 
-class InjectFault(msgspec.Struct, frozen=True, tag=True):
-    """Test hook: break the engine or the whole worker process (see `WorkerFaultKind`)."""
-
-    kind: WorkerFaultKind
-
-
 class Shutdown(msgspec.Struct, frozen=True, tag=True):
     """Close the engine (the current step ends, the batch is dropped) and exit 0."""
 
 
-ToWorker = Load | Submit | Cancel | Call | InjectFault | Shutdown
+ToWorker = Load | Submit | CancelSequence | Call | InjectFault | Shutdown
 
 
 # -- worker -> parent ----------------------------------------------------------------

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Literal, final
+from typing import Any, final
 
 import msgspec
 import structlog
 
 from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.engine import EngineStatistics
 from corral.actors.retry import GetRetryStats, RetryStatistics
 from corral.actors.streams import StreamTable
 from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
 from corral.config import RuntimeConfig
+from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
 from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
@@ -265,7 +265,7 @@ class Runtime:
         return self.models.engine_statistics(alias)
 
     async def inject_fault(self, model: str,
-                           kind: Literal["raise", "hang", "exit", "segfault"]) -> None:
+                           kind: FaultKind) -> None:
         """Test hook: make the model's engine fail (raise) or stall (hang) at its next
         step; with process isolation, end its worker (exit, segfault)."""
         entry = self.models.require(model)

@@ -18,15 +18,15 @@ import trio
 
 from corral.actors.breaker import BreakerActor
 from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.engine import EngineStatistics
-from corral.actors.model import ModelActor, engine_factory
-from corral.actors.process_engine import (
+from corral.actors.model import ModelActor
+from corral.actors.supervisor import Supervisor
+from corral.config import ModelConfig, RuntimeConfig
+from corral.engine.api import (
+    EngineStatistics,
     ProcessEngineStatistics,
     WorkerStandby,
     worker_command,
 )
-from corral.actors.supervisor import Supervisor
-from corral.config import ModelConfig, RuntimeConfig
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
 from corral.protocol.messages import EngineStep, ExitReason, ModelDown, ModelInfo, WaitReady
 from corral.runtime.health import ModelDescription, ModelState
@@ -105,8 +105,6 @@ class Models:
         self._on_failed = on_failed
         self.by_alias: dict[str, ModelRecord] = {}
         self._standbys: dict[str, WorkerStandby] = {}
-        self._engine_factory = engine_factory(config.generation, config.python_runtime,
-                                              self._standby_for)
 
     def ref(self, alias: str, child: str = "model") -> ActorRef:
         return self._system.ref(model_path(alias, child))
@@ -118,7 +116,7 @@ class Models:
     def spec(self, model: ModelRecord) -> Any:
         return model_subtree_spec(
             self._config, model.alias, model.source, registry=self._system.ref(REGISTRY),
-            engine_factory=self._engine_factory, on_start=lambda: self.watch(model),
+            standby_for=self._standby_for, on_start=lambda: self.watch(model),
             on_ready=model.ready, step_listeners=model.step_listeners,
             crash_on_failed_load=lambda: not model.in_trial)
 

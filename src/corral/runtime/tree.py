@@ -18,7 +18,7 @@ from typing import Any
 
 from corral.actors.breaker import BreakerActor
 from corral.actors.core import ActorRef
-from corral.actors.model import EngineFactory, ModelActor
+from corral.actors.model import ModelActor
 from corral.actors.retry import RetryActor
 from corral.actors.streams import StreamRegistry, StreamTable
 from corral.actors.supervisor import (
@@ -31,6 +31,7 @@ from corral.actors.supervisor import (
     supervisor_spec,
 )
 from corral.config import RuntimeConfig
+from corral.engine.api import WorkerStandby
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineStep, ModelInfo
 
@@ -78,7 +79,7 @@ def build_root(config: RuntimeConfig, table: StreamTable,
 
 
 def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
-                       registry: ActorRef, engine_factory: EngineFactory,
+                       registry: ActorRef, standby_for: Callable[[str], WorkerStandby | None],
                        on_start: Callable[[], None], on_ready: Callable[[ModelInfo], None],
                        step_listeners: list[Callable[[EngineStep], None]],
                        crash_on_failed_load: Callable[[], bool]) -> ChildSpec:
@@ -101,7 +102,7 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
                 config.calls.retry.budget), shutdown=shutdown),
             ChildSpec(name="model", factory=lambda: ModelActor(
                 alias, source, config.generation, registry,
-                engine_factory=engine_factory, on_ready=on_ready,
+                python=config.python_runtime, standby=standby_for(alias), on_ready=on_ready,
                 step_listeners=step_listeners,
                 crash_on_failed_load=crash_on_failed_load()),
                 shutdown=shutdown),

@@ -1,8 +1,8 @@
-"""`python -m corral.worker`: one model's engine in a process of its own.
+"""`python -m corral.engine.worker`: one model's engine in a process of its own.
 
-A model actor in `process` isolation starts this (see `corral.actors.process_engine`)
-and speaks `corral.protocol.worker` frames with it: commands on stdin, steps, answers
-and heartbeats on stdout. The engine is the in-process `corral.actors.engine.Engine`,
+A `ProcessEngine` starts this (see `corral.engine.process`) and speaks
+`corral.protocol.worker` frames with it: commands on stdin, steps, answers and
+heartbeats on stdout. The engine is the in-process `corral.engine.thread.Engine`,
 unchanged; this module only carries its calls and callbacks over the pipes.
 
 The worker must never outlive its parent: it exits at once on the end of stdin, when
@@ -26,30 +26,27 @@ from typing import Final, NoReturn
 import structlog
 import trio
 
-from corral.actors.engine import Engine
 from corral.config import LoggingConfig
+from corral.engine.thread import Engine
 from corral.logging import configure_logging
 from corral.protocol.codec import DecodeError, Decoder, FrameError, FrameReader, encode, frame
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.messages import EngineStep
+from corral.protocol.messages import CancelSequence, EngineStep, InjectFault, Submit
 from corral.protocol.worker import (
     PROTOCOL_VERSION,
     Call,
     CallResult,
-    Cancel,
     ChatTemplateArgs,
     DetokenizeArgs,
     Failed,
     FromWorker,
     Heartbeat,
     Hello,
-    InjectFault,
     Load,
-    LoadFailed,
     Loaded,
+    LoadFailed,
     Shutdown,
     Step,
-    Submit,
     TokenizeArgs,
     ToWorker,
 )
@@ -97,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m corral.worker",
+    parser = argparse.ArgumentParser(prog="python -m corral.engine.worker",
                                      description="corral's engine worker process")
     parser.add_argument("--heartbeat-ms", type=int, default=1000)
     parser.add_argument("--parent-pid", type=int, default=None,
@@ -180,7 +177,7 @@ class _Worker:
     async def _read_frames(self) -> None:
         stream = trio.lowlevel.FdStream(os.dup(0))
         reader = FrameReader()
-        decode = Decoder(ToWorker).decode
+        decode = Decoder[ToWorker](ToWorker).decode
         while True:
             data = await stream.receive_some(_READ_SIZE)
             if not data:
@@ -212,7 +209,7 @@ class _Worker:
             case Submit(seq=seq):
                 self._submits += 1
                 self._with_engine(lambda engine: engine.submit(seq))
-            case Cancel(seq_id=seq_id):
+            case CancelSequence(seq_id=seq_id):
                 self._with_engine(lambda engine: engine.cancel(seq_id))
             case Call():
                 self._nursery.start_soon(self._call, message)
@@ -239,14 +236,7 @@ class _Worker:
         if self._engine is not None:
             _log.warning("worker.second_load_ignored", path=load.path)
             return
-        self._engine = Engine(
-            load.path,
-            prefill_batch_size=load.prefill_batch_size,
-            completion_batch_size=load.completion_batch_size,
-            prefill_step_size=load.prefill_step_size,
-            prefix_cache=load.prefix_cache,
-            on_step=self._on_step,
-            on_failure=self._on_failure)
+        self._engine = Engine(load, on_step=self._on_step, on_failure=self._on_failure)
         try:
             info = await self._engine.start()
         except CorralError as exc:

@@ -1,0 +1,430 @@
+"""The engine thread's side of one model: its batch, its sequences, its prefix cache.
+
+`EngineCore` loads the model, then applies the commands the trio side queues (submit,
+cancel, tokenizer calls, faults) and takes `BatchGenerator` steps, handing each step and
+each answer to callbacks that carry them over to the trio thread. `corral.engine.thread`
+owns the thread it runs in.
+
+Engine thread only (`statistics` excepted, which reads counters from any thread). It must
+never touch trio, never block but on its command queue, and never swallow a step failure:
+it raises out of `serve`, and the engine fails.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import structlog
+
+from corral.config import default_prefix_cache_bytes
+from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
+from corral.engine.prefix_cache import PrefixCache, reusable
+from corral.engine.prefix_disk import DiskPrefixStore, model_identity
+from corral.engine.prefix_index import BLOCK, common_prefix_length
+from corral.engine.sampling import sequence_sampler
+from corral.engine.text import StopText
+from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.messages import (
+    CancelSequence,
+    EngineSequence,
+    EngineStep,
+    FinishReason,
+    InjectFault,
+    ModelInfo,
+    PrefixCacheStatistics,
+    Submit,
+    TokenOut,
+)
+
+__all__ = ["STOP", "Command", "EngineCore", "Stop", "TokenizerCall"]
+
+_log = structlog.get_logger("corral.engine")
+
+# A sequence waits for a sequence ahead of it to finish prefilling when that one will
+# compute at least this many of its leading tokens that no cache holds yet.
+_SHARE_AT_LEAST: Final = 2 * BLOCK
+
+
+@dataclass(frozen=True)
+class TokenizerCall:
+    """Run `fn(tokenizer)` between steps; its value or error answers call `call_id`."""
+
+    call_id: int
+    fn: Callable[[Any], object]
+
+
+class Stop:
+    """Leave `serve` after the commands before this one."""
+
+
+STOP: Final = Stop()
+
+Command = Submit | CancelSequence | TokenizerCall | InjectFault | Stop
+"""What the trio side puts on the command queue."""
+
+
+class _Halted(Exception):
+    """Raised inside the engine thread to leave `serve` when told to stop."""
+
+
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    uid: int
+    text: StopText
+    logprobs: bool
+    tokens: list[int]  # prompt + generated as submitted: what its prefill computes
+    cached_tokens: int  # leading tokens taken from the prefix cache, not prefilled
+    prefilled: bool = False
+    reported: bool = False  # cached_tokens went out with the first TokenOut
+
+
+class EngineCore:
+    """One model's continuous batching, run by one engine thread.
+
+    Args:
+        settings: the model and its batching limits.
+        commands: the queue the trio side fills; `serve` drains it between steps.
+        closing: set by the trio side (or when nobody is left to serve): `serve` returns
+            at its next check, and a hung step (the "hang" fault) lets go.
+        post_step: takes every step, in order, to the trio thread; never blocks.
+        answer: takes `(call_id, value, error)` of a tokenizer call to the trio thread.
+    """
+
+    def __init__(self, settings: EngineSettings, commands: queue.SimpleQueue[Command],
+                 closing: threading.Event, post_step: Callable[[EngineStep], None],
+                 answer: Callable[[int, object, BaseException | None], None]) -> None:
+        self.settings = settings
+        self.path = settings.path
+        self._commands = commands
+        self._closing = closing
+        self._post_step = post_step
+        self._answer = answer
+        # Read from the trio thread by `statistics`, written here only.
+        self.serving = False
+        self._applied = 0  # submits taken off the queue
+        self._steps = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._last_step_at: float | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._generator: Any = None
+        self._vocab_size = 0
+        self._default_stops: Any = None
+        self._by_uid: dict[int, _Sequence] = {}
+        self._uid_of: dict[int, int] = {}
+        self._prefix: PrefixCache | None = None
+        # Sequences waiting for the uid they share a prefix with to finish prefilling.
+        self._waiting_on: dict[int, list[EngineSequence]] = {}
+        self._waiting: dict[int, int] = {}  # seq_id -> the uid it waits on
+        self._fault: FaultKind | None = None
+
+    def statistics(self, submitted: int) -> EngineStatistics:
+        """The counters now, `submitted` being the submits the trio side has queued."""
+        prefilling = sum(1 for s in list(self._by_uid.values()) if not s.prefilled)
+        live = len(self._by_uid)
+        prefix = self._prefix
+        return EngineStatistics(
+            steps=self._steps,
+            active=live - prefilling,
+            queued=(prefilling + len(self._waiting)
+                    + max(0, submitted - self._applied)),
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            last_step_at=self._last_step_at,
+            loaded=self.serving,
+            prefix_cache=(prefix.statistics() if prefix is not None
+                          else PrefixCacheStatistics()),
+        )
+
+    # -- loading and unloading ------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        """Load the model, its tokenizer and a `BatchGenerator` on a stream of this
+        thread; from then on the core serves.
+
+        Raises:
+            Exception: whatever ``mlx_lm.load`` raised.
+        """
+        import mlx.core as mx
+        import mlx_lm
+        from mlx_lm.generate import BatchGenerator, StopSequences
+
+        # A stream made here belongs to this thread; mlx_lm's module-level
+        # `generation_stream` belongs to whichever thread imported mlx_lm first.
+        stream = mx.new_stream(mx.default_device())
+        began = time.monotonic()
+        with mx.stream(stream):
+            # mlx_lm's annotation leaves out the config that return_config=True adds.
+            model, tokenizer, config = cast(
+                tuple[Any, Any, dict[str, Any]], mlx_lm.load(self.path, return_config=True))
+        load_seconds = time.monotonic() - began
+        self._model, self._tokenizer = model, tokenizer
+        self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
+        eos = sorted(int(t) for t in tokenizer.eos_token_ids)
+        self._default_stops = StopSequences([(t,) for t in eos])
+        self._generator = BatchGenerator(
+            model,
+            completion_batch_size=self.settings.completion_batch_size,
+            prefill_batch_size=self.settings.prefill_batch_size,
+            prefill_step_size=self.settings.prefill_step_size,
+            stream=stream,
+        )
+        self._prefix = self._open_prefix_cache(model, config)
+        max_context = config.get("max_position_embeddings")
+        _log.debug("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
+        self.serving = True
+        return ModelInfo(
+            path=self.path,
+            vocab_size=self._vocab_size,
+            eos_token_ids=eos,
+            max_context=int(max_context) if max_context is not None else None,
+            load_seconds=load_seconds,
+            has_chat_template=bool(tokenizer.has_chat_template),
+        )
+
+    def _open_prefix_cache(self, model: Any, config: dict[str, Any]) -> PrefixCache | None:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        settings = self.settings.prefix_cache
+        if not settings.enabled:
+            return None
+        if not reusable(make_prompt_cache(model)):
+            _log.info("prefix_cache.off", path=self.path,
+                      reason="this model's KV cache cannot be trimmed and merged")
+            return None
+        disk = None
+        if settings.disk_dir is not None:
+            try:
+                disk = DiskPrefixStore(
+                    settings.disk_dir, model_identity(self.path, config, model),
+                    max_bytes=settings.disk_max_bytes, min_tokens=settings.disk_min_tokens)
+            except OSError as exc:
+                _log.warning("prefix_cache.disk_off", path=self.path,
+                             disk_dir=settings.disk_dir, error=repr(exc))
+        max_bytes = (settings.max_bytes if settings.max_bytes is not None
+                     else default_prefix_cache_bytes())
+        return PrefixCache(max_bytes=max_bytes, disk=disk)
+
+    def teardown(self) -> None:
+        """Stop serving and give the model's memory back. Never raises: the thread
+        must still report its exit."""
+        self.serving = False
+        import mlx.core as mx
+
+        try:
+            if self._generator is not None:
+                self._generator.close()
+            self._generator = self._model = self._tokenizer = None
+            self._by_uid.clear()
+            self._uid_of.clear()
+            self._waiting_on.clear()
+            self._waiting.clear()
+            if self._prefix is not None:
+                self._prefix.close()
+            # Give the model's memory back now, not when another model needs it.
+            mx.clear_cache()
+        except Exception as exc:
+            _log.warning("engine.teardown_failed", path=self.path, error=repr(exc))
+
+    # -- the loop -------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Apply commands and take steps until `Stop` or `closing`.
+
+        Raises:
+            Exception: what a step raised (or "raise", the injected fault): the engine
+                has failed.
+        """
+        try:
+            while True:
+                for command in self._drain(block=not self._by_uid):
+                    self._apply(command)
+                if self._closing.is_set():
+                    return
+                if self._by_uid:
+                    self._step()
+        except _Halted:
+            return
+
+    def _drain(self, *, block: bool) -> list[Command]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, Stop):
+            raise _Halted
+        if isinstance(command, Submit):
+            self._applied += 1
+            self._insert(command.seq)
+        elif isinstance(command, CancelSequence):
+            self._remove(command.seq_id)
+        elif isinstance(command, TokenizerCall):
+            value: object = None
+            error: BaseException | None = None
+            try:
+                value = command.fn(self._tokenizer)
+            except Exception as exc:
+                error = EngineClientError(Code.TOKENIZER_ERROR, f"{type(exc).__name__}: {exc}")
+            self._answer(command.call_id, value, error)
+        else:
+            self._fault = command.kind
+
+    # -- sequences in and out -------------------------------------------------------
+
+    def _insert(self, seq: EngineSequence) -> None:
+        self._remove(seq.seq_id)
+        tokens = [*seq.prompt, *seq.generated]
+        leader = self._leader_for(tokens)
+        if leader is None:
+            self._start(seq, tokens)
+        else:
+            self._waiting_on.setdefault(leader, []).append(seq)
+            self._waiting[seq.seq_id] = leader
+
+    def _leader_for(self, tokens: list[int]) -> int | None:
+        """The uid of a sequence still prefilling whose KV would save this one at least
+        `_SHARE_AT_LEAST` tokens of prefill over what the cache holds now, or None.
+
+        Waiting for it costs no more than prefilling those tokens again would, as long
+        as they are at least half of what that sequence prefills: a short shared start
+        is not worth waiting behind a long prompt for."""
+        if self._prefix is None:
+            return None
+        covered = self._prefix.covered(tokens)
+        best, best_shared = None, covered + _SHARE_AT_LEAST - 1
+        for seq in self._by_uid.values():
+            if not seq.prefilled:
+                shared = min(common_prefix_length(seq.tokens, tokens), len(tokens) - 1)
+                if shared > best_shared and 2 * shared >= len(seq.tokens) - seq.cached_tokens:
+                    best, best_shared = seq.uid, shared
+        return best
+
+    def _start(self, seq: EngineSequence, tokens: list[int]) -> None:
+        from mlx_lm.generate import StopSequences
+        from mlx_lm.sample_utils import make_logits_processors
+
+        sampling = seq.sampling
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8))
+        start = len(seq.generated)
+        stops = self._default_stops
+        if sampling.stop_token_ids:
+            ids = set(self._tokenizer.eos_token_ids) | set(sampling.stop_token_ids)
+            stops = StopSequences([(t,) for t in sorted(ids)])
+        processors = make_logits_processors(repetition_penalty=sampling.repetition_penalty)
+        hit = self._prefix.lookup(tokens) if self._prefix is not None else None
+        cached = hit.tokens if hit is not None else 0
+        (uid,) = self._generator.insert(
+            [tokens[cached:]],
+            max_tokens=[seq.max_tokens],
+            caches=[hit.cache] if hit is not None and hit.cache is not None else None,
+            all_tokens=[tokens[:cached]],
+            samplers=[sequence_sampler(sampling, seed, start, self._vocab_size)],
+            logits_processors=[processors],
+            stop_sequences=[stops],
+        )
+        text = StopText(self._tokenizer.detokenizer, sampling.stop)
+        for token in seq.generated:
+            text.push(token)
+        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, sampling.logprobs, tokens, cached)
+        self._uid_of[seq.seq_id] = uid
+
+    def _remove(self, seq_id: int) -> None:
+        leader = self._waiting.pop(seq_id, None)
+        if leader is not None:
+            self._waiting_on[leader] = [
+                s for s in self._waiting_on[leader] if s.seq_id != seq_id]
+            return
+        uid = self._uid_of.pop(seq_id, None)
+        if uid is not None:
+            seq = self._by_uid.pop(uid)
+            kept = self._generator.remove([uid], return_prompt_caches=seq.prefilled)
+            self._keep(kept)
+            self._release_waiters(uid)
+
+    def _release_waiters(self, uid: int) -> None:
+        """Start the sequences that waited for `uid` to prefill; they look the cache up
+        again now, and find its KV."""
+        for seq in self._waiting_on.pop(uid, []):
+            del self._waiting[seq.seq_id]
+            self._start(seq, [*seq.prompt, *seq.generated])
+
+    def _keep(self, caches: dict[int, tuple[list[Any], list[int]]], *,
+              to_disk: bool = False) -> None:
+        """Store sequences' KV (from `BatchGenerator.extract_cache` or `remove`)."""
+        if self._prefix is not None:
+            for cache, tokens in caches.values():
+                self._prefix.store(list(tokens), cache, to_disk=to_disk)
+
+    # -- one step -------------------------------------------------------------------
+
+    def _step(self) -> None:
+        if self._fault == "hang":
+            self._closing.wait()
+            raise _Halted
+        if self._fault == "raise":
+            self._fault = None
+            raise RuntimeError("injected engine fault")
+        prompt_responses, generation_responses = self._generator.next()
+        self._steps += 1
+        prefilled: list[int] = []
+        for response in prompt_responses:
+            if response.end_of_prompt:
+                seq = self._by_uid[response.uid]
+                seq.prefilled = True
+                self._prompt_tokens += len(seq.tokens) - seq.cached_tokens
+                prefilled.append(seq.seq_id)
+                if self._prefix is not None:
+                    # Kept now, not only at the end, so sequences running alongside
+                    # and a restart after a crash can start from this prompt's KV; the
+                    # disk tier keeps prompts only (a resume re-prefills the few tokens
+                    # generated), which halves what it writes.
+                    self._keep(self._generator.extract_cache([response.uid]), to_disk=True)
+                    self._release_waiters(response.uid)
+        outputs: list[TokenOut] = []
+        stopped: list[int] = []
+        for response in generation_responses:
+            seq = self._by_uid[response.uid]
+            outputs.append(self._token_out(seq, response, stopped))
+        self._generation_tokens += len(outputs)
+        if stopped:
+            self._keep(self._generator.remove(stopped, return_prompt_caches=True))
+        self._last_step_at = time.monotonic()
+        self._post_step(EngineStep(self._steps, outputs, prefilled))
+
+    def _token_out(self, seq: _Sequence, response: Any, stopped: list[int]) -> TokenOut:
+        token = int(response.token)
+        finish: FinishReason | None = response.finish_reason
+        if finish == "stop":
+            # A stop token (EOS or stop_token_ids) ends the text without being in it.
+            text, _ = seq.text.finish()
+        else:
+            text, hit = seq.text.push(token)
+            if hit:
+                finish = "stop"
+                stopped.append(seq.uid)
+            elif finish == "length":
+                rest, hit = seq.text.finish()
+                text += rest
+                if hit:
+                    finish = "stop"
+        if finish is not None:
+            del self._by_uid[seq.uid]
+            del self._uid_of[seq.seq_id]
+            if response.prompt_cache is not None:
+                self._keep({seq.uid: (response.prompt_cache, response.all_tokens)})
+        logprob = float(response.logprobs[token].item()) if seq.logprobs else None
+        cached = 0 if seq.reported else seq.cached_tokens
+        seq.reported = True
+        return TokenOut(seq.seq_id, token, text, logprob, finish, cached)

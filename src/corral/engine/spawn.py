@@ -1,0 +1,185 @@
+"""Worker processes as processes: their command line, standbys, killing and reaping, and
+how an unasked exit is told to the owner (`WorkerExitedError`).
+
+`corral.engine.process` speaks to a worker; this module only starts, kills and waits for
+one. It must never leave a process unreaped: a process it kills is waited for, or handed
+to a system task that waits for it until the run ends. Trio thread only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Final, Literal, final
+
+import structlog
+import trio
+
+from corral.protocol.errors import Code, CorralError
+
+__all__ = ["ExitCause", "WorkerExitedError", "WorkerStandby", "describe_exit", "kill",
+           "kill_and_reap", "reap_in_background", "worker_command"]
+
+_log = structlog.get_logger("corral.process_engine")
+
+_REAP_TIMEOUT_S: Final = 10.0
+
+ExitCause = Literal["exited", "signalled", "silent", "engine", "protocol", "callback"]
+
+
+class WorkerExitedError(CorralError):
+    """A worker process ended without being asked to; `on_failure` receives this.
+
+    Attributes:
+        pid: the worker's process id.
+        returncode: its exit status; negative for a signal (-9 is SIGKILL, -11 SIGSEGV).
+        cause: ``"exited"`` or ``"signalled"`` on its own; ``"engine"`` when its engine
+            failed (`engine_error` says how); ``"silent"`` when it stopped sending
+            heartbeats and was killed; ``"protocol"`` when it sent an undecodable frame
+            and was killed; ``"callback"`` when `on_step` raised and it was killed.
+    """
+
+    code = Code.GENERATION_ERROR
+
+    def __init__(self, pid: int, returncode: int | None, cause: ExitCause,
+                 detail: str = "", engine_error: str | None = None) -> None:
+        self.pid = pid
+        self.returncode = returncode
+        self.cause = cause
+        self.engine_error = engine_error
+        super().__init__(
+            f"worker {pid} {describe_exit(returncode)}" + (f": {detail}" if detail else ""),
+            details={"pid": pid, "returncode": returncode, "cause": cause,
+                     "engine_error": engine_error},
+            retryable=True)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """How a process ended, from its return code, as a predicate: "exited with ..."."""
+    if returncode is None:
+        return "is gone"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def worker_command(python_executable: str | None, heartbeat_interval_ms: int) -> list[str]:
+    """The command line of a worker process serving this process."""
+    return [python_executable or sys.executable, "-m", "corral.engine.worker",
+            "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid())]
+
+
+@final
+class WorkerStandby:
+    """One worker process per model started ahead of need: interpreter up, mlx_lm
+    imported, Hello sent, no model loaded. An engine that starts after a crash adopts
+    it (`take`) instead of starting a process, which is most of a restart's time, and
+    asks for the next one (`replenish`) once its model is loaded.
+
+    A standby that died while it waited is reaped and not handed out. `aclose` kills
+    and reaps the one waiting and starts no more; it runs when the model is unloaded
+    and when the runtime closes. Spares are started by system tasks, so no actor's
+    restart cancels one half-started. Trio thread only.
+
+    Args:
+        command: the worker's command line (see `worker_command`).
+    """
+
+    def __init__(self, command: list[str]) -> None:
+        self._command = command
+        self._spare: trio.Process | None = None
+        self._starting = False
+        self._closed = False
+
+    def take(self) -> trio.Process | None:
+        """The waiting worker, now the caller's to run and reap; None if there is none."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is not None:
+            _log.warning("process_engine.standby_died", pid=spare.pid,
+                         returncode=spare.returncode)
+            return None
+        return spare
+
+    def replenish(self) -> None:
+        """Start the next standby in the background, unless one waits or is starting."""
+        if not (self._closed or self._starting or self._spare is not None):
+            self._starting = True
+            trio.lowlevel.spawn_system_task(self._start)
+
+    async def aclose(self) -> None:
+        """Kill the waiting standby and wait until it is reaped; start no more.
+
+        Shielded from cancellation: the standby is reaped either way.
+        """
+        self._closed = True
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            await kill_and_reap(spare, close_pipes=True)
+
+    async def _start(self) -> None:
+        try:
+            process = await trio.lowlevel.open_process(
+                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as exc:
+            _log.warning("process_engine.standby_failed", error=repr(exc))
+            return
+        finally:
+            self._starting = False
+        if self._closed:
+            await kill_and_reap(process)
+            return
+        self._spare = process
+
+
+def kill(process: trio.Process) -> None:
+    """SIGKILL the process unless it is reaped already (then its pid may be reused)."""
+    if process.returncode is None:
+        try:
+            process.kill()
+        except ProcessLookupError:
+            pass
+
+
+async def kill_and_reap(process: trio.Process, *, close_pipes: bool = False) -> None:
+    """Kill the process unless it has exited and wait until it is reaped, then close
+    its pipes if asked. Shielded from cancellation."""
+    kill(process)
+    with trio.CancelScope(shield=True):
+        await _wait_reaped(process)
+        if close_pipes:
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    await stream.aclose()
+
+
+async def _wait_reaped(process: trio.Process) -> None:
+    """Wait for a killed process; past `_REAP_TIMEOUT_S` leave it to a system task.
+
+    A killed process exits at once unless it is stuck in the kernel (uninterruptible
+    I/O); the owner must not hang on that, yet the process must still be waited for.
+    `kill_and_reap` calls it shielded from cancellation.
+    """
+    with trio.move_on_after(_REAP_TIMEOUT_S):
+        await process.wait()
+        return
+    _log.error("process_engine.reap_delayed", pid=process.pid)
+    reap_in_background(process)
+
+
+def reap_in_background(process: trio.Process, reaped: trio.Event | None = None) -> None:
+    """Have a system task wait for `process` until the run ends, then set `reaped`."""
+    trio.lowlevel.spawn_system_task(_reap, process, reaped)
+
+
+async def _reap(process: trio.Process, reaped: trio.Event | None) -> None:
+    try:
+        await process.wait()
+    except (trio.Cancelled, OSError):
+        return
+    if reaped is not None:
+        reaped.set()
