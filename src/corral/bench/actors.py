@@ -1,6 +1,6 @@
 """`corral bench actors`: the kernel against raw trio channels, side by side in one run.
 
-Three figures (DESIGN.md "How to measure"):
+Three figures (benchmarks/README.md):
 - tell throughput, as a ratio to a raw trio memory channel moving the same encoded bytes
   on the same nowait fast path (both sides encode and decode, so the ratio is the cost of
   the actor machinery alone; goal >= 0.7);

@@ -1,6 +1,6 @@
 """`corral bench generation`: decoding through the runtime against raw mlx_lm, one run.
 
-Three figures on the tiny model (DESIGN.md "How to measure"):
+Three figures on the tiny model (benchmarks/README.md):
 - single-stream decode tokens/s through `Runtime.generate`, as a ratio to
   `mlx_lm.stream_generate` on the same prompt and max_tokens (goal >= 0.95), and, to
   tell the engine's cost from mlx_lm's, to a bare `BatchGenerator` loop of that one

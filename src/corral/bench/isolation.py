@@ -1,6 +1,6 @@
 """`corral bench isolation`: the engine in a worker process against the engine thread.
 
-Two figures (DESIGN.md "Generation" and "How to measure"):
+Two figures (benchmarks/README.md):
 - decode throughput with `process` isolation as a ratio to `thread` isolation: total
   generated tokens per second for N concurrent greedy sequences on the tiny model,
   both engines loaded once, rounds alternating between them so drift hits both, the

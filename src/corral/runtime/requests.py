@@ -197,7 +197,7 @@ class Requests:
             outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
             raise
         finally:
-            # The breaker's slow-call measure is the time to first token, as DESIGN.md
+            # The breaker's slow-call measure is the time to first token, as the design
             # says; a request that produced none is measured to its end.
             first = buffer.token_times[0] if buffer is not None and buffer.token_times else None
             duration = (first if first is not None else trio.current_time()) - started
