@@ -1,9 +1,11 @@
-"""Shared test helpers: the tiny model, and a recorder of lifecycle events to wait on."""
+"""Shared test helpers: the tiny model, a recorder of lifecycle events to wait on, and
+`wait_until` (import it: `from conftest import wait_until`)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import structlog
@@ -62,3 +64,17 @@ def _log_every_level() -> Iterator[None]:
     structlog before it, so each test starts with every level let through."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
     yield
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]],
+                     timeout: float = 5.0) -> None:
+    """Wait, checking every few milliseconds, until `condition()` (sync or async) holds;
+    `timeout` only bounds the wait (trio.TooSlowError past it)."""
+    with trio.fail_after(timeout):
+        while True:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
+            await trio.sleep(0.005)

@@ -22,6 +22,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 from test_runtime import StepTap, engine_steps
 
+from conftest import wait_until
 from corral.actors.supervisor import ChildSpec
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.metrics import Metrics
@@ -109,12 +110,6 @@ async def served(model_path: str) -> AsyncIterator[Served]:
         server = await _serve(rt)
         yield server
         server.metrics.close()
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not await condition():
-            await trio.sleep(0.005)
 
 
 async def registry_active(rt: Runtime) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 
+from conftest import wait_until
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
 from corral.engine.process import ProcessEngine
 from corral.engine.spawn import WorkerExitedError
@@ -145,12 +146,6 @@ def is_reaped(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-async def wait_until(condition: Callable[[], bool], limit: float = PROMPTLY_S) -> None:
-    with trio.fail_after(limit):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 # -- serving -------------------------------------------------------------------------
