@@ -355,12 +355,18 @@ async def test_extreme_values_get_client_errors_naming_the_field(model_path: str
             seen: set[str] = set()
             ran: list[str] = []
 
+            replies_for: dict[str, tuple[str, Extreme]] = {}  # asked, not answered yet
+
             async def over_jsonrpc(target: Target, name: str, extreme: Extreme) -> None:
-                probe = f"probe-{next(probes)}"
+                number = next(probes)
+                probe, asked = f"probe-{number}", f"x-{number}"
+                replies_for[asked] = (name, extreme)
                 method, params = json.dumps(target.name), params_text(target, name, extreme)
-                await rpc.send(f'{{"jsonrpc": "2.0", "id": "x", "method": {method}, '
+                await rpc.send(f'{{"jsonrpc": "2.0", "id": "{asked}", "method": {method}, '
                                f'"params": {params}}}\n'.encode())
                 await rpc.request("health", id=probe)
+                # Requests run concurrently, so the probe may be answered first; a reply
+                # that comes after it is checked by id in a later example's loop.
                 while True:
                     message = await rpc.message()
                     if isinstance(message, dict) and "id" not in message:
@@ -370,8 +376,8 @@ async def test_extreme_values_get_client_errors_naming_the_field(model_path: str
                         return
                     elif message.get("id") is None and extreme.malformed:
                         assert error_code(message) is Code.PARSE_ERROR, message
-                    else:
-                        check_rpc_reply(message, name, extreme)
+                    elif message.get("id") in replies_for:  # this example's, or a late one
+                        check_rpc_reply(message, *replies_for.pop(message["id"]))
 
             async def over_http(target: Target, name: str, extreme: Extreme) -> None:
                 reply = await connection.request(
