@@ -350,8 +350,7 @@ async def test_errors_have_the_table_status_the_code_and_the_request_id(
 
 
 async def test_an_open_circuit_is_503_with_retry_after(served: Served) -> None:
-    subtree = served.rt.root.child("generation").child("model:tiny")  # type: ignore[union-attr]
-    breaker = subtree.child("breaker").breaker
+    breaker = served.rt.circuit_breaker("tiny")
     breaker.force_open()
 
     def run(client: openai.OpenAI) -> openai.APIStatusError:
@@ -568,7 +567,7 @@ async def test_a_crashed_http_server_restarts_and_serves_again(served: Served) -
                                                               max_tokens=4))
     async with rt.generate("tiny", PROMPT, max_tokens=40) as in_process:
         await in_process.__anext__()
-        rt.root.child("transport").kill_child("http")  # type: ignore[union-attr]
+        rt.domain("transport").kill_child("http")
         with trio.fail_after(5):
             await restarted.wait()
         async for _ in in_process:
@@ -617,6 +616,6 @@ async def test_a_stopping_server_ends_open_streams_with_an_error_event(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client)
             await streaming.wait()
-            await rt.root.child("transport").terminate_child("http")  # type: ignore[union-attr]
+            await rt.domain("transport").terminate_child("http")
         await wait_until(lambda: _active_is_zero(rt))
         served.metrics.close()

@@ -163,9 +163,9 @@ def assert_typed_errors(message: Any) -> None:
 def assert_nothing_restarted(rt: Runtime) -> None:
     assert rt.system.mailbox("root/transport").statistics().restarts == 0
     assert rt.system.mailbox("root/transport/jsonrpc").statistics().restarts == 0
-    transport = rt.root.child("transport")
+    transport = rt.domain("transport")
     assert transport is not None
-    assert transport.statistics().total_restarts == 0  # type: ignore[attr-defined]
+    assert transport.statistics().total_restarts == 0
 
 
 async def registry_active(rt: Runtime) -> int:
@@ -514,7 +514,7 @@ async def test_killing_another_transport_child_leaves_a_stream_alone(
             client = await Client.connect(listener)
             started = await client.result("generate", {"prompt": PROMPT, "max_tokens": 600})
             first = await client.first_chunk(started["stream_id"])
-            transport = rt.root.child("transport")
+            transport = rt.domain("transport")
             transport.kill_child("jsonrpc-b")  # type: ignore[union-attr]
             await events.wait("restarted", "root/transport/jsonrpc-b")
             assert rt.health().active_streams == 1  # still streaming meanwhile

@@ -254,8 +254,7 @@ async def test_an_engine_fault_restarts_the_model_and_ends_unseeded_streams_with
         described = {m.alias: m for m in rt.list_models()}
         assert described["tiny"].restarts == 1
         assert described["other"].restarts == 0
-        breaker = rt.root.child("generation").child("model:tiny").child("breaker")  # type: ignore[union-attr]
-        assert breaker.breaker.statistics().failures >= 1  # type: ignore[union-attr]
+        assert rt.circuit_breaker("tiny").statistics().failures >= 1
 
 
 async def test_crashing_the_stream_registry_keeps_models_and_serves_new_streams(
@@ -282,8 +281,7 @@ async def test_health_reports_each_domain_and_model(rt: Runtime) -> None:
 async def test_open_breaker_sends_requests_to_a_fallback(model_path: str) -> None:
     async with open_runtime(_config(), models={"backup": model_path}) as rt:
         await rt.load_model(model_path, alias="main", fallbacks=("backup",))
-        breaker = rt.root.child("generation").child("model:main").child("breaker")  # type: ignore[union-attr]
-        breaker.breaker.force_open()  # type: ignore[union-attr]
+        rt.circuit_breaker("main").force_open()
         result = await rt.complete("main", PROMPT, max_tokens=3)
         assert result.model == "backup"
         await rt.unload_model("backup")
@@ -401,15 +399,15 @@ async def test_a_caller_cancelled_while_acquiring_a_probe_gives_it_back(
 
 
 async def _probe_given_back(rt: Runtime) -> None:
-    breaker = rt.root.child("generation").child("model:tiny").child("breaker")  # type: ignore[union-attr]
-    breaker.breaker.force_open()  # type: ignore[union-attr]
-    breaker.breaker.reset()  # type: ignore[union-attr]
+    breaker = rt.circuit_breaker("tiny")
+    breaker.force_open()
+    breaker.reset()
     config = rt.config.calls.circuit_breaker
     for _ in range(config.failure_threshold):
-        permit = breaker.breaker.acquire()  # type: ignore[union-attr]
-        breaker.breaker.record(permit, Outcome.FAILURE)  # type: ignore[union-attr]
+        permit = breaker.acquire()
+        breaker.record(permit, Outcome.FAILURE)
     with trio.fail_after(config.recovery_timeout_ms / 1000 + 5):
-        while breaker.breaker.state is not State.HALF_OPEN:  # type: ignore[union-attr]
+        while breaker.state is not State.HALF_OPEN:
             await trio.sleep(0.05)
     with trio.move_on_after(0):
         await rt.complete("tiny", PROMPT, max_tokens=3)
@@ -418,9 +416,9 @@ async def _probe_given_back(rt: Runtime) -> None:
     for _ in range(config.half_open_success_threshold):
         assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
     with trio.fail_after(5):
-        while breaker.breaker.state is not State.CLOSED:  # type: ignore[union-attr]
+        while breaker.state is not State.CLOSED:
             await trio.sleep(0.01)
-    assert breaker.breaker.statistics().ignored == 1  # type: ignore[union-attr]
+    assert breaker.statistics().ignored == 1
 
 
 async def test_monitors_follow_the_model_through_reloads_and_domain_restarts(

@@ -59,7 +59,7 @@ async def test_the_http_server_crashes_and_restarts_while_a_jsonrpc_stream_strea
                     elif message.get("method") in ("stream.end", "stream.error"):
                         ended.update(message)
 
-        transport = rt.root.child("transport")
+        transport = rt.domain("transport")
         http_ref = rt.system.ref("root/transport/http")
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:

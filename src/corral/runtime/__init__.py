@@ -18,6 +18,7 @@ from typing import Any, final
 import msgspec
 import structlog
 
+from corral.actors.breaker import BreakerActor, CircuitBreaker
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.retry import GetRetryStats, RetryStatistics
 from corral.actors.streams import StreamTable
@@ -25,6 +26,7 @@ from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
 from corral.config import RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
+from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
     Completion,
@@ -90,6 +92,22 @@ class Runtime:
             EngineClientError: RuntimeError (retryable) while the domain restarts.
         """
         return domain(self.root, name)
+
+    def circuit_breaker(self, alias: str) -> CircuitBreaker:
+        """A model's live circuit breaker, to read (or, in tests and operations, to force
+        open or reset).
+
+        Raises:
+            EngineClientError: ModelNotLoaded; RuntimeError (retryable) while the
+                breaker's actor restarts.
+        """
+        self.models.require(alias, allow_failed=True)
+        actor = self.models.live(alias, "breaker")
+        if not isinstance(actor, BreakerActor):
+            raise EngineClientError(Code.RUNTIME_ERROR,
+                                    f"the breaker of model {alias} is restarting",
+                                    {"model": alias}, retryable=True)
+        return actor.breaker
 
     def model_ref(self, alias: str, child: str = "model") -> ActorRef:
         """The ref of one child (breaker, retry, model) of a model's subtree."""
