@@ -102,6 +102,15 @@ def validate_sequence(seq: EngineSequence, vocab_size: int) -> None:
         problems.append(f"top_k must be >= 0, got {s.top_k}")
     if s.repetition_penalty is not None and not s.repetition_penalty >= 0.0:
         problems.append(f"repetition_penalty must be >= 0, got {s.repetition_penalty}")
+    for name, penalty in (("presence_penalty", s.presence_penalty),
+                          ("frequency_penalty", s.frequency_penalty)):
+        if penalty is not None and not -2.0 <= penalty <= 2.0:
+            problems.append(f"{name} must be in [-2, 2], got {penalty}")
+    bad_bias = [t for t in s.logit_bias if not 0 <= t < vocab_size]
+    if bad_bias:
+        problems.append(f"logit_bias: token ids out of range [0, {vocab_size}): {bad_bias[:8]}")
+    if not all(-100.0 <= b <= 100.0 for b in s.logit_bias.values()):
+        problems.append("logit_bias: values must be in [-100, 100]")
     if problems:
         raise EngineClientError(
             Code.INVALID_PARAMS, "; ".join(problems), {"seq_id": seq.seq_id}

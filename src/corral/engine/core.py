@@ -322,7 +322,11 @@ class EngineCore:
         if sampling.stop_token_ids:
             ids = set(self._tokenizer.eos_token_ids) | set(sampling.stop_token_ids)
             stops = StopSequences([(t,) for t in sorted(ids)])
-        processors = make_logits_processors(repetition_penalty=sampling.repetition_penalty)
+        processors = make_logits_processors(
+            logit_bias=sampling.logit_bias or None,
+            repetition_penalty=sampling.repetition_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty)
         hit = self._prefix.lookup(tokens) if self._prefix is not None else None
         cached = hit.tokens if hit is not None else 0
         (uid,) = self._generator.insert(

@@ -373,7 +373,8 @@ def convert_params(params: Any, type_: type[_S]) -> _S:
         EngineClientError: code InvalidParams naming the field, as `params_as` does.
     """
     try:
-        return msgspec.convert(params, type_)
+        # JSON object keys are strings: a token id may key a mapping (logit_bias).
+        return msgspec.convert(params, type_, str_keys=True)
     except RecursionError:
         raise EngineClientError(Code.INVALID_PARAMS, "params nested too deeply") from None
     except msgspec.ValidationError as exc:

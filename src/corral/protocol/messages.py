@@ -99,6 +99,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] = {}
     seed: int | None = None
     stop: list[str] = []
     stop_token_ids: list[int] = []
@@ -402,6 +405,8 @@ StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 
+_Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
+_Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
 _Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 _Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 _Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -426,6 +431,9 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     top_k: TopK = 0
     min_p: _Fraction = 0.0
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    logit_bias: Annotated[dict[TokenId, _Bias], msgspec.Meta(max_length=1024)] = {}
     seed: Seed | None = None
     stop: StopString | Annotated[list[StopString],
                                  msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
@@ -440,8 +448,9 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            seed=self.seed, stop=stop, stop_token_ids=list(self.stop_token_ids),
-            logprobs=self.logprobs)
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=dict(self.logit_bias), seed=self.seed, stop=stop,
+            stop_token_ids=list(self.stop_token_ids), logprobs=self.logprobs)
 
 
 class Completion(msgspec.Struct, frozen=True):

@@ -2,9 +2,9 @@
 
 Requests decode into these Structs, and decoding is the validation: an unknown field
 is InvalidParams naming it. Fields that OpenAI clients send with neutral values by
-default (`n`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-`echo`, `user`, `stream_options`) are accepted; any value other than the neutral one
-fails validation, since corral would silently ignore it. `top_k`, `min_p`,
+default (`n`, `best_of`, `echo`, `user`, `stream_options`) are accepted; any value
+other than the neutral one fails validation, since corral would silently ignore it.
+`presence_penalty`, `frequency_penalty` and `logit_bias` are applied. `top_k`, `min_p`,
 `repetition_penalty` and `stop_token_ids` are accepted as extensions, as vLLM does, and
 `timeout_ms`, the request's deadline.
 Ranges of sampling values are checked once, by `GenerateParams`, which names the same
@@ -21,14 +21,11 @@ import msgspec
 
 from corral.protocol.messages import TokenCount, Usage
 
-_Zero = Annotated[float, msgspec.Meta(ge=0.0, le=0.0)]
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
 _NoZeroLogprobs = Annotated[int, msgspec.Meta(ge=0, le=0)]
-_Empty = Annotated[dict[str, float], msgspec.Meta(max_length=0)]
 
 NEUTRAL_ONLY: Final[dict[str, str]] = {
-    "n": "1", "best_of": "1", "presence_penalty": "0", "frequency_penalty": "0",
-    "logit_bias": "an empty object", "echo": "false", "suffix": "null", "top_logprobs": "0",
+    "n": "1", "best_of": "1", "echo": "false", "suffix": "null", "top_logprobs": "0",
 }
 """Fields accepted with their neutral value only, and that value, for error messages."""
 
@@ -52,9 +49,9 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stream_options: StreamOptions | None = None
     # Neutral values only (sent by default by some clients).
     n: _One = 1
-    presence_penalty: _Zero = 0.0
-    frequency_penalty: _Zero = 0.0
-    logit_bias: _Empty | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     user: str | None = None
     # Extensions, as vLLM accepts them.
     top_k: int | None = None

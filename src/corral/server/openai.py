@@ -136,10 +136,29 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest,
     params = {"model": request.model, "max_tokens": max_tokens,
               "temperature": request.temperature, "top_p": request.top_p,
               "top_k": request.top_k, "min_p": request.min_p,
-              "repetition_penalty": request.repetition_penalty, "seed": request.seed,
+              "repetition_penalty": request.repetition_penalty,
+              "presence_penalty": request.presence_penalty,
+              "frequency_penalty": request.frequency_penalty,
+              "logit_bias": _logit_bias(request.logit_bias), "seed": request.seed,
               "stop": request.stop, "stop_token_ids": request.stop_token_ids,
               "timeout_ms": request.timeout_ms}
     return {key: value for key, value in params.items() if value is not None}
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` (token ids as JSON object keys) keyed by token id.
+
+    Raises:
+        EngineClientError: InvalidParams when a key is not a token id.
+    """
+    if bias is None:
+        return None
+    try:
+        return {int(token): value for token, value in bias.items()}
+    except ValueError:
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                "logit_bias: keys must be token ids, as decimal strings",
+                                {"field": "logit_bias"}) from None
 
 
 def _prompt(prompt: str | list[str | int]) -> str | list[int]:
