@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import statistics
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
@@ -29,6 +28,7 @@ from corral.bench.runners import (
     BATCH_PROMPTS,
     PROMPT,
     Run,
+    Tally,
     runtime_batch,
     runtime_single,
 )
@@ -91,31 +91,23 @@ class _TrioSide:
 
 
 async def _aio_single(rt: aio.Runtime, prompt: str, max_tokens: int) -> Run:
-    tokens = first_tokens = 0
-    started = first = time.perf_counter()
+    tally = Tally()
     async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
         async for chunk in stream:
-            if not tokens:
-                first, first_tokens = time.perf_counter(), len(chunk.token_ids)
-            tokens += len(chunk.token_ids)
-    return Run(tokens, first_tokens, started, first, time.perf_counter())
+            tally.add(chunk.token_ids)
+    return tally.run()
 
 
 async def _aio_batch(rt: aio.Runtime, prompts: list[list[int]], max_tokens: int) -> Run:
-    counts = [0]
-    firsts: list[tuple[float, int]] = []
-    started = time.perf_counter()
+    tally = Tally()
 
     async def one(prompt: list[int]) -> None:
         async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
             async for chunk in stream:
-                if not counts[0]:
-                    firsts.append((time.perf_counter(), len(chunk.token_ids)))
-                counts[0] += len(chunk.token_ids)
+                tally.add(chunk.token_ids)
 
     await asyncio.gather(*(one(prompt) for prompt in prompts))
-    first, first_tokens = firsts[0]
-    return Run(counts[0], first_tokens, started, first, time.perf_counter())
+    return tally.run()
 
 
 async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,

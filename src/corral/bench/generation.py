@@ -28,6 +28,7 @@ import msgspec
 import trio
 from rich.progress import Progress
 
+from corral.bench import aio_generation
 from corral.bench.report import goal, percentile, print_table, write_result
 from corral.bench.runners import (
     ALIAS,
@@ -226,9 +227,6 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
          "warm_steps": 2} if smoke else
         {"max_tokens": 256, "streams": 16, "batch_max_tokens": 128, "rounds": 7, "joins": 7,
          "warm_steps": 8})
-    # aio_generation builds on this module's runs, so it is imported here, not at the top.
-    from corral.bench import aio_generation
-
     path = str(default_model_path())
     results = trio.run(lambda: _run(path, **parameters))
     results.update(aio_generation.measure(path, smoke=smoke))

@@ -21,8 +21,18 @@ import trio
 from corral.bench.report import PROMPTS
 from corral.runtime import Runtime
 
-__all__ = ["ALIAS", "BATCH_PROMPTS", "PROMPT", "ReferenceThread", "Run", "raw_batch",
-           "raw_single", "runtime_batch", "runtime_single"]
+__all__ = [
+    "ALIAS",
+    "BATCH_PROMPTS",
+    "PROMPT",
+    "ReferenceThread",
+    "Run",
+    "Tally",
+    "raw_batch",
+    "raw_single",
+    "runtime_batch",
+    "runtime_single",
+]
 
 ALIAS = "tiny"
 PROMPT = "The quick brown fox"
@@ -153,31 +163,42 @@ def raw_batch(prompts: list[list[int]], max_tokens: int, completion_batch_size: 
 # -- the runtime ----------------------------------------------------------------------
 
 
+class Tally:
+    """Counts the tokens of one or more concurrent streams as their chunks arrive, and
+    when the first came (with how many tokens it held); `run()` makes the `Run`."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.tokens = 0
+        self.first: tuple[float, int] | None = None
+
+    def add(self, token_ids: list[int]) -> None:
+        if self.first is None:
+            self.first = (time.perf_counter(), len(token_ids))
+        self.tokens += len(token_ids)
+
+    def run(self) -> Run:
+        first, first_tokens = self.first or (self.started, 0)
+        return Run(self.tokens, first_tokens, self.started, first, time.perf_counter())
+
+
 async def runtime_single(rt: Runtime, prompt: str, max_tokens: int) -> Run:
-    tokens = first_tokens = 0
-    started = first = time.perf_counter()
+    tally = Tally()
     async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
         async for chunk in stream:
-            if not tokens:
-                first, first_tokens = time.perf_counter(), len(chunk.token_ids)
-            tokens += len(chunk.token_ids)
-    return Run(tokens, first_tokens, started, first, time.perf_counter())
+            tally.add(chunk.token_ids)
+    return tally.run()
 
 
 async def runtime_batch(rt: Runtime, prompts: list[list[int]], max_tokens: int) -> Run:
-    counts = [0]
-    firsts: list[tuple[float, int]] = []
-    started = time.perf_counter()
+    tally = Tally()
 
     async def one(prompt: list[int]) -> None:
         async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
             async for chunk in stream:
-                if not counts[0]:
-                    firsts.append((time.perf_counter(), len(chunk.token_ids)))
-                counts[0] += len(chunk.token_ids)
+                tally.add(chunk.token_ids)
 
     async with trio.open_nursery() as nursery:
         for prompt in prompts:
             nursery.start_soon(one, prompt)
-    first, first_tokens = firsts[0]
-    return Run(counts[0], first_tokens, started, first, time.perf_counter())
+    return tally.run()

@@ -19,7 +19,7 @@ import trio
 from corral.actors.breaker import BreakerActor
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.model import ModelActor
-from corral.actors.supervisor import Supervisor
+from corral.actors.supervisor import ChildSpec, Supervisor
 from corral.config import ModelConfig, RuntimeConfig
 from corral.engine.api import (
     EngineStatistics,
@@ -109,11 +109,11 @@ class Models:
     def ref(self, alias: str, child: str = "model") -> ActorRef:
         return self._system.ref(model_path(alias, child))
 
-    def specs(self) -> list[Any]:
+    def specs(self) -> list[ChildSpec]:
         """The subtrees to start with the generation domain: every model not failed."""
         return [self.spec(m) for m in self.by_alias.values() if m.state != "failed"]
 
-    def spec(self, model: ModelRecord) -> Any:
+    def spec(self, model: ModelRecord) -> ChildSpec:
         return model_subtree_spec(
             self._config, model.alias, model.source, registry=self._system.ref(REGISTRY),
             standby_for=self._standby_for, on_start=lambda: self.watch(model),
