@@ -1,5 +1,6 @@
-"""Prompt and max_tokens limits: the serving model's context decides unless the config
-sets them, and a refusal names the limit and the key that changes it (issue 12, item 4).
+"""Prompt and max_tokens limits: the serving model's context decides, the config may
+lower them, and a refusal names the limit and the key that changes it (issue 12, item 4;
+issue 14, item 4).
 
 Real tiny models (of 2k and 128k context) in real time; prompts are token ids.
 """
@@ -52,28 +53,42 @@ async def test_a_128k_context_model_takes_a_5k_prompt_by_default(tmp_path: Path)
             completion = await rt.complete("tiny", _prompt(rt, 5000), max_tokens=4)
             assert completion.usage.prompt_tokens == 5000
             assert completion.finish_reason in ("length", "stop")
-            # So does a max_tokens past the old 4096 limit, up to the context.
-            async with rt.generate("tiny", "The quick brown fox", max_tokens=8000) as stream:
+            # So does a max_tokens past 4096, up to what the context leaves.
+            async with rt.generate("tiny", _prompt(rt, 5), max_tokens=8000) as stream:
                 async for _ in stream:
                     break
-            refused = await _refused(rt, prompt="The quick brown fox", max_tokens=131073)
-            assert refused.message == ("max_tokens: 131073, over the model's context of "
-                                       "131072 (generation.max_tokens_limit sets the limit)")
+            refused = await _refused(rt, prompt=_prompt(rt, 5), max_tokens=131068)
+            assert refused.message == ("max_tokens: 131068, but the prompt's 5 tokens "
+                                       "leave 131067 of the model context of 131072")
             await _served(rt)
 
 
 async def test_a_prompt_over_the_models_context_names_it_and_the_key(model_path: str) -> None:
     async with open_runtime(_config(), models={"tiny": model_path}) as rt:
         with trio.fail_after(60):
-            refused = await _refused(rt, prompt=_prompt(rt, 2100), max_tokens=4)
-            assert refused.message.startswith(
-                "prompt: 2100 tokens, over the model's context of 2048 (at most 2047")
-            assert "generation.max_prompt_tokens" in refused.message
-            assert refused.details["limit"] == 2047
-            # The whole context but one token is a prompt the model takes.
-            completion = await rt.complete("tiny", _prompt(rt, 2047), max_tokens=4)
+            for tokens in (3002, 2048):
+                refused = await _refused(rt, prompt=_prompt(rt, tokens), max_tokens=1)
+                assert refused.message.startswith(
+                    f"prompt: {tokens} tokens, model context is 2048")
+                assert refused.details["limit"] == 2047
+                await _served(rt)
+            # The whole context but one token is a prompt the model takes, without a
+            # max_tokens (it gets the one the context leaves), not with more.
+            completion = await rt.complete("tiny", _prompt(rt, 2047))
             assert completion.usage.prompt_tokens == 2047
-            assert len(completion.token_ids) == 1  # all the room the context leaves
+            assert len(completion.token_ids) == 1
+            refused = await _refused(rt, prompt=_prompt(rt, 2047), max_tokens=4)
+            assert refused.details == {"field": "max_tokens", "limit": 1,
+                                       "prompt_tokens": 2047, "context": 2048}
+            await _served(rt)
+
+
+async def test_a_configured_prompt_limit_never_raises_the_context(model_path: str) -> None:
+    async with open_runtime(_config(max_prompt_tokens=100_000),
+                            models={"tiny": model_path}) as rt:
+        with trio.fail_after(60):
+            refused = await _refused(rt, prompt=_prompt(rt, 3002), max_tokens=1)
+            assert refused.message.startswith("prompt: 3002 tokens, model context is 2048")
             await _served(rt)
 
 
@@ -99,16 +114,24 @@ async def test_a_configured_max_tokens_limit_wins_and_is_named(model_path: str) 
             await _served(rt)
 
 
-async def test_unset_max_tokens_is_cut_to_what_the_context_leaves(model_path: str) -> None:
-    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+async def test_max_tokens_must_fit_the_context_and_absent_takes_what_is_left(
+        model_path: str) -> None:
+    async with open_runtime(_config(default_max_tokens=None), models={"tiny": model_path}) as rt:
         with trio.fail_after(60):
-            # More than the context holds is not refused (up to 4096, which the old
-            # default allowed): generation ends where the context is full.
-            completion = await rt.complete("tiny", _prompt(rt, 2000), max_tokens=4000)
-            assert completion.usage.prompt_tokens == 2000
-            assert len(completion.token_ids) <= 48
-            refused = await _refused(rt, prompt="The quick brown fox", max_tokens=4097)
-            assert refused.message == (
-                "max_tokens: 4097, over 4096 (the model's context is 2048; "
-                "generation.max_tokens_limit sets the limit)")
+            refused = await _refused(rt, prompt=_prompt(rt, 2000), max_tokens=4000)
+            assert refused.message == ("max_tokens: 4000, but the prompt's 2000 tokens "
+                                       "leave 48 of the model context of 2048")
             await _served(rt)
+            completion = await rt.complete("tiny", _prompt(rt, 2000), max_tokens=48)
+            assert len(completion.token_ids) <= 48
+            # Absent, with no configured cap: what the context leaves.
+            completion = await rt.complete("tiny", _prompt(rt, 2040))
+            assert len(completion.token_ids) <= 8
+            assert completion.finish_reason == "length" or len(completion.token_ids) < 8
+
+
+async def test_absent_max_tokens_is_capped_by_the_configured_default(model_path: str) -> None:
+    async with open_runtime(_config(default_max_tokens=3), models={"tiny": model_path}) as rt:
+        with trio.fail_after(60):
+            completion = await rt.complete("tiny", _prompt(rt, 10))
+            assert len(completion.token_ids) <= 3

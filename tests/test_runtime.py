@@ -347,7 +347,7 @@ async def test_every_deadline_is_enforced_not_only_the_first(model_path: str) ->
 
         async def run(timeout_ms: int) -> None:
             try:
-                await rt.complete("tiny", PROMPT, max_tokens=4000, timeout_ms=timeout_ms)
+                await rt.complete("tiny", PROMPT, max_tokens=1500, timeout_ms=timeout_ms)
             except CorralError as exc:
                 errors[timeout_ms] = exc
 

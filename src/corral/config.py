@@ -245,7 +245,7 @@ class GenerationConfig(_Section, frozen=True):
 
     isolation: Literal["thread", "process"] = "thread"
     models: tuple[ModelConfig, ...] = ()
-    default_max_tokens: _PositiveInt = 256
+    default_max_tokens: _PositiveInt | None = 256
     max_tokens_limit: _PositiveInt | None = None
     max_prompt_tokens: _PositiveInt | None = None
     stall_timeout_ms: _PositiveInt = 30000
@@ -255,7 +255,8 @@ class GenerationConfig(_Section, frozen=True):
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     def __post_init__(self) -> None:
-        if self.max_tokens_limit is not None and self.default_max_tokens > self.max_tokens_limit:
+        if (self.max_tokens_limit is not None and self.default_max_tokens is not None
+                and self.default_max_tokens > self.max_tokens_limit):
             raise _FieldError("default_max_tokens", "expected <= max_tokens_limit")
         aliases: set[str] = set()
         for index, model in enumerate(self.models):

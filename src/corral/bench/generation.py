@@ -46,7 +46,7 @@ from corral.protocol.messages import EngineStep
 from corral.runtime import Runtime, open_runtime
 from corral.tiny import default_model_path
 
-_BACKGROUND_MAX_TOKENS = 4000  # more than a join takes; the streams are cancelled after
+_BACKGROUND_MAX_TOKENS = 1500  # more than a join takes; the streams are cancelled after
 
 
 class _StepTap:

@@ -173,7 +173,7 @@ class InfoLimits(msgspec.Struct, frozen=True):
 
 class InfoGeneration(msgspec.Struct, frozen=True):
     isolation: str
-    default_max_tokens: int
+    default_max_tokens: int | None
 
 
 class RuntimeInfo(msgspec.Struct, frozen=True):

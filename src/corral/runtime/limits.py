@@ -1,7 +1,9 @@
-"""How long a prompt and a completion may be: the config's limits, else the model's.
+"""How long a prompt and a completion may be: the serving model's context first, then
+the config's limits.
 
 Pure functions of the request and the model's `ModelInfo`: they raise InvalidParams
-naming the limit and the key that sets it, and never touch an actor.
+naming the limit and the key that sets it, and never touch an actor. A fallback model
+is checked against its own context, since the caller passes the serving model's info.
 """
 
 from __future__ import annotations
@@ -10,66 +12,73 @@ from corral.config import GenerationConfig
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import ModelInfo
 
-__all__ = ["DEFAULT_LIMIT", "check_prompt_length", "max_tokens_for"]
+__all__ = ["UNKNOWN_CONTEXT_LIMIT", "check_prompt_length", "max_tokens_for"]
 
-DEFAULT_LIMIT = 4096
-"""Unless generation.max_prompt_tokens / max_tokens_limit set them: the prompt and
-max_tokens limits of a model whose config gives no context length, and the least
-max_tokens limit of any model (generation stops where the context is full anyway)."""
+UNKNOWN_CONTEXT_LIMIT = 4096
+"""The prompt and max_tokens limits of a model whose config gives no context length,
+unless generation.max_prompt_tokens / max_tokens_limit set them."""
 
 
 def check_prompt_length(config: GenerationConfig, tokens: int, info: ModelInfo | None) -> None:
-    """A prompt fits generation.max_prompt_tokens when set, else the model's context
-    less one token to generate.
+    """A prompt leaves at least one token of the model's context to generate, and fits
+    generation.max_prompt_tokens when that is set.
 
     Raises:
-        EngineClientError: InvalidParams naming the limit and the key that sets it.
+        EngineClientError: InvalidParams naming the limit, and the key when one sets it.
     """
     context = info.max_context if info is not None else None
+    if context is not None and tokens + 1 > context:
+        raise EngineClientError(
+            Code.INVALID_PARAMS,
+            f"prompt: {tokens} tokens, model context is {context} "
+            f"(a prompt may have at most {context - 1}, leaving one token to generate)",
+            {"field": "prompt", "prompt_tokens": tokens, "limit": context - 1,
+             "context": context})
     limit = config.max_prompt_tokens
     if limit is not None:
         over = f"over generation.max_prompt_tokens ({limit})"
-    elif context is not None:
-        limit = context - 1
-        over = (f"over the model's context of {context} (at most {limit}, leaving one "
-                f"token to generate; generation.max_prompt_tokens sets the limit)")
-    else:
-        limit = DEFAULT_LIMIT
+    elif context is None:
+        limit = UNKNOWN_CONTEXT_LIMIT
         over = (f"over {limit} (the model's context is unknown; "
                 f"generation.max_prompt_tokens sets the limit)")
-    if tokens > limit:
+    if limit is not None and tokens > limit:
         raise EngineClientError(Code.INVALID_PARAMS, f"prompt: {tokens} tokens, {over}",
                                 {"field": "prompt", "prompt_tokens": tokens, "limit": limit})
 
 
 def max_tokens_for(config: GenerationConfig, requested: int | None, prompt_tokens: int,
                    info: ModelInfo | None) -> int:
-    """The request's max_tokens (or the default), checked against
-    generation.max_tokens_limit when set, else against the model's context (or
-    `DEFAULT_LIMIT` when that is more, so that what an earlier default let through
-    still goes through); then cut to what the context leaves after the prompt:
-    generation ends where it is full.
+    """The number of tokens a request may generate after its `prompt_tokens`.
+
+    Given, `requested` must fit generation.max_tokens_limit (when set) and what the
+    model's context leaves after the prompt, as vLLM checks it: a request that cannot
+    have what it asked for is refused rather than cut short. Absent, it is what the
+    context leaves, at most generation.default_max_tokens (when set) and
+    max_tokens_limit.
 
     Raises:
-        EngineClientError: InvalidParams naming the limit and the key that sets it.
+        EngineClientError: InvalidParams naming the limit, and the key when one sets it.
     """
-    max_tokens = requested or config.default_max_tokens
     context = info.max_context if info is not None else None
     limit = config.max_tokens_limit
     if limit is not None:
         over = f"over generation.max_tokens_limit ({limit})"
-    elif context is not None and context >= DEFAULT_LIMIT:
-        limit = context
-        over = (f"over the model's context of {context} "
-                f"(generation.max_tokens_limit sets the limit)")
-    else:
-        limit = DEFAULT_LIMIT
-        known = f"is {context}" if context is not None else "is unknown"
-        over = (f"over {limit} (the model's context {known}; "
+    elif context is None:
+        limit = UNKNOWN_CONTEXT_LIMIT
+        over = (f"over {limit} (the model's context is unknown; "
                 f"generation.max_tokens_limit sets the limit)")
-    if max_tokens > limit:
-        raise EngineClientError(Code.INVALID_PARAMS, f"max_tokens: {max_tokens}, {over}",
+    room = context - prompt_tokens if context is not None else None
+    if requested is None:
+        caps = [c for c in (room, config.default_max_tokens, limit) if c is not None]
+        return max(1, min(caps))  # never empty: without a context, `limit` is set
+    if limit is not None and requested > limit:
+        raise EngineClientError(Code.INVALID_PARAMS, f"max_tokens: {requested}, {over}",
                                 {"field": "max_tokens", "limit": limit})
-    if context is not None and prompt_tokens + max_tokens > context:
-        max_tokens = max(1, context - prompt_tokens)
-    return max_tokens
+    if room is not None and requested > room:
+        raise EngineClientError(
+            Code.INVALID_PARAMS,
+            f"max_tokens: {requested}, but the prompt's {prompt_tokens} tokens leave "
+            f"{room} of the model context of {context}",
+            {"field": "max_tokens", "limit": room, "prompt_tokens": prompt_tokens,
+             "context": context})
+    return requested
