@@ -96,7 +96,8 @@ class Served:
             lambda: httpx.post(f"{self.base_url}{path}", timeout=10, **kwargs))
 
 
-async def _serve(rt: Runtime) -> Served:
+async def serve_http(rt: Runtime) -> Served:
+    """A real HTTP server for `rt` on 127.0.0.1, on a free port."""
     metrics = Metrics(rt)
     port = _free_port()
     await rt.start_transport(ChildSpec(
@@ -107,7 +108,7 @@ async def _serve(rt: Runtime) -> Served:
 @pytest.fixture
 async def served(model_path: str) -> AsyncIterator[Served]:
     async with open_runtime(_config(), models={"tiny": model_path}) as rt:
-        server = await _serve(rt)
+        server = await serve_http(rt)
         yield server
         server.metrics.close()
 
@@ -371,7 +372,7 @@ async def test_an_open_circuit_is_503_with_retry_after(served: Served) -> None:
 async def test_a_full_registry_is_429_with_retry_after(model_path: str) -> None:
     config = _config(stream_registry={"max_active_streams": 1, "max_queued": 0})
     async with open_runtime(config, models={"tiny": model_path}) as rt:
-        served = await _serve(rt)
+        served = await serve_http(rt)
         async with rt.generate("tiny", PROMPT, max_tokens=2000) as running:
             await running.__anext__()
 
@@ -472,7 +473,7 @@ async def test_models(served: Served) -> None:
 async def test_health_is_503_with_the_reason_when_a_model_failed(model_path: str) -> None:
     config = _config(python_runtime={"max_restarts": 0})
     async with open_runtime(config, models={"tiny": model_path}) as rt:
-        served = await _serve(rt)
+        served = await serve_http(rt)
         healthy = await served.get("/health")
         assert healthy.status_code == 200
         body = healthy.json()
@@ -596,7 +597,7 @@ async def test_a_stopping_server_ends_open_streams_with_an_error_event(
     the streams still open with an error event, not a dropped connection."""
     config = _config(server={"drain_timeout_ms": 0})
     async with open_runtime(config, models={"tiny": model_path}) as rt:
-        served = await _serve(rt)
+        served = await serve_http(rt)
         streaming = trio.Event()
 
         def run(client: openai.OpenAI) -> openai.APIError:

@@ -284,6 +284,7 @@ class ServerConfig(_Section, frozen=True):
     keep_alive_timeout_ms: _PositiveInt = 5000
     max_connections: _PositiveInt | None = None
     max_streams_per_client: _PositiveInt | None = None
+    admin_api_key: Annotated[str, msgspec.Meta(min_length=16)] | None = None
 
     def __post_init__(self) -> None:
         for index, uri in enumerate(self.jsonrpc):

@@ -214,6 +214,14 @@ class ModelCard(msgspec.Struct, frozen=True):
     object: Literal["model"] = "model"
 
 
+class ModelDeleted(msgspec.Struct, frozen=True):
+    """The answer of POST /v1/models/unload, in the shape of OpenAI's model deletion."""
+
+    id: str
+    deleted: bool = True
+    object: Literal["model"] = "model"
+
+
 class ModelList(msgspec.Struct, frozen=True):
     data: list[ModelCard]
     object: Literal["list"] = "list"

@@ -2,7 +2,8 @@
 errors) and the supervised listener, served by Hypercorn's trio worker and Starlette.
 
 Routes (`routes.py`): POST /v1/completions and /v1/chat/completions (JSON, or SSE with
-`stream`), GET /v1/models[/{id}], GET /health, GET /metrics. Every error leaves as
+`stream`), GET /v1/models[/{id}], GET /health, GET /metrics; with an admin API key
+(`admin.py`), POST /v1/models/load and /v1/models/unload. Every error leaves as
 OpenAI's error body with corral's code name and the request id, its status from the
 error table (`openai.py`). This module never shapes a body or calls the runtime's
 request methods itself, and holds no state a restart of the HTTP server would lose.
@@ -49,6 +50,7 @@ from corral.logging import bind_request
 from corral.metrics import Metrics
 from corral.protocol.errors import Code, EngineClientError, OverloadedError
 from corral.runtime import Runtime
+from corral.server.admin import AdminRoutes
 from corral.server.openai import error_body, error_headers, internal_error
 from corral.server.routes import (
     LAST_WORDS_S,
@@ -190,6 +192,8 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
     metrics = metrics or Metrics(runtime)
     limits = limits or HttpLimits.from_config(runtime.config.server)
     routes = Routes(runtime, metrics)
+    admin = AdminRoutes(runtime, runtime.config.server.admin_api_key,
+                        body_timeout_ms=limits.body_timeout_ms)
     clients = ClientStreams(limits.max_streams_per_client,
                             runtime.config.stream_registry.overloaded_retry_after_ms)
 
@@ -201,6 +205,8 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
         routes=[
             Route("/v1/completions", generate("text"), methods=["POST"]),
             Route("/v1/chat/completions", generate("chat"), methods=["POST"]),
+            Route("/v1/models/load", admin.load, methods=["POST"]),
+            Route("/v1/models/unload", admin.unload, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),

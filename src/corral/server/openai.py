@@ -46,8 +46,8 @@ __all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completi
            "internal_error", "retry_after", "status_of", "with_drain_wait"]
 
 _ERROR_TYPES: Final[dict[int, str]] = {
-    400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-    429: "rate_limit_error", 499: "cancelled",
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    405: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled",
 }
 
 
@@ -56,12 +56,19 @@ _ERROR_TYPES: Final[dict[int, str]] = {
 
 def status_of(error: CorralError) -> int:
     """The HTTP status of an error: the table's, except 503 while the server shuts down
-    (the table has no code of its own for that; the error is a retryable ServerError)
-    and 408 for a request body that did not arrive in time (the client's Timeout)."""
+    (the table has no code of its own for that; the error is a retryable ServerError),
+    408 for a request body that did not arrive in time (the client's Timeout), 401 for
+    an admin request without the right key (InvalidRequest, `details.unauthorized`), and 400
+    for a model load that retrying cannot fix (a path that leads to no model, or a
+    model the engine cannot load): the caller's choice of model, not a server fault."""
     if error.details.get("shutting_down"):
         return 503
     if "body_timeout_ms" in error.details:
         return 408
+    if error.details.get("unauthorized"):
+        return 401
+    if error.code is Code.MODEL_LOAD_ERROR and error.retryable is False:
+        return 400
     return error.spec.http
 
 

@@ -29,7 +29,7 @@ from corral.protocol.errors import Code, CorralError, EngineClientError, Overloa
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
-from corral.runtime import Runtime, TokenStream
+from corral.runtime import ModelDescription, Runtime, TokenStream
 from corral.server.openai import (
     Job,
     chat_job,
@@ -45,7 +45,8 @@ from corral.server.openai import (
     with_drain_wait,
 )
 
-__all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error_response"]
+__all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error_response",
+           "json_response", "model_card", "read_json"]
 
 LAST_WORDS_S: Final = 1.0
 """How long a server that is stopping, or refusing a connection, spends telling the
@@ -65,11 +66,12 @@ def error_response(error: CorralError, request_id: str) -> Response:
     return response
 
 
-def _json(data: Any, status: int = 200) -> Response:
+def json_response(data: Any, status: int = 200) -> Response:
+    """`data` (a Struct or builtins) as a JSON response."""
     return Response(_encode(data), status, media_type="application/json")
 
 
-async def _read_json(request: Request, limit: int, timeout_ms: int) -> Any:
+async def read_json(request: Request, limit: int, timeout_ms: int) -> Any:
     """The request body as builtins, read within `timeout_ms`.
 
     Raises:
@@ -275,7 +277,7 @@ class GenerateEndpoint:
         exchange = _Exchange(send, request_id, self._metrics, trio.current_time(),
                              self._drain_ms)
         try:
-            body = await _read_json(Request(scope, receive), self._max_body,
+            body = await read_json(Request(scope, receive), self._max_body,
                                     self._body_timeout_ms)
             job = self._make_job(body, request_id, f"http:{client}")
             self._clients.take(client)
@@ -353,6 +355,13 @@ class GenerateEndpoint:
 # -- the small routes -----------------------------------------------------------------
 
 
+def model_card(model: ModelDescription, created: int) -> ModelCard:
+    """A model as GET /v1/models lists it."""
+    return ModelCard(id=model.alias, created=created, root=model.path,
+                     max_model_len=model.info.max_context if model.info else None,
+                     state=model.state, breaker=model.breaker)
+
+
 @final
 class Routes:
     """GET /v1/models, /v1/models/{id}, /health and /metrics."""
@@ -363,20 +372,17 @@ class Routes:
         self._created = int(time.time())
 
     def _cards(self) -> list[ModelCard]:
-        return [ModelCard(id=m.alias, created=self._created, root=m.path,
-                          max_model_len=m.info.max_context if m.info else None,
-                          state=m.state, breaker=m.breaker)
-                for m in self._runtime.list_models()]
+        return [model_card(m, self._created) for m in self._runtime.list_models()]
 
     async def models(self, request: Request) -> Response:
-        return _json(ModelList(self._cards()))
+        return json_response(ModelList(self._cards()))
 
     async def model(self, request: Request) -> Response:
         """The model's card, or 404 (ModelNotLoaded)."""
         alias = request.path_params["model"]
         for card in self._cards():
             if card.id == alias:
-                return _json(card)
+                return json_response(card)
         return error_response(
             EngineClientError(Code.MODEL_NOT_LOADED, f"model {alias!r} is not loaded",
                               {"model": alias}), request.state.request_id)
@@ -385,7 +391,7 @@ class Routes:
         """200, or 503 with the reasons; while draining, with the drain's Retry-After."""
         health = self._runtime.health()
         body = {"status": "ok" if health.ok else "unavailable", **msgspec.to_builtins(health)}
-        response = _json(body, 200 if health.ok else 503)
+        response = json_response(body, 200 if health.ok else 503)
         if not health.ok and self._runtime.draining:
             response.raw_headers.append(
                 retry_after(drain_wait_ms(self._runtime.config.server.drain_timeout_ms)))

@@ -1,0 +1,87 @@
+"""Models over HTTP: POST /v1/models/load and /v1/models/unload, behind an API key.
+
+Off unless `server.admin_api_key` is set: then a request must carry
+`Authorization: Bearer <key>`. A missing or wrong key is a 401 (InvalidRequest, with
+`details.unauthorized`) and changes nothing; with no key configured the routes answer
+404 saying how to turn them on. The bodies are JSON-RPC's `load_model` /
+`unload_model` params, decoded by the same Structs, so both transports take the same
+fields and refuse the same values.
+
+A load waits until the model is loaded (or failed to): a client that goes away meanwhile
+does not stop it, since the model is the server's, not the request's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Final, final
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams, convert_params
+from corral.protocol.openai import ModelDeleted
+from corral.runtime import Runtime
+from corral.server.routes import error_response, json_response, model_card, read_json
+
+__all__ = ["AdminRoutes"]
+
+_BEARER: Final = "bearer "
+
+
+@final
+class AdminRoutes:
+    """The two admin endpoints over one runtime."""
+
+    def __init__(self, runtime: Runtime, api_key: str | None, *, body_timeout_ms: int) -> None:
+        self._runtime = runtime
+        self._api_key = api_key
+        self._body_timeout_ms = body_timeout_ms
+
+    async def load(self, request: Request) -> Response:
+        """Load a model (`path`, `alias`, `fallbacks`); 200 with its card once loaded.
+
+        Errors: 401 for a bad key; 400 InvalidParams for a bad body or a taken alias;
+        400 ModelLoadError for a path that leads to no model or a model that cannot load.
+        """
+        try:
+            params = convert_params(await self._authorized_body(request), LoadModelParams)
+            loaded = await self._runtime.load_model(params.path, alias=params.alias,
+                                                    fallbacks=tuple(params.fallbacks))
+        except CorralError as error:
+            return error_response(error, request.state.request_id)
+        return json_response(model_card(loaded, int(time.time())))
+
+    async def unload(self, request: Request) -> Response:
+        """Unload a model (`alias`); its open streams end with a GenerationError.
+
+        Errors: 401 for a bad key; 400 for a bad body; 404 ModelNotLoaded.
+        """
+        try:
+            params = convert_params(await self._authorized_body(request), UnloadModelParams)
+            await self._runtime.unload_model(params.alias)
+        except CorralError as error:
+            return error_response(error, request.state.request_id)
+        return json_response(ModelDeleted(id=params.alias))
+
+    async def _authorized_body(self, request: Request) -> object:
+        """The body, once the key is checked (before any of the body is read).
+
+        Raises:
+            EngineClientError: MethodNotFound when the admin API is off, InvalidRequest
+                (sent as 401) for a missing or wrong key, or what reading the body raises.
+        """
+        if self._api_key is None:
+            raise EngineClientError(
+                Code.METHOD_NOT_FOUND,
+                f"{request.url.path}: the admin API is off; set server.admin_api_key")
+        header = request.headers.get("authorization", "")
+        given = header[len(_BEARER):] if header.lower().startswith(_BEARER) else ""
+        if not hmac.compare_digest(given.encode(), self._api_key.encode()):
+            raise EngineClientError(
+                Code.INVALID_REQUEST, "a valid admin API key is required: "
+                "send 'Authorization: Bearer <server.admin_api_key>'", {"unauthorized": True})
+        return await read_json(request, self._runtime.config.server.max_body_bytes,
+                               self._body_timeout_ms)
