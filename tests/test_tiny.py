@@ -147,7 +147,7 @@ def test_default_model_path_builds_once(
 ) -> None:
     monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path))
     path = default_model_path()
-    assert path == tmp_path / "tiny-model-v1"
+    assert path == tmp_path / "tiny-model-v2"
     weights = path / "model.safetensors"
     built = weights.stat().st_mtime_ns
     assert default_model_path() == path
@@ -159,7 +159,7 @@ def test_default_model_path_honours_xdg(
 ) -> None:
     monkeypatch.delenv("CORRAL_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_model_path() == tmp_path / "corral" / "tiny-model-v1"
+    assert default_model_path() == tmp_path / "corral" / "tiny-model-v2"
 
 
 def test_fills_an_existing_directory(tiny_model: Path, tmp_path: Path) -> None:

@@ -23,13 +23,21 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 __all__ = ["default_model_path", "make_tiny_model"]
 
 # Bump when the files this module writes change, so caches of the old model are not
 # mistaken for the new one.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _DEFAULT_NAME = f"tiny-model-v{_FORMAT_VERSION}"
 
 _BOS = "<|bos|>"
@@ -39,6 +47,10 @@ _USER = "<|user|>"
 _ASSISTANT = "<|assistant|>"
 # Listed first so the trainer gives them ids 0..4 in this order.
 _SPECIAL_TOKENS = (_BOS, _EOS, _SYSTEM, _USER, _ASSISTANT)
+# Tool-call markers, as Qwen 2.5 and Hermes have them: added after training, as single
+# tokens that decode to their text, so mlx_lm's `json_tools` parser reads the calls.
+_TOOL_CALL_START = "<tool_call>"
+_TOOL_CALL_END = "</tool_call>"
 
 # An upper bound: the corpus runs out of pairs seen twice before it, at 592 tokens.
 _VOCAB_SIZE = 1024
@@ -57,13 +69,39 @@ _MARKER = "corral-tiny-model.json"
 # A turn is its role token, the text, then <|eos|>, so a reply ends where a model
 # trained on this format would stop. The BOS is in the template because mlx_lm encodes
 # a rendered prompt that starts with it without adding special tokens again.
+# Tools render as Qwen 2.5's template renders them: their JSON in the system turn, with
+# the call format; an assistant's calls as <tool_call> JSON </tool_call>; a tool's
+# answer as a user turn in <tool_response> tags. Without tools the text is as before.
 _CHAT_TEMPLATE = (
     "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{- raise_exception('tiny model chat roles are system, user and assistant') -}}"
+    "{%- set turns = messages -%}"
+    "{%- if tools -%}"
+    "{{- '<|system|>' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- messages[0]['content'] + '\n\n' -}}{%- set turns = messages[1:] -%}"
     "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>' + message['content'] + eos_token -}}"
+    "{{- '# Tools\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\n</tools>\nTo call a function, answer <tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>'"
+    " + eos_token -}}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{{- '<|user|><tool_response>\n' + message['content'] + '\n</tool_response>'"
+    " + eos_token -}}"
+    "{%- elif message['role'] in ['system', 'user', 'assistant'] -%}"
+    "{{- '<|' + message['role'] + '|>' + (message['content'] or '') -}}"
+    "{%- for tool_call in message.get('tool_calls') or [] -%}"
+    "{%- if tool_call.function is defined -%}{%- set tool_call = tool_call.function -%}"
+    "{%- endif -%}"
+    "{{- '<tool_call>\n{\"name\": \"' + tool_call.name + '\", \"arguments\": '"
+    " + (tool_call.arguments | tojson) + '}\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- eos_token -}}"
+    "{%- else -%}"
+    "{{- raise_exception('tiny model chat roles are system, user, assistant and tool') -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )
@@ -166,7 +204,7 @@ def make_tiny_model(directory: str | os.PathLike[str], *, seed: int = 0,
 def default_model_path() -> Path:
     """Return the directory of the embedded default model, making it on first use.
 
-    The directory is ``tiny-model-v1`` under ``$CORRAL_CACHE_DIR`` if that is set, else
+    The directory is ``tiny-model-v2`` under ``$CORRAL_CACHE_DIR`` if that is set, else
     under ``$XDG_CACHE_HOME/corral``, else under ``~/.cache/corral``. Processes may call
     this concurrently: each either finds the complete model or builds one, and only one
     build is kept.
@@ -243,6 +281,8 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(_TOOL_CALL_START, special=False, normalized=False),
+                          AddedToken(_TOOL_CALL_END, special=False, normalized=False)])
     bos_id = tokenizer.token_to_id(_BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{_BOS} $A",

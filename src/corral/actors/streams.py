@@ -49,19 +49,23 @@ from corral.protocol.messages import (
     RegistryState,
     Submit,
     TokenOut,
+    ToolCall,
 )
 
 
 class StreamChunk(msgspec.Struct, frozen=True):
     """What a reader gets: all output since its last read, coalesced.
 
-    `index` is the position of the first token in the completion.
+    `index` is the position of the first token in the completion. With tools, `text`
+    is the content around the calls, and `tool_calls` the calls this chunk completed
+    (see `corral.runtime.tools`).
     """
 
     text: str
     token_ids: list[int]
     logprobs: list[float] | None
     index: int
+    tool_calls: list[ToolCall] = []
 
 
 @final
@@ -93,7 +97,7 @@ class StreamBuffer:
         self.error: CorralError | None = None
         self.sequence: EngineSequence | None = None  # as first submitted, for resume
         self.resumes = 0
-        self._want_logprobs = logprobs
+        self.wants_logprobs = logprobs
         self._logprobs: list[float] = []
         self._read_tokens = 0
         self._read_text = 0
@@ -122,7 +126,7 @@ class StreamBuffer:
         self.token_times.append(trio.current_time())
         if out.text:
             self.text_parts.append(out.text)
-        if self._want_logprobs:
+        if self.wants_logprobs:
             self._logprobs.append(out.logprob if out.logprob is not None else math.nan)
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
@@ -144,7 +148,7 @@ class StreamBuffer:
         chunk = StreamChunk(
             text="".join(self.text_parts[self._read_text:]),
             token_ids=self.tokens[start:],
-            logprobs=self._logprobs[start:] if self._want_logprobs else None,
+            logprobs=self._logprobs[start:] if self.wants_logprobs else None,
             index=start)
         self._read_tokens = len(self.tokens)
         self._read_text = len(self.text_parts)

@@ -71,7 +71,8 @@ class EngineClient(Protocol):
         ...
 
     async def apply_chat_template(self, messages: list[dict[str, Any]],
-                                  add_generation_prompt: bool = True) -> list[int]:
+                                  add_generation_prompt: bool = True,
+                                  tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Raises TokenizerError (no template, or it refuses), ModelNotLoaded."""
         ...
 

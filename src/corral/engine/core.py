@@ -188,6 +188,9 @@ class EngineCore:
             max_context=int(max_context) if max_context is not None else None,
             load_seconds=load_seconds,
             has_chat_template=bool(tokenizer.has_chat_template),
+            # mlx_lm's loader names the parser it inferred from the chat template.
+            tool_parser=(tokenizer.init_kwargs.get("tool_parser_type")
+                         if tokenizer.has_tool_calling else None),
         )
 
     def _open_prefix_cache(self, model: Any, config: dict[str, Any]) -> PrefixCache | None:

@@ -335,7 +335,8 @@ class ProcessEngine(EngineBase):
         return await self._worker_call(DetokenizeArgs(list(ids)), str)
 
     async def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Render chat messages with the model's template and encode them, in the worker.
 
@@ -345,7 +346,8 @@ class ProcessEngine(EngineBase):
             EngineClientError: TokenizerError if there is no template or it refuses
                 the messages; ModelNotLoaded if the worker stops first.
         """
-        return await self._worker_call(ChatTemplateArgs(messages, add_generation_prompt), list)
+        return await self._worker_call(
+            ChatTemplateArgs(messages, add_generation_prompt, tools), list)
 
     def statistics(self) -> ProcessEngineStatistics:
         """The engine's counters as of the last frames (see `ProcessEngineStatistics`)."""

@@ -223,9 +223,11 @@ class Engine(EngineBase):
         return await self._tokenizer_call(lambda tok: str(tok.decode(ids)), str)
 
     async def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Render chat messages with the model's template and encode them.
+        """Render chat messages (and `tools`, when given) with the model's template and
+        encode them.
 
         On cancellation the call still runs; its result is dropped.
 
@@ -238,7 +240,8 @@ class Engine(EngineBase):
             if not tok.has_chat_template:
                 raise ValueError("the model has no chat template")
             ids = tok.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                tools=tools,
             )
             return [int(i) for i in ids]
 

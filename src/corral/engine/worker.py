@@ -265,7 +265,7 @@ class _Worker:
             else:
                 assert isinstance(args, ChatTemplateArgs)
                 value = await engine.apply_chat_template(args.messages,
-                                                         args.add_generation_prompt)
+                                                         args.add_generation_prompt, args.tools)
         except CorralError as exc:
             self._emit(CallResult(call.call_id, error=exc.info()))
         else:

@@ -33,7 +33,7 @@ from corral.protocol.errors import (
     code_for_jsonrpc,
     error_from_info,
 )
-from corral.protocol.messages import FinishReason, Name, StreamId, TokenId
+from corral.protocol.messages import FinishReason, Name, StreamId, TokenId, ToolCall
 from corral.protocol.openai import UsageInfo
 
 RequestId: TypeAlias = str | int | None
@@ -190,13 +190,15 @@ class RuntimeInfo(msgspec.Struct, frozen=True):
 
 
 class StreamChunkParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    """`stream.chunk`: text and token ids since the last chunk; `logprobs` when asked."""
+    """`stream.chunk`: text and token ids since the last chunk; `logprobs` when asked;
+    with tools, `text` is the content and `tool_calls` the calls this chunk completed."""
 
     stream_id: int
     text: str
     token_ids: list[int]
     index: int
     logprobs: list[float] | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class StreamEndParams(msgspec.Struct, frozen=True):

@@ -7,7 +7,7 @@ variable `reply_type`, so `ask` decodes the reply with the right schema.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
@@ -83,7 +83,9 @@ class Ping(msgspec.Struct, frozen=True, tag=True):
 
 # -- generation: what a client asks for and what it gets back ------------------------
 
-FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error", "tool_calls"]
+"""How a sequence ended; "tool_calls" is only ever the runtime's reading of a "stop"
+after which the model's text held tool calls."""
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -113,9 +115,62 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         return self.temperature == 0.0 or self.seed is not None
 
 
+class FunctionCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A call the model made: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenAI's `tool_calls[]` item, in an assistant message or a reply."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A function the model may call; `parameters` is its arguments' JSON schema."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """OpenAI's `tools[]` item."""
+
+    function: ToolFunction
+    type: Literal["function"] = "function"
+
+
+class ToolChoiceFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`tool_choice` naming the one function the model must call."""
+
+    function: ToolChoiceFunction
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+"""none: tools are not shown to the model; auto: it may call them; required: it calls
+one or more; a named function: it calls that one."""
+
+
 class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A chat turn. An assistant turn may carry the `tool_calls` it made; a `tool` turn
+    answers the call `tool_call_id`."""
+
     role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] = []
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -218,6 +273,9 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_context: int | None
     load_seconds: float
     has_chat_template: bool
+    tool_parser: str | None = None
+    """The `mlx_lm.tool_parsers` module that reads this model's tool calls, or None
+    when its chat template has no tool support."""
 
 
 # -- model actor messages --------------------------------------------------------------
@@ -282,7 +340,12 @@ class Detokenize(msgspec.Struct, frozen=True, tag=True):
 
 
 class ApplyChatTemplate(msgspec.Struct, frozen=True, tag=True):
-    messages: list[ChatMessage]
+    """Render chat turns (and the tools, when given) with the model's chat template.
+    Turns and tools are the template's free-form mappings (`runtime/tools.py` makes
+    them from `ChatMessage` and `Tool`)."""
+
+    turns: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
     reply_type: ClassVar[type[TokenIds]] = TokenIds
 
 
@@ -418,6 +481,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     InvalidParams error naming the field.
 
     Exactly one of `prompt` (text or token ids) and `messages` (chat turns) is given.
+    `tools`, `tool_choice` and `parallel_tool_calls` go with `messages`, as OpenAI's
+    function calling has them (`runtime/tools.py`).
     `client` names who asks, for fair admission (see `Admit`); a transport sets it to
     the connection or address the request came from, whatever the request said.
     """
@@ -439,6 +504,9 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
                                  msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[TokenId] = []
     logprobs: bool = False
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     timeout_ms: TimeoutMs | None = None
     request_id: Name | None = None
     client: Name | None = None
@@ -463,3 +531,4 @@ class Completion(msgspec.Struct, frozen=True):
     finish_reason: FinishReason
     usage: Usage
     logprobs: list[float] | None = None
+    tool_calls: list[ToolCall] = []

@@ -19,7 +19,14 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from corral.protocol.messages import TokenCount, Usage
+from corral.protocol.messages import (
+    FunctionCall,
+    TokenCount,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
 
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
 _NoZeroLogprobs = Annotated[int, msgspec.Meta(ge=0, le=0)]
@@ -82,10 +89,14 @@ class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ChatMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A chat turn; `developer` is taken as `system`, text parts are joined."""
+    """A chat turn; `developer` is taken as `system`, text parts are joined, and no
+    content (an assistant turn that only calls tools) is empty text."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -93,6 +104,9 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
 
     messages: list[ChatMessageIn]
     max_completion_tokens: TokenCount | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     logprobs: bool = False
     top_logprobs: _NoZeroLogprobs | None = None
 
@@ -160,8 +174,11 @@ class ChatLogprobs(msgspec.Struct, frozen=True):
 
 
 class ChatMessageOut(msgspec.Struct, frozen=True):
-    content: str
+    """The reply; `content` is None when the model only called tools."""
+
+    content: str | None
     role: Literal["assistant"] = "assistant"
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct, frozen=True):
@@ -180,9 +197,19 @@ class ChatCompletionResponse(msgspec.Struct, frozen=True):
     object: Literal["chat.completion"] = "chat.completion"
 
 
+class ToolCallDelta(msgspec.Struct, frozen=True):
+    """A streamed tool call: each is sent whole, in one delta, at its `index`."""
+
+    index: int
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatDelta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, frozen=True):

@@ -38,7 +38,7 @@ __all__ = [
     "LoadFailed", "Loaded", "Shutdown", "Step", "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 3
+PROTOCOL_VERSION: Final = 4
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 
@@ -82,6 +82,7 @@ class ChatTemplateArgs(msgspec.Struct, frozen=True, tag="apply_chat_template",
     # Chat turns stay free-form mappings: the model's template decides what it accepts.
     messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
 
 
 CallArgs = TokenizeArgs | DetokenizeArgs | ChatTemplateArgs

@@ -212,7 +212,7 @@ class Runtime:
             assert stream.finish_reason is not None
             return Completion(stream.stream_id, stream.model, stream.text, stream.token_ids,
                               stream.finish_reason, stream.usage,
-                              logprobs if request.logprobs else None)
+                              logprobs if request.logprobs else None, stream.tool_calls)
 
     @property
     def draining(self) -> bool:

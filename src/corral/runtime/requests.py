@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, final
 
+import msgspec
 import structlog
 import trio
 
@@ -41,10 +42,12 @@ from corral.protocol.messages import (
     GenerateParams,
     Submit,
     Tokenize,
+    ToolCall,
     Usage,
 )
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models
+from corral.runtime.tools import ToolCallReader, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
 __all__ = ["Requests", "TokenStream", "check_text", "shutting_down_error"]
@@ -63,8 +66,12 @@ class TokenStream:
     GenerationError with `details["partial_text"]`, Cancelled for an idle reader).
     """
 
-    def __init__(self, buffer: StreamBuffer, model: str) -> None:
+    def __init__(self, buffer: StreamBuffer, model: str,
+                 tool_calls: ToolCallReader | None = None) -> None:
         self._buffer = buffer
+        self._reader = tool_calls
+        self._content: list[str] = []
+        self._ended = False
         self.model = model
 
     @property
@@ -73,7 +80,14 @@ class TokenStream:
 
     @property
     def text(self) -> str:
-        return self._buffer.text
+        """The completion's text; with tools, its content (the text around the calls)
+        as read so far."""
+        return self._buffer.text if self._reader is None else "".join(self._content)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls read so far (with tools; else none)."""
+        return list(self._reader.calls) if self._reader is not None else []
 
     @property
     def token_ids(self) -> list[int]:
@@ -81,7 +95,9 @@ class TokenStream:
 
     @property
     def finish_reason(self) -> FinishReason | None:
-        return self._buffer.finish_reason
+        """How it ended; "tool_calls" for a model that stopped after calling a tool."""
+        reason = self._buffer.finish_reason
+        return "tool_calls" if reason == "stop" and self.tool_calls else reason
 
     @property
     def token_times(self) -> list[float]:
@@ -105,9 +121,21 @@ class TokenStream:
         if scope.cancelled_caught:
             raise TimeoutError("generate", buffer.timeout_s, buffer.request_id,
                                trio.current_time() - buffer.started_at)
+        if self._reader is None:
+            if chunk is None:
+                raise StopAsyncIteration
+            return chunk
         if chunk is None:
-            raise StopAsyncIteration
-        return chunk
+            # The end: what the reader still held back, as one last chunk.
+            rest = "" if self._ended else self._reader.finish()
+            self._ended = True
+            if not rest:
+                raise StopAsyncIteration
+            self._content.append(rest)
+            return StreamChunk(rest, [], [] if buffer.wants_logprobs else None, len(buffer.tokens))
+        content, calls = self._reader.feed(chunk.text)
+        self._content.append(content)
+        return msgspec.structs.replace(chunk, text=content, tool_calls=calls)
 
 
 @final
@@ -161,8 +189,9 @@ class Requests:
             # The permit was granted under a shield; a cancel that came meanwhile lands
             # here, where the finally gives the permit back.
             await trio.lowlevel.checkpoint_if_cancelled()
-            prompt_ids = await self._prompt_ids(alias, request)
             serving = self._models.by_alias.get(alias, entry)
+            tools = tools_for(request, alias, serving.info)
+            prompt_ids = await self._prompt_ids(alias, request, tools)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info)
             try:
@@ -179,7 +208,10 @@ class Requests:
                 await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
                                  budget=ActorBudget(self._models.ref(alias, "retry")),
                                  deadline=deadline)
-                yield TokenStream(buffer, alias)
+                reader = (ToolCallReader(serving.info.tool_parser, tools,
+                                         first_only=not request.parallel_tool_calls)
+                          if tools and serving.info and serving.info.tool_parser else None)
+                yield TokenStream(buffer, alias, reader)
                 outcome = _outcome(buffer)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its
@@ -238,7 +270,8 @@ class Requests:
         self._models.require(entry.alias)  # raises: held open, the model failed
         raise AssertionError("unreachable: a live model either grants or refuses a permit")
 
-    async def _prompt_ids(self, alias: str, request: GenerateParams) -> list[int]:
+    async def _prompt_ids(self, alias: str, request: GenerateParams,
+                          tools: list[dict[str, Any]] | None) -> list[int]:
         if (request.prompt is None) == (request.messages is None):
             raise EngineClientError(Code.INVALID_PARAMS,
                                     "prompt: give exactly one of prompt and messages",
@@ -249,7 +282,8 @@ class Requests:
                                         {"field": "messages"})
             for index, message in enumerate(request.messages):
                 check_text(f"messages[{index}].content", message.content)
-            reply = await self.ask_model(alias, ApplyChatTemplate(list(request.messages)))
+            reply = await self.ask_model(
+                alias, ApplyChatTemplate(template_turns(request.messages), tools))
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
             check_text("prompt", request.prompt)

@@ -316,7 +316,8 @@ class Methods:
         try:
             async for chunk in stream:
                 await self._send(encode_notification(Notification.STREAM_CHUNK, StreamChunkParams(
-                    sid, chunk.text, chunk.token_ids, chunk.index, chunk.logprobs)))
+                    sid, chunk.text, chunk.token_ids, chunk.index, chunk.logprobs,
+                    chunk.tool_calls)))
         except CorralError as exc:
             end = encode_notification(Notification.STREAM_ERROR,
                                       StreamErrorParams(sid, error_object(exc)))

@@ -19,7 +19,7 @@ import msgspec
 from corral.actors.streams import StreamChunk
 from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import convert_params
-from corral.protocol.messages import FinishReason, GenerateParams, Usage
+from corral.protocol.messages import ChatMessage, FinishReason, GenerateParams, Usage
 from corral.protocol.openai import (
     NEUTRAL_ONLY,
     ChatChoice,
@@ -37,6 +37,8 @@ from corral.protocol.openai import (
     CompletionResponse,
     ErrorBody,
     ErrorDetail,
+    TextPart,
+    ToolCallDelta,
     UsageInfo,
 )
 from corral.runtime import TokenStream
@@ -168,6 +170,12 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
                                 {"field": "logit_bias"}) from None
 
 
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
+
+
 def _prompt(prompt: str | list[str | int]) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
@@ -206,11 +214,14 @@ def chat_job(body: Any, request_id: str, client: str) -> Job:
         EngineClientError: InvalidParams naming the field.
     """
     request = convert_params(body, ChatCompletionRequest)
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": m.content if isinstance(m.content, str)
-                 else "".join(part.text for part in m.content)}
+    messages = [ChatMessage(role="system" if m.role == "developer" else m.role,
+                            content=_text(m.content), tool_calls=m.tool_calls or [],
+                            tool_call_id=m.tool_call_id, name=m.name)
                 for m in request.messages]
     params = _sampling(request, request.max_completion_tokens or request.max_tokens)
+    tools = {"tools": request.tools, "tool_choice": request.tool_choice,
+             "parallel_tool_calls": request.parallel_tool_calls}
+    params.update({key: value for key, value in tools.items() if value is not None})
     options = request.stream_options
     return Job(convert_params({**params, "messages": messages, "logprobs": request.logprobs,
                                "request_id": request_id, "client": client}, GenerateParams),
@@ -235,14 +246,14 @@ def completion_job(body: Any, request_id: str, client: str) -> Job:
                bool(options and options.include_usage), logprobs)
 
 
-def finish(stream: TokenStream) -> Literal["stop", "length"]:
+def finish(stream: TokenStream) -> Literal["stop", "length", "tool_calls"]:
     """The OpenAI finish reason of a stream that ended without an error.
 
     Raises:
         EngineClientError: Cancelled, when the runtime ended it (an unloaded model).
     """
     reason: FinishReason | None = stream.finish_reason
-    if reason == "stop" or reason == "length":
+    if reason == "stop" or reason == "length" or reason == "tool_calls":
         return reason
     raise EngineClientError(Code.CANCELLED, f"the generation ended early: {reason}",
                             {"finish_reason": reason})
@@ -266,6 +277,7 @@ class ChatShape:
     def __init__(self, response_id: str, created: int) -> None:
         self._id = response_id
         self._created = created
+        self._calls = 0  # tool calls streamed so far: the next one's index
 
     def _logprobs(self, token_ids: Sequence[int],
                   logprobs: Sequence[float] | None) -> ChatLogprobs | None:
@@ -284,10 +296,15 @@ class ChatShape:
 
     def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
         """The event of one chunk, or None for a chunk with nothing to tell."""
-        if not chunk.text and chunk.logprobs is None:
+        if not chunk.text and chunk.logprobs is None and not chunk.tool_calls:
             return None
+        calls = None
+        if chunk.tool_calls:
+            calls = [ToolCallDelta(self._calls + i, call.id, call.function)
+                     for i, call in enumerate(chunk.tool_calls)]
+            self._calls += len(calls)
         return self._chunk(model, [ChatChunkChoice(
-            ChatDelta(content=chunk.text),
+            ChatDelta(content=chunk.text or (None if calls else ""), tool_calls=calls),
             logprobs=self._logprobs(chunk.token_ids, chunk.logprobs))])
 
     def closing(self, model: str, finish: str, usage: Usage | None) -> list[msgspec.Struct]:
@@ -301,7 +318,10 @@ class ChatShape:
     def whole(self, stream: TokenStream, finish: str,
               logprobs: list[float] | None) -> msgspec.Struct:
         """The body of a reply that is not streamed."""
-        choice = ChatChoice(ChatMessageOut(stream.text), finish,
+        calls = stream.tool_calls
+        message = ChatMessageOut(None if calls and not stream.text else stream.text,
+                                 tool_calls=calls or None)
+        choice = ChatChoice(message, finish,
                             logprobs=self._logprobs(stream.token_ids, logprobs))
         return ChatCompletionResponse(self._id, self._created, stream.model, [choice],
                                       UsageInfo.of(stream.usage))

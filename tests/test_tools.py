@@ -1,0 +1,146 @@
+"""Function calling (issue 14, item 1): tools rendered by the model's chat template,
+assistant `tool_calls` and `tool` turns accepted, and the model's calls read back out of
+its text with mlx_lm's tool parser, streamed or not.
+
+The reader is checked on its own against every way a text can be cut into chunks; the
+rest runs the tiny model (whose template renders tools as Qwen 2.5's does) behind a real
+HTTP server on 127.0.0.1, driven by the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corral.config import config_from_mapping
+from corral.runtime import open_runtime
+from corral.runtime.tools import ToolCallReader
+from test_http import Served, served, serve_http  # noqa: F401  (`served` is a fixture)
+
+WEATHER: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "The weather in a city.",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                "required": ["city"], "additionalProperties": False}}}
+ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALLED: list[Any] = [
+    *ASK,
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C."},
+]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+# -- the reader --------------------------------------------------------------------------
+
+
+def _read(pieces: list[str], *, first_only: bool = False) -> tuple[str, list[Any]]:
+    reader = ToolCallReader("json_tools", [WEATHER], first_only=first_only)
+    content = []
+    calls = []
+    for piece in pieces:
+        text, made = reader.feed(piece)
+        content.append(text)
+        calls.extend(made)
+    content.append(reader.finish())
+    assert calls == reader.calls
+    return "".join(content), calls
+
+
+def _cuts(text: str, points: list[int]) -> list[str]:
+    bounds = sorted({0, len(text), *(p % (len(text) + 1) for p in points)})
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_calls_and_content_do_not_depend_on_how_the_text_is_cut(points: list[int]) -> None:
+    text = f"Let me check. {CALL} and {CALL.replace('Paris', 'Oslo')} done <tool"
+    content, calls = _read(_cuts(text, points))
+    assert content == "Let me check.  and  done <tool"
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Paris"},
+                                                                 {"city": "Oslo"}]
+    assert [c.function.name for c in calls] == ["get_weather", "get_weather"]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+
+
+def test_a_call_the_parser_cannot_read_and_an_unfinished_one_stay_in_the_content() -> None:
+    broken = "<tool_call>\n{not json}\n</tool_call>"
+    content, calls = _read([f"a {broken} b <tool_call>\n{{\"name\": "])
+    assert calls == []
+    assert content == f'a {broken} b <tool_call>\n{{"name": '
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    content, calls = _read([CALL, CALL.replace("Paris", "Oslo")], first_only=True)
+    assert content == ""
+    assert [json.loads(c.function.arguments)["city"] for c in calls] == ["Paris"]
+
+
+# -- over HTTP -----------------------------------------------------------------------------
+
+
+async def _chat(served: Served, **params: Any) -> Any:
+    return await served.sync(lambda client: client.chat.completions.create(
+        model="tiny", max_tokens=4, **params))
+
+
+async def test_tools_render_in_the_prompt_and_none_leaves_them_out(served: Served) -> None:
+    plain = await _chat(served, messages=ASK)
+    tools = await _chat(served, messages=ASK, tools=[WEATHER])
+    none = await _chat(served, messages=ASK, tools=[WEATHER], tool_choice="none")
+    assert tools.usage.prompt_tokens > plain.usage.prompt_tokens + 40
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    # A conversation that went through a call and its answer renders too.
+    after = await _chat(served, messages=CALLED, tools=[WEATHER])
+    assert after.usage.prompt_tokens > tools.usage.prompt_tokens + 20
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"messages": ASK, "tool_choice": {"type": "function", "function": {"name": "nope"}},
+      "tools": [WEATHER]}, "tool_choice"),
+    ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": ASK, "tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
+    ({"messages": [*CALLED[:1], {**CALLED[1], "tool_calls": [
+        {**CALLED[1]["tool_calls"][0], "function": {"name": "get_weather",
+                                                    "arguments": "[1, 2]"}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
+])
+async def test_bad_tool_requests_are_400_naming_the_field(
+        served: Served, params: dict[str, Any], field: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _chat(served, **params)
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert (error["code"], error["param"]) == ("InvalidParams", field), error
+    await _chat(served, messages=ASK, tools=[WEATHER])
+
+
+async def test_a_model_without_tool_support_refuses_tools_with_400(
+        model_path: str, tmp_path: Path) -> None:
+    plain = tmp_path / "no-tools"
+    shutil.copytree(model_path, plain)
+    config_file = plain / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = ("{{ bos_token }}{% for m in messages %}"
+                               "{{ '<|' + m['role'] + '|>' + m['content'] + eos_token }}"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+                               "{% endif %}")
+    config_file.write_text(json.dumps(config))
+    async with open_runtime(config_from_mapping({}), models={"tiny": str(plain)}) as rt:
+        served = await serve_http(rt)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await _chat(served, messages=ASK, tools=[WEATHER])
+        assert "does not support tool calling" in caught.value.message
+        assert (await _chat(served, messages=ASK)).choices[0].finish_reason in ("stop",
+                                                                                 "length")
+        served.metrics.close()
