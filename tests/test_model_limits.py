@@ -135,3 +135,32 @@ async def test_absent_max_tokens_is_capped_by_the_configured_default(model_path:
         with trio.fail_after(60):
             completion = await rt.complete("tiny", _prompt(rt, 10))
             assert len(completion.token_ids) <= 3
+
+
+async def test_over_context_over_http_is_400_and_the_next_request_works(
+        model_path: str) -> None:
+    import openai
+
+    from test_http import serve_http
+
+    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+        served = await serve_http(rt)
+        long_prompt = _prompt(rt, 3002)
+
+        def run(client: openai.OpenAI) -> tuple[Any, Any, Any]:
+            with pytest.raises(openai.BadRequestError) as prompt_refused:
+                client.completions.create(model="tiny", prompt=long_prompt, max_tokens=1)
+            with pytest.raises(openai.BadRequestError) as max_tokens_refused:
+                client.completions.create(model="tiny", prompt="The quick brown fox",
+                                          max_tokens=4000)
+            return (prompt_refused.value, max_tokens_refused.value,
+                    client.completions.create(model="tiny", prompt="The quick brown fox",
+                                              max_tokens=4))
+
+        prompt_refused, max_tokens_refused, served_next = await served.sync(run)
+        assert prompt_refused.message.startswith(
+            "Error code: 400 - prompt: 3002 tokens, model context is 2048")
+        assert isinstance(max_tokens_refused.body, dict)
+        assert max_tokens_refused.body["param"] == "max_tokens"
+        assert served_next.choices[0].finish_reason in ("stop", "length")
+        served.metrics.close()
