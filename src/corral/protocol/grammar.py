@@ -19,8 +19,9 @@ import msgspec
 from corral.protocol.errors import Code, EngineClientError
 
 __all__ = ["GRAMMAR_CACHE_SIZE", "JsonObjectFormat", "JsonSchema", "JsonSchemaFormat",
-           "ResponseFormat", "TextFormat", "check_grammar", "json_object_grammar",
-           "json_schema_grammar", "lark_grammar", "response_format_grammar"]
+           "ResponseFormat", "TextFormat", "check_grammar", "compile_problem",
+           "json_object_grammar", "json_schema_grammar", "lark_grammar",
+           "response_format_grammar"]
 
 GRAMMAR_CACHE_SIZE: Final = 256
 """Grammar strings whose verdict `check_grammar` remembers (and, engine side, compiled
@@ -114,13 +115,15 @@ def check_grammar(grammar: str, field: str = "response_format") -> None:
         EngineClientError: GuidanceError naming the problem, as llguidance states it,
             and `field`, the request field the grammar came from.
     """
-    problem = _compile_problem(grammar)
+    problem = compile_problem(grammar)
     if problem:
         raise _guidance_error(f"{field}: the grammar cannot be compiled: {problem}", field)
 
 
 @functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)
-def _compile_problem(grammar: str) -> str:
+def compile_problem(grammar: str) -> str:
+    """What llguidance finds wrong with a grammar, or "" when it compiles; remembered
+    for the last `GRAMMAR_CACHE_SIZE` grammar strings (`compile_problem.cache_info()`)."""
     from llguidance import LLMatcher
 
     return LLMatcher.validate_grammar(grammar).strip()
