@@ -40,6 +40,7 @@ from test_isolation import PROMPT as PROCESS_PROMPT
 from test_isolation import stream_with_kill
 from test_jsonrpc_server import Client
 from test_jsonrpc_server import serve as serve_jsonrpc
+from test_serve import Server, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -67,40 +68,46 @@ def _valid(text: str) -> dict[str, Any]:
     return value
 
 
-async def test_json_schema_output_always_validates_20_seeded_requests_streaming_and_not(
-        served: Served) -> None:
-    def run(client: openai.OpenAI) -> list[tuple[str, str, str, str]]:
-        results = []
-        for seed in range(20):
-            request: dict[str, Any] = {
-                "model": "tiny", "messages": MESSAGES, "response_format": RECORD,
-                "temperature": 1.0, "seed": seed, "max_tokens": MAX_TOKENS}
-            whole = client.chat.completions.create(**request)
-            streamed, finish = "", ""
-            for chunk in client.chat.completions.create(**request, stream=True):
-                for choice in chunk.choices:
-                    streamed += choice.delta.content or ""
-                    finish = choice.finish_reason or finish
-            results.append((whole.choices[0].message.content or "",
-                            whole.choices[0].finish_reason, streamed, finish))
-        return results
-
-    results = await served.sync(run)
+def test_json_schema_output_always_validates_20_seeded_requests_streaming_and_not(
+        model_path: str) -> None:
+    """A real `corral serve` process, driven by the official client."""
+    port = free_port()
+    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"])
+    try:
+        server.wait_ready()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0) as client:
+            results = _seeded_records(client)
+            completion = client.completions.create(
+                model="tiny", prompt="A record:", max_tokens=MAX_TOKENS, temperature=0.8,
+                seed=3, extra_body={"response_format": RECORD})
+    finally:
+        server.stop()
     for text, finish, streamed, streamed_finish in results:
         assert finish == "stop" and streamed_finish == "stop"
         _valid(text)
         assert streamed == text  # the same seed samples the same tokens either way
     assert len({text for text, *_ in results}) > 10  # sampling varied; the grammar held
+    assert completion.choices[0].finish_reason == "stop"
+    _valid(completion.choices[0].text)
 
-    def completions(client: openai.OpenAI) -> tuple[str, str]:
-        reply = client.completions.create(
-            model="tiny", prompt="A record:", max_tokens=MAX_TOKENS, temperature=0.8,
-            seed=3, extra_body={"response_format": RECORD})
-        return reply.choices[0].text, reply.choices[0].finish_reason
 
-    text, finish = await served.sync(completions)
-    assert finish == "stop"
-    _valid(text)
+def _seeded_records(client: openai.OpenAI) -> list[tuple[str, str, str, str]]:
+    """(text, finish, streamed text, streamed finish) of 20 seeded record requests."""
+    results = []
+    for seed in range(20):
+        request: dict[str, Any] = {
+            "model": "tiny", "messages": MESSAGES, "response_format": RECORD,
+            "temperature": 1.0, "seed": seed, "max_tokens": MAX_TOKENS}
+        whole = client.chat.completions.create(**request)
+        streamed, finish = "", ""
+        for chunk in client.chat.completions.create(**request, stream=True):
+            for choice in chunk.choices:
+                streamed += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        results.append((whole.choices[0].message.content or "",
+                        whole.choices[0].finish_reason, streamed, finish))
+    return results
 
 
 async def test_json_object_output_parses_whenever_it_ends(served: Served) -> None:
