@@ -26,11 +26,13 @@ from corral.protocol.grammar import (
     GRAMMAR_CACHE_SIZE,
     JsonSchema,
     JsonSchemaFormat,
+    TextFormat,
     check_grammar,
     compile_problem,
     json_object_grammar,
     json_schema_grammar,
     lark_grammar,
+    response_format_grammar,
 )
 from corral.protocol.messages import EngineStep, SamplingParams
 from corral.runtime import open_runtime
@@ -160,7 +162,7 @@ async def test_an_unknown_response_format_type_is_400_invalid_params(served: Ser
     def run(client: openai.OpenAI) -> tuple[openai.APIStatusError, str]:
         with pytest.raises(openai.APIStatusError) as caught:
             client.chat.completions.create(model="tiny", messages=MESSAGES,
-                                           response_format={"type": "xml"})  # type: ignore[arg-type,misc]
+                                           response_format={"type": "xml"})  # type: ignore[typeddict-item]
         after = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
         return caught.value, after.choices[0].finish_reason
 
@@ -316,3 +318,19 @@ def test_grammars_are_checked_once_per_grammar_string() -> None:
     after = compile_problem.cache_info()
     assert after.hits - before.hits >= 4 and after.misses - before.misses <= 1
     assert after.maxsize == GRAMMAR_CACHE_SIZE
+
+
+def test_strict_refuses_keywords_llguidance_lacks_and_non_strict_ignores_them() -> None:
+    schema = {"type": "object", "not": {"required": ["x"]}}
+    strict = JsonSchemaFormat(JsonSchema(name="s", schema=schema, strict=True))
+    lenient = JsonSchemaFormat(JsonSchema(name="s", schema=schema))
+    strict_grammar = response_format_grammar(strict)
+    lenient_grammar = response_format_grammar(lenient)
+    assert strict_grammar is not None and lenient_grammar is not None
+    with pytest.raises(EngineClientError, match="Unimplemented keys") as caught:
+        check_grammar(strict_grammar)
+    assert caught.value.code is Code.GUIDANCE_ERROR
+    assert caught.value.details["field"] == "response_format"
+    check_grammar(lenient_grammar)
+    assert response_format_grammar(TextFormat()) is None
+    assert response_format_grammar(None) is None
