@@ -44,12 +44,15 @@ def test_the_generation_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert document["results"] == json.loads(json.dumps(results))
     assert {g["name"] for g in document["goals"]} == {
         "single_decode_ratio", "batch_ratio", "late_join_steps_prefill_to_first_token",
-        "aio_single_decode_ratio", "aio_batch_ratio"}
+        "aio_single_decode_ratio", "aio_batch_ratio", "structured_decode_ratio"}
     assert results["aio_single_decode_ratio"] > 0 and results["aio_batch_ratio"] > 0
     max_tokens = document["parameters"]["max_tokens"]
     assert all(0 < n <= max_tokens for n in results["single_tokens"])
     assert results["single_decode_ratio"] > 0
     assert results["batch_ratio"] > 0
+    assert results["structured_decode_ratio"] > 0
+    # Greedy records close where their grammar does, well before max_tokens.
+    assert all(0 < n < 2048 for n in results["structured_tokens"])
     # Deterministic, whatever the machine: mlx_lm returns a prompt's first token in the
     # step after the one that ends its prefill, and a join stalls no decoding stream.
     assert results["late_join_steps_prefill_to_first_token_max"] == 1

@@ -9,7 +9,10 @@ Three figures on the tiny model (benchmarks/README.md):
   `BatchGenerator` loop given the same 16 prompts (goal >= 0.95);
 - time to first token of a late joiner: with 15 streams decoding, a 16th starts; the
   engine steps from the one that ends its prefill to the one that returns its first
-  token (goal <= 1), and whether the 15 others got a token in every step meanwhile.
+  token (goal <= 1), and whether the 15 others got a token in every step meanwhile;
+- structured output: single-stream decode tokens/s of a `json_schema` request (a list
+  of records, greedy) as a ratio to the unconstrained single stream of the same round
+  (goal >= 0.8): what the grammar's mask costs per token.
 Rounds alternate reference and runtime, so drift hits both; figures are medians. The
 references run in one dedicated thread of their own, never in trio's thread or a pooled
 one (MLX streams are thread-local); the runtime's engine has its own thread.
@@ -47,6 +50,20 @@ from corral.runtime import Runtime, open_runtime
 from corral.tiny import default_model_path
 
 _BACKGROUND_MAX_TOKENS = 1500  # more than a join takes; the streams are cancelled after
+_STRUCTURED_MAX_TOKENS = 1500  # more than the records take; they end where the grammar does
+
+
+def _records_format(records: int) -> dict[str, Any]:
+    """A json_schema response format for exactly `records` small records."""
+    record = {"type": "object", "additionalProperties": False,
+              "required": ["name", "age", "tags"],
+              "properties": {"name": {"type": "string", "maxLength": 12},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                             "tags": {"type": "array", "maxItems": 3,
+                                      "items": {"enum": ["red", "green", "blue"]}}}}
+    schema = {"type": "array", "minItems": records, "maxItems": records, "items": record}
+    return {"type": "json_schema",
+            "json_schema": {"name": "records", "schema": schema, "strict": True}}
 
 
 class _StepTap:
@@ -144,12 +161,14 @@ async def _late_joiner(rt: Runtime, prompts: list[list[int]], warm_steps: int) -
 
 
 async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
-               rounds: int, joins: int, warm_steps: int) -> dict[str, Any]:
+               rounds: int, joins: int, warm_steps: int, records: int) -> dict[str, Any]:
     config = config_from_mapping({"stream_registry": {"max_active_streams": 2 * streams}})
     gen = config.generation
     single_raw: list[Run] = []
     single_bare: list[Run] = []
     single_rt: list[Run] = []
+    structured_rt: list[Run] = []
+    structured = _records_format(records)
     batch_raw: list[Run] = []
     batch_rt: list[Run] = []
     joined: list[_Join] = []
@@ -165,6 +184,7 @@ async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
             await reference.run(single)
             await reference.run(single_batch)
             await runtime_single(rt, PROMPT, max_tokens)
+            await runtime_single(rt, PROMPT, _STRUCTURED_MAX_TOKENS, response_format=structured)
             await reference.run(batch)
             await runtime_batch(rt, prompts, batch_max_tokens)
             task = progress.add_task("single stream / batch rounds", total=rounds)
@@ -172,6 +192,8 @@ async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
                 single_raw.append(await reference.run(single))
                 single_bare.append(await reference.run(single_batch))
                 single_rt.append(await runtime_single(rt, PROMPT, max_tokens))
+                structured_rt.append(await runtime_single(
+                    rt, PROMPT, _STRUCTURED_MAX_TOKENS, response_format=structured))
                 batch_raw.append(await reference.run(batch))
                 batch_rt.append(await runtime_batch(rt, prompts, batch_max_tokens))
                 progress.advance(task)
@@ -211,6 +233,9 @@ async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
         "batch_decode_ratio": ratio(batch_rt, batch_raw, "decode_tokens_per_s"),
         "batch_tokens": [r.tokens for r in batch_rt],
         "batch_raw_tokens": [r.tokens for r in batch_raw],
+        "structured_decode_tokens_per_s": median(structured_rt, "decode_tokens_per_s"),
+        "structured_decode_ratio": ratio(structured_rt, single_rt, "decode_tokens_per_s"),
+        "structured_tokens": [r.tokens for r in structured_rt],
         "late_join_steps_prefill_to_first_token_p50": percentile(join_steps, 50),
         "late_join_steps_prefill_to_first_token_max": max(join_steps),
         "late_join_steps_open_to_first_token_p50":
@@ -224,14 +249,15 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Run the generation benchmark, print its table and write ``generation.json``."""
     parameters: dict[str, Any] = (
         {"max_tokens": 32, "streams": 4, "batch_max_tokens": 16, "rounds": 1, "joins": 1,
-         "warm_steps": 2} if smoke else
+         "warm_steps": 2, "records": 2} if smoke else
         {"max_tokens": 256, "streams": 16, "batch_max_tokens": 128, "rounds": 7, "joins": 7,
-         "warm_steps": 8})
+         "warm_steps": 8, "records": 8})
     path = str(default_model_path())
     results = trio.run(lambda: _run(path, **parameters))
     results.update(aio_generation.measure(path, smoke=smoke))
     goals = [goal("single_decode_ratio", results["single_decode_ratio"], ">=", 0.95),
              goal("batch_ratio", results["batch_ratio"], ">=", 0.95),
+             goal("structured_decode_ratio", results["structured_decode_ratio"], ">=", 0.8),
              goal("late_join_steps_prefill_to_first_token",
                   results["late_join_steps_prefill_to_first_token_max"], "<=", 1),
              *aio_generation.goals(results)]
@@ -249,6 +275,9 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         (f"{parameters['streams']} streams decode tokens/s",
          results["batch_decode_tokens_per_s"], results["batch_raw_decode_tokens_per_s"],
          results["batch_decode_ratio"]),
+        ("json_schema decode tokens/s, vs unconstrained (corral)",
+         results["structured_decode_tokens_per_s"], results["single_decode_tokens_per_s"],
+         results["structured_decode_ratio"]),
         ("late joiner: steps prefill → first token (p50)",
          results["late_join_steps_prefill_to_first_token_p50"], "-", "-"),
         ("late joiner: steps open → first token (p50)",

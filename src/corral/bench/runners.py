@@ -182,9 +182,10 @@ class Tally:
         return Run(self.tokens, first_tokens, self.started, first, time.perf_counter())
 
 
-async def runtime_single(rt: Runtime, prompt: str, max_tokens: int) -> Run:
+async def runtime_single(rt: Runtime, prompt: str, max_tokens: int, **params: Any) -> Run:
+    """One stream through the runtime; `params` are more of `Runtime.generate`'s."""
     tally = Tally()
-    async with rt.generate(ALIAS, prompt, max_tokens=max_tokens) as stream:
+    async with rt.generate(ALIAS, prompt, max_tokens=max_tokens, **params) as stream:
         async for chunk in stream:
             tally.add(chunk.token_ids)
     return tally.run()

@@ -77,8 +77,10 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     prefix_cache: PrefixCacheStatistics = PrefixCacheStatistics()
 
 
-def validate_sequence(seq: EngineSequence, vocab_size: int) -> None:
-    """Refuse, in the caller's thread, what would otherwise fail inside a step.
+def validate_sequence(seq: EngineSequence, vocab_size: int, *,
+                      structured_output: bool = True) -> None:
+    """Refuse, in the caller's thread, what would otherwise fail inside a step
+    (`structured_output`: whether the model can take a grammar, `ModelInfo`'s flag).
 
     Raises:
         EngineClientError: InvalidParams naming every problem found.
@@ -111,6 +113,8 @@ def validate_sequence(seq: EngineSequence, vocab_size: int) -> None:
         problems.append(f"logit_bias: token ids out of range [0, {vocab_size}): {bad_bias[:8]}")
     if not all(-100.0 <= b <= 100.0 for b in s.logit_bias.values()):
         problems.append("logit_bias: values must be in [-100, 100]")
+    if s.grammar is not None and not structured_output:
+        problems.append("grammar: this model's tokenizer cannot drive structured output")
     if problems:
         raise EngineClientError(
             Code.INVALID_PARAMS, "; ".join(problems), {"seq_id": seq.seq_id}

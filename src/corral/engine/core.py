@@ -22,10 +22,9 @@ from typing import Any, Final, cast
 
 import structlog
 
-from corral.config import default_prefix_cache_bytes
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
-from corral.engine.prefix_cache import PrefixCache, reusable
-from corral.engine.prefix_disk import DiskPrefixStore, model_identity
+from corral.engine.guidance import Guidance
+from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
 from corral.engine.prefix_index import BLOCK, common_prefix_length
 from corral.engine.sampling import sequence_sampler
 from corral.engine.text import StopText
@@ -42,7 +41,7 @@ from corral.protocol.messages import (
     TokenOut,
 )
 
-__all__ = ["STOP", "Command", "EngineCore", "Stop", "TokenizerCall"]
+__all__ = ["STOP", "Command", "EngineCore", "GrammarCompiled", "Stop", "TokenizerCall"]
 
 _log = structlog.get_logger("corral.engine")
 
@@ -59,14 +58,21 @@ class TokenizerCall:
     fn: Callable[[Any], object]
 
 
+@dataclass(frozen=True)
+class GrammarCompiled:
+    """The guidance thread compiled `grammar`: the sequences waiting for it start."""
+
+    grammar: str
+
+
 class Stop:
     """Leave `serve` after the commands before this one."""
 
 
 STOP: Final = Stop()
 
-Command = Submit | CancelSequence | TokenizerCall | InjectFault | Stop
-"""What the trio side puts on the command queue."""
+Command = Submit | CancelSequence | TokenizerCall | InjectFault | GrammarCompiled | Stop
+"""What the trio side (and the guidance thread) puts on the command queue."""
 
 
 class _Halted(Exception):
@@ -124,6 +130,8 @@ class EngineCore:
         # Sequences waiting for the uid they share a prefix with to finish prefilling.
         self._waiting_on: dict[int, list[EngineSequence]] = {}
         self._waiting: dict[int, int] = {}  # seq_id -> the uid it waits on
+        self._guidance: Guidance | None = None
+        self._compiling: dict[int, EngineSequence] = {}  # waiting for their grammar
         self._fault: FaultKind | None = None
 
     def statistics(self, submitted: int) -> EngineStatistics:
@@ -134,7 +142,7 @@ class EngineCore:
         return EngineStatistics(
             steps=self._steps,
             active=live - prefilling,
-            queued=(prefilling + len(self._waiting)
+            queued=(prefilling + len(self._waiting) + len(self._compiling)
                     + max(0, submitted - self._applied)),
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
@@ -177,7 +185,10 @@ class EngineCore:
             prefill_step_size=self.settings.prefill_step_size,
             stream=stream,
         )
-        self._prefix = self._open_prefix_cache(model, config)
+        self._prefix = open_prefix_cache(self.settings.prefix_cache, self.path, model,
+                                         config)
+        self._guidance = Guidance(tokenizer, self._vocab_size, eos,
+                                  lambda grammar: self._commands.put(GrammarCompiled(grammar)))
         max_context = config.get("max_position_embeddings")
         _log.debug("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
         self.serving = True
@@ -191,30 +202,8 @@ class EngineCore:
             # mlx_lm's loader names the parser it inferred from the chat template.
             tool_parser=(tokenizer.init_kwargs.get("tool_parser_type")
                          if tokenizer.has_tool_calling else None),
+            structured_output=self._guidance.supported,
         )
-
-    def _open_prefix_cache(self, model: Any, config: dict[str, Any]) -> PrefixCache | None:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        settings = self.settings.prefix_cache
-        if not settings.enabled:
-            return None
-        if not reusable(make_prompt_cache(model)):
-            _log.info("prefix_cache.off", path=self.path,
-                      reason="this model's KV cache cannot be trimmed and merged")
-            return None
-        disk = None
-        if settings.disk_dir is not None:
-            try:
-                disk = DiskPrefixStore(
-                    settings.disk_dir, model_identity(self.path, config, model),
-                    max_bytes=settings.disk_max_bytes, min_tokens=settings.disk_min_tokens)
-            except OSError as exc:
-                _log.warning("prefix_cache.disk_off", path=self.path,
-                             disk_dir=settings.disk_dir, error=repr(exc))
-        max_bytes = (settings.max_bytes if settings.max_bytes is not None
-                     else default_prefix_cache_bytes())
-        return PrefixCache(max_bytes=max_bytes, disk=disk)
 
     def teardown(self) -> None:
         """Stop serving and give the model's memory back. Never raises: the thread
@@ -230,6 +219,9 @@ class EngineCore:
             self._uid_of.clear()
             self._waiting_on.clear()
             self._waiting.clear()
+            self._compiling.clear()
+            if self._guidance is not None:
+                self._guidance.close()
             if self._prefix is not None:
                 self._prefix.close()
             # Give the model's memory back now, not when another model needs it.
@@ -273,6 +265,11 @@ class EngineCore:
             self._insert(command.seq)
         elif isinstance(command, CancelSequence):
             self._remove(command.seq_id)
+        elif isinstance(command, GrammarCompiled):
+            for seq in [s for s in self._compiling.values()
+                        if s.sampling.grammar == command.grammar]:
+                del self._compiling[seq.seq_id]
+                self._place(seq)
         elif isinstance(command, TokenizerCall):
             value: object = None
             error: BaseException | None = None
@@ -288,6 +285,16 @@ class EngineCore:
 
     def _insert(self, seq: EngineSequence) -> None:
         self._remove(seq.seq_id)
+        grammar = seq.sampling.grammar
+        if grammar is not None and self._guidance is not None and not self._guidance.ready(
+                grammar):
+            # Compiled off the step path; the batch steps on meanwhile.
+            self._compiling[seq.seq_id] = seq
+            self._guidance.compile(grammar)
+            return
+        self._place(seq)
+
+    def _place(self, seq: EngineSequence) -> None:
         tokens = [*seq.prompt, *seq.generated]
         leader = self._leader_for(tokens)
         if leader is None:
@@ -330,6 +337,9 @@ class EngineCore:
             repetition_penalty=sampling.repetition_penalty,
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty)
+        if sampling.grammar is not None and self._guidance is not None:
+            # Last, so no bias or penalty can give a token the grammar refuses a chance.
+            processors.append(self._guidance.processor(sampling.grammar, seq.generated))
         hit = self._prefix.lookup(tokens) if self._prefix is not None else None
         cached = hit.tokens if hit is not None else 0
         (uid,) = self._generator.insert(
@@ -348,6 +358,8 @@ class EngineCore:
         self._uid_of[seq.seq_id] = uid
 
     def _remove(self, seq_id: int) -> None:
+        if self._compiling.pop(seq_id, None) is not None:
+            return
         leader = self._waiting.pop(seq_id, None)
         if leader is not None:
             self._waiting_on[leader] = [

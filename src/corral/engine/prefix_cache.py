@@ -25,11 +25,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from corral.engine.prefix_disk import DiskPrefixStore
+import structlog
+
+from corral.config import PrefixCacheConfig, default_prefix_cache_bytes
+from corral.engine.prefix_disk import DiskPrefixStore, model_identity
 from corral.engine.prefix_index import BLOCK, PrefixIndex
 from corral.protocol.messages import PrefixCacheStatistics
 
-__all__ = ["Hit", "PrefixCache", "reusable"]
+__all__ = ["Hit", "PrefixCache", "open_prefix_cache", "reusable"]
+
+_log = structlog.get_logger("corral.engine")
 
 
 def reusable(cache: list[Any]) -> bool:
@@ -38,6 +43,33 @@ def reusable(cache: list[Any]) -> bool:
 
     return bool(cache) and can_trim_prompt_cache(cache) and all(
         hasattr(c, "merge") for c in cache)
+
+
+def open_prefix_cache(settings: PrefixCacheConfig, path: str, model: Any,
+                      config: dict[str, Any]) -> PrefixCache | None:
+    """The prefix cache `settings` ask for, for the model loaded from `path` (with its
+    `config`), or None when it is off or the model's KV cache cannot be reused. A disk
+    tier that cannot be opened is left out, with a warning."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if not settings.enabled:
+        return None
+    if not reusable(make_prompt_cache(model)):
+        _log.info("prefix_cache.off", path=path,
+                  reason="this model's KV cache cannot be trimmed and merged")
+        return None
+    disk = None
+    if settings.disk_dir is not None:
+        try:
+            disk = DiskPrefixStore(
+                settings.disk_dir, model_identity(path, config, model),
+                max_bytes=settings.disk_max_bytes, min_tokens=settings.disk_min_tokens)
+        except OSError as exc:
+            _log.warning("prefix_cache.disk_off", path=path, disk_dir=settings.disk_dir,
+                         error=repr(exc))
+    max_bytes = (settings.max_bytes if settings.max_bytes is not None
+                 else default_prefix_cache_bytes())
+    return PrefixCache(max_bytes=max_bytes, disk=disk)
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,7 @@ class ProcessEngine(EngineBase):
                 if the engine is not serving.
         """
         info = self._require_running()
-        validate_sequence(seq, info.vocab_size)
+        validate_sequence(seq, info.vocab_size, structured_output=info.structured_output)
         self._submits += 1
         self._send(Submit(seq))
 

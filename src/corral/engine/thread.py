@@ -165,7 +165,7 @@ class Engine(EngineBase):
                 out of range); ModelNotLoaded if the engine is not serving.
         """
         info = self._require_running()
-        validate_sequence(seq, info.vocab_size)
+        validate_sequence(seq, info.vocab_size, structured_output=info.structured_output)
         with self._submit_lock:
             self._submitted += 1
         self._commands.put(Submit(seq))

@@ -11,6 +11,8 @@ from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
+from corral.protocol.grammar import ResponseFormat, response_format_grammar
+
 ExitKind = Literal["normal", "shutdown", "error"]
 
 
@@ -92,7 +94,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Per-request sampling. Temperature 0 is greedy; a seed makes sampling repeatable.
 
     Randomness depends only on (seed, token index), never on global RNG state or on the
-    other requests in the batch.
+    other requests in the batch. `grammar`, a serialized llguidance grammar (see
+    `corral.protocol.grammar`), constrains the tokens sampled: the sequence ends (on an
+    EOS token) only where the grammar accepts.
     """
 
     max_tokens: int | None = None
@@ -108,6 +112,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     stop: list[str] = []
     stop_token_ids: list[int] = []
     logprobs: bool = False
+    grammar: str | None = None
 
     @property
     def deterministic(self) -> bool:
@@ -276,6 +281,7 @@ class ModelInfo(msgspec.Struct, frozen=True):
     tool_parser: str | None = None
     """The `mlx_lm.tool_parsers` module that reads this model's tool calls, or None
     when its chat template has no tool support."""
+    structured_output: bool = False  # its tokenizer can drive grammars (`grammar`)
 
 
 # -- model actor messages --------------------------------------------------------------
@@ -485,6 +491,9 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     function calling has them (`runtime/tools.py`).
     `client` names who asks, for fair admission (see `Admit`); a transport sets it to
     the connection or address the request came from, whatever the request said.
+    `response_format` (OpenAI's shapes) constrains the output; `sampling` turns it into
+    the grammar the engine enforces, and the runtime checks that grammar compiles
+    (GuidanceError otherwise) before admission.
     """
 
     model: Name | None = None
@@ -507,6 +516,7 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
     timeout_ms: TimeoutMs | None = None
     request_id: Name | None = None
     client: Name | None = None
@@ -518,7 +528,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=dict(self.logit_bias), seed=self.seed, stop=stop,
-            stop_token_ids=list(self.stop_token_ids), logprobs=self.logprobs)
+            stop_token_ids=list(self.stop_token_ids), logprobs=self.logprobs,
+            grammar=response_format_grammar(self.response_format))
 
 
 class Completion(msgspec.Struct, frozen=True):

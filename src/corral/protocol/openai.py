@@ -4,7 +4,8 @@ Requests decode into these Structs, and decoding is the validation: an unknown f
 is InvalidParams naming it. Fields that OpenAI clients send with neutral values by
 default (`n`, `best_of`, `echo`, `user`, `stream_options`) are accepted; any value
 other than the neutral one fails validation, since corral would silently ignore it.
-`presence_penalty`, `frequency_penalty` and `logit_bias` are applied. `top_k`, `min_p`,
+`presence_penalty`, `frequency_penalty`, `logit_bias` and `response_format` (json_object
+and json_schema, by constrained decoding) are applied. `top_k`, `min_p`,
 `repetition_penalty` and `stop_token_ids` are accepted as extensions, as vLLM does, and
 `timeout_ms`, the request's deadline.
 Ranges of sampling values are checked once, by `GenerateParams`, which names the same
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from corral.protocol.grammar import ResponseFormat
 from corral.protocol.messages import (
     FunctionCall,
     TokenCount,
@@ -59,6 +61,7 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
+    response_format: ResponseFormat | None = None
     user: str | None = None
     # Extensions, as vLLM accepts them.
     top_k: int | None = None

@@ -173,13 +173,16 @@ class Runtime:
 
         Keyword arguments are those of `GenerateParams` (max_tokens, temperature, top_p,
         top_k, min_p, repetition_penalty, seed, stop, stop_token_ids, logprobs,
-        messages, timeout_ms, request_id): a convenience over `stream`.
+        response_format, messages, timeout_ms, request_id): a convenience over `stream`.
+        `response_format` takes OpenAI's shapes, as dicts (`{"type": "json_object"}`) or
+        `corral.protocol.grammar` Structs.
 
         Leaving the block before the end cancels the generation: the sequence leaves
         the batch at the next engine step. So does cancelling the enclosing scope.
 
         Raises:
-            EngineClientError: InvalidParams (naming the field), ModelNotLoaded.
+            EngineClientError: InvalidParams (naming the field), ModelNotLoaded,
+                GuidanceError (a response_format that cannot be compiled).
             CircuitBreakerOpenError: the model's breaker is open and no fallback is.
             OverloadedError: the registry is full.
             TimeoutError: the deadline passed (from the block or from the loop).

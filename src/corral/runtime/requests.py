@@ -32,6 +32,7 @@ from corral.protocol.errors import (
     EngineClientError,
     TimeoutError,
 )
+from corral.protocol.grammar import check_grammar
 from corral.protocol.messages import (
     Admit,
     ApplyChatTemplate,
@@ -40,6 +41,7 @@ from corral.protocol.messages import (
     Detokenize,
     FinishReason,
     GenerateParams,
+    ModelInfo,
     Submit,
     Tokenize,
     ToolCall,
@@ -50,7 +52,7 @@ from corral.runtime.models import ModelRecord, Models
 from corral.runtime.tools import ToolCallReader, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
-__all__ = ["Requests", "TokenStream", "check_text", "shutting_down_error"]
+__all__ = ["Requests", "TokenStream", "check_guidance", "check_text", "shutting_down_error"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -194,10 +196,13 @@ class Requests:
             prompt_ids = await self._prompt_ids(alias, request, tools)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info)
+            sampling = request.sampling(max_tokens)
+            if sampling.grammar is not None:
+                await check_guidance(alias, serving.info, sampling.grammar)
             try:
                 await self._registry.ask(
                     Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
-                          prompt=prompt_ids, sampling=request.sampling(max_tokens),
+                          prompt=prompt_ids, sampling=sampling,
                           max_tokens=max_tokens, request_id=request.request_id,
                           client=request.client),
                     timeout=max(deadline - trio.current_time(), 0.0),
@@ -339,6 +344,21 @@ def shutting_down_error(why: str) -> EngineClientError:
     """What a request gets while `corral serve` shuts down: retry elsewhere or later."""
     return EngineClientError(Code.SERVER_ERROR, f"the server is shutting down: {why}",
                              {"shutting_down": True}, retryable=True)
+
+
+async def check_guidance(alias: str, info: ModelInfo | None, grammar: str) -> None:
+    """Refuse a grammar the model cannot follow or llguidance cannot compile. The
+    compile runs in a worker thread (once per grammar; then cached), never on the event
+    loop or an engine step.
+
+    Raises:
+        EngineClientError: GuidanceError naming the problem.
+    """
+    if info is not None and not info.structured_output:
+        raise EngineClientError(
+            Code.GUIDANCE_ERROR, f"model {alias}: its tokenizer cannot drive structured "
+            "output (llguidance needs a fast tokenizer)", {"model": alias})
+    await trio.to_thread.run_sync(check_grammar, grammar)
 
 
 def check_text(field: str, text: str) -> None:

@@ -150,7 +150,7 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest,
               "frequency_penalty": request.frequency_penalty,
               "logit_bias": _logit_bias(request.logit_bias), "seed": request.seed,
               "stop": request.stop, "stop_token_ids": request.stop_token_ids,
-              "timeout_ms": request.timeout_ms}
+              "response_format": request.response_format, "timeout_ms": request.timeout_ms}
     return {key: value for key, value in params.items() if value is not None}
 
 

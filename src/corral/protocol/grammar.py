@@ -1,0 +1,133 @@
+"""Structured output as data: OpenAI's `response_format` shapes and the llguidance
+grammars they become.
+
+A grammar is llguidance's serialized form (a string), the one thing that crosses to an
+engine, in `SamplingParams.grammar`. `check_grammar` compiles one without a tokenizer and
+names what is wrong as GuidanceError; its verdicts are kept per grammar string in a
+bounded LRU. The runtime calls it in a worker thread before admission, never on an
+engine's step path. No MLX here; llguidance is imported on first use, so processes that
+never constrain a request never load it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from corral.protocol.errors import Code, EngineClientError
+
+__all__ = ["GRAMMAR_CACHE_SIZE", "JsonObjectFormat", "JsonSchema", "JsonSchemaFormat",
+           "ResponseFormat", "TextFormat", "check_grammar", "compile_problem",
+           "json_object_grammar", "json_schema_grammar", "lark_grammar",
+           "response_format_grammar"]
+
+GRAMMAR_CACHE_SIZE: Final = 256
+"""Grammar strings whose verdict `check_grammar` remembers (and, engine side, compiled
+matchers per model)."""
+
+
+class TextFormat(msgspec.Struct, frozen=True, tag_field="type", tag="text",
+                 forbid_unknown_fields=True):
+    """Free text: no grammar (OpenAI's default)."""
+
+
+class JsonObjectFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_object",
+                       forbid_unknown_fields=True):
+    """Any JSON object (OpenAI's "JSON mode")."""
+
+
+class JsonSchema(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """OpenAI's `json_schema` object.
+
+    `strict` true: a schema keyword llguidance does not implement is a GuidanceError;
+    otherwise such keywords are ignored (best effort, as OpenAI's non-strict mode).
+    The output always follows what is implemented.
+    """
+
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    schema: dict[str, Any] = {}
+    strict: bool | None = None
+    description: str | None = None
+
+
+class JsonSchemaFormat(msgspec.Struct, frozen=True, tag_field="type", tag="json_schema",
+                       forbid_unknown_fields=True):
+    json_schema: JsonSchema
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+"""OpenAI's `response_format`, told apart by its `type`."""
+
+
+def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
+    """The grammar a response format asks for, or None for free text.
+
+    Raises:
+        EngineClientError: GuidanceError when the schema cannot be serialized.
+    """
+    if isinstance(response_format, JsonObjectFormat):
+        return json_object_grammar()
+    if isinstance(response_format, JsonSchemaFormat):
+        spec = response_format.json_schema
+        return json_schema_grammar(spec.schema, strict=bool(spec.strict))
+    return None
+
+
+def json_schema_grammar(schema: dict[str, Any], *, strict: bool = True) -> str:
+    """The grammar of JSON values that `schema` accepts, written compactly.
+
+    Raises:
+        EngineClientError: GuidanceError when the schema cannot be serialized (the
+            schema's meaning is checked by `check_grammar`).
+    """
+    from llguidance import LLMatcher
+
+    try:
+        # Compact JSON: flexible whitespace would let a model pad its output with
+        # whitespace until max_tokens (the classic failure of constrained JSON), and
+        # costs tokens. The schema's own "x-guidance" options win over these defaults.
+        return LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": False, "lenient": not strict})
+    except (ValueError, TypeError) as exc:
+        raise _guidance_error(f"response_format: json_schema: {exc}") from None
+
+
+def json_object_grammar() -> str:
+    """The grammar of any JSON object, written compactly."""
+    return json_schema_grammar({"type": "object"})
+
+
+def lark_grammar(text: str) -> str:
+    """The grammar of a Lark grammar text (llguidance's dialect: `start:` is the top)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_lark(text)
+
+
+def check_grammar(grammar: str, field: str = "response_format") -> None:
+    """Refuse a grammar llguidance cannot compile. Compiles on the first call for a
+    grammar string (up to a second for extreme grammars; call it off the event loop),
+    then answers from the cache.
+
+    Raises:
+        EngineClientError: GuidanceError naming the problem, as llguidance states it,
+            and `field`, the request field the grammar came from.
+    """
+    problem = compile_problem(grammar)
+    if problem:
+        raise _guidance_error(f"{field}: the grammar cannot be compiled: {problem}", field)
+
+
+@functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)
+def compile_problem(grammar: str) -> str:
+    """What llguidance finds wrong with a grammar, or "" when it compiles; remembered
+    for the last `GRAMMAR_CACHE_SIZE` grammar strings (`compile_problem.cache_info()`)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.validate_grammar(grammar).strip()
+
+
+def _guidance_error(message: str, field: str = "response_format") -> EngineClientError:
+    return EngineClientError(Code.GUIDANCE_ERROR, message, {"field": field})
