@@ -27,7 +27,8 @@ from test_http import Served, served, serve_http  # noqa: F401  (`served` is a f
 WEATHER: dict[str, Any] = {
     "type": "function",
     "function": {"name": "get_weather", "description": "The weather in a city.",
-                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                 "parameters": {"type": "object",
+                                "properties": {"city": {"type": "string", "maxLength": 12}},
                                 "required": ["city"], "additionalProperties": False}}}
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALLED: list[Any] = [
@@ -144,3 +145,105 @@ async def test_a_model_without_tool_support_refuses_tools_with_400(
         assert (await _chat(served, messages=ASK)).choices[0].finish_reason in ("stop",
                                                                                  "length")
         served.metrics.close()
+
+
+# -- tool_choice required and named: constrained, so even random weights call ----------
+
+SEARCH: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "search", "description": "Search the web.",
+                 "parameters": {"type": "object", "additionalProperties": False,
+                                "required": ["query", "limit"],
+                                "properties": {"query": {"type": "string", "maxLength": 20},
+                                               "limit": {"type": "integer", "minimum": 1,
+                                                         "maximum": 9}}}}}
+
+
+def _check_call(call: Any, name: str | None = None) -> None:
+    arguments = json.loads(call.function.arguments)
+    assert call.type == "function" and call.id.startswith("call_")
+    if name is not None:
+        assert call.function.name == name
+    if call.function.name == "search":
+        assert set(arguments) == {"query", "limit"} and 1 <= arguments["limit"] <= 9
+    else:
+        assert call.function.name == "get_weather" and set(arguments) == {"city"}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "search"}}])
+async def test_required_and_named_tool_choice_always_give_a_parseable_call(
+        served: Served, choice: Any) -> None:
+    named = None if choice == "required" else "search"
+
+    def run(client: openai.OpenAI) -> list[Any]:
+        replies = []
+        for seed in range(6):
+            params: dict[str, Any] = {
+                "model": "tiny", "messages": ASK, "tools": [WEATHER, SEARCH],
+                "tool_choice": choice, "max_tokens": 200, "temperature": 1.0,
+                "seed": seed, "parallel_tool_calls": False}
+            whole = client.chat.completions.create(**params)
+            deltas = [c for c in client.chat.completions.create(**params, stream=True)]
+            replies.append((whole, deltas))
+        return replies
+
+    for whole, deltas in await served.sync(run):
+        choice_out = whole.choices[0]
+        assert choice_out.finish_reason == "tool_calls", choice_out
+        assert choice_out.message.content is None
+        [call] = choice_out.message.tool_calls
+        _check_call(call, named)
+        streamed = [tc for d in deltas if d.choices for tc in d.choices[0].delta.tool_calls or []]
+        assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == [
+            (0, call.function.name, call.function.arguments)]
+        assert deltas[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_a_tools_round_trip(served: Served) -> None:
+    def run(client: openai.OpenAI) -> tuple[Any, Any]:
+        first = client.chat.completions.create(
+            model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required",
+            max_tokens=100, temperature=0.0)
+        [call] = first.choices[0].message.tool_calls
+        messages: list[Any] = [
+            *ASK, first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C."}]
+        final = client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER], max_tokens=12)
+        return first, final
+
+    first, final = await served.sync(run)
+    _check_call(first.choices[0].message.tool_calls[0], "get_weather")
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].message.tool_calls is None
+    assert final.choices[0].message.content
+    assert final.choices[0].finish_reason in ("stop", "length")
+    # The second prompt holds the first: the call and its answer were rendered after it.
+    assert final.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+async def test_required_call_with_a_response_format_is_400(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await _chat(served, messages=ASK, tools=[WEATHER], tool_choice="required",
+                    response_format={"type": "json_object"})
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "tool_choice"
+    await _chat(served, messages=ASK, tools=[WEATHER], tool_choice="required")
+
+
+async def test_embedded_and_process_isolation_read_the_same_call(model_path: str) -> None:
+    params: dict[str, Any] = {"messages": ASK, "tools": [WEATHER, SEARCH],
+                              "tool_choice": {"type": "function",
+                                              "function": {"name": "search"}},
+                              "max_tokens": 120, "seed": 3, "temperature": 1.0}
+    completions = []
+    for isolation in ("thread", "process"):
+        config = config_from_mapping({"generation": {"isolation": isolation}})
+        async with open_runtime(config, models={"tiny": model_path}) as rt:
+            completions.append(await rt.complete("tiny", **params))
+    thread, process = completions
+    assert thread.finish_reason == "tool_calls" and thread.text == ""
+    [call] = thread.tool_calls
+    _check_call(call, "search")
+    assert [c.function for c in process.tool_calls] == [call.function]
+    assert process.token_ids == thread.token_ids

@@ -23,7 +23,7 @@ from typing import Any, Final, cast
 import structlog
 
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
-from corral.engine.guidance import Guidance
+from corral.engine.guidance import Guidance, tool_calling
 from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
 from corral.engine.prefix_index import BLOCK, common_prefix_length
 from corral.engine.sampling import sequence_sampler
@@ -199,9 +199,7 @@ class EngineCore:
             max_context=int(max_context) if max_context is not None else None,
             load_seconds=load_seconds,
             has_chat_template=bool(tokenizer.has_chat_template),
-            # mlx_lm's loader names the parser it inferred from the chat template.
-            tool_parser=(tokenizer.init_kwargs.get("tool_parser_type")
-                         if tokenizer.has_tool_calling else None),
+            tool_calling=tool_calling(tokenizer),
             structured_output=self._guidance.supported,
         )
 

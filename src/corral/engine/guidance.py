@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from corral.protocol.grammar import GRAMMAR_CACHE_SIZE
+from corral.protocol.messages import ToolCalling
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher, LLTokenizer
 
-__all__ = ["GrammarMask", "Guidance"]
+__all__ = ["GrammarMask", "Guidance", "tool_calling"]
 
 _log = structlog.get_logger("corral.engine")
 
@@ -171,3 +172,14 @@ def _llg_tokenizer(tokenizer: Any, vocab_size: int,
     except Exception as exc:
         _log.info("guidance.off", reason=repr(exc))
         return None
+
+
+def tool_calling(tokenizer: Any) -> ToolCalling | None:
+    """How the model writes tool calls, from mlx_lm's tokenizer wrapper: the parser its
+    loader inferred from the chat template, and whether the markers are single tokens
+    (llguidance sees added tokens as special: a grammar names them `<tool_call>`)."""
+    if not tokenizer.has_tool_calling:
+        return None
+    start, end = tokenizer.tool_call_start_tokens, tokenizer.tool_call_end_tokens
+    return ToolCalling(str(tokenizer.init_kwargs.get("tool_parser_type")),
+                       marker_tokens=bool(start and end and len(start) == len(end) == 1))

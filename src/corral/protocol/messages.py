@@ -269,6 +269,16 @@ class PrefixCacheStatistics(msgspec.Struct, frozen=True):
     disk_errors: int = 0
 
 
+class ToolCalling(msgspec.Struct, frozen=True):
+    """A model's tool calls: `parser` names the `mlx_lm.tool_parsers` module that reads
+    them (mlx_lm's loader infers it from the chat template); `marker_tokens` says
+    whether the call's start and end markers are single tokens of the vocabulary (as
+    Qwen's `<tool_call>`), which a grammar must then name as tokens, not as text."""
+
+    parser: str
+    marker_tokens: bool
+
+
 class ModelInfo(msgspec.Struct, frozen=True):
     """A loaded model as its engine reports it."""
 
@@ -278,9 +288,9 @@ class ModelInfo(msgspec.Struct, frozen=True):
     max_context: int | None
     load_seconds: float
     has_chat_template: bool
-    tool_parser: str | None = None
-    """The `mlx_lm.tool_parsers` module that reads this model's tool calls, or None
-    when its chat template has no tool support."""
+    tool_calling: ToolCalling | None = None
+    """How this model writes tool calls, or None when its chat template has no tool
+    support."""
     structured_output: bool = False  # its tokenizer can drive grammars (`grammar`)
 
 

@@ -49,7 +49,12 @@ from corral.protocol.messages import (
 )
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models
-from corral.runtime.tools import ToolCallReader, template_turns, tools_for
+from corral.runtime.tools import (
+    ToolCallReader,
+    constrained,
+    template_turns,
+    tools_for,
+)
 from corral.runtime.tree import REGISTRY
 
 __all__ = ["Requests", "TokenStream", "check_guidance", "check_text", "shutting_down_error"]
@@ -196,9 +201,10 @@ class Requests:
             prompt_ids = await self._prompt_ids(alias, request, tools)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info)
-            sampling = request.sampling(max_tokens)
+            sampling, field = constrained(request.sampling(max_tokens), request, alias,
+                                          serving.info, tools)
             if sampling.grammar is not None:
-                await check_guidance(alias, serving.info, sampling.grammar)
+                await check_guidance(alias, serving.info, sampling.grammar, field)
             try:
                 await self._registry.ask(
                     Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
@@ -213,9 +219,10 @@ class Requests:
                 await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
                                  budget=ActorBudget(self._models.ref(alias, "retry")),
                                  deadline=deadline)
-                reader = (ToolCallReader(serving.info.tool_parser, tools,
+                calling = serving.info.tool_calling if serving.info else None
+                reader = (ToolCallReader(calling.parser, tools,
                                          first_only=not request.parallel_tool_calls)
-                          if tools and serving.info and serving.info.tool_parser else None)
+                          if tools and calling else None)
                 yield TokenStream(buffer, alias, reader)
                 outcome = _outcome(buffer)
             finally:
@@ -346,7 +353,8 @@ def shutting_down_error(why: str) -> EngineClientError:
                              {"shutting_down": True}, retryable=True)
 
 
-async def check_guidance(alias: str, info: ModelInfo | None, grammar: str) -> None:
+async def check_guidance(alias: str, info: ModelInfo | None, grammar: str,
+                         field: str = "response_format") -> None:
     """Refuse a grammar the model cannot follow or llguidance cannot compile. The
     compile runs in a worker thread (once per grammar; then cached), never on the event
     loop or an engine step.
@@ -358,7 +366,7 @@ async def check_guidance(alias: str, info: ModelInfo | None, grammar: str) -> No
         raise EngineClientError(
             Code.GUIDANCE_ERROR, f"model {alias}: its tokenizer cannot drive structured "
             "output (llguidance needs a fast tokenizer)", {"model": alias})
-    await trio.to_thread.run_sync(check_grammar, grammar)
+    await trio.to_thread.run_sync(check_grammar, grammar, field)
 
 
 def check_text(field: str, text: str) -> None:

@@ -16,22 +16,30 @@ from __future__ import annotations
 import importlib
 import json
 import uuid
-from typing import Any, final
+from typing import Any, Final, final
 
 import msgspec
 from mlx_lm.generate import TextStateMachine
 
 from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.grammar import lark_grammar
 from corral.protocol.messages import (
     ChatMessage,
     FunctionCall,
     GenerateParams,
     ModelInfo,
     NamedToolChoice,
+    SamplingParams,
     ToolCall,
+    ToolCalling,
 )
 
-__all__ = ["ToolCallReader", "template_turns", "tools_for"]
+__all__ = ["ToolCallReader", "constrained", "template_turns", "tool_choice_grammar",
+           "tools_for"]
+
+_CONSTRAINABLE: Final = frozenset({"json_tools"})
+"""Tool-call formats whose calls `tool_choice_grammar` can write as a grammar: a start
+marker, a JSON object `{"name": ..., "arguments": {...}}`, an end marker."""
 
 
 def template_turns(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -90,7 +98,7 @@ def tools_for(request: GenerateParams, model: str,
     if request.messages is None:
         raise EngineClientError(Code.INVALID_PARAMS, "tools: only chat messages take tools",
                                 {"field": "tools"})
-    if info is None or info.tool_parser is None:
+    if info is None or info.tool_calling is None:
         raise EngineClientError(
             Code.INVALID_PARAMS,
             f"tools: model {model!r} does not support tool calling (its chat template "
@@ -103,6 +111,71 @@ def tools_for(request: GenerateParams, model: str,
             f"tool_choice: function {choice.function.name!r} is not in tools {names}",
             {"field": "tool_choice"})
     return [msgspec.to_builtins(tool) for tool in request.tools]
+
+
+def tool_choice_grammar(request: GenerateParams, model: str,
+                        calling: ToolCalling) -> str | None:
+    """The grammar that makes the model call a tool, for `tool_choice` "required" (one
+    of `tools`; more than one call unless `parallel_tool_calls` is false) or a named
+    function (that one, once), or None when the model may answer as it likes.
+
+    A call is the parser's start marker, `{"name": ..., "arguments": ...}` whose
+    arguments follow the function's `parameters` schema, and its end marker, so what is
+    generated always parses. Schema keywords llguidance does not implement are ignored,
+    unless the function is `strict`.
+
+    Raises:
+        EngineClientError: GuidanceError when the model's tool-call format is not one
+            a grammar can be written for.
+    """
+    choice = request.tool_choice
+    if not request.tools or not (choice == "required" or isinstance(choice, NamedToolChoice)):
+        return None
+    if calling.parser not in _CONSTRAINABLE:
+        raise EngineClientError(
+            Code.GUIDANCE_ERROR,
+            f"tool_choice: model {model!r} writes tool calls in the {calling.parser!r} format; "
+            f"calls can be enforced for {sorted(_CONSTRAINABLE)} only (use 'auto')",
+            {"field": "tool_choice"})
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    calls = [{"type": "object", "additionalProperties": False,
+              "required": ["name", "arguments"],
+              "properties": {"name": {"const": tool.function.name},
+                             "arguments": tool.function.parameters or {"type": "object"}}}
+             for tool in request.tools if named in (None, tool.function.name)]
+    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    strict = all(tool.function.strict for tool in request.tools)
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False, "lenient": not strict}}
+    module = importlib.import_module(f"mlx_lm.tool_parsers.{calling.parser}")
+    start, end = module.tool_call_start, module.tool_call_end
+    if calling.marker_tokens:  # llguidance names an added token as <tool_call>
+        block = f'{start} "\\n" call "\\n" {end}'
+    else:
+        block = f'{json.dumps(start)} "\\n" call "\\n" {json.dumps(end)}'
+    repeat = "+" if named is None and request.parallel_tool_calls else ""
+    return lark_grammar(f"start: ({block}){repeat}\ncall: %json {json.dumps(schema)}\n")
+
+
+def constrained(sampling: SamplingParams, request: GenerateParams, model: str,
+                info: ModelInfo | None, tools: list[dict[str, Any]] | None,
+                ) -> tuple[SamplingParams, str]:
+    """`sampling` with the grammar of a required or named tool call when the request
+    asks for one, and the request field its grammar comes from (for errors).
+
+    Raises:
+        EngineClientError: InvalidParams for a required call with a response_format;
+            GuidanceError as `tool_choice_grammar` says.
+    """
+    if not tools or info is None or info.tool_calling is None:
+        return sampling, "response_format"
+    calls = tool_choice_grammar(request, model, info.tool_calling)
+    if calls is None:
+        return sampling, "response_format"
+    if sampling.grammar is not None:
+        raise EngineClientError(Code.INVALID_PARAMS, "tool_choice: a required or named tool "
+                                "call cannot be combined with a response_format",
+                                {"field": "tool_choice"})
+    return msgspec.structs.replace(sampling, grammar=calls), "tool_choice"
 
 
 @final
