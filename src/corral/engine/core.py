@@ -24,6 +24,7 @@ import structlog
 
 from corral.config import default_prefix_cache_bytes
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
+from corral.engine.logprobs import token_logprobs
 from corral.engine.prefix_cache import PrefixCache, reusable
 from corral.engine.prefix_disk import DiskPrefixStore, model_identity
 from corral.engine.prefix_index import BLOCK, common_prefix_length
@@ -78,7 +79,7 @@ class _Sequence:
     seq_id: int
     uid: int
     text: StopText
-    logprobs: bool
+    logprobs: int | None  # alternatives to report with each token; None: no logprobs
     tokens: list[int]  # prompt + generated as submitted: what its prefill computes
     cached_tokens: int  # leading tokens taken from the prefix cache, not prefilled
     prefilled: bool = False
@@ -299,7 +300,9 @@ class EngineCore:
 
         Waiting for it costs no more than prefilling those tokens again would, as long
         as they are at least half of what that sequence prefills: a short shared start
-        is not worth waiting behind a long prompt for."""
+        is not worth waiting behind a long prompt for. A twin (the same tokens: another
+        of the `n` choices of one request) waits whenever its prompt can be cached at
+        all, so the `n` choices prefill it once."""
         if self._prefix is None:
             return None
         covered = self._prefix.covered(tokens)
@@ -307,6 +310,8 @@ class EngineCore:
         for seq in self._by_uid.values():
             if not seq.prefilled:
                 shared = min(common_prefix_length(seq.tokens, tokens), len(tokens) - 1)
+                if seq.tokens == tokens and shared >= BLOCK and shared > covered:
+                    return seq.uid
                 if shared > best_shared and 2 * shared >= len(seq.tokens) - seq.cached_tokens:
                     best, best_shared = seq.uid, shared
         return best
@@ -341,7 +346,8 @@ class EngineCore:
         text = StopText(self._tokenizer.detokenizer, sampling.stop)
         for token in seq.generated:
             text.push(token)
-        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, sampling.logprobs, tokens, cached)
+        alternatives = sampling.top_logprobs if sampling.logprobs else None
+        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, alternatives, tokens, cached)
         self._uid_of[seq.seq_id] = uid
 
     def _remove(self, seq_id: int) -> None:
@@ -428,7 +434,10 @@ class EngineCore:
             del self._uid_of[seq.seq_id]
             if response.prompt_cache is not None:
                 self._keep({seq.uid: (response.prompt_cache, response.all_tokens)})
-        logprob = float(response.logprobs[token].item()) if seq.logprobs else None
+        logprob = piece = top = None
+        if seq.logprobs is not None:
+            logprob, piece, top = token_logprobs(self._tokenizer, token, response.logprobs,
+                                                 seq.logprobs)
         cached = 0 if seq.reported else seq.cached_tokens
         seq.reported = True
-        return TokenOut(seq.seq_id, token, text, logprob, finish, cached)
+        return TokenOut(seq.seq_id, token, text, logprob, finish, cached, piece, top)

@@ -147,6 +147,10 @@ class Requests:
         """See `Runtime.generate`, which this runs once the request is typed."""
         if self.draining:
             raise shutting_down_error("new requests are refused")
+        if request.n != 1:
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    "n: a TokenStream reads one choice; read n > 1 through "
+                                    "Runtime.choices or generate_choices", {"field": "n"})
         entry = self._models.require(request.model, allow_failed=True)
         timeout_s = (request.timeout_ms
                      or self._config.stream_registry.default_timeout_ms) / 1000.0
