@@ -18,6 +18,7 @@ from conftest import wait_until
 from corral import open_runtime
 from corral.config import config_from_mapping
 from corral.protocol.errors import Code, CorralError
+from corral.runtime import Runtime
 from corral.server.jsonrpc import JsonRpcListener
 from test_http import Served, registry_active, served  # noqa: F401  (the fixture)
 from test_jsonrpc_server import Client
@@ -144,8 +145,9 @@ async def test_a_disconnect_cancels_every_choice(served: Served) -> None:
     before = stats.generation_tokens
     await trio.to_thread.run_sync(read_a_little)
     await wait_until(lambda: _no_active(served))
+    await wait_until(lambda: _engine_idle(rt))  # it applies the cancels between steps
     stats = rt.engine_statistics("tiny")
-    assert stats is not None and stats.active == 0 and stats.queued == 0
+    assert stats is not None
     assert stats.generation_tokens - before < 3 * 1000  # cut short, all three
 
     def next_one(client: openai.OpenAI) -> int:
@@ -157,6 +159,11 @@ async def test_a_disconnect_cancels_every_choice(served: Served) -> None:
 
 async def _no_active(served: Served) -> bool:
     return await registry_active(served.rt) == 0
+
+
+def _engine_idle(rt: Runtime) -> bool:
+    stats = rt.engine_statistics("tiny")
+    return stats is not None and stats.active == 0 and stats.queued == 0
 
 
 async def test_a_choice_refused_fails_the_request_and_ends_the_others(
@@ -183,21 +190,6 @@ async def test_a_token_stream_reads_one_choice(served: Served) -> None:
     async with served.rt.generate_choices("tiny", PROMPT, max_tokens=4, n=2) as choices:
         ends = [(c.choice, c.finish_reason) async for c in choices if c.finish_reason]
     assert sorted(ends) == [(0, "length"), (1, "length")]
-
-
-@pytest.mark.parametrize("n", [0, 9])
-async def test_out_of_range_n_is_400_naming_the_field(served: Served, n: int) -> None:
-    def run(client: openai.OpenAI) -> tuple[openai.APIStatusError, int]:
-        with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4,
-                                           n=n)
-        after = client.chat.completions.create(model="tiny", messages=MESSAGES,
-                                               max_tokens=4, n=2)
-        return caught.value, len(after.choices)
-
-    error, served_next = await served.sync(run)
-    assert error.status_code == 400 and "n:" in str(error.message)
-    assert served_next == 2
 
 
 def test_a_real_corral_serve_answers_n_and_top_logprobs(model_path: str) -> None:

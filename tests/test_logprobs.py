@@ -212,28 +212,3 @@ def test_asyncio_streams_and_completions_carry_the_alternatives(model_path: str)
     assert len(whole.choices) == 2 and whole.top_logprobs is not None
     assert tops == whole.top_logprobs and tokens == whole.tokens
     assert [top[0].id for top in tops] == whole.token_ids
-
-
-@pytest.mark.parametrize(("path", "body", "field"), [
-    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
-    ("chat", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs, as OpenAI refuses
-    ("completions", {"logprobs": 21}, "logprobs"),
-])
-async def test_out_of_range_logprobs_are_400_naming_the_field(
-        served: Served, path: str, body: dict[str, Any], field: str) -> None:
-    def run(client: openai.OpenAI) -> tuple[openai.APIStatusError, str | None]:
-        with pytest.raises(openai.APIStatusError) as caught:
-            if path == "chat":
-                client.chat.completions.create(model="tiny", messages=MESSAGES,
-                                               max_tokens=4, extra_body=body)
-            else:
-                client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
-                                          extra_body=body)
-        after = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
-        return caught.value, after.choices[0].finish_reason
-
-    error, next_finish = await served.sync(run)
-    assert error.status_code == 400
-    assert field in str(error.message)
-    assert next_finish == "length"  # the next request is served
