@@ -300,9 +300,9 @@ class EngineCore:
 
         Waiting for it costs no more than prefilling those tokens again would, as long
         as they are at least half of what that sequence prefills: a short shared start
-        is not worth waiting behind a long prompt for. A twin (the same tokens: another
-        of the `n` choices of one request) waits whenever its prompt can be cached at
-        all, so the `n` choices prefill it once."""
+        is not worth waiting behind a long prompt for. A twin (the same tokens, as the `n`
+        choices of one request have) waits whenever the prompt can be cached at all, so
+        that it is prefilled once."""
         if self._prefix is None:
             return None
         covered = self._prefix.covered(tokens)
