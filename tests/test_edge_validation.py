@@ -246,7 +246,7 @@ class Target:
 
 _GENERATE = ("model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
              "min_p", "repetition_penalty", "seed", "stop", "stop_token_ids", "logprobs",
-             "timeout_ms", "request_id", "client")
+             "top_logprobs", "n", "timeout_ms", "request_id", "client")
 TARGETS = [
     *(Target(method, False, {}, ("verbose",))
       for method in ("runtime/info", "runtime/state", "health", "list_models", "shutdown")),

@@ -148,7 +148,8 @@ async def test_sync_client_chat_and_completions(served: Served) -> None:
     assert text.choices[0].text == reference.text
     assert text.choices[0].finish_reason == reference.finish_reason
     assert text.usage.completion_tokens == len(reference.token_ids)
-    assert text.choices[0].logprobs.tokens == [f"token_id:{t}" for t in reference.token_ids]
+    pieces = [await served.rt.detokenize("tiny", [t]) for t in reference.token_ids]
+    assert text.choices[0].logprobs.tokens == pieces  # each token decoded alone
 
 
 async def test_streaming_adds_up_to_the_whole_reply(served: Served) -> None:
@@ -319,7 +320,7 @@ async def test_errors_have_the_table_status_the_code_and_the_request_id(
                 extra_headers={"X-Request-Id": "req-temp"}),
             "unknown": lambda: client.completions.create(
                 model="tiny", prompt=PROMPT, extra_body={"best_of_all": 3}),
-            "n": lambda: client.chat.completions.create(model="tiny", messages=CHAT, n=2),
+            "n": lambda: client.chat.completions.create(model="tiny", messages=CHAT, n=9),
             "model": lambda: client.completions.create(model="nope", prompt=PROMPT),
             "timeout": lambda: client.completions.create(
                 model="tiny", prompt=PROMPT, max_tokens=2000, extra_body={"timeout_ms": 30}),
@@ -340,7 +341,7 @@ async def test_errors_have_the_table_status_the_code_and_the_request_id(
     assert temp.body["type"] == "invalid_request_error"
     assert caught["unknown"].status_code == 400
     assert caught["unknown"].body["param"] == "best_of_all"
-    assert caught["n"].body["message"] == "n: not supported; only 1 is"
+    assert caught["n"].body["message"] == "n: expected int <= 8"
     assert isinstance(caught["model"], openai.NotFoundError)
     missing: Any = caught["model"]
     assert missing.body["code"] == "ModelNotLoaded"

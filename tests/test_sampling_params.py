@@ -1,6 +1,7 @@
 """presence_penalty, frequency_penalty and logit_bias (issue 14, item 3): applied inside
 the batch through mlx_lm's logits processors, over HTTP with the official `openai`
-client and embedded, and refused with a 400 naming the field when out of range.
+client and embedded; these and the other sampling fields (logprobs, top_logprobs, n)
+refused with a 400 naming the field when out of range.
 
 Greedy decoding is deterministic, so each parameter's effect is checked exactly.
 """
@@ -16,7 +17,7 @@ from test_http import Served, served  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
-PROMPT = "Please send the report by Friday so that"  # greedy repeats itself on it
+PROMPT = "The quick brown fox"  # greedy repeats itself on it
 
 
 def _repeats(ids: list[int], window: int = 20) -> int:
@@ -63,17 +64,30 @@ async def test_presence_and_frequency_penalties_stop_tokens_repeating(served: Se
     assert await served.sync(over_http)  # accepted, not refused as before
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
-    ("logit_bias", {"abc": 1.0}), ("logit_bias", {"5": 101.0}),
-    ("logit_bias", {"99999999": 1.0}),
+@pytest.mark.parametrize(("api", "body", "field"), [
+    ("completions", {"presence_penalty": 3.0}, "presence_penalty"),
+    ("completions", {"frequency_penalty": -2.5}, "frequency_penalty"),
+    ("completions", {"logit_bias": {"abc": 1.0}}, "logit_bias"),
+    ("completions", {"logit_bias": {"5": 101.0}}, "logit_bias"),
+    ("completions", {"logit_bias": {"99999999": 1.0}}, "logit_bias"),
+    ("completions", {"logprobs": 21}, "logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("chat", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs, as OpenAI refuses
+    ("chat", {"n": 0}, "n"),
+    ("chat", {"n": 9}, "n"),
 ])
 async def test_out_of_range_values_are_400_naming_the_field(
-        served: Served, field: str, value: Any) -> None:
+        served: Served, api: str, body: dict[str, Any], field: str) -> None:
     def run(client: openai.OpenAI) -> tuple[openai.APIStatusError, str]:
         with pytest.raises(openai.APIStatusError) as caught:
-            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
-                                      extra_body={field: value})
+            if api == "chat":
+                client.chat.completions.create(
+                    model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                    max_tokens=4, extra_body=body)
+            else:
+                client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4,
+                                          extra_body=body)
         after = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
         return caught.value, after.choices[0].finish_reason
 

@@ -19,10 +19,13 @@ from corral.protocol.errors import RetryAbortedError as RetryAbortedError
 from corral.protocol.errors import TimeoutError as TimeoutError
 from corral.protocol.errors import classify as classify
 from corral.protocol.messages import ChatMessage as ChatMessage
+from corral.protocol.messages import Choice as Choice
 from corral.protocol.messages import Completion as Completion
 from corral.protocol.messages import FinishReason as FinishReason
 from corral.protocol.messages import GenerateParams as GenerateParams
+from corral.protocol.messages import TokenLogprob as TokenLogprob
 from corral.protocol.messages import Usage as Usage
+from corral.runtime import ChoiceStreams as ChoiceStreams
 from corral.runtime import Health as Health
 from corral.runtime import ModelDescription as ModelDescription
 from corral.runtime import Runtime as Runtime
@@ -32,10 +35,10 @@ from corral.runtime import open_runtime as open_runtime
 from corral.server import build_app as build_app
 
 __all__ = [
-    "ActorExitedError", "ChatMessage", "ChildSpec", "CircuitBreakerOpenError", "Code",
-    "Completion", "ConfigError", "CorralError", "EngineClientError", "EscalationError",
-    "FinishReason", "GenerateParams", "Health", "ModelDescription", "OverloadedError",
-    "RetryAbortedError", "Runtime", "RuntimeConfig", "RuntimeStatistics", "StreamChunk",
-    "TimeoutError", "TokenStream", "Usage", "build_app", "classify", "load_config",
-    "open_runtime",
+    "ActorExitedError", "ChatMessage", "ChildSpec", "Choice", "ChoiceStreams",
+    "CircuitBreakerOpenError", "Code", "Completion", "ConfigError", "CorralError",
+    "EngineClientError", "EscalationError", "FinishReason", "GenerateParams", "Health",
+    "ModelDescription", "OverloadedError", "RetryAbortedError", "Runtime", "RuntimeConfig",
+    "RuntimeStatistics", "StreamChunk", "TimeoutError", "TokenLogprob", "TokenStream",
+    "Usage", "build_app", "classify", "load_config", "open_runtime",
 ]

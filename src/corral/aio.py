@@ -495,11 +495,14 @@ class TokenStream:
         if ahead is None:
             ahead = self._ahead = StreamBuffer(
                 stream.stream_id, stream.model, request_id=None, timeout_s=math.inf,
-                deadline=math.inf, prompt_tokens=0, logprobs=chunk.logprobs is not None)
+                deadline=math.inf, prompt_tokens=0, logprobs=chunk.logprobs is not None,
+                alternatives=chunk.top_logprobs is not None)
         for i, token in enumerate(chunk.token_ids):
             logprob = chunk.logprobs[i] if chunk.logprobs is not None else None
-            ahead.push(TokenOut(stream.stream_id, token, chunk.text if i == 0 else "",
-                                logprob, None))
+            ahead.push(TokenOut(
+                stream.stream_id, token, chunk.text if i == 0 else "", logprob, None,
+                piece=chunk.tokens[i] if chunk.tokens is not None else None,
+                top_logprobs=chunk.top_logprobs[i] if chunk.top_logprobs is not None else None))
         return ahead
 
     def _finish(self, error: BaseException | object | None) -> None:

@@ -26,6 +26,7 @@ from corral.actors.retry import RetryStatistics
 from corral.actors.streams import StreamBuffer
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import LifecycleEvent, RegistryState
+from corral.runtime.choices import ChoiceStreams
 
 if TYPE_CHECKING:
     from corral.runtime import Runtime, TokenStream
@@ -103,13 +104,15 @@ class Metrics:
         if event.kind == "restarted":
             self.actor_restarts.labels(actor=event.path).inc()
 
-    def observe_stream(self, source: TokenStream | StreamBuffer | None, started_at: float,
-                       outcome: RequestOutcome, code: str | None = None) -> None:
+    def observe_stream(self, source: TokenStream | ChoiceStreams | StreamBuffer | None,
+                       started_at: float, outcome: RequestOutcome,
+                       code: str | None = None) -> None:
         """Record one request as it ends.
 
         Args:
-            source: the request's stream (or its buffer); None when it failed before
-                one was opened (a bad parameter, Overloaded, an open circuit).
+            source: the request's stream, its choices (the prompt counted once, the
+                tokens of each choice) or its buffer; None when it failed before one was
+                opened (a bad parameter, Overloaded, an open circuit).
             started_at: `trio.current_time()` when the request arrived.
             outcome: success, error or cancelled (the client went away).
             code: the error code name (`Code`), for error and cancelled outcomes.
@@ -123,14 +126,17 @@ class Metrics:
         prompt_tokens = (source.prompt_tokens if isinstance(source, StreamBuffer)
                          else source.usage.prompt_tokens)
         self.prompt_tokens.labels(model=model).inc(prompt_tokens)
-        times = source.token_times
-        if not times:
+        choices = source.streams if isinstance(source, ChoiceStreams) else [source]
+        firsts = [stream.token_times[0] for stream in choices if stream.token_times]
+        if not firsts:
             return
-        self.generation_tokens.labels(model=model).inc(len(times))
-        self.time_to_first_token.labels(model=model).observe(max(times[0] - started_at, 0.0))
+        self.time_to_first_token.labels(model=model).observe(max(min(firsts) - started_at, 0.0))
         itl = self.inter_token_latency.labels(model=model)
-        for previous, current in pairwise(times):
-            itl.observe(current - previous)
+        for stream in choices:
+            times = stream.token_times
+            self.generation_tokens.labels(model=model).inc(len(times))
+            for previous, current in pairwise(times):
+                itl.observe(current - previous)
 
     async def render(self) -> bytes:
         """Ask the actors for what is read at scrape time, then the exposition text.

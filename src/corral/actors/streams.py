@@ -48,6 +48,7 @@ from corral.protocol.messages import (
     Reconcile,
     RegistryState,
     Submit,
+    TokenLogprob,
     TokenOut,
     ToolCall,
 )
@@ -56,7 +57,11 @@ from corral.protocol.messages import (
 class StreamChunk(msgspec.Struct, frozen=True):
     """What a reader gets: all output since its last read, coalesced.
 
-    `index` is the position of the first token in the completion. With tools, `text`
+    `index` is the position of the first token in the completion. With logprobs asked
+    for, `logprobs` and `tokens` (each token decoded alone) hold one entry a token, and
+    `top_logprobs` too when alternatives were asked for. Read through
+    `corral.runtime.ChoiceStreams`, `choice` is the choice it belongs to, and the last
+    chunk of each choice has no tokens and its `finish_reason`. With tools, `text`
     is the content around the calls, and `tool_calls` the calls this chunk completed
     (see `corral.runtime.tools`).
     """
@@ -65,6 +70,10 @@ class StreamChunk(msgspec.Struct, frozen=True):
     token_ids: list[int]
     logprobs: list[float] | None
     index: int
+    tokens: list[str] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    choice: int = 0
+    finish_reason: FinishReason | None = None
     tool_calls: list[ToolCall] = []
 
 
@@ -78,7 +87,7 @@ class StreamBuffer:
 
     def __init__(self, stream_id: int, model: str, *, request_id: str | None,
                  timeout_s: float, deadline: float, prompt_tokens: int,
-                 logprobs: bool, client: str | None = None) -> None:
+                 logprobs: bool, alternatives: bool = False, client: str | None = None) -> None:
         self.stream_id = stream_id
         self.model = model
         self.request_id = request_id
@@ -98,7 +107,10 @@ class StreamBuffer:
         self.sequence: EngineSequence | None = None  # as first submitted, for resume
         self.resumes = 0
         self.wants_logprobs = logprobs
+        self._want_top = logprobs and alternatives
         self._logprobs: list[float] = []
+        self._pieces: list[str] = []
+        self._top: list[list[TokenLogprob]] = []
         self._read_tokens = 0
         self._read_text = 0
         self._wakeup = trio.Event()
@@ -128,6 +140,9 @@ class StreamBuffer:
             self.text_parts.append(out.text)
         if self.wants_logprobs:
             self._logprobs.append(out.logprob if out.logprob is not None else math.nan)
+            self._pieces.append(out.piece or "")
+            if self._want_top:
+                self._top.append(out.top_logprobs or [])
         if out.finish_reason is not None:
             self.finish_reason = out.finish_reason
         self._wakeup.set()
@@ -149,7 +164,9 @@ class StreamBuffer:
             text="".join(self.text_parts[self._read_text:]),
             token_ids=self.tokens[start:],
             logprobs=self._logprobs[start:] if self.wants_logprobs else None,
-            index=start)
+            index=start,
+            tokens=self._pieces[start:] if self.wants_logprobs else None,
+            top_logprobs=self._top[start:] if self._want_top else None)
         self._read_tokens = len(self.tokens)
         self._read_text = len(self.text_parts)
         return chunk
@@ -354,7 +371,9 @@ class StreamRegistry(Actor[RegistryMessage]):
         buffer = StreamBuffer(entry.stream_id, entry.model, request_id=entry.request_id,
                               timeout_s=entry.timeout_s, deadline=entry.deadline,
                               prompt_tokens=len(admit.prompt),
-                              logprobs=admit.sampling.logprobs, client=entry.client)
+                              logprobs=admit.sampling.logprobs,
+                              alternatives=admit.sampling.top_logprobs > 0,
+                              client=entry.client)
         buffer.sequence = EngineSequence(entry.stream_id, admit.prompt, admit.sampling,
                                          admit.max_tokens)
         self._table.add(buffer)

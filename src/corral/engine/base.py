@@ -21,6 +21,7 @@ import trio
 from corral.config import PrefixCacheConfig
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import (
+    MAX_TOP_LOGPROBS,
     EngineSequence,
     EngineStep,
     FaultKind,
@@ -102,6 +103,8 @@ def validate_sequence(seq: EngineSequence, vocab_size: int, *,
         problems.append(f"min_p must be in [0, 1], got {s.min_p}")
     if s.top_k < 0:
         problems.append(f"top_k must be >= 0, got {s.top_k}")
+    if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+        problems.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
     if s.repetition_penalty is not None and not s.repetition_penalty >= 0.0:
         problems.append(f"repetition_penalty must be >= 0, got {s.repetition_penalty}")
     for name, penalty in (("presence_penalty", s.presence_penalty),

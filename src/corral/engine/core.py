@@ -24,6 +24,7 @@ import structlog
 
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
 from corral.engine.guidance import Guidance, tool_calling
+from corral.engine.logprobs import token_logprobs
 from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
 from corral.engine.prefix_index import BLOCK, common_prefix_length
 from corral.engine.sampling import sequence_sampler
@@ -84,7 +85,7 @@ class _Sequence:
     seq_id: int
     uid: int
     text: StopText
-    logprobs: bool
+    logprobs: int | None  # alternatives to report with each token; None: no logprobs
     tokens: list[int]  # prompt + generated as submitted: what its prefill computes
     cached_tokens: int  # leading tokens taken from the prefix cache, not prefilled
     prefilled: bool = False
@@ -178,13 +179,11 @@ class EngineCore:
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
         eos = sorted(int(t) for t in tokenizer.eos_token_ids)
         self._default_stops = StopSequences([(t,) for t in eos])
+        settings = self.settings
         self._generator = BatchGenerator(
-            model,
-            completion_batch_size=self.settings.completion_batch_size,
-            prefill_batch_size=self.settings.prefill_batch_size,
-            prefill_step_size=self.settings.prefill_step_size,
-            stream=stream,
-        )
+            model, completion_batch_size=settings.completion_batch_size,
+            prefill_batch_size=settings.prefill_batch_size,
+            prefill_step_size=settings.prefill_step_size, stream=stream)
         self._prefix = open_prefix_cache(self.settings.prefix_cache, self.path, model,
                                          config)
         self._guidance = Guidance(tokenizer, self._vocab_size, eos,
@@ -193,15 +192,10 @@ class EngineCore:
         _log.debug("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
         self.serving = True
         return ModelInfo(
-            path=self.path,
-            vocab_size=self._vocab_size,
-            eos_token_ids=eos,
+            path=self.path, vocab_size=self._vocab_size, eos_token_ids=eos,
             max_context=int(max_context) if max_context is not None else None,
-            load_seconds=load_seconds,
-            has_chat_template=bool(tokenizer.has_chat_template),
-            tool_calling=tool_calling(tokenizer),
-            structured_output=self._guidance.supported,
-        )
+            load_seconds=load_seconds, has_chat_template=bool(tokenizer.has_chat_template),
+            tool_calling=tool_calling(tokenizer), structured_output=self._guidance.supported)
 
     def teardown(self) -> None:
         """Stop serving and give the model's memory back. Never raises: the thread
@@ -307,7 +301,9 @@ class EngineCore:
 
         Waiting for it costs no more than prefilling those tokens again would, as long
         as they are at least half of what that sequence prefills: a short shared start
-        is not worth waiting behind a long prompt for."""
+        is not worth waiting behind a long prompt for. A twin (the same tokens, as the `n`
+        choices of one request have) waits whenever the prompt can be cached at all, so
+        that it is prefilled once."""
         if self._prefix is None:
             return None
         covered = self._prefix.covered(tokens)
@@ -315,6 +311,8 @@ class EngineCore:
         for seq in self._by_uid.values():
             if not seq.prefilled:
                 shared = min(common_prefix_length(seq.tokens, tokens), len(tokens) - 1)
+                if seq.tokens == tokens and shared >= BLOCK and shared > covered:
+                    return seq.uid
                 if shared > best_shared and 2 * shared >= len(seq.tokens) - seq.cached_tokens:
                     best, best_shared = seq.uid, shared
         return best
@@ -352,7 +350,8 @@ class EngineCore:
         text = StopText(self._tokenizer.detokenizer, sampling.stop)
         for token in seq.generated:
             text.push(token)
-        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, sampling.logprobs, tokens, cached)
+        alternatives = sampling.top_logprobs if sampling.logprobs else None
+        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, alternatives, tokens, cached)
         self._uid_of[seq.seq_id] = uid
 
     def _remove(self, seq_id: int) -> None:
@@ -441,7 +440,10 @@ class EngineCore:
             del self._uid_of[seq.seq_id]
             if response.prompt_cache is not None:
                 self._keep({seq.uid: (response.prompt_cache, response.all_tokens)})
-        logprob = float(response.logprobs[token].item()) if seq.logprobs else None
+        logprob = piece = top = None
+        if seq.logprobs is not None:
+            logprob, piece, top = token_logprobs(self._tokenizer, token, response.logprobs,
+                                                 seq.logprobs)
         cached = 0 if seq.reported else seq.cached_tokens
         seq.reported = True
-        return TokenOut(seq.seq_id, token, text, logprob, finish, cached)
+        return TokenOut(seq.seq_id, token, text, logprob, finish, cached, piece, top)

@@ -33,7 +33,14 @@ from corral.protocol.errors import (
     code_for_jsonrpc,
     error_from_info,
 )
-from corral.protocol.messages import FinishReason, Name, StreamId, TokenId, ToolCall
+from corral.protocol.messages import (
+    FinishReason,
+    Name,
+    StreamId,
+    TokenId,
+    TokenLogprob,
+    ToolCall,
+)
 from corral.protocol.openai import UsageInfo
 
 RequestId: TypeAlias = str | int | None
@@ -190,23 +197,31 @@ class RuntimeInfo(msgspec.Struct, frozen=True):
 
 
 class StreamChunkParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    """`stream.chunk`: text and token ids since the last chunk; `logprobs` when asked;
-    with tools, `text` is the content and `tool_calls` the calls this chunk completed."""
+    """`stream.chunk`: text and token ids since the last chunk of one choice; `logprobs`
+    and `tokens` (each decoded alone) when asked, `top_logprobs` too when alternatives
+    were; `choice` when the request asked for `n` > 1.; with
+    tools, `text` is the content and `tool_calls` the calls this chunk completed."""
 
     stream_id: int
     text: str
     token_ids: list[int]
     index: int
     logprobs: list[float] | None = None
+    tokens: list[str] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    choice: int = 0
     tool_calls: list[ToolCall] = []
 
 
-class StreamEndParams(msgspec.Struct, frozen=True):
-    """`stream.end`: the stream finished (or was cancelled) with this usage."""
+class StreamEndParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`stream.end`: the stream finished (or was cancelled) with this usage (the prompt
+    once, the tokens of every choice); `finish_reason` is the first choice's, and with
+    `n` > 1 `finish_reasons` has every choice's."""
 
     stream_id: int
     finish_reason: FinishReason | None
     usage: UsageInfo
+    finish_reasons: list[FinishReason | None] = []
 
 
 class StreamErrorParams(msgspec.Struct, frozen=True):

@@ -113,6 +113,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     stop_token_ids: list[int] = []
     logprobs: bool = False
     grammar: str | None = None
+    top_logprobs: int = 0  # alternatives reported per token (with `logprobs`)
 
     @property
     def deterministic(self) -> bool:
@@ -206,14 +207,25 @@ class EngineSequence(msgspec.Struct, frozen=True, tag=True):
     generated: list[int] = []
 
 
+class TokenLogprob(msgspec.Struct, frozen=True):
+    """A token with its log-probability: `id`, and `token`, the id decoded alone by the
+    model's tokenizer (a piece of a multi-byte character decodes to U+FFFD)."""
+
+    id: int
+    token: str
+    logprob: float
+
+
 class TokenOut(msgspec.Struct, frozen=True, array_like=True):
     """One sequence's output of one engine step.
 
     `text` is the newly decodable text (may be empty while a multi-byte character is
     incomplete); `finish_reason` is set on the sequence's last step; `logprob` is the
-    sampled token's log-probability when it was asked for. `cached_tokens`, on the
-    first token of a sequence (or of its resumption) only, counts the leading tokens
-    whose KV came from the prefix cache (one byte on the wire for the others).
+    sampled token's log-probability and `piece` the token decoded alone, when they were
+    asked for; `top_logprobs` the most likely tokens, best first, when alternatives were
+    asked for. `cached_tokens`, on the first token of a sequence (or of its resumption)
+    only, counts the leading tokens whose KV came from the prefix cache (one byte on the
+    wire for the others).
     """
 
     seq_id: int
@@ -222,6 +234,8 @@ class TokenOut(msgspec.Struct, frozen=True, array_like=True):
     logprob: float | None
     finish_reason: FinishReason | None
     cached_tokens: int = 0
+    piece: str | None = None
+    top_logprobs: list[TokenLogprob] | None = None
 
 
 class EngineStep(msgspec.Struct, frozen=True, tag=True):
@@ -484,6 +498,11 @@ StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 
+MAX_TOP_LOGPROBS: Final = 20  # OpenAI's bound
+MAX_CHOICES: Final = 8
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
+
 _Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
 _Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
 _Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
@@ -504,6 +523,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     `response_format` (OpenAI's shapes) constrains the output; `sampling` turns it into
     the grammar the engine enforces, and the runtime checks that grammar compiles
     (GuidanceError otherwise) before admission.
+    `top_logprobs` > 0 implies `logprobs`. `n` choices run as `n` sequences (and take
+    `n` stream slots); see `corral.runtime.choices`.
     """
 
     model: Name | None = None
@@ -527,6 +548,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    top_logprobs: TopLogprobs = 0
+    n: ChoiceCount = 1
     timeout_ms: TimeoutMs | None = None
     request_id: Name | None = None
     client: Name | None = None
@@ -538,12 +561,33 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=dict(self.logit_bias), seed=self.seed, stop=stop,
-            stop_token_ids=list(self.stop_token_ids), logprobs=self.logprobs,
+            stop_token_ids=list(self.stop_token_ids),
+            logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs,
             grammar=response_format_grammar(self.response_format))
 
 
+class Choice(msgspec.Struct, frozen=True):
+    """One choice of a non-streaming call, whole.
+
+    `logprobs` (the sampled tokens' log-probabilities) and `tokens` (each token decoded
+    alone) when log-probabilities were asked for; `top_logprobs`, for each token, the
+    most likely tokens, best first, when alternatives were.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+    tokens: list[str] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    tool_calls: list[ToolCall] = []
+
+
 class Completion(msgspec.Struct, frozen=True):
-    """The whole result of a non-streaming call."""
+    """The whole result of a non-streaming call: the first choice's fields (the whole
+    answer when `n` is 1), and every choice in `choices`. `usage` counts the prompt once
+    and the tokens of every choice."""
 
     stream_id: int
     model: str
@@ -552,4 +596,7 @@ class Completion(msgspec.Struct, frozen=True):
     finish_reason: FinishReason
     usage: Usage
     logprobs: list[float] | None = None
+    tokens: list[str] | None = None
+    top_logprobs: list[list[TokenLogprob]] | None = None
+    choices: list[Choice] = []
     tool_calls: list[ToolCall] = []

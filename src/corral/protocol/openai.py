@@ -2,9 +2,10 @@
 
 Requests decode into these Structs, and decoding is the validation: an unknown field
 is InvalidParams naming it. Fields that OpenAI clients send with neutral values by
-default (`n`, `best_of`, `echo`, `user`, `stream_options`) are accepted; any value
+default (`best_of`, `echo`, `user`, `stream_options`) are accepted; any value
 other than the neutral one fails validation, since corral would silently ignore it.
-`presence_penalty`, `frequency_penalty`, `logit_bias` and `response_format` (json_object
+`presence_penalty`, `frequency_penalty`, `logit_bias`, `n` (1 to 8), chat
+`top_logprobs`, completions `logprobs` (0 to 20) and `response_format` (json_object
 and json_schema, by constrained decoding) are applied. `top_k`, `min_p`,
 `repetition_penalty` and `stop_token_ids` are accepted as extensions, as vLLM does, and
 `timeout_ms`, the request's deadline.
@@ -16,25 +17,26 @@ to and from the runtime.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 import msgspec
 
 from corral.protocol.grammar import ResponseFormat
 from corral.protocol.messages import (
+    ChoiceCount,
     FunctionCall,
     TokenCount,
     Tool,
     ToolCall,
     ToolChoice,
+    TopLogprobs,
     Usage,
 )
 
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
-_NoZeroLogprobs = Annotated[int, msgspec.Meta(ge=0, le=0)]
 
 NEUTRAL_ONLY: Final[dict[str, str]] = {
-    "n": "1", "best_of": "1", "echo": "false", "suffix": "null", "top_logprobs": "0",
+    "best_of": "1", "echo": "false", "suffix": "null",
 }
 """Fields accepted with their neutral value only, and that value, for error messages."""
 
@@ -56,13 +58,12 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Neutral values only (sent by default by some clients).
-    n: _One = 1
+    n: ChoiceCount = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     response_format: ResponseFormat | None = None
-    user: str | None = None
+    user: str | None = None  # neutral: accepted, not used
     # Extensions, as vLLM accepts them.
     top_k: int | None = None
     min_p: float | None = None
@@ -75,12 +76,12 @@ class CompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fiel
     """POST /v1/completions.
 
     `prompt` is a string or token ids (a list of one string is taken as that string);
-    batched prompts are refused. `logprobs` may only be 0: the sampled token's
-    log-probability is returned, no alternatives.
+    batched prompts are refused. `logprobs` N: the sampled tokens' log-probabilities and
+    the N most likely alternatives of each (0: none).
     """
 
     prompt: str | list[str | int]
-    logprobs: _NoZeroLogprobs | None = None
+    logprobs: TopLogprobs | None = None
     echo: Literal[False] = False
     best_of: _One | None = None
     suffix: None = None
@@ -103,7 +104,8 @@ class ChatMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """POST /v1/chat/completions. `max_completion_tokens` wins over `max_tokens`."""
+    """POST /v1/chat/completions. `max_completion_tokens` wins over `max_tokens`;
+    `top_logprobs` needs `logprobs`, as OpenAI's does."""
 
     messages: list[ChatMessageIn]
     max_completion_tokens: TokenCount | None = None
@@ -111,7 +113,7 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool = False
-    top_logprobs: _NoZeroLogprobs | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -139,12 +141,14 @@ class UsageInfo(msgspec.Struct, frozen=True):
 
 
 class CompletionLogprobs(msgspec.Struct, frozen=True):
-    """Tokens are named `token_id:<id>`, as vLLM's `return_tokens_as_token_ids` does."""
+    """Each token decoded alone; `top_logprobs` (when asked for) maps the alternatives'
+    tokens to their log-probabilities, best first; `text_offset` is where each token's
+    text starts, counting the tokens decoded alone before it."""
 
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: None = None
-    text_offset: None = None
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
 
 
 class CompletionChoice(msgspec.Struct, frozen=True):
@@ -165,11 +169,21 @@ class CompletionResponse(msgspec.Struct, frozen=True):
     object: Literal["text_completion"] = "text_completion"
 
 
-class ChatTokenLogprob(msgspec.Struct, frozen=True):
+class ChatTopLogprob(msgspec.Struct, frozen=True):
+    """An alternative: the token decoded alone, and its UTF-8 bytes."""
+
     token: str
     logprob: float | None
-    bytes: None = None
-    top_logprobs: list[Any] = []
+    bytes: list[int]
+
+
+class ChatTokenLogprob(msgspec.Struct, frozen=True):
+    """A sampled token, as `ChatTopLogprob`, with its alternatives, best first."""
+
+    token: str
+    logprob: float | None
+    bytes: list[int]
+    top_logprobs: list[ChatTopLogprob]
 
 
 class ChatLogprobs(msgspec.Struct, frozen=True):

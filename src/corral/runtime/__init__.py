@@ -3,10 +3,10 @@
 `Runtime` is a thin facade over the parts of this package, each with one job:
 `tree` (the supervision tree), `models` (the loaded models and their subtrees),
 `healing` (reloading models that failed for good), `requests` (the request pipeline
-and `TokenStream`), `limits` (prompt and completion lengths) and `health` (what the
-runtime reports). The facade holds no state a restart would need except the table of
-open streams and the records of the loaded models, which the tree's factories read
-back.
+and `TokenStream`), `choices` (the `n` choices of one request), `limits` (prompt and
+completion lengths) and `health` (what the runtime reports). The facade holds no
+state a restart would need except the table of open streams and the records of the
+loaded models, which the tree's factories read back.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from corral.protocol.messages import (
     PrefixCacheStatistics,
     RegistryState,
 )
+from corral.runtime.choices import ChoiceStreams, open_choices
 from corral.runtime.healing import Healer, Reloader
 from corral.runtime.health import (
     DomainHealth,
@@ -50,7 +51,7 @@ from corral.runtime.models import Models, resolve_model_path
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
 from corral.runtime.tree import REGISTRY, build_root, domain, model_path
 
-__all__ = ["DomainHealth", "Health", "ModelDescription", "ModelState", "Runtime",
+__all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "ModelState", "Runtime",
            "RuntimeStatistics", "TokenStream", "open_runtime", "resolve_model_path",
            "shutting_down_error"]
 
@@ -173,9 +174,10 @@ class Runtime:
 
         Keyword arguments are those of `GenerateParams` (max_tokens, temperature, top_p,
         top_k, min_p, repetition_penalty, seed, stop, stop_token_ids, logprobs,
-        response_format, messages, timeout_ms, request_id): a convenience over `stream`.
-        `response_format` takes OpenAI's shapes, as dicts (`{"type": "json_object"}`) or
-        `corral.protocol.grammar` Structs.
+        top_logprobs, response_format, tools, tool_choice, messages, timeout_ms,
+        request_id): a convenience over `stream`. `response_format` takes OpenAI's
+        shapes, as dicts (`{"type": "json_object"}`) or `corral.protocol.grammar`
+        Structs. One choice only: `generate_choices` reads `n` > 1.
 
         Leaving the block before the end cancels the generation: the sequence leaves
         the batch at the next engine step. So does cancelling the enclosing scope.
@@ -192,9 +194,26 @@ class Runtime:
             yield stream
 
     def stream(self, request: GenerateParams) -> AbstractAsyncContextManager[TokenStream]:
-        """`generate` for a request already typed (what the transports build once):
-        `async with rt.stream(params) as stream`."""
+        """`generate` for a request already typed: `async with rt.stream(params) as
+        stream`."""
         return self.requests.open_stream(request)
+
+    @asynccontextmanager
+    async def generate_choices(self, model: str | None = None,
+                               prompt: str | list[int] | None = None,
+                               **params: Any) -> AsyncIterator[ChoiceStreams]:
+        """`generate` for `n` choices (keyword `n`, 1 to 8): each chunk names its
+        `choice`, and the last chunk of each choice carries its `finish_reason`. Leaving
+        the block, or one choice failing, ends them all. See `corral.runtime.choices`.
+        """
+        request = convert_params({**params, "model": model, "prompt": prompt}, GenerateParams)
+        async with open_choices(self.requests, request) as choices:
+            yield choices
+
+    def choices(self, request: GenerateParams) -> AbstractAsyncContextManager[ChoiceStreams]:
+        """`generate_choices` for a request already typed (what the transports build
+        once): `async with rt.choices(params) as choices`."""
+        return open_choices(self.requests, request)
 
     async def complete(self, model: str | None = None, prompt: str | list[int] | None = None,
                        **params: Any) -> Completion:
@@ -206,16 +225,9 @@ class Runtime:
         return await self.run(request)
 
     async def run(self, request: GenerateParams) -> Completion:
-        """`complete` for a request already typed."""
-        async with self.requests.open_stream(request) as stream:
-            logprobs: list[float] = []
-            async for chunk in stream:
-                if chunk.logprobs:
-                    logprobs.extend(chunk.logprobs)
-            assert stream.finish_reason is not None
-            return Completion(stream.stream_id, stream.model, stream.text, stream.token_ids,
-                              stream.finish_reason, stream.usage,
-                              logprobs if request.logprobs else None, stream.tool_calls)
+        """`complete` for a request already typed; `n` choices in `choices`."""
+        async with open_choices(self.requests, request) as choices:
+            return await choices.completion()
 
     @property
     def draining(self) -> bool:

@@ -139,7 +139,9 @@ class TokenStream:
             if not rest:
                 raise StopAsyncIteration
             self._content.append(rest)
-            return StreamChunk(rest, [], [] if buffer.wants_logprobs else None, len(buffer.tokens))
+            wants = buffer.wants_logprobs
+            return StreamChunk(rest, [], [] if wants else None, len(buffer.tokens),
+                               tokens=[] if wants else None)
         content, calls = self._reader.feed(chunk.text)
         self._content.append(content)
         return msgspec.structs.replace(chunk, text=content, tool_calls=calls)
@@ -182,6 +184,10 @@ class Requests:
         """See `Runtime.generate`, which this runs once the request is typed."""
         if self.draining:
             raise shutting_down_error("new requests are refused")
+        if request.n != 1:
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    "n: a TokenStream reads one choice; read n > 1 through "
+                                    "Runtime.choices or generate_choices", {"field": "n"})
         entry = self._models.require(request.model, allow_failed=True)
         timeout_s = (request.timeout_ms
                      or self._config.stream_registry.default_timeout_ms) / 1000.0

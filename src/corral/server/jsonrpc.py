@@ -44,7 +44,7 @@ from corral.protocol.jsonrpc import (
 )
 from corral.protocol.messages import GenerateParams
 from corral.protocol.openai import UsageInfo
-from corral.runtime import Runtime, TokenStream
+from corral.runtime import ChoiceStreams, Runtime
 from corral.server.connection import (
     ANSWERED,
     Answered,
@@ -293,7 +293,7 @@ class Methods:
         `cancel` or leaving ends the `generate` block, which drops the sequence from the
         batch at the next engine step.
         """
-        async with self._runtime.stream(self._generate_params(request)) as stream:
+        async with self._runtime.choices(self._generate_params(request)) as stream:
             sid = stream.stream_id
             self._unended.add(sid)
             await respond(encode_result(reply_id(request),
@@ -306,24 +306,30 @@ class Methods:
                     self._streams.pop(sid, None)
         if cancelled.cancelled_caught:
             await self._send(encode_notification(Notification.STREAM_END, StreamEndParams(
-                sid, "cancelled", UsageInfo.of(stream.usage))))
+                sid, "cancelled", UsageInfo.of(stream.usage),
+                ["cancelled"] * len(stream.streams) if len(stream.streams) > 1 else [])))
         self._unended.discard(sid)
         return ANSWERED
 
-    async def _forward(self, stream: TokenStream) -> None:
-        """Send the chunks, then stream.end or stream.error."""
+    async def _forward(self, stream: ChoiceStreams) -> None:
+        """Send the chunks of every choice, then stream.end or stream.error."""
         sid = stream.stream_id
         try:
             async for chunk in stream:
-                await self._send(encode_notification(Notification.STREAM_CHUNK, StreamChunkParams(
-                    sid, chunk.text, chunk.token_ids, chunk.index, chunk.logprobs,
-                    chunk.tool_calls)))
+                if chunk.finish_reason is None:
+                    await self._send(encode_notification(
+                        Notification.STREAM_CHUNK, StreamChunkParams(
+                            sid, chunk.text, chunk.token_ids, chunk.index, chunk.logprobs,
+                            chunk.tokens, chunk.top_logprobs, chunk.choice,
+                            chunk.tool_calls)))
         except CorralError as exc:
             end = encode_notification(Notification.STREAM_ERROR,
                                       StreamErrorParams(sid, error_object(exc)))
         else:
+            reasons = [s.finish_reason for s in stream.streams]
             end = encode_notification(Notification.STREAM_END, StreamEndParams(
-                sid, stream.finish_reason, UsageInfo.of(stream.usage)))
+                sid, reasons[0], UsageInfo.of(stream.usage),
+                reasons if len(reasons) > 1 else []))
         # Out of reach of `cancel` from here on: one terminal notification at most.
         del self._streams[sid]
         await self._send(end)

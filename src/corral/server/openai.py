@@ -9,6 +9,8 @@ reads a stream that has ended).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -19,7 +21,14 @@ import msgspec
 from corral.actors.streams import StreamChunk
 from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import convert_params
-from corral.protocol.messages import ChatMessage, FinishReason, GenerateParams, Usage
+from corral.protocol.messages import (
+    ChatMessage,
+    Completion,
+    FinishReason,
+    GenerateParams,
+    TokenLogprob,
+    Usage,
+)
 from corral.protocol.openai import (
     NEUTRAL_ONLY,
     ChatChoice,
@@ -31,6 +40,7 @@ from corral.protocol.openai import (
     ChatLogprobs,
     ChatMessageOut,
     ChatTokenLogprob,
+    ChatTopLogprob,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -41,10 +51,9 @@ from corral.protocol.openai import (
     ToolCallDelta,
     UsageInfo,
 )
-from corral.runtime import TokenStream
 
 __all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completion_job",
-           "drain_wait_ms", "error_body", "error_headers", "explained", "finish",
+           "drain_wait_ms", "error_body", "error_headers", "explained", "finish_reason",
            "internal_error", "retry_after", "status_of", "with_drain_wait"]
 
 _ERROR_TYPES: Final[dict[int, str]] = {
@@ -149,6 +158,7 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest,
               "presence_penalty": request.presence_penalty,
               "frequency_penalty": request.frequency_penalty,
               "logit_bias": _logit_bias(request.logit_bias), "seed": request.seed,
+              "n": request.n,
               "stop": request.stop, "stop_token_ids": request.stop_token_ids,
               "response_format": request.response_format, "timeout_ms": request.timeout_ms}
     return {key: value for key, value in params.items() if value is not None}
@@ -197,23 +207,26 @@ class Job(msgspec.Struct, frozen=True):
         shape: makes the reply's bodies or chunks.
         stream: whether the reply is SSE.
         include_usage: SSE only: a last chunk with the usage.
-        logprobs: whether the whole reply carries the tokens' log-probabilities.
     """
 
     params: GenerateParams
     shape: Shape
     stream: bool
     include_usage: bool
-    logprobs: bool
 
 
 def chat_job(body: Any, request_id: str, client: str) -> Job:
     """A POST /v1/chat/completions body (builtins) as a job.
 
     Raises:
-        EngineClientError: InvalidParams naming the field.
+        EngineClientError: InvalidParams naming the field (`top_logprobs` without
+            `logprobs` included, as OpenAI refuses it).
     """
     request = convert_params(body, ChatCompletionRequest)
+    if request.top_logprobs and not request.logprobs:
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                "top_logprobs: needs logprobs to be true",
+                                {"field": "top_logprobs"})
     messages = [ChatMessage(role="system" if m.role == "developer" else m.role,
                             content=_text(m.content), tool_calls=m.tool_calls or [],
                             tool_call_id=m.tool_call_id, name=m.name)
@@ -224,9 +237,10 @@ def chat_job(body: Any, request_id: str, client: str) -> Job:
     params.update({key: value for key, value in tools.items() if value is not None})
     options = request.stream_options
     return Job(convert_params({**params, "messages": messages, "logprobs": request.logprobs,
+                               "top_logprobs": request.top_logprobs or 0,
                                "request_id": request_id, "client": client}, GenerateParams),
                ChatShape(f"chatcmpl-{request_id}", int(time.time())), request.stream,
-               bool(options and options.include_usage), request.logprobs)
+               bool(options and options.include_usage))
 
 
 def completion_job(body: Any, request_id: str, client: str) -> Job:
@@ -236,23 +250,22 @@ def completion_job(body: Any, request_id: str, client: str) -> Job:
         EngineClientError: InvalidParams naming the field (batched prompts included).
     """
     request = convert_params(body, CompletionRequest)
-    logprobs = request.logprobs is not None
     params = _sampling(request, request.max_tokens)
     options = request.stream_options
     return Job(convert_params({**params, "prompt": _prompt(request.prompt),
-                               "logprobs": logprobs, "request_id": request_id,
-                               "client": client}, GenerateParams),
+                               "logprobs": request.logprobs is not None,
+                               "top_logprobs": request.logprobs or 0,
+                               "request_id": request_id, "client": client}, GenerateParams),
                CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
-               bool(options and options.include_usage), logprobs)
+               bool(options and options.include_usage))
 
 
-def finish(stream: TokenStream) -> Literal["stop", "length", "tool_calls"]:
-    """The OpenAI finish reason of a stream that ended without an error.
+def finish_reason(reason: FinishReason | None) -> Literal["stop", "length", "tool_calls"]:
+    """The OpenAI finish reason of a choice that ended without an error.
 
     Raises:
         EngineClientError: Cancelled, when the runtime ended it (an unloaded model).
     """
-    reason: FinishReason | None = stream.finish_reason
     if reason == "stop" or reason == "length" or reason == "tool_calls":
         return reason
     raise EngineClientError(Code.CANCELLED, f"the generation ended early: {reason}",
@@ -262,12 +275,12 @@ def finish(stream: TokenStream) -> Literal["stop", "length", "tool_calls"]:
 # -- response shapes ------------------------------------------------------------------
 
 
-def _token_names(token_ids: Sequence[int]) -> list[str]:
-    return [f"token_id:{token}" for token in token_ids]
-
-
 def _clean(logprobs: Sequence[float]) -> list[float | None]:
     return [None if math.isnan(value) else value for value in logprobs]
+
+
+def _utf8(token: str) -> list[int]:
+    return list(token.encode())
 
 
 @final
@@ -277,22 +290,27 @@ class ChatShape:
     def __init__(self, response_id: str, created: int) -> None:
         self._id = response_id
         self._created = created
-        self._calls = 0  # tool calls streamed so far: the next one's index
+        self._calls: collections.Counter[int] = collections.Counter()  # streamed, per choice
 
-    def _logprobs(self, token_ids: Sequence[int],
-                  logprobs: Sequence[float] | None) -> ChatLogprobs | None:
-        if logprobs is None:
+    @staticmethod
+    def _logprobs(logprobs: Sequence[float] | None, tokens: Sequence[str] | None,
+                  top: Sequence[list[TokenLogprob]] | None) -> ChatLogprobs | None:
+        if logprobs is None or tokens is None:
             return None
-        return ChatLogprobs([ChatTokenLogprob(name, value) for name, value in
-                             zip(_token_names(token_ids), _clean(logprobs), strict=True)])
+        alternatives = top if top is not None else [[] for _ in tokens]
+        return ChatLogprobs([
+            ChatTokenLogprob(token, value, _utf8(token), [
+                ChatTopLogprob(alt.token, alt.logprob, _utf8(alt.token)) for alt in alts])
+            for token, value, alts in zip(tokens, _clean(logprobs), alternatives, strict=True)])
 
     def _chunk(self, model: str, choices: list[ChatChunkChoice],
                usage: UsageInfo | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(self._id, self._created, model, choices, usage)
 
-    def opening(self, model: str) -> list[msgspec.Struct]:
-        """The events before the first token: the assistant's role."""
-        return [self._chunk(model, [ChatChunkChoice(ChatDelta(role="assistant", content=""))])]
+    def opening(self, model: str, n: int) -> list[msgspec.Struct]:
+        """The events before the first token: the assistant's role, for every choice."""
+        return [self._chunk(model, [ChatChunkChoice(ChatDelta(role="assistant", content=""),
+                                                    index) for index in range(n)])]
 
     def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
         """The event of one chunk, or None for a chunk with nothing to tell."""
@@ -300,31 +318,36 @@ class ChatShape:
             return None
         calls = None
         if chunk.tool_calls:
-            calls = [ToolCallDelta(self._calls + i, call.id, call.function)
+            sent = self._calls[chunk.choice]
+            calls = [ToolCallDelta(sent + i, call.id, call.function)
                      for i, call in enumerate(chunk.tool_calls)]
-            self._calls += len(calls)
+            self._calls[chunk.choice] += len(calls)
         return self._chunk(model, [ChatChunkChoice(
             ChatDelta(content=chunk.text or (None if calls else ""), tool_calls=calls),
-            logprobs=self._logprobs(chunk.token_ids, chunk.logprobs))])
+            chunk.choice,
+            logprobs=self._logprobs(chunk.logprobs, chunk.tokens, chunk.top_logprobs))])
 
-    def closing(self, model: str, finish: str, usage: Usage | None) -> list[msgspec.Struct]:
-        """The last events: the finish reason, then the usage when asked."""
-        events: list[msgspec.Struct] = [
-            self._chunk(model, [ChatChunkChoice(ChatDelta(), finish_reason=finish)])]
-        if usage is not None:
-            events.append(self._chunk(model, [], UsageInfo.of(usage)))
-        return events
+    def ending(self, model: str, choice: int, finish: str) -> msgspec.Struct:
+        """The event that ends one choice, with its finish reason."""
+        return self._chunk(model, [ChatChunkChoice(ChatDelta(), choice, finish_reason=finish)])
 
-    def whole(self, stream: TokenStream, finish: str,
-              logprobs: list[float] | None) -> msgspec.Struct:
-        """The body of a reply that is not streamed."""
-        calls = stream.tool_calls
-        message = ChatMessageOut(None if calls and not stream.text else stream.text,
-                                 tool_calls=calls or None)
-        choice = ChatChoice(message, finish,
-                            logprobs=self._logprobs(stream.token_ids, logprobs))
-        return ChatCompletionResponse(self._id, self._created, stream.model, [choice],
-                                      UsageInfo.of(stream.usage))
+    def usage(self, model: str, usage: Usage) -> msgspec.Struct:
+        """The last event, when asked for: no choices, the usage."""
+        return self._chunk(model, [], UsageInfo.of(usage))
+
+    def whole(self, completion: Completion) -> msgspec.Struct:
+        """The body of a reply that is not streamed.
+
+        Raises:
+            EngineClientError: Cancelled, for a choice the runtime ended early.
+        """
+        choices = [ChatChoice(ChatMessageOut(None if c.tool_calls and not c.text else c.text,
+                                             tool_calls=c.tool_calls or None),
+                              finish_reason(c.finish_reason), c.index,
+                              self._logprobs(c.logprobs, c.tokens, c.top_logprobs))
+                   for c in completion.choices]
+        return ChatCompletionResponse(self._id, self._created, completion.model, choices,
+                                      UsageInfo.of(completion.usage))
 
 
 @final
@@ -334,37 +357,46 @@ class CompletionShape:
     def __init__(self, response_id: str, created: int) -> None:
         self._id = response_id
         self._created = created
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
 
-    @staticmethod
-    def _logprobs(token_ids: Sequence[int],
-                  logprobs: Sequence[float] | None) -> CompletionLogprobs | None:
-        if logprobs is None:
+    def _logprobs(self, choice: int, logprobs: Sequence[float] | None,
+                  tokens: Sequence[str] | None,
+                  top: Sequence[list[TokenLogprob]] | None) -> CompletionLogprobs | None:
+        if logprobs is None or tokens is None:
             return None
-        return CompletionLogprobs(_token_names(token_ids), _clean(logprobs))
+        offsets = list(itertools.accumulate((len(token) for token in tokens),
+                                            initial=self._offsets.get(choice, 0)))
+        self._offsets[choice] = offsets.pop()
+        return CompletionLogprobs(
+            list(tokens), _clean(logprobs),
+            None if top is None else [{alt.token: alt.logprob for alt in alts}
+                                      for alts in top],
+            offsets)
 
-    def opening(self, model: str) -> list[msgspec.Struct]:
+    def _body(self, model: str, choices: list[CompletionChoice],
+              usage: UsageInfo | None = None) -> CompletionResponse:
+        return CompletionResponse(self._id, self._created, model, choices, usage)
+
+    def opening(self, model: str, n: int) -> list[msgspec.Struct]:
         return []
 
     def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
         if not chunk.text and chunk.logprobs is None:
             return None
-        return CompletionResponse(self._id, self._created, model, [CompletionChoice(
-            chunk.text, logprobs=self._logprobs(chunk.token_ids, chunk.logprobs))])
+        return self._body(model, [CompletionChoice(chunk.text, chunk.choice, self._logprobs(
+            chunk.choice, chunk.logprobs, chunk.tokens, chunk.top_logprobs))])
 
-    def closing(self, model: str, finish: str, usage: Usage | None) -> list[msgspec.Struct]:
-        events: list[msgspec.Struct] = [CompletionResponse(
-            self._id, self._created, model, [CompletionChoice("", finish_reason=finish)])]
-        if usage is not None:
-            events.append(CompletionResponse(self._id, self._created, model, [],
-                                             UsageInfo.of(usage)))
-        return events
+    def ending(self, model: str, choice: int, finish: str) -> msgspec.Struct:
+        return self._body(model, [CompletionChoice("", choice, finish_reason=finish)])
 
-    def whole(self, stream: TokenStream, finish: str,
-              logprobs: list[float] | None) -> msgspec.Struct:
-        choice = CompletionChoice(stream.text, finish_reason=finish,
-                                  logprobs=self._logprobs(stream.token_ids, logprobs))
-        return CompletionResponse(self._id, self._created, stream.model, [choice],
-                                  UsageInfo.of(stream.usage))
+    def usage(self, model: str, usage: Usage) -> msgspec.Struct:
+        return self._body(model, [], UsageInfo.of(usage))
+
+    def whole(self, completion: Completion) -> msgspec.Struct:
+        choices = [CompletionChoice(c.text, c.index, self._logprobs(
+                       c.index, c.logprobs, c.tokens, c.top_logprobs),
+                       finish_reason(c.finish_reason)) for c in completion.choices]
+        return self._body(completion.model, choices, UsageInfo.of(completion.usage))
 
 
 Shape: TypeAlias = ChatShape | CompletionShape

@@ -29,7 +29,7 @@ from corral.protocol.errors import Code, CorralError, EngineClientError, Overloa
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
-from corral.runtime import ModelDescription, Runtime, TokenStream
+from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.openai import (
     Job,
     chat_job,
@@ -38,7 +38,7 @@ from corral.server.openai import (
     error_body,
     error_headers,
     explained,
-    finish,
+    finish_reason,
     internal_error,
     retry_after,
     status_of,
@@ -118,7 +118,7 @@ class _Exchange:
         self.request_id = request_id
         self.sse_started = False
         self.disconnected = False
-        self.stream: TokenStream | None = None
+        self.stream: ChoiceStreams | None = None
 
     @property
     def ended(self) -> bool:
@@ -316,38 +316,33 @@ class GenerateEndpoint:
             await exchange.fail(explained(error))
 
     async def _stream(self, job: Job, exchange: _Exchange) -> None:
+        """SSE: each choice's chunks as they come (`index` names the choice), each
+        choice's finish reason as it ends, then the usage when asked."""
         shape = job.shape
-        async with self._runtime.stream(job.params) as stream:
-            exchange.stream = stream
-
-            async def start() -> None:
-                await exchange.start_sse()
-                for opening in shape.opening(stream.model):
-                    await exchange.event(opening)
-
-            async for chunk in stream:
+        async with self._runtime.choices(job.params) as choices:
+            exchange.stream = choices
+            model = choices.model
+            async for chunk in choices:
                 if not exchange.sse_started:
-                    await start()
-                event = shape.chunk(stream.model, chunk)
+                    await exchange.start_sse()
+                    for opening in shape.opening(model, job.params.n):
+                        await exchange.event(opening)
+                event: msgspec.Struct | None
+                if chunk.finish_reason is not None:
+                    event = shape.ending(model, chunk.choice, finish_reason(chunk.finish_reason))
+                else:
+                    event = shape.chunk(model, chunk)
                 if event is not None:
                     await exchange.event(event)
-            reason = finish(stream)
             exchange.succeeded()
-            if not exchange.sse_started:
-                await start()
-            for closing in shape.closing(stream.model, reason,
-                                         stream.usage if job.include_usage else None):
-                await exchange.event(closing)
+            if job.include_usage:
+                await exchange.event(shape.usage(model, choices.usage))
         await exchange.end_sse(done=True)
 
     async def _whole(self, job: Job, exchange: _Exchange) -> None:
-        async with self._runtime.stream(job.params) as stream:
-            exchange.stream = stream
-            logprobs: list[float] = []
-            async for chunk in stream:
-                if chunk.logprobs:
-                    logprobs.extend(chunk.logprobs)
-            body = job.shape.whole(stream, finish(stream), logprobs if job.logprobs else None)
+        async with self._runtime.choices(job.params) as choices:
+            exchange.stream = choices
+            body = job.shape.whole(await choices.completion())
         exchange.succeeded()
         await exchange.json(200, body)
 
