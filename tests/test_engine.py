@@ -169,7 +169,7 @@ async def test_model_info_and_tokenizer(model_path: str, reference: dict[str, An
         assert chat == tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         assert len(await engine.apply_chat_template(messages, False)) < len(chat)
         with pytest.raises(EngineClientError) as bad_role:
-            await engine.apply_chat_template([{"role": "tool", "content": "x"}])
+            await engine.apply_chat_template([{"role": "robot", "content": "x"}])
         assert bad_role.value.code is Code.TOKENIZER_ERROR
         with pytest.raises(EngineClientError) as bad_ids:
             await engine.detokenize([10**6])
@@ -180,6 +180,8 @@ async def test_model_info_and_tokenizer(model_path: str, reference: dict[str, An
     assert info.eos_token_ids == sorted(tokenizer.eos_token_ids)
     assert info.max_context == 2048
     assert info.has_chat_template
+    assert info.tool_calling is not None and info.tool_calling.parser == "json_tools"
+    assert info.tool_calling.marker_tokens
     assert info.load_seconds > 0
 
 
