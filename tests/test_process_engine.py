@@ -202,7 +202,7 @@ async def test_cancel_tokenizer_calls_and_refusals(
         assert await engine.apply_chat_template(CHAT) == reference["chat"]
         assert await engine.apply_chat_template(CHAT, False) == reference["chat_open"]
         with pytest.raises(EngineClientError) as bad_role:
-            await engine.apply_chat_template([{"role": "tool", "content": "x"}])
+            await engine.apply_chat_template([{"role": "robot", "content": "x"}])
         assert bad_role.value.code is Code.TOKENIZER_ERROR
         with pytest.raises(EngineClientError) as bad_ids:
             await engine.detokenize([10**6])

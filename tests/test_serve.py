@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.tiny import make_tiny_model
+
 pytestmark = pytest.mark.slow
 
 
@@ -100,9 +102,11 @@ def _stream(base: str, max_tokens: int, events: list[Any]) -> None:
 
 
 def test_sigterm_during_8_streams_each_finishes_or_gets_the_typed_shutdown_error(
-        model_path: str, config_file: Path) -> None:
+        tmp_path: Path, config_file: Path) -> None:
+    # A context long enough for streams that outlast the drain by far.
+    long_context = make_tiny_model(tmp_path / "long", context=16384)
     port = free_port()
-    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"],
+    server = Server(["--model", f"tiny={long_context}", "--http", f"127.0.0.1:{port}"],
                     config_file)
     base = f"http://127.0.0.1:{port}"
     try:
