@@ -83,9 +83,11 @@ class RetryBudgetConfig(_Section, frozen=True):
 
 
 class RetryConfig(_Section, frozen=True):
-    """Retry with exponential backoff and jitter; `jitter` is a ± fraction of the delay."""
+    """Retry with backoff and jitter; `jitter` is a ± fraction of the delay. Each key but
+    `budget` is the `corral.RetryPolicy` field of the same name."""
 
     max_attempts: _PositiveInt = 3
+    strategy: Literal["exponential", "linear", "fixed", "immediate"] = "exponential"
     initial_delay_ms: _NonNegativeInt = 100
     max_delay_ms: _NonNegativeInt = 5000
     backoff_multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
