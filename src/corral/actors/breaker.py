@@ -18,10 +18,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar, TypeVarTuple, final
 
+import anyio
 import msgspec
 import structlog
 import trio
 
+from corral.actors.clock import current_time
 from corral.actors.core import Actor, ActorRef
 from corral.config import CircuitBreakerConfig
 from corral.protocol.errors import (
@@ -184,8 +186,10 @@ class CircuitBreaker:
     and otherwise ignored.
 
     Every method but `call` is synchronous, so atomic with respect to other tasks: no
-    checkpoint, no I/O. The clock is only read, in seconds; pass `trio.current_time`
-    (the default) or a fake for tests.
+    checkpoint, no I/O, so tasks of one event loop may share a breaker (threads must
+    serialise, as `corral.resilience.CircuitBreakerGuard.run` does). The clock is only
+    read, in seconds; the default, `clock.current_time`, is trio's clock under trio
+    (MockClock drives it), the asyncio loop's under asyncio, else `time.monotonic`.
 
     Args:
         name: the circuit's name, carried in permits, events and errors.
@@ -204,7 +208,7 @@ class CircuitBreaker:
                  "_window_span", "_windowed")
 
     def __init__(self, name: str, config: CircuitBreakerConfig = CircuitBreakerConfig(), *,
-                 clock: Callable[[], float] = trio.current_time,
+                 clock: Callable[[], float] = current_time,
                  on_state_change: StateChangeHook | None = None) -> None:
         self._name = name
         self._config = config
@@ -364,13 +368,14 @@ class CircuitBreaker:
         """`await fn(*args)` through the breaker; its result or exception passes through.
 
         The outcome is recorded by `outcome_of`, with the call's duration. Cancellation
-        (before or during the call) gives the permit back as an ignored outcome, so a
-        cancelled probe frees its slot at once. Always a checkpoint.
+        (before or during the call; trio's or asyncio's) gives the permit back as an
+        ignored outcome, so a cancelled probe frees its slot at once. Always a
+        checkpoint. Runs under trio or asyncio.
 
         Raises:
             CircuitBreakerOpenError: the breaker refused the call; `fn` was not called.
         """
-        await trio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         permit = self.acquire()
         started = self._clock()
         try:

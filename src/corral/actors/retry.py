@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final, Literal, TypeVar, TypeVarTuple, final
@@ -288,7 +289,7 @@ class _Loop:
                 self.delay_s += anyio.current_time() - slept_from
 
     def run_sync(self, fn: Callable[[*Ts], T], args: tuple[*Ts],
-                 budget: RetryBudget | None) -> T:
+                 budget: RetryBudget | None, abort: threading.Event) -> T:
         while True:
             self.attempts += 1
             try:
@@ -306,8 +307,11 @@ class _Loop:
                 self.ending = "failure"
                 raise error
             self.will_sleep(delay, error)
-            time.sleep(delay)
-            self.delay_s += delay
+            slept_from = time.monotonic()
+            aborted = abort.wait(delay)
+            self.delay_s += time.monotonic() - slept_from
+            if aborted:
+                raise RetryAbortedError(self.attempts, error) from error
 
     def finish(self, budget: Budget | RetryBudget | None) -> None:
         if self.stats is None and budget is None:
@@ -407,11 +411,14 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
 def call_sync(policy: RetryPolicy, fn: Callable[[*Ts], T], *args: *Ts,
               budget: RetryBudget | None = None, timeout: float | None = None,
               on_retry: OnRetry | None = None, rng: random.Random | None = None,
-              stats: RetryCounters | None = None) -> T:
+              stats: RetryCounters | None = None,
+              abort: threading.Event | None = None) -> T:
     """`call` for a synchronous `fn`, in the calling thread: the same policy decides,
-    the delays block the thread (`time.sleep`), times are `time.monotonic`.
+    the delays block the thread, times are `time.monotonic`.
 
-    The deadline (`timeout` seconds from now) is checked between attempts: a running
+    Setting `abort` (from any thread) ends a delay at once with RetryAbortedError; an
+    attempt already running finishes first, and the loop then stops. The deadline
+    (`timeout` seconds from now) is checked between attempts: a running
     attempt cannot be interrupted, so one that outlives it still returns its result,
     and a failure after it ends the loop with that error. An exception that is not an
     `Exception` (KeyboardInterrupt) ends the loop at once, as a cancellation.
@@ -419,11 +426,12 @@ def call_sync(policy: RetryPolicy, fn: Callable[[*Ts], T], *args: *Ts,
     Raises:
         Exception: as `call`: the last attempt's error when it is not retryable, when
             the attempts, the budget or the time run out.
+        RetryAbortedError: `abort` was set; carries the attempts and the last error.
     """
     limit = math.inf if timeout is None else time.monotonic() + timeout
     loop = _Loop(policy, limit, on_retry, rng or _rng, stats, time.monotonic)
     try:
-        return loop.run_sync(fn, args, budget)
+        return loop.run_sync(fn, args, budget, abort or threading.Event())
     finally:
         loop.finish(budget)
 
