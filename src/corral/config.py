@@ -207,12 +207,34 @@ class SupervisionConfig(_Section, frozen=True):
     fairness_interval: _PositiveInt = 64
 
 
+class FallbackResponse(_Section, frozen=True):
+    """The last step of a model's fallbacks, when no model can answer: `cached_ttl_ms`
+    serves the last successful completion of the same prompt and parameters no older
+    than that; `default` serves this text. Give exactly one."""
+
+    cached_ttl_ms: _PositiveInt | None = None
+    default: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cached_ttl_ms is None) == (self.default is None):
+            raise _FieldError("cached_ttl_ms", "expected exactly one of cached_ttl_ms and default")
+
+
 class ModelConfig(_Section, frozen=True):
-    """A model loaded at start: its alias, where to load it from, and fallback aliases."""
+    """A model loaded at start: its alias, where to load it from, and its fallbacks:
+    other models' aliases, then optionally a cached and/or a default response."""
 
     alias: _Name
     path: _Name
-    fallbacks: tuple[_Name, ...] = ()
+    fallbacks: tuple[_Name | FallbackResponse, ...] = ()
+
+    @property
+    def fallback_aliases(self) -> tuple[str, ...]:
+        return tuple(step for step in self.fallbacks if isinstance(step, str))
+
+    @property
+    def fallback_responses(self) -> tuple[FallbackResponse, ...]:
+        return tuple(step for step in self.fallbacks if isinstance(step, FallbackResponse))
 
 
 class PrefixCacheConfig(_Section, frozen=True):
@@ -265,7 +287,14 @@ class GenerationConfig(_Section, frozen=True):
                 raise _FieldError(f"models[{index}].alias", f"duplicate alias {model.alias!r}")
             aliases.add(model.alias)
         for index, model in enumerate(self.models):
+            responses = 0
             for position, fallback in enumerate(model.fallbacks):
+                if not isinstance(fallback, str):
+                    responses += 1
+                    continue
+                if responses:
+                    raise _FieldError(f"models[{index}].fallbacks[{position}]",
+                                      "expected model aliases before cached and default steps")
                 if fallback == model.alias or fallback not in aliases:
                     raise _FieldError(
                         f"models[{index}].fallbacks[{position}]",

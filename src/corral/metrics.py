@@ -190,6 +190,13 @@ class _RuntimeCollector(Collector):
         for alias, stats in snapshot.retries.items():
             retries.add_metric([alias], float(stats.attempts - stats.calls))
         yield retries
+        fallbacks = CounterMetricFamily(
+            "corral_fallbacks", "Requests served by a fallback, by the model asked for and "
+            "what served them (another model's alias, cached or default).",
+            labels=["model", "fallback"])
+        for (alias, kind), count in self._runtime.requests.rolling.fallbacks_total.items():
+            fallbacks.add_metric([alias, kind], float(count))
+        yield fallbacks
 
 
 _PREFIX_CACHE_METRICS = (

@@ -147,6 +147,7 @@ class BreakerStatistics(msgspec.Struct, frozen=True):
         half_open_permits: probe permits out now.
         transitions: transitions so far.
         last_transition: the latest one, if any.
+        time_open_s: seconds spent OPEN or FORCED_OPEN so far, the current spell too.
     """
 
     circuit: str
@@ -164,6 +165,7 @@ class BreakerStatistics(msgspec.Struct, frozen=True):
     half_open_permits: int
     transitions: int
     last_transition: Transition | None
+    time_open_s: float = 0.0
 
 
 StateChangeHook = Callable[[Transition], None]
@@ -202,7 +204,7 @@ class CircuitBreaker:
     __slots__ = ("_clock", "_config", "_consecutive", "_count_window", "_failure_window",
                  "_failures", "_generation", "_ignored", "_last_failure_at",
                  "_last_transition", "_late", "_minimum_calls", "_name", "_next_id",
-                 "_on_state_change", "_opened_at", "_probe_successes", "_probes",
+                 "_on_state_change", "_open_total", "_opened_at", "_probe_successes", "_probes",
                  "_recovery", "_rejected", "_slow", "_slow_calls", "_state", "_successes",
                  "_transitions", "_window", "_window_failures", "_window_slow",
                  "_window_span", "_windowed")
@@ -229,6 +231,7 @@ class CircuitBreaker:
         self._generation = next(_generations)
         self._next_id = 0
         self._opened_at = -math.inf
+        self._open_total = 0.0
         self._consecutive = 0
         self._last_failure_at = -math.inf
         self._probes: set[int] = set()
@@ -282,6 +285,7 @@ class CircuitBreaker:
             half_open_permits=len(self._probes),
             transitions=self._transitions,
             last_transition=self._last_transition,
+            time_open_s=self._open_total + (now - self._opened_at if self._is_open() else 0.0),
         )
 
     # -- the call protocol -------------------------------------------------------------
@@ -410,6 +414,9 @@ class CircuitBreaker:
         else:
             self._move(target, reason, now)
 
+    def _is_open(self) -> bool:
+        return self._state is State.OPEN or self._state is State.FORCED_OPEN
+
     def _poll(self, now: float) -> None:
         if self._state is State.OPEN:
             due = self._opened_at + self._recovery
@@ -508,12 +515,14 @@ class CircuitBreaker:
     def _move(self, target: State, reason: Reason, now: float, *,
               failure_count: int | None = None) -> None:
         previous = self._state
+        if self._is_open():
+            self._open_total += now - self._opened_at
         if failure_count is None:
             failure_count = self._failure_count(now) if previous is State.CLOSED else 0
         self._state = target
         self._generation = next(_generations)
         self._clear_counts()
-        if target is State.OPEN:
+        if self._is_open():
             self._opened_at = now
         self._transitions += 1
         event = Transition(self._name, previous, target, reason, failure_count, now)

@@ -454,7 +454,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class Completion(msgspec.Struct, frozen=True):
-    """The whole result of a non-streaming call."""
+    """The whole result of a non-streaming call. `fallback` names what served it in
+    place of the model asked for (another alias, "cached", "default"), else None."""
 
     stream_id: int
     model: str
@@ -463,3 +464,4 @@ class Completion(msgspec.Struct, frozen=True):
     finish_reason: FinishReason
     usage: Usage
     logprobs: list[float] | None = None
+    fallback: str | None = None

@@ -11,7 +11,7 @@ outcome. This module never builds the tree and never loads a model.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, final
 
 import structlog
@@ -30,6 +30,7 @@ from corral.protocol.errors import (
     CorralError,
     EngineClientError,
     TimeoutError,
+    code_of,
 )
 from corral.protocol.messages import (
     Admit,
@@ -43,6 +44,8 @@ from corral.protocol.messages import (
     Tokenize,
     Usage,
 )
+from corral.rolling import RollingErrorMetrics
+from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models
 from corral.runtime.tree import REGISTRY
@@ -63,9 +66,12 @@ class TokenStream:
     GenerationError with `details["partial_text"]`, Cancelled for an idle reader).
     """
 
-    def __init__(self, buffer: StreamBuffer, model: str) -> None:
+    def __init__(self, buffer: StreamBuffer, model: str, fallback: str | None = None) -> None:
         self._buffer = buffer
         self.model = model
+        self.fallback = fallback
+        """What served the request in place of the model asked for: a fallback model's
+        alias, "cached" or "default"; None when that model did."""
 
     @property
     def stream_id(self) -> int:
@@ -128,6 +134,9 @@ class Requests:
         self._table = table
         self._registry = system.ref(REGISTRY)
         self._policy = RetryPolicy.from_config(config.calls.retry)
+        self._fallbacks = ResponseFallbacks()
+        self.rolling = RollingErrorMetrics()
+        """Error and success rates, latencies, retries and fallbacks of recent requests."""
         self.draining = False
 
     async def tokenize(self, model: str | None, text: str, *,
@@ -144,17 +153,54 @@ class Requests:
 
     @asynccontextmanager
     async def open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
-        """See `Runtime.generate`, which this runs once the request is typed."""
+        """See `Runtime.generate`, which this runs once the request is typed.
+
+        A request that no model of its chain can start (before the first token) is
+        answered by the model's cached or default fallback step, if it has one.
+        """
         if self.draining:
             raise shutting_down_error("new requests are refused")
         entry = self._models.require(request.model, allow_failed=True)
+        async with AsyncExitStack() as stack:
+            try:
+                stream = await stack.enter_async_context(self._model_stream(request, entry))
+            except Exception as exc:
+                answer = self._fallbacks.answer(entry.config, request, exc)
+                if answer is None:
+                    raise
+                _log.warning("runtime.fallback_served", model=entry.alias, kind=answer.kind,
+                             error=repr(exc))
+                self.rolling.record_fallback(entry.alias, answer.kind)
+                stream = self._answered(request, answer)
+            yield stream
+
+    def _answered(self, request: GenerateParams, answer: FallbackAnswer) -> TokenStream:
+        now = trio.current_time()
+        buffer = StreamBuffer(self._table.new_id(), answer.model,
+                              request_id=request.request_id, timeout_s=0.0, deadline=now,
+                              prompt_tokens=answer.prompt_tokens, logprobs=False)
+        buffer.tokens.extend(answer.token_ids)
+        buffer.token_times.extend(now for _ in answer.token_ids)
+        buffer.text_parts.append(answer.text)
+        buffer.finish(answer.finish_reason)
+        return TokenStream(buffer, answer.model, answer.kind)
+
+    @asynccontextmanager
+    async def _model_stream(self, request: GenerateParams, entry: ModelRecord
+                            ) -> AsyncIterator[TokenStream]:
         timeout_s = (request.timeout_ms
                      or self._config.stream_registry.default_timeout_ms) / 1000.0
-        deadline = trio.current_time() + timeout_s
-        alias, permit = await self._acquire(entry)
-        outcome = Outcome.IGNORED
         started = trio.current_time()
+        deadline = started + timeout_s
+        check_prompt_shape(request)
+        try:
+            alias, permit = await self._acquire(entry)
+        except CorralError as exc:
+            self._note(entry, request, entry.alias, None, exc, started)
+            raise
+        outcome = Outcome.IGNORED
         buffer: StreamBuffer | None = None
+        error: BaseException | None = None
         submitted = False
         stream_id = self._table.new_id()
         try:
@@ -178,8 +224,9 @@ class Requests:
                 submitted = True
                 await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
                                  budget=ActorBudget(self._models.ref(alias, "retry")),
-                                 deadline=deadline)
-                yield TokenStream(buffer, alias)
+                                 deadline=deadline,
+                                 on_retry=lambda *_: self.rolling.record_retry(alias))
+                yield TokenStream(buffer, alias, alias if alias != entry.alias else None)
                 outcome = _outcome(buffer)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its
@@ -195,13 +242,32 @@ class Requests:
             # Before the submit (validation, tokenizing, admission) nothing said anything
             # about the model's health: ignored. From the submit on, the breaker's rule.
             outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
+            error = exc
             raise
         finally:
+            self._note(entry, request, alias, buffer, error, started)
             # The breaker's slow-call measure is the time to first token, as the design
             # says; a request that produced none is measured to its end.
             first = buffer.token_times[0] if buffer is not None and buffer.token_times else None
             duration = (first if first is not None else trio.current_time()) - started
             tell_quietly(self._models.ref(alias, "breaker"), Record(permit, outcome, duration))
+
+    def _note(self, entry: ModelRecord, request: GenerateParams, alias: str,
+              buffer: StreamBuffer | None, error: BaseException | None,
+              started: float) -> None:
+        """Count the request in the rolling metrics; keep a success for the cache."""
+        failure = error if error is not None else (buffer.error if buffer else None)
+        if alias != entry.alias:
+            self.rolling.record_fallback(entry.alias, alias)
+        if failure is not None:
+            code = code_of(failure)
+            if code is not Code.CANCELLED:
+                self.rolling.record_error(alias, code.value)
+        elif buffer is not None and buffer.finish_reason in ("stop", "length"):
+            self.rolling.record_success(alias, trio.current_time() - started)
+            self._fallbacks.remember(entry.config, request, FallbackAnswer(
+                "model", alias, buffer.text, list(buffer.tokens), buffer.finish_reason,
+                buffer.prompt_tokens))
 
     async def ask_model(self, alias: str, message: Any) -> Any:
         """Ask the model actor; if its incarnation dies first, ask the next one.
@@ -225,7 +291,7 @@ class Requests:
     async def _acquire(self, entry: ModelRecord) -> tuple[str, Any]:
         """A breaker permit from the model, or from its first fallback that gives one."""
         first_error: CircuitBreakerOpenError | None = None
-        for alias in (entry.alias, *entry.config.fallbacks):
+        for alias in (entry.alias, *entry.config.fallback_aliases):
             candidate = self._models.by_alias.get(alias)
             if candidate is None or candidate.state == "failed":
                 continue
@@ -239,23 +305,10 @@ class Requests:
         raise AssertionError("unreachable: a live model either grants or refuses a permit")
 
     async def _prompt_ids(self, alias: str, request: GenerateParams) -> list[int]:
-        if (request.prompt is None) == (request.messages is None):
-            raise EngineClientError(Code.INVALID_PARAMS,
-                                    "prompt: give exactly one of prompt and messages",
-                                    {"field": "prompt"})
         if request.messages is not None:
-            if not request.messages:
-                raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
-                                        {"field": "messages"})
-            for index, message in enumerate(request.messages):
-                check_text(f"messages[{index}].content", message.content)
             reply = await self.ask_model(alias, ApplyChatTemplate(list(request.messages)))
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
-            check_text("prompt", request.prompt)
-            if not request.prompt:
-                raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
-                                        {"field": "prompt"})
             ids = list((await self.ask_model(alias, Tokenize(request.prompt))).ids)
         else:
             assert request.prompt is not None
@@ -305,6 +358,26 @@ def shutting_down_error(why: str) -> EngineClientError:
     """What a request gets while `corral serve` shuts down: retry elsewhere or later."""
     return EngineClientError(Code.SERVER_ERROR, f"the server is shutting down: {why}",
                              {"shutting_down": True}, retryable=True)
+
+
+def check_prompt_shape(request: GenerateParams) -> None:
+    """Raise InvalidParams for a prompt no model could take: checked before anything
+    else, so an open circuit or a fallback never answers a malformed request."""
+    if (request.prompt is None) == (request.messages is None):
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                "prompt: give exactly one of prompt and messages",
+                                {"field": "prompt"})
+    if request.messages is not None:
+        if not request.messages:
+            raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                    {"field": "messages"})
+        for index, message in enumerate(request.messages):
+            check_text(f"messages[{index}].content", message.content)
+    elif isinstance(request.prompt, str):
+        check_text("prompt", request.prompt)
+        if not request.prompt:
+            raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
+                                    {"field": "prompt"})
 
 
 def check_text(field: str, text: str) -> None:

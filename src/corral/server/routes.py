@@ -139,10 +139,10 @@ class _Exchange:
         """The request ended without a reply of its own: the client went away."""
         self._observe("cancelled", Code.CANCELLED.value)
 
-    async def start_sse(self) -> None:
+    async def start_sse(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.sse_started = True
         await self._send({"type": "http.response.start", "status": 200,
-                          "headers": list(_SSE_HEADERS)})
+                          "headers": [*_SSE_HEADERS, *(headers or [])]})
 
     async def event(self, data: msgspec.Struct) -> None:
         await self._send({"type": "http.response.body", "more_body": True,
@@ -319,7 +319,7 @@ class GenerateEndpoint:
             exchange.stream = stream
 
             async def start() -> None:
-                await exchange.start_sse()
+                await exchange.start_sse(fallback_headers(stream))
                 for opening in shape.opening(stream.model):
                     await exchange.event(opening)
 
@@ -347,7 +347,14 @@ class GenerateEndpoint:
                     logprobs.extend(chunk.logprobs)
             body = job.shape.whole(stream, finish(stream), logprobs if job.logprobs else None)
         exchange.succeeded()
-        await exchange.json(200, body)
+        await exchange.json(200, body, fallback_headers(stream))
+
+
+def fallback_headers(stream: TokenStream) -> list[tuple[bytes, bytes]]:
+    """`X-Corral-Fallback: <what served it>` when a fallback served the request."""
+    if stream.fallback is None:
+        return []
+    return [(b"x-corral-fallback", stream.fallback.encode())]
 
 
 # -- the small routes -----------------------------------------------------------------
