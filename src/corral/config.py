@@ -83,8 +83,7 @@ class RetryBudgetConfig(_Section, frozen=True):
 
 
 class RetryConfig(_Section, frozen=True):
-    """Retry with backoff and jitter; `jitter` is a ± fraction of the delay. Each key but
-    `budget` is the `corral.RetryPolicy` field of the same name."""
+    """Retry with backoff and jitter: each key but `budget` is a `corral.RetryPolicy` field."""
 
     max_attempts: _PositiveInt = 3
     strategy: Literal["exponential", "linear", "fixed", "immediate"] = "exponential"
@@ -208,9 +207,7 @@ class SupervisionConfig(_Section, frozen=True):
 
 
 class FallbackResponse(_Section, frozen=True):
-    """The last step of a model's fallbacks, when no model can answer: `cached_ttl_ms`
-    serves the last successful completion of the same prompt and parameters no older
-    than that; `default` serves this text. Give exactly one."""
+    """A last fallback: the last good completion within `cached_ttl_ms`, or `default`."""
 
     cached_ttl_ms: _PositiveInt | None = None
     default: str | None = None
@@ -221,8 +218,8 @@ class FallbackResponse(_Section, frozen=True):
 
 
 class ModelConfig(_Section, frozen=True):
-    """A model loaded at start: its alias, where to load it from, and its fallbacks:
-    other models' aliases, then optionally a cached and/or a default response."""
+    """A model loaded at start: its alias, its path, and its fallbacks: other models'
+    aliases, then optionally cached and default response steps."""
 
     alias: _Name
     path: _Name
@@ -287,12 +284,10 @@ class GenerationConfig(_Section, frozen=True):
                 raise _FieldError(f"models[{index}].alias", f"duplicate alias {model.alias!r}")
             aliases.add(model.alias)
         for index, model in enumerate(self.models):
-            responses = 0
             for position, fallback in enumerate(model.fallbacks):
                 if not isinstance(fallback, str):
-                    responses += 1
                     continue
-                if responses:
+                if position >= len(model.fallback_aliases):
                     raise _FieldError(f"models[{index}].fallbacks[{position}]",
                                       "expected model aliases before cached and default steps")
                 if fallback == model.alias or fallback not in aliases:
