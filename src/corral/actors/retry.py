@@ -121,9 +121,9 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         if self.jitter_mode not in _JITTER_MODES:
             raise ValueError(f"jitter_mode: expected one of {sorted(_JITTER_MODES)}, "
                              f"got {self.jitter_mode!r}")
-        if not isinstance(self.retryable_errors, tuple):  # a list from user code
-            msgspec.structs.force_setattr(self, "retryable_errors",
-                                          tuple(self.retryable_errors))
+        given: Any = self.retryable_errors
+        if not isinstance(given, tuple):  # a list from user code: keep it hashable
+            msgspec.structs.force_setattr(self, "retryable_errors", tuple(given))
         _resolve(self.retryable_errors)
 
     @classmethod
