@@ -185,7 +185,7 @@ def test_sync_retry_gives_up_with_the_last_error_and_never_retries_a_client_erro
 
 def test_sync_retry_abort_from_another_thread_raises_retry_aborted() -> None:
     retrying = retry(max_attempts=5, initial_delay_ms=60_000, max_delay_ms=60_000,
-                     retryable_errors=TRANSPORT)
+                     retryable_errors=TRANSPORT, abortable=True)
     flaky = Flaky(10)
     timer = threading.Timer(0.05, retrying.abort)
     timer.start()
@@ -194,6 +194,11 @@ def test_sync_retry_abort_from_another_thread_raises_retry_aborted() -> None:
     timer.join()
     assert caught.value.attempts == 1 and flaky.calls == 1
     assert isinstance(caught.value.last_error, ConnectionResetError)
+
+
+def test_abort_needs_an_abortable_retrying() -> None:
+    with pytest.raises(ValueError, match="abortable"):
+        retry().abort()
 
 
 def test_sync_budget_refuses_retries_when_spent() -> None:
@@ -250,7 +255,7 @@ async def test_retry_timeout_and_abort_under_trio(
         await retrying.arun(flaky.coro)
     assert flaky.calls == 3  # t=0, 1 and 2; a retry at 2 + 1 s would pass the deadline
     aborting = retry(max_attempts=10, initial_delay_ms=1000, max_delay_ms=1000,
-                     retryable_errors=TRANSPORT)
+                     retryable_errors=TRANSPORT, abortable=True)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_abort_later, aborting, 0.5)
         with pytest.raises(RetryAbortedError):
@@ -309,7 +314,7 @@ def test_decorators_on_async_and_sync_functions_under_asyncio() -> None:
 def test_retry_abort_and_task_cancel_under_asyncio() -> None:
     async def main() -> None:
         retrying = retry(max_attempts=10, initial_delay_ms=60_000, max_delay_ms=60_000,
-                         retryable_errors=TRANSPORT)
+                         retryable_errors=TRANSPORT, abortable=True)
         flaky = Flaky(100)
         task = asyncio.ensure_future(retrying.arun(flaky.coro))
         while flaky.calls == 0:

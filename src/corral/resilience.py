@@ -76,21 +76,25 @@ class Retrying:
     call through it: `retrying.run(fn, *args)`, `await retrying.arun(fn, *args)`.
     Every call through one `Retrying` shares its budget and statistics.
 
-    Cancellation: `abort()` ends every call now waiting between attempts (and, for
-    async calls, the attempt running) with RetryAbortedError. A cancellation from
-    outside (a trio cancel scope, `task.cancel()` under asyncio) propagates as itself
-    and is never retried.
+    Cancellation: a cancellation from outside (a trio cancel scope, `task.cancel()`
+    under asyncio) propagates as itself and is never retried. With `abortable=True`,
+    `abort()` ends every call in flight with RetryAbortedError: sync calls waiting
+    between attempts at once (a running attempt finishes first), async calls at once.
+    Being abortable costs each async call a cancel scope, the most expensive part of
+    its success path under asyncio (see `corral bench resilience`), so it is opt-in.
     """
 
-    __slots__ = ("_aborts", "_budget", "_counters", "_events", "_on_retry", "_timeout",
-                 "policy")
+    __slots__ = ("_abortable", "_aborts", "_budget", "_counters", "_events", "_on_retry",
+                 "_timeout", "policy")
 
     def __init__(self, policy: RetryPolicy, *, budget: RetryBudget | None = None,
-                 timeout: float | None = None, on_retry: OnRetry | None = None) -> None:
+                 timeout: float | None = None, on_retry: OnRetry | None = None,
+                 abortable: bool = False) -> None:
         self.policy = policy
         self._budget = budget
         self._timeout = timeout
         self._on_retry = on_retry
+        self._abortable = abortable
         self._counters = RetryCounters()
         self._aborts: set[anyio.CancelScope] = set()
         self._events: set[threading.Event] = set()
@@ -139,6 +143,10 @@ class Retrying:
             TimeoutError: the timeout passed during the first attempt.
             RetryAbortedError: `abort()` was called.
         """
+        if not self._abortable:
+            return await call(self.policy, _bind(fn, args, kwargs), budget=self._budget,
+                              timeout=self._timeout, on_retry=self._on_retry,
+                              stats=self._counters)
         scope = anyio.CancelScope()
         self._aborts.add(scope)
         try:
@@ -150,7 +158,13 @@ class Retrying:
 
     def abort(self) -> None:
         """End the calls in flight with RetryAbortedError. Call it from the thread of
-        the event loop that runs the async calls (any thread for sync calls)."""
+        the event loop that runs the async calls (any thread for sync calls).
+
+        Raises:
+            ValueError: made without `abortable=True`.
+        """
+        if not self._abortable:
+            raise ValueError("this Retrying was made without abortable=True")
         for scope in tuple(self._aborts):
             scope.cancel()
         for event in tuple(self._events):
@@ -159,13 +173,14 @@ class Retrying:
 
 def retry(policy: RetryPolicy | None = None, *, budget: RetryBudget | None = None,
           timeout: float | None = None, on_retry: OnRetry | None = None,
-          **fields: Any) -> Retrying:
+          abortable: bool = False, **fields: Any) -> Retrying:
     """A `Retrying` with `policy`, or with a `RetryPolicy(**fields)`.
 
     `fields` are the keys of `calls.retry` in config/runtime.yaml (`max_attempts`,
     `strategy`, `initial_delay_ms`, `max_delay_ms`, `backoff_multiplier`, `jitter`,
     `jitter_mode`, `retryable_errors`); `budget` is `RetryBudget(max_tokens,
-    token_ratio)`; `timeout` is one deadline in seconds over all attempts.
+    token_ratio)`; `timeout` is one deadline in seconds over all attempts; `abortable`
+    allows `Retrying.abort()`.
 
     Raises:
         ValueError: both a policy and fields, or a field out of range.
@@ -173,7 +188,7 @@ def retry(policy: RetryPolicy | None = None, *, budget: RetryBudget | None = Non
     if policy is not None and fields:
         raise ValueError("pass a RetryPolicy or its fields, not both")
     return Retrying(policy or RetryPolicy(**fields), budget=budget, timeout=timeout,
-                    on_retry=on_retry)
+                    on_retry=on_retry, abortable=abortable)
 
 
 # -- circuit breaker ----------------------------------------------------------------

@@ -18,12 +18,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeVar, TypeVarTuple, final
 
-import anyio
 import msgspec
 import structlog
 import trio
 
-from corral.actors.clock import current_time
+from corral.actors.clock import checkpoint, current_time
 from corral.actors.core import Actor, ActorRef
 from corral.config import CircuitBreakerConfig
 from corral.protocol.errors import (
@@ -373,13 +372,13 @@ class CircuitBreaker:
 
         The outcome is recorded by `outcome_of`, with the call's duration. Cancellation
         (before or during the call; trio's or asyncio's) gives the permit back as an
-        ignored outcome, so a cancelled probe frees its slot at once. Always a
-        checkpoint. Runs under trio or asyncio.
+        ignored outcome, so a cancelled probe frees its slot at once. Always a trio
+        checkpoint under trio (`clock.checkpoint`). Runs under trio or asyncio.
 
         Raises:
             CircuitBreakerOpenError: the breaker refused the call; `fn` was not called.
         """
-        await anyio.lowlevel.checkpoint()
+        await checkpoint()
         permit = self.acquire()
         started = self._clock()
         try:

@@ -1,8 +1,11 @@
-"""The time of whichever event loop is running, for code that runs under trio or asyncio.
+"""The time and the checkpoint of whichever event loop runs, for code that runs under
+trio or asyncio.
 
-Under trio it is `trio.current_time()` (so `trio.testing.MockClock` drives it), under
-asyncio the running loop's `time()`, and outside any loop `time.monotonic()`. Never
-sleeps, never fails.
+The time is `trio.current_time()` under trio (so `trio.testing.MockClock` drives it),
+the running loop's `time()` under asyncio, and `time.monotonic()` outside any loop. The
+checkpoint is trio's under trio; under asyncio it only checks for an anyio
+cancellation, since a plain asyncio task is cancelled at its own awaits and a yield to
+the loop there costs a whole loop cycle per call. Never sleeps, never fails.
 """
 
 from __future__ import annotations
@@ -10,18 +13,25 @@ from __future__ import annotations
 import asyncio
 import time
 
+import anyio
 import trio
 
-__all__ = ["current_time"]
+__all__ = ["checkpoint", "current_time"]
 
 
 def current_time() -> float:
     """Seconds on the running loop's clock (trio, asyncio), else the monotonic clock."""
-    try:
+    if trio.lowlevel.in_trio_run():
         return trio.current_time()
-    except RuntimeError:
-        pass
     try:
         return asyncio.get_running_loop().time()
     except RuntimeError:
         return time.monotonic()
+
+
+async def checkpoint() -> None:
+    """A trio checkpoint under trio; under asyncio, raise if an anyio scope is cancelled."""
+    if trio.lowlevel.in_trio_task():
+        await trio.lowlevel.checkpoint()
+    else:
+        await anyio.lowlevel.checkpoint_if_cancelled()

@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from corral.actors.backoff import STRATEGIES, Strategy, base_delay, spread
+from corral.actors.clock import current_time
 from corral.actors.core import Actor, ActorRef
 from corral.actors.retry_budget import (
     Budget,
@@ -285,11 +286,11 @@ class _Loop:
                 self.ending = "failure"
                 raise error
             self.will_sleep(delay, error)
-            slept_from = anyio.current_time()
+            slept_from = current_time()
             try:
                 await anyio.sleep(delay)
             finally:
-                self.delay_s += anyio.current_time() - slept_from
+                self.delay_s += current_time() - slept_from
 
     def run_sync(self, fn: Callable[[*Ts], T], args: tuple[*Ts],
                  budget: RetryBudget | None, abort: threading.Event) -> T:
@@ -384,12 +385,12 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
     """
     if deadline is not None and timeout is not None:
         raise ValueError("pass a deadline or a timeout, not both")
-    started = anyio.current_time()
+    started = current_time()
     if timeout is not None:
         deadline = started + timeout
     limit = math.inf if deadline is None else deadline
     port = _LocalBudget(budget) if isinstance(budget, RetryBudget) else budget
-    loop = _Loop(policy, limit, on_retry, rng or _rng, stats, anyio.current_time)
+    loop = _Loop(policy, limit, on_retry, rng or _rng, stats, current_time)
     try:
         if abort is None and deadline is None:
             # Nothing to catch: no cancel scope, the costliest part of the success path.
@@ -405,7 +406,7 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
             if loop.last_error is not None:
                 raise loop.last_error
             method = getattr(fn, "__qualname__", type(fn).__name__)
-            raise TimeoutError(method, limit - started, None, anyio.current_time() - started)
+            raise TimeoutError(method, limit - started, None, current_time() - started)
         raise RetryAbortedError(loop.attempts, loop.last_error) from loop.last_error
     finally:
         loop.finish(port)
