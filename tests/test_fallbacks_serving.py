@@ -4,6 +4,7 @@ and the rolling error metrics of `runtime/state`."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from corral import aio
 from corral.actors.supervisor import ChildSpec
 from corral.config import config_from_mapping
 from corral.metrics import Metrics
@@ -133,3 +135,25 @@ async def test_http_says_which_fallback_served_it(runtime: Runtime) -> None:
                for s in families["corral_fallbacks"].samples if s.name.endswith("_total")}
     assert counted == {("tiny", "cached"): 1.0, ("tiny", "default"): 2.0}
     metrics.close()
+
+
+def test_asyncio_runtime_reads_the_rolling_metrics_and_the_fallback(model_path: str) -> None:
+    async def main() -> None:
+        config = config_from_mapping({"logging": {"level": "warning"}, "generation": {
+            "models": [{"alias": "tiny", "path": model_path,
+                        "fallbacks": [{"default": "later"}]}]}})
+        async with aio.open_runtime(config) as rt:
+            assert (await rt.complete("tiny", PROMPT, max_tokens=3)).fallback is None
+
+            async def force_open(trio_rt: Runtime) -> None:
+                trio_rt.circuit_breaker("tiny").force_open()
+
+            await rt.run_in_trio(force_open)
+            served = await rt.complete("tiny", PROMPT, max_tokens=3)
+            assert (served.fallback, served.text) == ("default", "later")
+            state = await rt.resilience()
+            assert state.windows.rates["1m"].successes == 1
+            assert state.fallbacks_total == {"tiny": {"default": 1}}
+            assert state.breakers["tiny"].state == "forced_open"
+
+    asyncio.run(main())
