@@ -256,14 +256,18 @@ class _Loop:
             return None
         return delay
 
-    def denied(self) -> None:
-        if self.stats is not None:
+    def proceed(self, error: Exception, delay: float | None, granted: bool) -> float:
+        """The delay `plan` chose, once the budget `granted` the retry; raises `error`
+        when there is none (the loop ends in failure)."""
+        if delay is not None and not granted and self.stats is not None:
             self.stats.record_denied()
-
-    def will_sleep(self, delay: float, error: Exception) -> None:
+        if delay is None or not granted:
+            self.ending = "failure"
+            raise error
         if self.on_retry is not None:
             self.on_retry(self.attempts, delay, error)
         self.previous = delay
+        return delay
 
     async def run(self, fn: Callable[[*Ts], Awaitable[T]], args: tuple[*Ts],
                   budget: Budget | None) -> T:
@@ -278,14 +282,9 @@ class _Loop:
                 return result
             # Decided outside the except block, so a cancellation while consulting the
             # budget or sleeping does not carry this error as its context.
-            delay = self.plan(error)
-            if delay is not None and budget is not None and not await budget.request_retry():
-                self.denied()
-                delay = None
-            if delay is None:
-                self.ending = "failure"
-                raise error
-            self.will_sleep(delay, error)
+            planned = self.plan(error)
+            granted = planned is None or budget is None or await budget.request_retry()
+            delay = self.proceed(error, planned, granted)
             slept_from = current_time()
             try:
                 await anyio.sleep(delay)
@@ -303,14 +302,9 @@ class _Loop:
             else:
                 self.ending = "success"
                 return result
-            delay = self.plan(error)
-            if delay is not None and budget is not None and not budget.request_retry():
-                self.denied()
-                delay = None
-            if delay is None:
-                self.ending = "failure"
-                raise error
-            self.will_sleep(delay, error)
+            planned = self.plan(error)
+            granted = planned is None or budget is None or budget.request_retry()
+            delay = self.proceed(error, planned, granted)
             slept_from = time.monotonic()
             aborted = abort.wait(delay)
             self.delay_s += time.monotonic() - slept_from
