@@ -21,6 +21,8 @@ from corral.metrics import Metrics
 from corral.protocol.errors import CircuitBreakerOpenError, Code, EngineClientError
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpServer
+from corral.server.jsonrpc import JsonRpcListener
+from test_jsonrpc_server import Client
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +159,29 @@ def test_asyncio_runtime_reads_the_rolling_metrics_and_the_fallback(model_path: 
             assert state.breakers["tiny"].state == "forced_open"
 
     asyncio.run(main())
+
+
+async def test_jsonrpc_runtime_state_carries_the_resilience_figures(runtime: Runtime) -> None:
+    rt = runtime
+    listener = JsonRpcListener(rt, "tcp://127.0.0.1:0")
+    await rt.start_transport(listener.spec("jsonrpc"))
+    client = await Client.connect(listener)
+    completed = await client.call("complete", {"model": "tiny", "prompt": PROMPT,
+                                               "max_tokens": 4})
+    assert completed["result"]["fallback"] is None
+    rt.circuit_breaker("tiny").force_open()
+    served = await client.call("complete", {"model": "tiny", "prompt": PROMPT,
+                                            "max_tokens": 4})
+    assert served["result"]["fallback"] == "cached"
+    assert served["result"]["text"] == completed["result"]["text"]
+    state = (await client.call("runtime/state"))["result"]["resilience"]
+    assert set(state["windows"]["rates"]) == {"1m", "5m", "15m"}
+    assert state["windows"]["rates"]["15m"]["successes"] == 1
+    assert state["windows"]["latency"]["tiny"]["5m"]["count"] == 1
+    assert state["fallbacks_total"] == {"tiny": {"cached": 1}}
+    assert state["breakers"]["tiny"]["state"] == "forced_open"
+    assert state["breakers"]["tiny"]["transitions"] == 1
+    rt.circuit_breaker("tiny").reset()
+    again = await client.call("complete", {"model": "tiny", "prompt": PROMPT, "max_tokens": 4})
+    assert again["result"]["fallback"] is None
+    await client.aclose()
