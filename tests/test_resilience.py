@@ -36,6 +36,7 @@ from corral import (
 from corral.actors.supervisor import Backoff
 from corral.config import CircuitBreakerConfig, RetryConfig, load_config
 from corral.protocol.errors import code_of
+from corral.rolling import RollingErrorMetrics
 
 TRANSPORT = ("Timeout", "TransportError")
 
@@ -492,3 +493,55 @@ def test_unknown_errors_stay_unknown_and_are_not_retried() -> None:
     with pytest.raises(ValueError):
         retry(strategy="immediate").run(flaky)
     assert flaky.calls == 1
+
+
+# -- rolling error metrics ----------------------------------------------------------------
+
+
+def test_rolling_metrics_windows_expire_and_percentiles_come_from_the_histograms() -> None:
+    now = [0.0]
+    rolling = RollingErrorMetrics(clock=lambda: now[0])
+    for ms in range(1, 101):  # 1..100 ms
+        rolling.record_success("a", ms / 1000)
+    rolling.record_error("a", "Timeout")
+    rolling.record_retry("a")
+    rolling.record_fallback("a", "cached")
+    snap = rolling.snapshot()
+    one = snap.rates["1m"]
+    assert (one.calls, one.successes, one.errors, one.retries) == (101, 100, 1, 1)
+    assert one.errors_by_code == {"Timeout": 1} and one.fallbacks == {"cached": 1}
+    assert one.error_rate == pytest.approx(1 / 101)
+    latency = snap.latency["a"]["1m"]
+    assert latency.count == 100
+    assert latency.p50_ms == pytest.approx(50, rel=0.02)
+    assert latency.p90_ms == pytest.approx(90, rel=0.02)
+    assert latency.p99_ms == pytest.approx(99, rel=0.02)
+    now[0] = 120.0  # two minutes on: out of the 1-minute window, inside the 5-minute one
+    rolling.record_error("b", "Overloaded")
+    snap = rolling.snapshot()
+    assert (snap.rates["1m"].calls, snap.rates["1m"].errors_by_code) == (1, {"Overloaded": 1})
+    assert snap.rates["5m"].calls == 102
+    assert snap.rates_by_model["a"]["1m"].calls == 0
+    assert snap.latency["a"]["1m"].count == 0 and snap.latency["a"]["5m"].count == 100
+    now[0] = 2000.0  # past 15 minutes: everything is gone but the running totals
+    snap = rolling.snapshot()
+    assert snap.rates["15m"].calls == 0 and snap.latency == {}
+    assert rolling.retries_total == {"a": 1}
+    assert rolling.fallbacks_total == {("a", "cached"): 1}
+
+
+def test_breaker_counts_its_time_open() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker("t", CircuitBreakerConfig(failure_threshold=1,
+                                                       recovery_timeout_ms=5000),
+                             clock=lambda: now[0])
+    permit = breaker.acquire()
+    breaker.record(permit, breaker.outcome_of(ConnectionResetError()))
+    now[0] = 3.0
+    assert breaker.statistics().time_open_s == pytest.approx(3.0)
+    now[0] = 10.0  # half-open since 5 s: open for 5 s in all
+    assert breaker.statistics().time_open_s == pytest.approx(5.0)
+    breaker.force_open()
+    now[0] = 12.0
+    stats = breaker.statistics()
+    assert stats.time_open_s == pytest.approx(7.0) and stats.transitions == 3
