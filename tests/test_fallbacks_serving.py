@@ -174,11 +174,19 @@ async def test_jsonrpc_runtime_state_carries_the_resilience_figures(runtime: Run
                                             "max_tokens": 4})
     assert served["result"]["fallback"] == "cached"
     assert served["result"]["text"] == completed["result"]["text"]
+    started = await client.call("generate", {"model": "tiny", "prompt": "other",
+                                             "max_tokens": 4})
+    assert started["result"]["fallback"] == "default"
+    while not any(n["method"] == "stream.end" for n in client.notifications):
+        client.notifications.append(await client.message())
+    text = "".join(n["params"]["text"] for n in client.notifications
+                   if n["method"] == "stream.chunk")
+    assert text == "busy, try later"
     state = (await client.call("runtime/state"))["result"]["resilience"]
     assert set(state["windows"]["rates"]) == {"1m", "5m", "15m"}
     assert state["windows"]["rates"]["15m"]["successes"] == 1
     assert state["windows"]["latency"]["tiny"]["5m"]["count"] == 1
-    assert state["fallbacks_total"] == {"tiny": {"cached": 1}}
+    assert state["fallbacks_total"] == {"tiny": {"cached": 1, "default": 1}}
     assert state["breakers"]["tiny"]["state"] == "forced_open"
     assert state["breakers"]["tiny"]["transitions"] == 1
     rt.circuit_breaker("tiny").reset()
