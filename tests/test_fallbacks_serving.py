@@ -136,6 +136,10 @@ async def test_http_says_which_fallback_served_it(runtime: Runtime) -> None:
     counted = {(s.labels["model"], s.labels["fallback"]): s.value
                for s in families["corral_fallbacks"].samples if s.name.endswith("_total")}
     assert counted == {("tiny", "cached"): 1.0, ("tiny", "default"): 2.0}
+    [transitions] = [s.value for s in families["corral_breaker_transitions"].samples
+                     if s.labels["model"] == "tiny" and s.name.endswith("_total")]
+    assert transitions == 2.0  # forced open, then reset
+    assert "corral_breaker_open_seconds" in families
     metrics.close()
 
 
