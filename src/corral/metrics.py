@@ -196,7 +196,7 @@ class _RuntimeCollector(Collector):
         time_open = CounterMetricFamily(
             "corral_breaker_open_seconds", "Seconds each model's circuit breaker has spent "
             "open or forced open (per incarnation of the breaker actor).", labels=["model"])
-        for alias, circuit in self._runtime.resilience().breakers.items():
+        for alias, circuit in self._runtime.breaker_statistics().items():
             transitions.add_metric([alias], float(circuit.transitions))
             time_open.add_metric([alias], circuit.time_open_s)
         yield transitions

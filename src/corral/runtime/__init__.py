@@ -18,7 +18,7 @@ from typing import Any, final
 import msgspec
 import structlog
 
-from corral.actors.breaker import BreakerActor, CircuitBreaker
+from corral.actors.breaker import BreakerActor, BreakerStatistics, CircuitBreaker
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.retry import GetRetryStats, RetryStatistics
 from corral.actors.streams import StreamTable
@@ -268,17 +268,21 @@ class Runtime:
         """Rolling error and success rates, latency percentiles, retries, fallbacks and
         each model's breaker: the figures of `corral.rolling`, read now."""
         rolling = self.requests.rolling
+        fallbacks: dict[str, dict[str, int]] = {}
+        for (model, kind), count in rolling.fallbacks_total.items():
+            fallbacks.setdefault(model, {})[kind] = count
+        return ResilienceState(rolling.snapshot(), self.breaker_statistics(),
+                               dict(rolling.retries_total), fallbacks)
+
+    def breaker_statistics(self) -> dict[str, BreakerStatistics]:
+        """Each model's circuit breaker now; one whose actor restarts is left out."""
         breakers = {}
         for alias in self.models.by_alias:
             try:
                 breakers[alias] = self.circuit_breaker(alias).statistics()
             except CorralError:
                 continue  # its actor is restarting: nothing to read until it is back
-        fallbacks: dict[str, dict[str, int]] = {}
-        for (model, kind), count in rolling.fallbacks_total.items():
-            fallbacks.setdefault(model, {})[kind] = count
-        return ResilienceState(rolling.snapshot(), breakers, dict(rolling.retries_total),
-                               fallbacks)
+        return breakers
 
     def prefix_cache_statistics(self) -> dict[str, PrefixCacheStatistics]:
         """Each model's prefix cache counters, from its live engine (a model whose actor
