@@ -59,6 +59,15 @@ def test_the_generation_smoke_run_writes_every_figure(tmp_path: Path) -> None:
     assert results["late_join_others_missed_tokens"] == 0
 
 
+def test_the_resilience_run_has_the_asyncio_decorator_ratios(tmp_path: Path) -> None:
+    resilience.main(smoke=True, output_dir=tmp_path)
+    rows = {row["variant"]: row for row in _written(tmp_path, "resilience")["results"]["variants"]}
+    assert rows["asyncio direct"]["ratio_to_direct"] == 1.0
+    for name in ("@retry (asyncio)", "@circuit_breaker (asyncio)",
+                 "@circuit_breaker @retry (asyncio)", "@retry (trio)"):
+        assert rows[name]["ratio_to_direct"] > 0 and rows[name]["loop"] in ("trio", "asyncio")
+
+
 def test_a_smoke_run_never_writes_the_committed_results(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:

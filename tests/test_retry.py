@@ -29,6 +29,7 @@ from corral.protocol.errors import (
     OverloadedError,
     RetryAbortedError,
     TimeoutError,
+    code_of,
 )
 
 EPS = 1e-9
@@ -191,7 +192,7 @@ async def test_timeout_and_econnreset_mean_timeout_and_transport_error(autojump_
     with pytest.raises(type(error)):
         await retry.call(policy, fn)
     assert len(fn.times) == 3
-    other = "ECONNRESET" if retry.error_code(error) is Code.TIMEOUT else "TIMEOUT"
+    other = "ECONNRESET" if code_of(error) is Code.TIMEOUT else "TIMEOUT"
     assert not RetryPolicy(retryable_errors=(other,)).is_retryable(error)
 
 

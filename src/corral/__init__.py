@@ -3,6 +3,12 @@
 The public surface, re-exported: open the runtime, call it, catch its typed errors.
 """
 
+from corral.actors.breaker import BreakerStatistics as BreakerStatistics
+from corral.actors.breaker import CircuitBreaker as CircuitBreaker
+from corral.actors.breaker import State as CircuitState
+from corral.actors.retry import RetryPolicy as RetryPolicy
+from corral.actors.retry_budget import RetryBudget as RetryBudget
+from corral.actors.retry_budget import RetryStatistics as RetryStatistics
 from corral.actors.streams import StreamChunk as StreamChunk
 from corral.actors.supervisor import ChildSpec as ChildSpec
 from corral.config import ConfigError as ConfigError
@@ -25,6 +31,13 @@ from corral.protocol.messages import FinishReason as FinishReason
 from corral.protocol.messages import GenerateParams as GenerateParams
 from corral.protocol.messages import TokenLogprob as TokenLogprob
 from corral.protocol.messages import Usage as Usage
+from corral.resilience import CircuitBreakerGuard as CircuitBreakerGuard
+from corral.resilience import Fallback as Fallback
+from corral.resilience import FallbackStatistics as FallbackStatistics
+from corral.resilience import Recovered as Recovered
+from corral.resilience import Retrying as Retrying
+from corral.resilience import circuit_breaker as circuit_breaker
+from corral.resilience import retry as retry
 from corral.runtime import ChoiceStreams as ChoiceStreams
 from corral.runtime import Health as Health
 from corral.runtime import ModelDescription as ModelDescription
@@ -35,10 +48,13 @@ from corral.runtime import open_runtime as open_runtime
 from corral.server import build_app as build_app
 
 __all__ = [
-    "ActorExitedError", "ChatMessage", "ChildSpec", "Choice", "ChoiceStreams",
-    "CircuitBreakerOpenError", "Code", "Completion", "ConfigError", "CorralError",
-    "EngineClientError", "EscalationError", "FinishReason", "GenerateParams", "Health",
-    "ModelDescription", "OverloadedError", "RetryAbortedError", "Runtime", "RuntimeConfig",
+    "ActorExitedError", "BreakerStatistics", "ChatMessage", "ChildSpec", "Choice",
+    "ChoiceStreams", "CircuitBreaker", "CircuitBreakerGuard", "CircuitBreakerOpenError",
+    "CircuitState", "Code", "Completion", "ConfigError", "CorralError", "EngineClientError",
+    "EscalationError", "Fallback", "FallbackStatistics", "FinishReason", "GenerateParams",
+    "Health", "ModelDescription", "OverloadedError", "Recovered", "RetryAbortedError",
+    "RetryBudget", "RetryPolicy", "RetryStatistics", "Retrying", "Runtime", "RuntimeConfig",
     "RuntimeStatistics", "StreamChunk", "TimeoutError", "TokenLogprob", "TokenStream",
-    "Usage", "build_app", "classify", "load_config", "open_runtime",
+    "Usage", "build_app", "circuit_breaker", "classify", "load_config", "open_runtime",
+    "retry",
 ]

@@ -31,6 +31,7 @@ from corral.protocol.messages import Completion, FinishReason, TokenOut, Usage, 
 from corral.runtime import (
     Health,
     ModelDescription,
+    ResilienceState,
     RuntimeStatistics,
     shutting_down_error,
 )
@@ -571,6 +572,10 @@ class Runtime:
 
     async def statistics(self) -> RuntimeStatistics:
         return await self._bridge.call(lambda rt: rt.statistics())
+
+    async def resilience(self) -> ResilienceState:
+        """Rolling error metrics and breakers; see `corral.Runtime.resilience`."""
+        return await self._bridge.call(_sync(TrioRuntime.resilience))
 
     async def run_in_trio(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run `await fn(trio_runtime, *args)` in the guest trio run: the way to reach

@@ -1,4 +1,4 @@
-"""The `corral` command line: make-tiny-model, check-config and bench.
+"""The `corral` command line: serve, make-tiny-model, check-config, docs and bench.
 
 Each command parses its options and calls one function of the library; none holds logic
 of its own. A bad configuration exits non-zero with the errors, one per line.
@@ -16,6 +16,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="corral: a fault-tolerant runtime for serving language models with MLX.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, measured side by side.")
 app.add_typer(bench_app, name="bench")
+docs_app = typer.Typer(no_args_is_help=True, help="The generated parts of the docs.")
+app.add_typer(docs_app, name="docs")
 
 SmokeOption = Annotated[bool, typer.Option("--smoke", help="A handful of iterations.")]
 OutputOption = Annotated[Path | None, typer.Option("--output-dir",
@@ -111,6 +113,24 @@ def check_config(path: Path, env: Annotated[str | None, typer.Option(
     for warning in config_warnings(config):
         typer.echo(f"warning: {warning}", err=True)
     sys.stdout.write(render_config(config))
+
+
+@docs_app.command("errors")
+def docs_errors(
+    guide: Annotated[Path, typer.Option(help="The guide to refresh.")] = Path(
+        "docs/error-handling.md"),
+    config: Annotated[Path, typer.Option(help="The documented runtime.yaml.")] = Path(
+        "config/runtime.yaml"),
+    check: Annotated[bool, typer.Option(
+        "--check", help="Only compare; exit 1 if the guide is out of date.")] = False,
+) -> None:
+    """Regenerate the error code table and config key tables of the error guide."""
+    from corral.error_guide import refresh
+
+    if not refresh(guide, config, check=check):
+        typer.echo(f"{guide}: {'out of date' if check else 'updated'}", err=check)
+        if check:
+            raise typer.Exit(1)
 
 
 BENCHES: dict[str, str] = {

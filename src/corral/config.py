@@ -83,9 +83,10 @@ class RetryBudgetConfig(_Section, frozen=True):
 
 
 class RetryConfig(_Section, frozen=True):
-    """Retry with exponential backoff and jitter; `jitter` is a ± fraction of the delay."""
+    """Retry with backoff and jitter: each key but `budget` is a `corral.RetryPolicy` field."""
 
     max_attempts: _PositiveInt = 3
+    strategy: Literal["exponential", "linear", "fixed", "immediate"] = "exponential"
     initial_delay_ms: _NonNegativeInt = 100
     max_delay_ms: _NonNegativeInt = 5000
     backoff_multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
@@ -205,12 +206,32 @@ class SupervisionConfig(_Section, frozen=True):
     fairness_interval: _PositiveInt = 64
 
 
+class FallbackResponse(_Section, frozen=True):
+    """A last fallback: the last good completion within `cached_ttl_ms`, or `default`."""
+
+    cached_ttl_ms: _PositiveInt | None = None
+    default: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cached_ttl_ms is None) == (self.default is None):
+            raise _FieldError("cached_ttl_ms", "expected exactly one of cached_ttl_ms and default")
+
+
 class ModelConfig(_Section, frozen=True):
-    """A model loaded at start: its alias, where to load it from, and fallback aliases."""
+    """A model loaded at start: its alias, its path, and its fallbacks: other models'
+    aliases, then optionally cached and default response steps."""
 
     alias: _Name
     path: _Name
-    fallbacks: tuple[_Name, ...] = ()
+    fallbacks: tuple[_Name | FallbackResponse, ...] = ()
+
+    @property
+    def fallback_aliases(self) -> tuple[str, ...]:
+        return tuple(step for step in self.fallbacks if isinstance(step, str))
+
+    @property
+    def fallback_responses(self) -> tuple[FallbackResponse, ...]:
+        return tuple(step for step in self.fallbacks if isinstance(step, FallbackResponse))
 
 
 class PrefixCacheConfig(_Section, frozen=True):
@@ -265,6 +286,11 @@ class GenerationConfig(_Section, frozen=True):
             aliases.add(model.alias)
         for index, model in enumerate(self.models):
             for position, fallback in enumerate(model.fallbacks):
+                if not isinstance(fallback, str):
+                    continue
+                if position >= len(model.fallback_aliases):
+                    raise _FieldError(f"models[{index}].fallbacks[{position}]",
+                                      "expected model aliases before cached and default steps")
                 if fallback == model.alias or fallback not in aliases:
                     raise _FieldError(
                         f"models[{index}].fallbacks[{position}]",
@@ -289,10 +315,8 @@ class ServerConfig(_Section, frozen=True):
     def __post_init__(self) -> None:
         for index, uri in enumerate(self.jsonrpc):
             if not _LISTEN_URI.fullmatch(uri):
-                raise _FieldError(
-                    f"jsonrpc[{index}]",
-                    f"expected 'stdio', 'tcp://HOST:PORT' or 'unix://PATH', got {uri!r}",
-                )
+                raise _FieldError(f"jsonrpc[{index}]", "expected 'stdio', 'tcp://HOST:PORT' "
+                                  f"or 'unix://PATH', got {uri!r}")
 
 
 class LoggingConfig(_Section, frozen=True):

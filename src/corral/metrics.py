@@ -196,6 +196,24 @@ class _RuntimeCollector(Collector):
         for alias, stats in snapshot.retries.items():
             retries.add_metric([alias], float(stats.attempts - stats.calls))
         yield retries
+        transitions = CounterMetricFamily(
+            "corral_breaker_transitions", "State changes of each model's circuit breaker "
+            "(per incarnation of the breaker actor).", labels=["model"])
+        time_open = CounterMetricFamily(
+            "corral_breaker_open_seconds", "Seconds each model's circuit breaker has spent "
+            "open or forced open (per incarnation of the breaker actor).", labels=["model"])
+        for alias, circuit in self._runtime.breaker_statistics().items():
+            transitions.add_metric([alias], float(circuit.transitions))
+            time_open.add_metric([alias], circuit.time_open_s)
+        yield transitions
+        yield time_open
+        fallbacks = CounterMetricFamily(
+            "corral_fallbacks", "Requests served by a fallback, by the model asked for and "
+            "what served them (another model's alias, cached or default).",
+            labels=["model", "fallback"])
+        for (alias, kind), count in self._runtime.requests.rolling.fallbacks_total.items():
+            fallbacks.add_metric([alias, kind], float(count))
+        yield fallbacks
 
 
 _PREFIX_CACHE_METRICS = (

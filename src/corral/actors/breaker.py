@@ -22,6 +22,7 @@ import msgspec
 import structlog
 import trio
 
+from corral.actors.clock import checkpoint, current_time
 from corral.actors.core import Actor, ActorRef
 from corral.config import CircuitBreakerConfig
 from corral.protocol.errors import (
@@ -145,6 +146,7 @@ class BreakerStatistics(msgspec.Struct, frozen=True):
         half_open_permits: probe permits out now.
         transitions: transitions so far.
         last_transition: the latest one, if any.
+        time_open_s: seconds spent OPEN or FORCED_OPEN so far, the current spell too.
     """
 
     circuit: str
@@ -162,6 +164,7 @@ class BreakerStatistics(msgspec.Struct, frozen=True):
     half_open_permits: int
     transitions: int
     last_transition: Transition | None
+    time_open_s: float = 0.0
 
 
 StateChangeHook = Callable[[Transition], None]
@@ -184,8 +187,10 @@ class CircuitBreaker:
     and otherwise ignored.
 
     Every method but `call` is synchronous, so atomic with respect to other tasks: no
-    checkpoint, no I/O. The clock is only read, in seconds; pass `trio.current_time`
-    (the default) or a fake for tests.
+    checkpoint, no I/O, so tasks of one event loop may share a breaker (threads must
+    serialise, as `corral.resilience.CircuitBreakerGuard.run` does). The clock is only
+    read, in seconds; the default, `clock.current_time`, is trio's clock under trio
+    (MockClock drives it), the asyncio loop's under asyncio, else `time.monotonic`.
 
     Args:
         name: the circuit's name, carried in permits, events and errors.
@@ -198,13 +203,13 @@ class CircuitBreaker:
     __slots__ = ("_clock", "_config", "_consecutive", "_count_window", "_failure_window",
                  "_failures", "_generation", "_ignored", "_last_failure_at",
                  "_last_transition", "_late", "_minimum_calls", "_name", "_next_id",
-                 "_on_state_change", "_opened_at", "_probe_successes", "_probes",
+                 "_on_state_change", "_open_total", "_opened_at", "_probe_successes", "_probes",
                  "_recovery", "_rejected", "_slow", "_slow_calls", "_state", "_successes",
                  "_transitions", "_window", "_window_failures", "_window_slow",
                  "_window_span", "_windowed")
 
     def __init__(self, name: str, config: CircuitBreakerConfig = CircuitBreakerConfig(), *,
-                 clock: Callable[[], float] = trio.current_time,
+                 clock: Callable[[], float] = current_time,
                  on_state_change: StateChangeHook | None = None) -> None:
         self._name = name
         self._config = config
@@ -225,6 +230,7 @@ class CircuitBreaker:
         self._generation = next(_generations)
         self._next_id = 0
         self._opened_at = -math.inf
+        self._open_total = 0.0
         self._consecutive = 0
         self._last_failure_at = -math.inf
         self._probes: set[int] = set()
@@ -278,6 +284,7 @@ class CircuitBreaker:
             half_open_permits=len(self._probes),
             transitions=self._transitions,
             last_transition=self._last_transition,
+            time_open_s=self._open_total + (now - self._opened_at if self._is_open() else 0.0),
         )
 
     # -- the call protocol -------------------------------------------------------------
@@ -364,13 +371,14 @@ class CircuitBreaker:
         """`await fn(*args)` through the breaker; its result or exception passes through.
 
         The outcome is recorded by `outcome_of`, with the call's duration. Cancellation
-        (before or during the call) gives the permit back as an ignored outcome, so a
-        cancelled probe frees its slot at once. Always a checkpoint.
+        (before or during the call; trio's or asyncio's) gives the permit back as an
+        ignored outcome, so a cancelled probe frees its slot at once. Always a trio
+        checkpoint under trio (`clock.checkpoint`). Runs under trio or asyncio.
 
         Raises:
             CircuitBreakerOpenError: the breaker refused the call; `fn` was not called.
         """
-        await trio.lowlevel.checkpoint()
+        await checkpoint()
         permit = self.acquire()
         started = self._clock()
         try:
@@ -404,6 +412,9 @@ class CircuitBreaker:
             self._clear_counts()
         else:
             self._move(target, reason, now)
+
+    def _is_open(self) -> bool:
+        return self._state is State.OPEN or self._state is State.FORCED_OPEN
 
     def _poll(self, now: float) -> None:
         if self._state is State.OPEN:
@@ -503,12 +514,14 @@ class CircuitBreaker:
     def _move(self, target: State, reason: Reason, now: float, *,
               failure_count: int | None = None) -> None:
         previous = self._state
+        if self._is_open():
+            self._open_total += now - self._opened_at
         if failure_count is None:
             failure_count = self._failure_count(now) if previous is State.CLOSED else 0
         self._state = target
         self._generation = next(_generations)
         self._clear_counts()
-        if target is State.OPEN:
+        if self._is_open():
             self._opened_at = now
         self._transitions += 1
         event = Transition(self._name, previous, target, reason, failure_count, now)

@@ -11,18 +11,29 @@ from outside the loop, and never sleeps past the deadline.
 
 from __future__ import annotations
 
-import builtins
 import functools
 import math
 import random
+import threading
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Final, Literal, Protocol, TypeVar, TypeVarTuple, final
+from typing import Any, ClassVar, Final, Literal, TypeVar, TypeVarTuple, final
 
+import anyio
 import msgspec
 import structlog
 import trio
 
+from corral.actors.backoff import STRATEGIES, Strategy, base_delay, spread
+from corral.actors.clock import current_time
 from corral.actors.core import Actor, ActorRef
+from corral.actors.retry_budget import (
+    Budget,
+    ReportOutcome,
+    RetryBudget,
+    RetryCounters,
+    RetryStatistics,
+)
 from corral.config import RetryBudgetConfig, RetryConfig
 from corral.protocol.errors import (
     CLIENT_ERROR_CODES,
@@ -30,7 +41,7 @@ from corral.protocol.errors import (
     CorralError,
     RetryAbortedError,
     TimeoutError,
-    classify,
+    code_of,
     resolve_error_name,
 )
 
@@ -48,8 +59,9 @@ __all__ = [
     "RetryMessage",
     "RetryPolicy",
     "RetryStatistics",
+    "Strategy",
     "call",
-    "error_code",
+    "call_sync",
 ]
 
 T = TypeVar("T")
@@ -70,29 +82,12 @@ def _resolve(names: tuple[str, ...]) -> frozenset[Code]:
     return frozenset(resolve_error_name(name) for name in names)
 
 
-def error_code(error: BaseException) -> Code:
-    """The error code a retry policy matches `error` by.
-
-    A corral error has its own code. Of other exceptions, Python's and trio's timeouts
-    (`builtins.TimeoutError`, `trio.TooSlowError`) are Timeout, and a broken connection
-    (`ConnectionError`, `trio.BrokenResourceError`) is TransportError, so the
-    configuration's TIMEOUT and ECONNRESET cover a user's own socket calls too. trio
-    cancellation is Cancelled; anything else is UnknownError.
-    """
-    if isinstance(error, CorralError):
-        return error.code
-    if isinstance(error, builtins.TimeoutError | trio.TooSlowError):
-        return Code.TIMEOUT
-    if isinstance(error, ConnectionError | trio.BrokenResourceError):
-        return Code.TRANSPORT_ERROR
-    return classify(error).code
-
-
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """When to retry and how long to wait; the fields and defaults of `RetryConfig`.
 
     Attributes:
         max_attempts: attempts in all, the first included (1 means never retry).
+        strategy: how delays grow: "exponential", "linear", "fixed" or "immediate".
         initial_delay_ms: the delay after the first failure, before jitter.
         max_delay_ms: no delay is longer (a server's retry-after aside, see `call`).
         backoff_multiplier: each retry waits this much longer than the one before.
@@ -103,6 +98,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     max_attempts: int = 3
+    strategy: Strategy = "exponential"
     initial_delay_ms: float = 100.0
     max_delay_ms: float = 5000.0
     backoff_multiplier: float = 2.0
@@ -120,14 +116,22 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"backoff_multiplier: expected >= 1, got {self.backoff_multiplier}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter: expected a fraction in [0, 1], got {self.jitter}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: expected one of {sorted(STRATEGIES)}, "
+                             f"got {self.strategy!r}")
         if self.jitter_mode not in _JITTER_MODES:
             raise ValueError(f"jitter_mode: expected one of {sorted(_JITTER_MODES)}, "
                              f"got {self.jitter_mode!r}")
-        _resolve(tuple(self.retryable_errors))
+        given: Any = self.retryable_errors
+        if not isinstance(given, tuple):  # a list from user code: keep it hashable
+            msgspec.structs.force_setattr(self, "retryable_errors", tuple(given))
+        _resolve(self.retryable_errors)
 
     @classmethod
     def from_config(cls, config: RetryConfig) -> RetryPolicy:
-        return cls(max_attempts=config.max_attempts,
+        """The policy `config` describes: every key but `budget` is a field of the same
+        name (`RetryBudget.from_config` takes `budget`)."""
+        return cls(max_attempts=config.max_attempts, strategy=config.strategy,
                    initial_delay_ms=float(config.initial_delay_ms),
                    max_delay_ms=float(config.max_delay_ms),
                    backoff_multiplier=config.backoff_multiplier, jitter=config.jitter,
@@ -142,144 +146,49 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     def delay(self, attempt: int, previous: float, rng: random.Random) -> float:
         """Seconds to wait after attempt number `attempt` (1-based) failed.
 
-        With base = min(max, initial·multiplier^(attempt-1)) and U uniform in [0, 1):
+        The base is `backoff.base_delay` of the strategy: exponential initial·
+        multiplier^(attempt-1), linear initial·attempt, fixed initial, immediate 0;
+        capped at max. With U uniform in [0, 1):
 
-        - proportional: c·(1 + jitter·(2U - 1)) with c = min(base, max/(1 + jitter)), so
-          no delay exceeds max and delays at the cap still spread instead of piling up
-          on it. Below the cap c is the base: 100, 200, 400 ms ± 25 % by default.
+        - proportional: `backoff.spread`: base ± jitter, the centre lowered near the
+          cap so no delay exceeds max: 100, 200, 400 ms ± 25 % by default.
         - full: U·base. equal: base/2 + U·base/2 (AWS architecture blog).
         - decorrelated: min(max, uniform(initial, 3·previous)), where `previous` is the
-          delay before (use initial for the first); `attempt` does not matter.
+          delay before (use initial for the first); its own schedule, so neither
+          `attempt` nor `strategy` matters (immediate aside, which never waits).
 
-        The `jitter` fraction applies to proportional mode only.
+        The `jitter` fraction applies to proportional mode only. No mode returns more
+        than `max_delay_ms`.
         """
         initial = self.initial_delay_ms / 1000.0
         cap = self.max_delay_ms / 1000.0
+        if self.strategy == "immediate":
+            return 0.0
         if self.jitter_mode == "decorrelated":
             return min(cap, rng.uniform(initial, 3.0 * max(previous, initial)))
-        try:
-            base = min(cap, initial * self.backoff_multiplier ** (attempt - 1))
-        except OverflowError:
-            base = cap
+        base = base_delay(self.strategy, attempt, initial, self.backoff_multiplier, cap)
         if self.jitter_mode == "full":
             return rng.random() * base
         if self.jitter_mode == "equal":
             return base / 2.0 + rng.random() * base / 2.0
-        centre = min(base, cap / (1.0 + self.jitter))
-        return centre * (1.0 + self.jitter * (2.0 * rng.random() - 1.0))
+        return spread(base, cap, self.jitter, rng.random())
 
     def is_retryable(self, error: BaseException) -> bool:
         """Whether `error` may be retried under this policy.
 
         The rule, in order: a client error (InvalidParams, ...) or Cancelled is never
-        retried, listed or not; an error whose code (see `error_code`) is not in
+        retried, listed or not; an error whose code (see `corral.protocol.errors.code_of`) is not in
         `retryable_errors` is not retried; a listed corral error is retried when its own
         `retryable` flag says so (the table's value unless the raising site decided, as
         it does for the "by cause" codes); a listed error of any other type is retried.
         """
-        code = error_code(error)
+        code = code_of(error)
         if code in _NEVER_RETRIED or code not in _resolve(self.retryable_errors):
             return False
         return error.retryable if isinstance(error, CorralError) else True
 
 
-# -- the budget --------------------------------------------------------------------
-
-
-class ReportOutcome(msgspec.Struct, frozen=True, tag="retry.report_outcome"):
-    """How one `call` ended; a tell to `RetryActor`, and what `RetryCounters` records.
-
-    Attributes:
-        success: the call returned a value.
-        attempts: attempts made, the first included.
-        delay_s: seconds slept between attempts.
-        cancelled: the call ended by cancellation (the loop's abort or the caller's).
-        charge_failure: the last attempt failed with a retryable error that no
-            `RequestRetry` has charged to the budget yet (no retry was asked for: the
-            attempts or the deadline ran out); it costs a token now.
-    """
-
-    success: bool
-    attempts: int
-    delay_s: float
-    cancelled: bool = False
-    charge_failure: bool = False
-
-    @property
-    def retried(self) -> bool:
-        return self.attempts > 1
-
-
-@final
-class RetryBudget:
-    """A token bucket that throttles retries, as gRPC's retry throttling does.
-
-    Tokens start at `max_tokens`. Each attempt that fails with a retryable error costs
-    one token (never below zero); each success refills `token_ratio` (never above
-    `max_tokens`). A retry is allowed only while tokens > max_tokens / 2. Tokens are
-    kept in thousandths, as gRPC does, so the threshold does not drift with floating
-    point. Pure bookkeeping: no I/O, no clock, not safe to share between threads.
-
-    The bound this gives: every granted retry takes a token while tokens stay above
-    half, so over any run, retries granted <= max_tokens/2 + token_ratio·successes.
-    """
-
-    __slots__ = ("_half_milli", "_max_milli", "_milli", "_ratio_milli")
-
-    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
-        if max_tokens <= 0 or not 0 < token_ratio <= 1:
-            raise ValueError("expected max_tokens > 0 and 0 < token_ratio <= 1, got "
-                             f"{max_tokens} and {token_ratio}")
-        self._max_milli = round(max_tokens * 1000)
-        self._half_milli = self._max_milli / 2
-        self._ratio_milli = round(token_ratio * 1000)
-        self._milli = self._max_milli
-
-    @classmethod
-    def from_config(cls, config: RetryBudgetConfig) -> RetryBudget:
-        return cls(config.max_tokens, config.token_ratio)
-
-    @property
-    def tokens(self) -> float:
-        return self._milli / 1000.0
-
-    @property
-    def max_tokens(self) -> float:
-        return self._max_milli / 1000.0
-
-    def can_retry(self) -> bool:
-        return self._milli > self._half_milli
-
-    def record_failure(self) -> None:
-        self._milli = max(0, self._milli - 1000)
-
-    def record_success(self) -> None:
-        self._milli = min(self._max_milli, self._milli + self._ratio_milli)
-
-    def request_retry(self) -> bool:
-        """Charge one failed attempt, then say whether a retry may follow it."""
-        self.record_failure()
-        return self.can_retry()
-
-    def settle(self, outcome: ReportOutcome) -> None:
-        """Apply a finished call: a success refills, an uncharged failure costs."""
-        if outcome.success:
-            self.record_success()
-        elif outcome.charge_failure:
-            self.record_failure()
-
-
-class Budget(Protocol):
-    """What `call` needs of a shared budget (see `ActorBudget`).
-
-    `request_retry` charges the failed attempt and answers whether to retry;
-    `report` records how the call ended. `report` is synchronous because it also runs
-    while the call is being cancelled.
-    """
-
-    async def request_retry(self) -> bool: ...
-
-    def report(self, outcome: ReportOutcome) -> None: ...
+# -- the budget, in the caller's task --------------------------------------------
 
 
 @final
@@ -298,70 +207,6 @@ class _LocalBudget:
         self._bucket.settle(outcome)
 
 
-# -- statistics ----------------------------------------------------------------------
-
-
-class RetryStatistics(msgspec.Struct, frozen=True):
-    """Totals over the calls of one target (or of one caller's `RetryCounters`).
-
-    Attributes:
-        calls: calls that ended, however.
-        attempts: attempts over all those calls, first attempts included.
-        successful_retries: calls that succeeded after at least one retry.
-        failed_retries: calls that failed after at least one retry.
-        failed_calls: calls that failed (cancelled calls count in neither).
-        retries_denied_by_budget: retries the budget refused.
-        total_delay_s: seconds slept between attempts, over all calls.
-    """
-
-    calls: int
-    attempts: int
-    successful_retries: int
-    failed_retries: int
-    failed_calls: int
-    retries_denied_by_budget: int
-    total_delay_s: float
-
-
-@final
-class RetryCounters:
-    """Running totals behind `RetryStatistics`; pass one to `call` as `stats`."""
-
-    __slots__ = ("_attempts", "_calls", "_delay_s", "_denied", "_failed_calls",
-                 "_failed_retries", "_successful_retries")
-
-    def __init__(self) -> None:
-        self._calls = 0
-        self._attempts = 0
-        self._successful_retries = 0
-        self._failed_retries = 0
-        self._failed_calls = 0
-        self._denied = 0
-        self._delay_s = 0.0
-
-    def record(self, outcome: ReportOutcome) -> None:
-        self._calls += 1
-        self._attempts += outcome.attempts
-        self._delay_s += outcome.delay_s
-        if outcome.cancelled:
-            return
-        if outcome.success:
-            self._successful_retries += outcome.retried
-        else:
-            self._failed_calls += 1
-            self._failed_retries += outcome.retried
-
-    def record_denied(self) -> None:
-        self._denied += 1
-
-    def statistics(self) -> RetryStatistics:
-        return RetryStatistics(
-            calls=self._calls, attempts=self._attempts,
-            successful_retries=self._successful_retries,
-            failed_retries=self._failed_retries, failed_calls=self._failed_calls,
-            retries_denied_by_budget=self._denied, total_delay_s=self._delay_s)
-
-
 # -- the loop ------------------------------------------------------------------------
 
 
@@ -371,29 +216,61 @@ _Ending = Literal["success", "failure", "cancelled"]
 
 @final
 class _Loop:
-    """The state of one `call`: what was tried, what failed, how it ended."""
+    """The state of one `call` or `call_sync`: what was tried, what failed, how it
+    ended, and the decision after each failure; the two differ only in how they wait."""
 
-    __slots__ = ("attempts", "budget", "charge_failure", "deadline", "delay_s", "ending",
-                 "last_error", "on_retry", "policy", "rng", "stats")
+    __slots__ = ("attempts", "charge_failure", "clock", "deadline", "delay_s", "ending",
+                 "last_error", "on_retry", "policy", "previous", "rng", "stats")
 
-    def __init__(self, policy: RetryPolicy, budget: Budget | None, deadline: float,
-                 on_retry: OnRetry | None, rng: random.Random,
-                 stats: RetryCounters | None) -> None:
+    def __init__(self, policy: RetryPolicy, deadline: float, on_retry: OnRetry | None,
+                 rng: random.Random, stats: RetryCounters | None,
+                 clock: Callable[[], float]) -> None:
         self.policy = policy
-        self.budget = budget
         self.deadline = deadline
         self.on_retry = on_retry
         self.rng = rng
         self.stats = stats
+        self.clock = clock
+        self.previous = policy.initial_delay_ms / 1000.0
         self.attempts = 0
         self.delay_s = 0.0
         self.last_error: Exception | None = None
         self.charge_failure = False
         self.ending: _Ending = "cancelled"
 
+    def plan(self, error: Exception) -> float | None:
+        """The delay before the next attempt, budget aside, or None to end the loop."""
+        self.last_error = error
+        policy = self.policy
+        if not policy.is_retryable(error):
+            return None
+        if self.attempts >= policy.max_attempts:
+            self.charge_failure = True
+            return None
+        delay = policy.delay(self.attempts, self.previous, self.rng)
+        retry_after_ms = getattr(error, "retry_after_ms", None)
+        if isinstance(retry_after_ms, int | float):
+            delay = max(delay, retry_after_ms / 1000.0)
+        if self.clock() + delay >= self.deadline:
+            self.charge_failure = True
+            return None
+        return delay
+
+    def proceed(self, error: Exception, delay: float | None, granted: bool) -> float:
+        """The delay `plan` chose, once the budget `granted` the retry; raises `error`
+        when there is none (the loop ends in failure)."""
+        if delay is not None and not granted and self.stats is not None:
+            self.stats.record_denied()
+        if delay is None or not granted:
+            self.ending = "failure"
+            raise error
+        if self.on_retry is not None:
+            self.on_retry(self.attempts, delay, error)
+        self.previous = delay
+        return delay
+
     async def run(self, fn: Callable[[*Ts], Awaitable[T]], args: tuple[*Ts],
-                  ) -> T:
-        previous = self.policy.initial_delay_ms / 1000.0
+                  budget: Budget | None) -> T:
         while True:
             self.attempts += 1
             try:
@@ -403,53 +280,49 @@ class _Loop:
             else:
                 self.ending = "success"
                 return result
-            self.last_error = error
             # Decided outside the except block, so a cancellation while consulting the
             # budget or sleeping does not carry this error as its context.
-            delay = await self._next_delay(error, previous)
-            if delay is None:
-                self.ending = "failure"
-                raise error
-            if self.on_retry is not None:
-                self.on_retry(self.attempts, delay, error)
-            slept_from = trio.current_time()
+            planned = self.plan(error)
+            granted = planned is None or budget is None or await budget.request_retry()
+            delay = self.proceed(error, planned, granted)
+            slept_from = current_time()
             try:
-                await trio.sleep(delay)
+                await anyio.sleep(delay)
             finally:
-                self.delay_s += trio.current_time() - slept_from
-            previous = delay
+                self.delay_s += current_time() - slept_from
 
-    async def _next_delay(self, error: Exception, previous: float) -> float | None:
-        """The delay before the next attempt, or None when the loop must end now."""
-        policy = self.policy
-        if not policy.is_retryable(error):
-            return None
-        if self.attempts >= policy.max_attempts:
-            self.charge_failure = True
-            return None
-        delay = policy.delay(self.attempts, previous, self.rng)
-        retry_after_ms = getattr(error, "retry_after_ms", None)
-        if isinstance(retry_after_ms, int | float):
-            delay = max(delay, retry_after_ms / 1000.0)
-        if trio.current_time() + delay >= self.deadline:
-            self.charge_failure = True
-            return None
-        if self.budget is not None and not await self.budget.request_retry():
-            if self.stats is not None:
-                self.stats.record_denied()
-            return None
-        return delay
+    def run_sync(self, fn: Callable[[*Ts], T], args: tuple[*Ts],
+                 budget: RetryBudget | None, abort: threading.Event) -> T:
+        while True:
+            self.attempts += 1
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                error = exc
+            else:
+                self.ending = "success"
+                return result
+            planned = self.plan(error)
+            granted = planned is None or budget is None or budget.request_retry()
+            delay = self.proceed(error, planned, granted)
+            slept_from = time.monotonic()
+            aborted = abort.wait(delay)
+            self.delay_s += time.monotonic() - slept_from
+            if aborted:
+                raise RetryAbortedError(self.attempts, error) from error
 
-    def finish(self) -> None:
-        if self.stats is None and self.budget is None:
+    def finish(self, budget: Budget | RetryBudget | None) -> None:
+        if self.stats is None and budget is None:
             return
         outcome = ReportOutcome(success=self.ending == "success", attempts=self.attempts,
                                 delay_s=self.delay_s, cancelled=self.ending == "cancelled",
                                 charge_failure=self.charge_failure and self.ending == "failure")
         if self.stats is not None:
             self.stats.record(outcome)
-        if self.budget is not None:
-            self.budget.report(outcome)
+        if isinstance(budget, RetryBudget):
+            budget.settle(outcome)
+        elif budget is not None:
+            budget.report(outcome)
 
 
 async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
@@ -457,15 +330,17 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
                deadline: float | None = None, timeout: float | None = None,
                on_retry: OnRetry | None = None, rng: random.Random | None = None,
                stats: RetryCounters | None = None,
-               abort: trio.CancelScope | None = None) -> T:
+               abort: anyio.CancelScope | trio.CancelScope | None = None) -> T:
     """Await `fn(*args)`, again after each retryable failure, until it succeeds or must stop.
 
+    Runs under trio or asyncio (through anyio); times are the running loop's clock
+    (`trio.current_time`, so MockClock drives it, or the asyncio loop's `time()`).
     After attempt n fails with an error `policy.is_retryable` accepts, the loop waits
-    `policy.delay(n, ...)` seconds on trio's clock (at least the error's
-    `retry_after_ms`, if it carries one) and tries again, up to `policy.max_attempts`
-    attempts in all. Before each retry it calls `on_retry(n, delay, error)` (n is the
-    attempt that failed, which is also the number of the retry about to start), and, if
-    there is a budget, asks it first: a refusal ends the loop with that error.
+    `policy.delay(n, ...)` seconds (at least the error's `retry_after_ms`, if it
+    carries one) and tries again, up to `policy.max_attempts` attempts in all. Before
+    each retry it calls `on_retry(n, delay, error)` (n is the attempt that failed, which
+    is also the number of the retry about to start), and, if there is a budget, asks it
+    first: a refusal ends the loop with that error.
 
     One deadline bounds all attempts and delays together. An attempt still running at
     the deadline is cancelled; a delay that would end at or after the deadline is not
@@ -477,14 +352,14 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
         budget: a `RetryBudget` used in this thread, or a shared `Budget` such as
             `ActorBudget`. Each attempt that fails with a retryable error costs a token;
             each success refills a fraction.
-        deadline: absolute trio time by which the call must be over.
+        deadline: absolute time on the loop's clock by which the call must be over.
         timeout: seconds from now; an alternative to `deadline`.
         on_retry: a synchronous hook, called before each retry's delay.
         rng: the randomness of the jitter (seed it for repeatable runs).
         stats: counters this call adds to.
-        abort: a cancel scope the caller keeps; cancelling it ends the loop with
-            RetryAbortedError. A cancel scope can be entered once, so use a fresh one
-            per call.
+        abort: a cancel scope the caller keeps (anyio's, or trio's under trio);
+            cancelling it ends the loop with RetryAbortedError. A cancel scope can be
+            entered once, so use a fresh one per call.
 
     Returns:
         What `fn` returned.
@@ -496,38 +371,67 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
         TimeoutError: the deadline passed during the first attempt (or before it).
         RetryAbortedError: `abort` was cancelled; carries the attempts made and the
             last error (also chained as the cause).
-        trio.Cancelled: a cancellation from outside the loop (an enclosing cancel scope
-            or nursery) propagates as itself, never converted: the caller's scope
-            must see it to stop. It is never retried.
+        trio.Cancelled, asyncio.CancelledError: a cancellation from outside the loop (an
+            enclosing cancel scope, nursery or task.cancel()) propagates as itself,
+            never converted: the caller's scope must see it to stop. It is never
+            retried.
         ValueError: both `deadline` and `timeout` were given.
     """
     if deadline is not None and timeout is not None:
         raise ValueError("pass a deadline or a timeout, not both")
-    started = trio.current_time()
+    started = current_time()
     if timeout is not None:
         deadline = started + timeout
     limit = math.inf if deadline is None else deadline
     port = _LocalBudget(budget) if isinstance(budget, RetryBudget) else budget
-    loop = _Loop(policy, port, limit, on_retry, rng or _rng, stats)
+    loop = _Loop(policy, limit, on_retry, rng or _rng, stats, current_time)
     try:
         if abort is None and deadline is None:
             # Nothing to catch: no cancel scope, the costliest part of the success path.
-            return await loop.run(fn, args)
+            return await loop.run(fn, args, port)
         if abort is None:
-            with trio.CancelScope(deadline=limit) as deadline_scope:
-                return await loop.run(fn, args)
+            with anyio.CancelScope(deadline=limit) as deadline_scope:
+                return await loop.run(fn, args, port)
         else:
-            with abort, trio.CancelScope(deadline=limit) as deadline_scope:
-                return await loop.run(fn, args)
+            with abort, anyio.CancelScope(deadline=limit) as deadline_scope:
+                return await loop.run(fn, args, port)
         if deadline_scope.cancelled_caught:
             loop.ending = "failure"
             if loop.last_error is not None:
                 raise loop.last_error
             method = getattr(fn, "__qualname__", type(fn).__name__)
-            raise TimeoutError(method, limit - started, None, trio.current_time() - started)
+            raise TimeoutError(method, limit - started, None, current_time() - started)
         raise RetryAbortedError(loop.attempts, loop.last_error) from loop.last_error
     finally:
-        loop.finish()
+        loop.finish(port)
+
+
+def call_sync(policy: RetryPolicy, fn: Callable[[*Ts], T], *args: *Ts,
+              budget: RetryBudget | None = None, timeout: float | None = None,
+              on_retry: OnRetry | None = None, rng: random.Random | None = None,
+              stats: RetryCounters | None = None,
+              abort: threading.Event | None = None) -> T:
+    """`call` for a synchronous `fn`, in the calling thread: the same policy decides,
+    the delays block the thread, times are `time.monotonic`.
+
+    Setting `abort` (from any thread) ends a delay at once with RetryAbortedError; an
+    attempt already running finishes first, and the loop then stops. The deadline
+    (`timeout` seconds from now) is checked between attempts: a running
+    attempt cannot be interrupted, so one that outlives it still returns its result,
+    and a failure after it ends the loop with that error. An exception that is not an
+    `Exception` (KeyboardInterrupt) ends the loop at once, as a cancellation.
+
+    Raises:
+        Exception: as `call`: the last attempt's error when it is not retryable, when
+            the attempts, the budget or the time run out.
+        RetryAbortedError: `abort` was set; carries the attempts and the last error.
+    """
+    limit = math.inf if timeout is None else time.monotonic() + timeout
+    loop = _Loop(policy, limit, on_retry, rng or _rng, stats, time.monotonic)
+    try:
+        return loop.run_sync(fn, args, budget, abort or threading.Event())
+    finally:
+        loop.finish(budget)
 
 
 # -- the actor -----------------------------------------------------------------------

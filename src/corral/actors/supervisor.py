@@ -21,6 +21,7 @@ from typing import Literal, final
 import msgspec
 import trio
 
+from corral.actors.backoff import base_delay, spread
 from corral.actors.core import ActorRef, ActorSystem, Child, Context
 from corral.protocol.errors import (
     ActorExitedError,
@@ -87,9 +88,9 @@ class Intensity(msgspec.Struct, frozen=True):
 
 
 class Backoff(msgspec.Struct, frozen=True):
-    """Exponential delay before a restart: min·2^attempt capped at max, times
-    (1 + random_factor·U[0,1)). A child that ran `reset_after` seconds starts again at
-    attempt 0.
+    """Exponential delay before a restart: min·2^attempt spread ± random_factor, never
+    above max, jitter included (`backoff.spread`). A child that ran `reset_after`
+    seconds starts again at attempt 0.
     """
 
     min: float = 0.01
@@ -98,8 +99,8 @@ class Backoff(msgspec.Struct, frozen=True):
     reset_after: float = 30.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max, self.min * (2.0 ** min(attempt, 64)))
-        return base * (1.0 + self.random_factor * rng.random())
+        base = base_delay("exponential", attempt + 1, self.min, 2.0, self.max)
+        return spread(base, self.max, self.random_factor, rng.random())
 
 
 class ChildInfo(msgspec.Struct, frozen=True):

@@ -7,7 +7,10 @@ else in corral invents a status code. This module holds data and lookups, never 
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import enum
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -278,21 +281,53 @@ def error_from_info(info: ErrorInfo) -> CorralError:
     return EngineClientError(info.code, info.message, d, retryable=info.retryable)
 
 
+def code_of(error: BaseException) -> Code:
+    """The code of any exception: the one mapping `classify`, retry policies and breakers
+    share.
+
+    A corral error has its own code. Of other exceptions, timeouts (`builtins.
+    TimeoutError`, which `asyncio.TimeoutError` and `socket.timeout` are, `trio.
+    TooSlowError`, httpx's `TimeoutException`) are Timeout; a broken or refused
+    connection (`ConnectionError`, so `ConnectionResetError`, `BrokenPipeError` and
+    `ConnectionRefusedError`, trio's and anyio's `BrokenResourceError`, httpx's
+    `NetworkError`, `RemoteProtocolError` and `ProxyError`) is TransportError;
+    cancellation (trio's, asyncio's) is Cancelled; anything else is UnknownError.
+    httpx is only consulted once something has imported it: an httpx error cannot exist
+    before then.
+    """
+    if isinstance(error, CorralError):
+        return error.code
+    if isinstance(error, builtins.TimeoutError | trio.TooSlowError):
+        return Code.TIMEOUT
+    if isinstance(error, ConnectionError | trio.BrokenResourceError):
+        return Code.TRANSPORT_ERROR
+    if isinstance(error, trio.Cancelled | asyncio.CancelledError):
+        return Code.CANCELLED
+    anyio = sys.modules.get("anyio")
+    if anyio is not None and isinstance(error, anyio.BrokenResourceError):
+        return Code.TRANSPORT_ERROR
+    httpx = sys.modules.get("httpx")
+    if httpx is not None:
+        if isinstance(error, httpx.TimeoutException):
+            return Code.TIMEOUT
+        if isinstance(error, httpx.NetworkError | httpx.RemoteProtocolError
+                      | httpx.ProxyError):
+            return Code.TRANSPORT_ERROR
+    return Code.UNKNOWN_ERROR
+
+
 def classify(error: BaseException) -> Classification:
     """Category, severity, retryability and a recovery suggestion for any exception.
 
-    A corral error is classified by its code (and its own retryable flag, for codes the
-    table leaves "by cause"); trio cancellation is Cancelled; anything else is
-    UnknownError and not retryable, since nothing says a second try would differ.
+    The code is `code_of(error)`. A corral error is retryable by its own flag (the
+    table's value, unless the raising site decided, as it does for the "by cause"
+    codes); any other exception by the table's row for its code, where "by cause" is
+    no: an UnknownError gives no reason to think a second try would differ.
     """
-    if isinstance(error, CorralError):
-        spec = error.spec
-        return Classification(error.code, spec.category, spec.severity, error.retryable,
-                              spec.suggestion)
-    code = Code.CANCELLED if isinstance(error, trio.Cancelled) else Code.UNKNOWN_ERROR
+    code = code_of(error)
     spec = ERROR_TABLE[code]
-    return Classification(code, spec.category, spec.severity, bool(spec.retryable),
-                          spec.suggestion)
+    retryable = error.retryable if isinstance(error, CorralError) else bool(spec.retryable)
+    return Classification(code, spec.category, spec.severity, retryable, spec.suggestion)
 
 
 class EscalationError(CorralError):

@@ -587,7 +587,9 @@ class Choice(msgspec.Struct, frozen=True):
 class Completion(msgspec.Struct, frozen=True):
     """The whole result of a non-streaming call: the first choice's fields (the whole
     answer when `n` is 1), and every choice in `choices`. `usage` counts the prompt once
-    and the tokens of every choice."""
+    and the tokens of every choice. `fallback` names
+    what served it in place of the model asked for (another alias, "cached",
+    "default"), else None."""
 
     stream_id: int
     model: str
@@ -600,3 +602,4 @@ class Completion(msgspec.Struct, frozen=True):
     top_logprobs: list[list[TokenLogprob]] | None = None
     choices: list[Choice] = []
     tool_calls: list[ToolCall] = []
+    fallback: str | None = None

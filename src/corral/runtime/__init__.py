@@ -18,15 +18,15 @@ from typing import Any, final
 import msgspec
 import structlog
 
-from corral.actors.breaker import BreakerActor, CircuitBreaker
+from corral.actors.breaker import BreakerActor, BreakerStatistics, CircuitBreaker
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.retry import GetRetryStats, RetryStatistics
 from corral.actors.streams import StreamTable
 from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
-from corral.config import RuntimeConfig
+from corral.config import FallbackResponse, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
-from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
     Completion,
@@ -44,6 +44,7 @@ from corral.runtime.health import (
     Health,
     ModelDescription,
     ModelState,
+    ResilienceState,
     RuntimeStatistics,
     assess,
 )
@@ -51,8 +52,9 @@ from corral.runtime.models import Models, resolve_model_path
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
 from corral.runtime.tree import REGISTRY, build_root, domain, model_path
 
-__all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "ModelState", "Runtime",
-           "RuntimeStatistics", "TokenStream", "open_runtime", "resolve_model_path",
+__all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "ModelState",
+           "ResilienceState", "Runtime", "RuntimeStatistics", "TokenStream", "open_runtime",
+           "resolve_model_path",
            "shutting_down_error"]
 
 
@@ -129,13 +131,18 @@ class Runtime:
     # -- models ------------------------------------------------------------------------
 
     async def load_model(self, path: str, *, alias: str | None = None,
-                         fallbacks: tuple[str, ...] = ()) -> ModelDescription:
+                         fallbacks: tuple[str | FallbackResponse, ...] = ()) -> ModelDescription:
         """Load a model: a local directory, or a Hugging Face model id already in the
         local cache (never downloaded; see `resolve_model_path`).
 
         Waits until it is loaded; other models and callers are never blocked meanwhile.
         A model that cannot load is an answer, not a crash: no model actor restarts
         for it, and a path that leads to no model starts none at all.
+
+        Args:
+            fallbacks: aliases of loaded models to serve in its place while its breaker
+                is open, then optionally `FallbackResponse` steps (a cached completion,
+                a default text) for when none of them can.
 
         Raises:
             EngineClientError: InvalidParams for a taken alias or unknown fallback,
@@ -270,7 +277,28 @@ class Runtime:
         actors = {path: msgspec.to_builtins(self.system.mailbox(path).statistics())
                   for path in self.system.paths()}
         return RuntimeStatistics(actors=actors, registry=await self.registry_state(),
-                                 prefix_cache=self.prefix_cache_statistics())
+                                 prefix_cache=self.prefix_cache_statistics(),
+                                 resilience=self.resilience())
+
+    def resilience(self) -> ResilienceState:
+        """Rolling error and success rates, latency percentiles, retries, fallbacks and
+        each model's breaker: the figures of `corral.rolling`, read now."""
+        rolling = self.requests.rolling
+        fallbacks: dict[str, dict[str, int]] = {}
+        for (model, kind), count in rolling.fallbacks_total.items():
+            fallbacks.setdefault(model, {})[kind] = count
+        return ResilienceState(rolling.snapshot(), self.breaker_statistics(),
+                               dict(rolling.retries_total), fallbacks)
+
+    def breaker_statistics(self) -> dict[str, BreakerStatistics]:
+        """Each model's circuit breaker now; one whose actor restarts is left out."""
+        breakers = {}
+        for alias in self.models.by_alias:
+            try:
+                breakers[alias] = self.circuit_breaker(alias).statistics()
+            except CorralError:
+                continue  # its actor is restarting: nothing to read until it is back
+        return breakers
 
     def prefix_cache_statistics(self) -> dict[str, PrefixCacheStatistics]:
         """Each model's prefix cache counters, from its live engine (a model whose actor

@@ -70,6 +70,12 @@ class ChoiceStreams:
         return self.streams[0].model
 
     @property
+    def fallback(self) -> str | None:
+        """What served the request in place of the model asked for (see
+        `TokenStream.fallback`): the first choice's."""
+        return self.streams[0].fallback
+
+    @property
     def stream_id(self) -> int:
         """The first choice's stream id, which names the request."""
         return self.streams[0].stream_id
@@ -130,7 +136,7 @@ class ChoiceStreams:
         first = choices[0]
         return Completion(self.stream_id, self.model, first.text, first.token_ids,
                           first.finish_reason, self.usage, first.logprobs, first.tokens,
-                          first.top_logprobs, choices, first.tool_calls)
+                          first.top_logprobs, choices, first.tool_calls, self.fallback)
 
 
 async def _read(choice: int, stream: TokenStream,

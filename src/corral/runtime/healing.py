@@ -68,7 +68,7 @@ class Healer:
 
     def _schedule(self, model: ModelRecord) -> float:
         """Set the time of the model's next reload; returns the delay until then."""
-        delay = min(self._backoff.max, self._backoff.delay(model.reload_streak, self._rng))
+        delay = self._backoff.delay(model.reload_streak, self._rng)
         model.reload_streak += 1
         model.reload_at = trio.current_time() + delay
         return delay

@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 import msgspec
 
+from corral.actors.breaker import BreakerStatistics
 from corral.actors.core import ActorSystem
 from corral.protocol.messages import ModelInfo, PrefixCacheStatistics, RegistryState
+from corral.rolling import RollingSnapshot
 
 __all__ = ["DomainHealth", "Health", "ModelDescription", "ModelState", "RuntimeStatistics",
            "assess"]
@@ -62,13 +64,34 @@ class Health(msgspec.Struct, frozen=True):
     reasons: list[str]
 
 
+class ResilienceState(msgspec.Struct, frozen=True):
+    """How requests fared lately, and each model's breaker.
+
+    Attributes:
+        windows: success and error rates, retries and fallbacks over the last 1, 5
+            and 15 minutes (overall and per model), latency p50/p90/p99 per model.
+        breakers: each model's breaker: state, transitions, time spent open, counts
+            (a breaker whose actor is restarting is left out).
+        retries_total: retries since the start, by model.
+        fallbacks_total: requests served by a fallback since the start, by requested
+            model and then by what served them (an alias, "cached", "default").
+    """
+
+    windows: RollingSnapshot
+    breakers: dict[str, BreakerStatistics]
+    retries_total: dict[str, int]
+    fallbacks_total: dict[str, dict[str, int]]
+
+
 class RuntimeStatistics(msgspec.Struct, frozen=True):
-    """Every actor's mailbox statistics, the stream registry's state, and each model's
-    prefix cache counters (those of its engine now: they restart with the engine)."""
+    """Every actor's mailbox statistics, the stream registry's state, each model's
+    prefix cache counters (those of its engine now: they restart with the engine), and
+    the rolling error metrics with the breakers (`resilience`)."""
 
     actors: dict[str, Any]
     registry: RegistryState
     prefix_cache: dict[str, PrefixCacheStatistics] = {}
+    resilience: ResilienceState | None = None
 
 
 def assess(system: ActorSystem, models: list[ModelDescription], *, draining: bool,

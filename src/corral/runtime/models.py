@@ -20,7 +20,7 @@ from corral.actors.breaker import BreakerActor
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.model import ModelActor
 from corral.actors.supervisor import ChildSpec, Supervisor
-from corral.config import ModelConfig, RuntimeConfig
+from corral.config import FallbackResponse, ModelConfig, RuntimeConfig
 from corral.engine.api import (
     EngineStatistics,
     ProcessEngineStatistics,
@@ -123,14 +123,14 @@ class Models:
     # -- loading -----------------------------------------------------------------------
 
     async def load(self, path: str, *, alias: str | None = None,
-                   fallbacks: tuple[str, ...] = ()) -> ModelDescription:
+                   fallbacks: tuple[str | FallbackResponse, ...] = ()) -> ModelDescription:
         """See `Runtime.load_model`."""
         alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
         if alias in self.by_alias:
             raise EngineClientError(Code.INVALID_PARAMS, f"alias: {alias!r} is already loaded",
                                     {"field": "alias"})
         for name in fallbacks:
-            if name not in self.by_alias:
+            if isinstance(name, str) and name not in self.by_alias:
                 raise EngineClientError(Code.INVALID_PARAMS,
                                         f"fallbacks: {name!r} is not a loaded model",
                                         {"field": "fallbacks"})
@@ -278,7 +278,7 @@ class Models:
         engine = self.engine_statistics(model.alias)
         return ModelDescription(
             alias=model.alias, path=model.path, state=state,
-            fallbacks=list(model.config.fallbacks), info=model.info,
+            fallbacks=_fallback_names(model.config), info=model.info,
             restarts=stats.restarts, breaker=breaker_state,
             worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None,
             reloads=model.reloads, reload_in_s=reload_in)
@@ -345,3 +345,10 @@ def resolve_model_path(path: str) -> str:
 
 def _no_model(path: str, message: str) -> EngineClientError:
     return EngineClientError(Code.MODEL_LOAD_ERROR, message, {"path": path}, retryable=False)
+
+
+def _fallback_names(config: ModelConfig) -> list[str]:
+    """The fallback aliases, then "cached" and "default" for the response steps."""
+    return [*config.fallback_aliases,
+            *("cached" if step.cached_ttl_ms is not None else "default"
+              for step in config.fallback_responses)]

@@ -11,10 +11,9 @@ outcome. This module never builds the tree and never loads a model.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, final
 
-import msgspec
 import structlog
 import trio
 
@@ -22,7 +21,7 @@ from corral.actors.breaker import CircuitBreaker, Outcome, Record, acquire_throu
 from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.retry import ActorBudget, RetryPolicy
 from corral.actors.retry import call as retry_call
-from corral.actors.streams import StreamBuffer, StreamChunk, StreamTable
+from corral.actors.streams import StreamBuffer, StreamTable
 from corral.config import RuntimeConfig
 from corral.protocol.errors import (
     ActorExitedError,
@@ -30,7 +29,7 @@ from corral.protocol.errors import (
     Code,
     CorralError,
     EngineClientError,
-    TimeoutError,
+    code_of,
 )
 from corral.protocol.grammar import check_grammar
 from corral.protocol.messages import (
@@ -39,112 +38,23 @@ from corral.protocol.messages import (
     CancelSequence,
     CloseStream,
     Detokenize,
-    FinishReason,
     GenerateParams,
     ModelInfo,
     Submit,
     Tokenize,
-    ToolCall,
-    Usage,
 )
+from corral.rolling import RollingErrorMetrics
+from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models
-from corral.runtime.tools import (
-    ToolCallReader,
-    constrained,
-    template_turns,
-    tools_for,
-)
+from corral.runtime.token_stream import TokenStream
+from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
 __all__ = ["Requests", "TokenStream", "check_guidance", "check_text", "shutting_down_error"]
 
 _log = structlog.get_logger("corral.runtime")
 
-_READER_GRACE_S = 5.0
-
-
-@final
-class TokenStream:
-    """One generation as the client reads it: `async for chunk in stream`.
-
-    After the loop, `finish_reason`, `usage` and `text` describe the whole completion.
-    A stream that ends with an error raises it from the loop (a CorralError: Timeout,
-    GenerationError with `details["partial_text"]`, Cancelled for an idle reader).
-    """
-
-    def __init__(self, buffer: StreamBuffer, model: str,
-                 tool_calls: ToolCallReader | None = None) -> None:
-        self._buffer = buffer
-        self._reader = tool_calls
-        self._content: list[str] = []
-        self._ended = False
-        self.model = model
-
-    @property
-    def stream_id(self) -> int:
-        return self._buffer.stream_id
-
-    @property
-    def text(self) -> str:
-        """The completion's text; with tools, its content (the text around the calls)
-        as read so far."""
-        return self._buffer.text if self._reader is None else "".join(self._content)
-
-    @property
-    def tool_calls(self) -> list[ToolCall]:
-        """The tool calls read so far (with tools; else none)."""
-        return list(self._reader.calls) if self._reader is not None else []
-
-    @property
-    def token_ids(self) -> list[int]:
-        return list(self._buffer.tokens)
-
-    @property
-    def finish_reason(self) -> FinishReason | None:
-        """How it ended; "tool_calls" for a model that stopped after calling a tool."""
-        reason = self._buffer.finish_reason
-        return "tool_calls" if reason == "stop" and self.tool_calls else reason
-
-    @property
-    def token_times(self) -> list[float]:
-        """trio time at which each token reached the stream (for TTFT and ITL)."""
-        return list(self._buffer.token_times)
-
-    @property
-    def usage(self) -> Usage:
-        return Usage(self._buffer.prompt_tokens, len(self._buffer.tokens),
-                     self._buffer.cached_tokens)
-
-    def __aiter__(self) -> TokenStream:
-        return self
-
-    async def __anext__(self) -> StreamChunk:
-        buffer = self._buffer
-        # The registry ends a stream at its deadline; this backstop guarantees a reader
-        # never waits forever even if the registry lost track of the stream.
-        with trio.move_on_at(buffer.deadline + _READER_GRACE_S) as scope:
-            chunk = await buffer.next_chunk()
-        if scope.cancelled_caught:
-            raise TimeoutError("generate", buffer.timeout_s, buffer.request_id,
-                               trio.current_time() - buffer.started_at)
-        if self._reader is None:
-            if chunk is None:
-                raise StopAsyncIteration
-            return chunk
-        if chunk is None:
-            # The end: what the reader still held back, as one last chunk.
-            rest = "" if self._ended else self._reader.finish()
-            self._ended = True
-            if not rest:
-                raise StopAsyncIteration
-            self._content.append(rest)
-            wants = buffer.wants_logprobs
-            return StreamChunk(rest, [], [] if wants else None, len(buffer.tokens),
-                               tokens=[] if wants else None)
-        content, calls = self._reader.feed(chunk.text)
-        self._content.append(content)
-        return msgspec.structs.replace(chunk, text=content, tool_calls=calls)
 
 
 @final
@@ -165,6 +75,9 @@ class Requests:
         self._table = table
         self._registry = system.ref(REGISTRY)
         self._policy = RetryPolicy.from_config(config.calls.retry)
+        self._fallbacks = ResponseFallbacks()
+        self.rolling = RollingErrorMetrics()
+        """Error and success rates, latencies, retries and fallbacks of recent requests."""
         self.draining = False
 
     async def tokenize(self, model: str | None, text: str, *,
@@ -181,7 +94,11 @@ class Requests:
 
     @asynccontextmanager
     async def open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
-        """See `Runtime.generate`, which this runs once the request is typed."""
+        """See `Runtime.generate`, which this runs once the request is typed.
+
+        A request that no model of its chain can start (before the first token) is
+        answered by the model's cached or default fallback step, if it has one.
+        """
         if self.draining:
             raise shutting_down_error("new requests are refused")
         if request.n != 1:
@@ -189,13 +106,46 @@ class Requests:
                                     "n: a TokenStream reads one choice; read n > 1 through "
                                     "Runtime.choices or generate_choices", {"field": "n"})
         entry = self._models.require(request.model, allow_failed=True)
+        async with AsyncExitStack() as stack:
+            try:
+                stream = await stack.enter_async_context(self._model_stream(request, entry))
+            except Exception as exc:
+                answer = self._fallbacks.answer(entry.config, request, exc)
+                if answer is None:
+                    raise
+                _log.warning("runtime.fallback_served", model=entry.alias, kind=answer.kind,
+                             error=repr(exc))
+                self.rolling.record_fallback(entry.alias, answer.kind)
+                stream = self._answered(request, answer)
+            yield stream
+
+    def _answered(self, request: GenerateParams, answer: FallbackAnswer) -> TokenStream:
+        now = trio.current_time()
+        buffer = StreamBuffer(self._table.new_id(), answer.model,
+                              request_id=request.request_id, timeout_s=0.0, deadline=now,
+                              prompt_tokens=answer.prompt_tokens, logprobs=False)
+        buffer.tokens.extend(answer.token_ids)
+        buffer.token_times.extend(now for _ in answer.token_ids)
+        buffer.text_parts.append(answer.text)
+        buffer.finish(answer.finish_reason)
+        return TokenStream(buffer, answer.model, answer.kind)
+
+    @asynccontextmanager
+    async def _model_stream(self, request: GenerateParams, entry: ModelRecord
+                            ) -> AsyncIterator[TokenStream]:
         timeout_s = (request.timeout_ms
                      or self._config.stream_registry.default_timeout_ms) / 1000.0
-        deadline = trio.current_time() + timeout_s
-        alias, permit = await self._acquire(entry)
-        outcome = Outcome.IGNORED
         started = trio.current_time()
+        deadline = started + timeout_s
+        check_prompt_shape(request)
+        try:
+            alias, permit = await self._acquire(entry)
+        except CorralError as exc:
+            self._note(entry, request, entry.alias, None, exc, started)
+            raise
+        outcome = Outcome.IGNORED
         buffer: StreamBuffer | None = None
+        error: BaseException | None = None
         submitted = False
         stream_id = self._table.new_id()
         try:
@@ -224,12 +174,14 @@ class Requests:
                 submitted = True
                 await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
                                  budget=ActorBudget(self._models.ref(alias, "retry")),
-                                 deadline=deadline)
+                                 deadline=deadline,
+                                 on_retry=lambda *_: self.rolling.record_retry(alias))
                 calling = serving.info.tool_calling if serving.info else None
                 reader = (ToolCallReader(calling.parser, tools,
                                          first_only=not request.parallel_tool_calls)
                           if tools and calling else None)
-                yield TokenStream(buffer, alias, reader)
+                yield TokenStream(buffer, alias, alias if alias != entry.alias else None,
+                                  reader)
                 outcome = _outcome(buffer)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its
@@ -245,13 +197,32 @@ class Requests:
             # Before the submit (validation, tokenizing, admission) nothing said anything
             # about the model's health: ignored. From the submit on, the breaker's rule.
             outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
+            error = exc
             raise
         finally:
+            self._note(entry, request, alias, buffer, error, started)
             # The breaker's slow-call measure is the time to first token, as the design
             # says; a request that produced none is measured to its end.
             first = buffer.token_times[0] if buffer is not None and buffer.token_times else None
             duration = (first if first is not None else trio.current_time()) - started
             tell_quietly(self._models.ref(alias, "breaker"), Record(permit, outcome, duration))
+
+    def _note(self, entry: ModelRecord, request: GenerateParams, alias: str,
+              buffer: StreamBuffer | None, error: BaseException | None,
+              started: float) -> None:
+        """Count the request in the rolling metrics; keep a success for the cache."""
+        failure = error if error is not None else (buffer.error if buffer else None)
+        if alias != entry.alias:
+            self.rolling.record_fallback(entry.alias, alias)
+        if failure is not None:
+            code = code_of(failure)
+            if code is not Code.CANCELLED:
+                self.rolling.record_error(alias, code.value)
+        elif buffer is not None and buffer.finish_reason in ("stop", "length"):
+            self.rolling.record_success(alias, trio.current_time() - started)
+            self._fallbacks.remember(entry.config, request, FallbackAnswer(
+                "model", alias, buffer.text, list(buffer.tokens), buffer.finish_reason,
+                buffer.prompt_tokens))
 
     async def ask_model(self, alias: str, message: Any) -> Any:
         """Ask the model actor; if its incarnation dies first, ask the next one.
@@ -275,7 +246,7 @@ class Requests:
     async def _acquire(self, entry: ModelRecord) -> tuple[str, Any]:
         """A breaker permit from the model, or from its first fallback that gives one."""
         first_error: CircuitBreakerOpenError | None = None
-        for alias in (entry.alias, *entry.config.fallbacks):
+        for alias in (entry.alias, *entry.config.fallback_aliases):
             candidate = self._models.by_alias.get(alias)
             if candidate is None or candidate.state == "failed":
                 continue
@@ -290,24 +261,11 @@ class Requests:
 
     async def _prompt_ids(self, alias: str, request: GenerateParams,
                           tools: list[dict[str, Any]] | None) -> list[int]:
-        if (request.prompt is None) == (request.messages is None):
-            raise EngineClientError(Code.INVALID_PARAMS,
-                                    "prompt: give exactly one of prompt and messages",
-                                    {"field": "prompt"})
         if request.messages is not None:
-            if not request.messages:
-                raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
-                                        {"field": "messages"})
-            for index, message in enumerate(request.messages):
-                check_text(f"messages[{index}].content", message.content)
             reply = await self.ask_model(
                 alias, ApplyChatTemplate(template_turns(request.messages), tools))
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
-            check_text("prompt", request.prompt)
-            if not request.prompt:
-                raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
-                                        {"field": "prompt"})
             ids = list((await self.ask_model(alias, Tokenize(request.prompt))).ids)
         else:
             assert request.prompt is not None
@@ -373,6 +331,26 @@ async def check_guidance(alias: str, info: ModelInfo | None, grammar: str,
             Code.GUIDANCE_ERROR, f"model {alias}: its tokenizer cannot drive structured "
             "output (llguidance needs a fast tokenizer)", {"model": alias})
     await trio.to_thread.run_sync(check_grammar, grammar, field)
+
+
+def check_prompt_shape(request: GenerateParams) -> None:
+    """Raise InvalidParams for a prompt no model could take: checked before anything
+    else, so an open circuit or a fallback never answers a malformed request."""
+    if (request.prompt is None) == (request.messages is None):
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                "prompt: give exactly one of prompt and messages",
+                                {"field": "prompt"})
+    if request.messages is not None:
+        if not request.messages:
+            raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                    {"field": "messages"})
+        for index, message in enumerate(request.messages):
+            check_text(f"messages[{index}].content", message.content)
+    elif isinstance(request.prompt, str):
+        check_text("prompt", request.prompt)
+        if not request.prompt:
+            raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
+                                    {"field": "prompt"})
 
 
 def check_text(field: str, text: str) -> None:

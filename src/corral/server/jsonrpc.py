@@ -296,8 +296,8 @@ class Methods:
         async with self._runtime.choices(self._generate_params(request)) as stream:
             sid = stream.stream_id
             self._unended.add(sid)
-            await respond(encode_result(reply_id(request),
-                                        {"stream_id": sid, "model": stream.model}))
+            await respond(encode_result(reply_id(request), {
+                "stream_id": sid, "model": stream.model, "fallback": stream.fallback}))
             with trio.CancelScope() as cancelled:
                 self._streams[sid] = cancelled
                 try:

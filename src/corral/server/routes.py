@@ -141,10 +141,10 @@ class _Exchange:
         """The request ended without a reply of its own: the client went away."""
         self._observe("cancelled", Code.CANCELLED.value)
 
-    async def start_sse(self) -> None:
+    async def start_sse(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.sse_started = True
         await self._send({"type": "http.response.start", "status": 200,
-                          "headers": list(_SSE_HEADERS)})
+                          "headers": [*_SSE_HEADERS, *(headers or [])]})
 
     async def event(self, data: msgspec.Struct) -> None:
         await self._send({"type": "http.response.body", "more_body": True,
@@ -324,7 +324,7 @@ class GenerateEndpoint:
             model = choices.model
             async for chunk in choices:
                 if not exchange.sse_started:
-                    await exchange.start_sse()
+                    await exchange.start_sse(fallback_headers(choices))
                     for opening in shape.opening(model, job.params.n):
                         await exchange.event(opening)
                 event: msgspec.Struct | None
@@ -344,7 +344,14 @@ class GenerateEndpoint:
             exchange.stream = choices
             body = job.shape.whole(await choices.completion())
         exchange.succeeded()
-        await exchange.json(200, body)
+        await exchange.json(200, body, fallback_headers(choices))
+
+
+def fallback_headers(stream: ChoiceStreams) -> list[tuple[bytes, bytes]]:
+    """`X-Corral-Fallback: <what served it>` when a fallback served the request."""
+    if stream.fallback is None:
+        return []
+    return [(b"x-corral-fallback", stream.fallback.encode())]
 
 
 # -- the small routes -----------------------------------------------------------------
