@@ -90,7 +90,10 @@ def connect(**init: Any) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+    path = os.environ.get("PYTHONPATH", "")
+    # Absolute: Ray's workers do not start in this process's directory.
+    env = {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))
+           } if path else {}
     ray.init(address=address, runtime_env={"env_vars": env} if env else None,
              **({} if address else init))
 

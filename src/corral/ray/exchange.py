@@ -23,7 +23,7 @@ import msgspec
 import trio
 from starlette.types import ASGIApp, Message
 
-from corral.actors.streams import StreamBuffer
+from corral.actors.streams import StreamBuffer, StreamChunk
 from corral.protocol.errors import CorralError
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import Usage
@@ -168,6 +168,21 @@ async def serve_http(runtime: Runtime, app: ASGIApp, request: ProxiedRequest, re
     await app(_scope(request), receive, send)
 
 
+async def _continued(runtime: Runtime, model: str, delivered: list[int],
+                     generated: list[int], chunk: StreamChunk) -> StreamChunk:
+    """The resumed stream's first text as it reads after the delivered tokens.
+
+    A new sequence's detokenizer drops the leading space of its first text (it takes
+    it for the start of a reply); here that text continues one, so it is what decoding
+    delivered + generated adds to decoding delivered alone.
+    """
+    head = await runtime.detokenize(model, delivered)
+    whole = await runtime.detokenize(model, [*delivered, *generated])
+    if not whole.startswith(head):
+        return chunk
+    return msgspec.structs.replace(chunk, text=whole[len(head):])
+
+
 async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
                         replica: str) -> None:
     """Continue a greedy SSE stream another replica lost: prompt + delivered tokens as
@@ -197,7 +212,15 @@ async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
                 job.params, prompt=[*prompt, *delivered], messages=None,
                 max_tokens=None if limit is None else limit - len(delivered))
             async with runtime.stream(params) as stream:
-                async for chunk in stream:
+                generated: list[int] = []  # read so far
+                text_started = False
+                async for read in stream:
+                    chunk = read
+                    generated.extend(chunk.token_ids)
+                    if chunk.text and not text_started:
+                        text_started = True
+                        chunk = await _continued(runtime, stream.model, delivered,
+                                                 generated, chunk)
                     shaped = job.shape.chunk(stream.model, chunk)
                     if shaped is not None:
                         event(shaped, chunk.token_ids)

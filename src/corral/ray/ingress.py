@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Final, final
 
 import msgspec
+import structlog
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
@@ -39,6 +40,7 @@ REPLICA_LOST: Final = (RayActorError, ActorUnavailableError)
 """What a call to a replica raises when the replica died or cannot be reached (the
 replica's own errors are replies, never exceptions)."""
 _encode = msgspec.json.Encoder().encode
+_log = structlog.get_logger("corral.ray")
 
 
 class ReplicaLostError(Exception):
@@ -115,6 +117,9 @@ class _Reply:
             try:
                 return await self._next()
             except (*REPLICA_LOST, StopAsyncIteration) as exc:
+                _log.warning("ray.replica_lost_before_reply", request_id=self._request_id,
+                             replica=self._replica, attempts_left=self._attempts_left,
+                             error=type(exc).__name__)
                 if self._attempts_left <= 0:
                     raise ReplicaLostError(
                         f"the replicas were lost before replying ({exc!r})") from exc
@@ -129,6 +134,7 @@ class _Reply:
                 try:
                     part = await self._next()
                 except StopAsyncIteration:
+                    self._parts = None
                     return
                 except REPLICA_LOST as exc:
                     if self._finished:  # only the end was lost
@@ -138,6 +144,8 @@ class _Reply:
                             and self._attempts_left > 0):
                         yield self._lost_event(exc)
                         return
+                    _log.warning("ray.stream_resumed", request_id=self._request_id,
+                                 lost=self._replica, delivered=len(self._delivered))
                     self._call("resume", ResumeRequest(
                         request=self._routed(), prompt=self._prompt,
                         delivered=list(self._delivered)))

@@ -1,0 +1,276 @@
+"""corral on Ray Serve, for real: a local Ray (2 CPUs, no dashboard), two replicas of the
+tiny model behind the ingress on 127.0.0.1, driven by the official `openai` client.
+
+Ray starts once for the module (it takes about half a minute). Expected texts come from
+a plain corral serve (the HTTP server over one runtime, same model, same requests),
+run before Ray starts, so that the two never share the machine's two cores.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import pytest
+import trio
+from openai.types.chat import ChatCompletionMessageParam
+
+from corral.actors.supervisor import ChildSpec
+from corral.config import RuntimeConfig, config_from_mapping
+from corral.metrics import Metrics
+from corral.runtime import open_runtime
+from corral.server.http import HttpServer
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from corral.ray import RayOptions, connect, deploy  # noqa: E402
+from corral.ray.deploy import APP_NAME, REPLICA_DEPLOYMENT  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+LOAD = 40
+CONCURRENCY = 8
+MAX_TOKENS = 96
+
+
+def _config() -> RuntimeConfig:
+    return config_from_mapping({
+        "stream_registry": {"max_active_streams": 8, "max_queued": 16},
+        "server": {"drain_timeout_ms": 2000}})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _chat(i: int) -> list[ChatCompletionMessageParam]:
+    return [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": f"Request {i}: tell me about fox number {i}."}]
+
+
+def _stream_text(client: openai.OpenAI, messages: list[ChatCompletionMessageParam],
+                 on_chunk: Callable[[str], None] = lambda _: None) -> str:
+    parts = []
+    with client.chat.completions.create(model="tiny", messages=messages, stream=True,
+                                        max_tokens=MAX_TOKENS, temperature=0.0) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                on_chunk(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+def _client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120.0)
+
+
+@dataclass
+class Reference:
+    """What a plain corral serve answers, fault-free."""
+
+    completion: str
+    chat: str
+    streams: list[str]
+
+
+def _reference(model_path: str) -> Reference:
+    """Run a plain corral serve (one runtime, its HTTP server) and ask it everything."""
+
+    async def main() -> Reference:
+        async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+            port = _free_port()
+            metrics = Metrics(rt)
+            await rt.start_transport(ChildSpec(
+                name="http", factory=lambda: HttpServer(rt, "127.0.0.1", port, metrics)))
+
+            def ask() -> Reference:
+                with _client(f"http://127.0.0.1:{port}/v1") as client:
+                    completion = client.completions.create(
+                        model="tiny", prompt="The quick brown fox", max_tokens=24,
+                        temperature=0.0)
+                    chat = client.chat.completions.create(
+                        model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+                    streams = [_stream_text(client, _chat(i)) for i in range(LOAD)]
+                return Reference(completion.choices[0].text,
+                                 chat.choices[0].message.content or "", streams)
+
+            reference = await trio.to_thread.run_sync(ask)
+            metrics.close()
+            return reference
+
+    return trio.run(main)
+
+
+@dataclass
+class Cluster:
+    base_url: str
+    reference: Reference
+    started_s: float
+
+
+@pytest.fixture(scope="module")
+def cluster(model_path: str) -> Iterator[Cluster]:
+    reference = _reference(model_path)
+    started = time.monotonic()
+    connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    try:
+        deploy(_config(), {"tiny": model_path}, "127.0.0.1", port,
+               RayOptions(replicas=2, health_check_period_s=1.0))
+        yield Cluster(f"http://127.0.0.1:{port}/v1", reference, time.monotonic() - started)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_actors() -> dict[str, str]:
+    """Replica id → actor name, for the live replicas of the corral deployment."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{REPLICA_DEPLOYMENT}#"
+    return {actor["name"][len(prefix):]: actor["name"]
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(prefix)}
+
+
+def _running_replicas() -> int:
+    app = serve.status().applications[APP_NAME]
+    states = app.deployments[REPLICA_DEPLOYMENT].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_greedy_answers_equal_corral_serve(cluster: Cluster) -> None:
+    with _client(cluster.base_url) as client:
+        completion = client.completions.with_raw_response.create(
+            model="tiny", prompt="The quick brown fox", max_tokens=24, temperature=0.0)
+        chat = client.chat.completions.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+        streamed = _stream_text(client, _chat(0))
+        models = client.models.list()
+    assert completion.headers["x-corral-replica"] in _replica_actors()
+    assert completion.headers["x-request-id"]
+    assert completion.parse().choices[0].text == cluster.reference.completion
+    assert chat.choices[0].message.content == cluster.reference.chat
+    assert streamed == cluster.reference.streams[0]
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_errors_are_corral_serves(cluster: Cluster) -> None:
+    """Bad input is the replica's typed 400 and unknown model its 404, through the
+    ingress, and the next request is served."""
+    with _client(cluster.base_url) as client:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="tiny", messages=_chat(1),
+                                           max_tokens=8, temperature=9.0)
+        assert bad.value.body["code"] == "InvalidParams"  # type: ignore[index]
+        assert bad.value.body["param"] == "temperature"  # type: ignore[index]
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="nope", messages=_chat(1), max_tokens=8)
+        assert missing.value.body["code"] == "ModelNotLoaded"  # type: ignore[index]
+        chat = client.chat.completions.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+    assert chat.choices[0].message.content == cluster.reference.chat
+
+
+def test_turns_of_one_conversation_land_on_one_replica(cluster: Cluster) -> None:
+    seen: set[str] = set()
+    with _client(cluster.base_url) as client:
+        for i in range(6):
+            first = client.chat.completions.with_raw_response.create(
+                model="tiny", messages=_chat(100 + i), max_tokens=8, temperature=0.0)
+            answer = first.parse().choices[0].message.content or ""
+            second = client.chat.completions.with_raw_response.create(
+                model="tiny", max_tokens=8, temperature=0.0, messages=[
+                    *_chat(100 + i), {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "And then?"}])
+            replica = first.headers["x-corral-replica"]
+            assert second.headers["x-corral-replica"] == replica
+            # The second turn starts from the first turn's prefix on that replica.
+            usage = second.parse().usage
+            assert usage is not None and usage.prompt_tokens_details is not None
+            assert (usage.prompt_tokens_details.cached_tokens or 0) > 0
+            seen.add(replica)
+    assert len(seen) == 2  # six conversations do not all hash to one of two replicas
+
+
+@dataclass
+class _Progress:
+    """What the load's worker threads report: each request's replica and chunks."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    replica: dict[int, str] = field(default_factory=dict)
+    chunks: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+
+def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
+    """ray.kill of one replica under 40 greedy streams at concurrency 8: every stream
+    completes with its fault-free text (retried before its first token, resumed on the
+    other replica after it), none hangs, and Serve brings the replica back."""
+    before = _replica_actors()
+    assert len(before) == 2
+    progress = _Progress()
+
+    def one(i: int) -> str:
+        with _client(cluster.base_url) as client:
+            raw = client.chat.completions.with_streaming_response.create(
+                model="tiny", messages=_chat(i), stream=True, max_tokens=MAX_TOKENS,
+                temperature=0.0)
+            with raw as response:
+                with progress.lock:
+                    progress.replica[i] = response.headers["x-corral-replica"]
+                parts = []
+                for chunk in response.parse():
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        parts.append(chunk.choices[0].delta.content)
+                        with progress.lock:
+                            progress.chunks[i] = progress.chunks.get(i, 0) + 1
+        with progress.lock:
+            progress.done.add(i)
+        return "".join(parts)
+
+    victim: dict[str, Any] = {}
+
+    def kill_mid_stream() -> None:
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            with progress.lock:
+                midway = [i for i, n in progress.chunks.items()
+                          if n >= 6 and i not in progress.done and i in progress.replica]
+                if midway:
+                    victim["replica"] = progress.replica[midway[0]]
+                    victim["midway"] = {i for i in midway
+                                        if progress.replica[i] == victim["replica"]}
+                    break
+            time.sleep(0.002)
+        else:
+            return
+        ray.kill(ray.get_actor(before[victim["replica"]], namespace="serve"),
+                 no_restart=True)
+
+    killer = threading.Thread(target=kill_mid_stream)
+    killer.start()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        futures = [pool.submit(one, i) for i in range(LOAD)]
+        texts = [future.result(timeout=300) for future in futures]  # none hangs
+    killer.join()
+    assert victim, "no stream was mid-way to kill its replica under"
+    assert victim["midway"]  # streams that were cut mid-way on the killed replica...
+    assert texts == cluster.reference.streams  # ... and every text as without the kill
+    deadline = time.monotonic() + 120.0
+    while time.monotonic() < deadline:
+        after = _replica_actors()
+        if len(after) == 2 and victim["replica"] not in after and _running_replicas() == 2:
+            break
+        time.sleep(0.5)
+    after = _replica_actors()
+    assert victim["replica"] not in after and len(after) == 2
+    with _client(cluster.base_url) as client:
+        assert _stream_text(client, _chat(0)) == cluster.reference.streams[0]
