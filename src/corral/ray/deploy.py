@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any, Final
@@ -21,9 +22,11 @@ from ray.serve.config import RequestRouterConfig
 from corral.config import RuntimeConfig
 from corral.ray.ingress import CorralIngress
 from corral.ray.replica import CorralReplica
+from corral.server.serve import parse_host_port, parse_model
+from corral.tiny import default_model_path
 
 __all__ = ["APP_NAME", "REPLICA_DEPLOYMENT", "RayOptions", "build_application", "connect",
-           "deploy", "serve_forever"]
+           "deploy", "main", "parse_autoscale", "serve_forever"]
 
 APP_NAME: Final = "corral"
 REPLICA_DEPLOYMENT: Final = "corral-replica"
@@ -44,7 +47,7 @@ class RayOptions(msgspec.Struct, frozen=True, kw_only=True):
         health_check_period_s: how often Serve asks each replica's `check_health`.
     """
 
-    replicas: int = 2
+    replicas: int = 1
     autoscale: tuple[int, int] | None = None
     replica_cpus: float = 0.5
     ingress_cpus: float = 0.25
@@ -120,3 +123,45 @@ def serve_forever(config: RuntimeConfig, models: Mapping[str, str], host: str, p
     stop.wait()
     serve.delete(APP_NAME)
     ray.shutdown()
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """`MIN:MAX` replicas, 0 <= MIN <= MAX, MAX >= 1.
+
+    Raises:
+        ValueError: naming the option and what was given.
+    """
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()) or not 0 <= int(low) <= int(high) \
+            or int(high) < 1:
+        raise ValueError(f"--autoscale: expected MIN:MAX with 0 <= MIN <= MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def _models(config: RuntimeConfig, specs: tuple[str, ...]) -> dict[str, str]:
+    """The command line's models, alias → path (an alias defaults to the path's last
+    part, as `corral serve` names it); the tiny model when neither they nor the config
+    name one. Each node resolves the paths on its own disk."""
+    models = {}
+    for spec in specs:
+        alias, path = parse_model(spec)
+        models[alias or path.rstrip("/").rsplit("/", 1)[-1]] = path
+    if not models and not config.generation.models:
+        models["tiny"] = str(default_model_path())
+    return models
+
+
+def main(config: RuntimeConfig, models: tuple[str, ...], http: str | None, replicas: int,
+         autoscale: str | None) -> int:
+    """`corral serve --ray [--replicas N | --autoscale MIN:MAX]`: returns the exit code
+    (2 for a bad option, with one line saying which)."""
+    try:
+        scaling = parse_autoscale(autoscale) if autoscale is not None else None
+        host, port = parse_host_port(
+            http or f"{config.server.http_host}:{config.server.http_port}")
+    except ValueError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 2
+    serve_forever(config, _models(config, models), host, port,
+                  RayOptions(replicas=replicas, autoscale=scaling))
+    return 0
