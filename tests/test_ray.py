@@ -121,7 +121,7 @@ class Cluster:
 def cluster(model_path: str) -> Iterator[Cluster]:
     reference = _reference(model_path)
     started = time.monotonic()
-    connect(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     try:
         deploy(_config(), {"tiny": model_path}, "127.0.0.1", port,

@@ -87,18 +87,17 @@ def build_application(config: RuntimeConfig, models: Mapping[str, str],
     return ingress.bind(replica.bind(config, dict(models)), config.calls.retry.max_attempts)
 
 
-def connect(**init: Any) -> None:
-    """Join the Ray cluster at `RAY_ADDRESS`, or start a local one (`init` goes to
-    `ray.init` then). The workers see this process's `PYTHONPATH`."""
+def connect(address: str | None = None, **init: Any) -> None:
+    """Join the Ray cluster at `address` (else `RAY_ADDRESS`, else one running on this
+    machine), or start a local one; "local" always starts one. `init` goes to
+    `ray.init`. The workers see this process's `PYTHONPATH`."""
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or None
     path = os.environ.get("PYTHONPATH", "")
     # Absolute: Ray's workers do not start in this process's directory.
     env = {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))
            } if path else {}
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-             **({} if address else init))
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, **init)
 
 
 def deploy(config: RuntimeConfig, models: Mapping[str, str], host: str, port: int,
