@@ -8,6 +8,7 @@ run before Ray starts, so that the two never share the machine's two cores.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -32,6 +33,7 @@ serve = pytest.importorskip("ray.serve")
 
 from corral.ray import RayOptions, connect, deploy  # noqa: E402
 from corral.ray.deploy import APP_NAME, REPLICA_DEPLOYMENT  # noqa: E402
+from corral.ray.routing import affinity_key, preferred_replica  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +45,10 @@ MAX_TOKENS = 96
 def _config() -> RuntimeConfig:
     return config_from_mapping({
         "stream_registry": {"max_active_streams": 8, "max_queued": 16},
-        "server": {"drain_timeout_ms": 2000}})
+        "server": {"drain_timeout_ms": 2000},
+        # One engine failure fails the model for a minute: a replica health can fail.
+        "restarts": {"max_restarts": 0},
+        "calls": {"circuit_breaker": {"recovery_timeout_ms": 60000}}})
 
 
 def _free_port() -> int:
@@ -264,13 +269,43 @@ def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
     assert victim, "no stream was mid-way to kill its replica under"
     assert victim["midway"]  # streams that were cut mid-way on the killed replica...
     assert texts == cluster.reference.streams  # ... and every text as without the kill
+    _wait_replaced(victim["replica"])
+    with _client(cluster.base_url) as client:
+        assert _stream_text(client, _chat(0)) == cluster.reference.streams[0]
+
+
+def _wait_replaced(replica: str) -> None:
+    """Wait until Serve runs two replicas again, `replica` not among them."""
     deadline = time.monotonic() + 120.0
     while time.monotonic() < deadline:
         after = _replica_actors()
-        if len(after) == 2 and victim["replica"] not in after and _running_replicas() == 2:
-            break
+        if len(after) == 2 and replica not in after and _running_replicas() == 2:
+            return
         time.sleep(0.5)
-    after = _replica_actors()
-    assert victim["replica"] not in after and len(after) == 2
+    raise AssertionError(f"replica {replica} was not replaced: {_replica_actors()}")
+
+
+def test_failed_model_fails_its_replica_and_serve_replaces_it(cluster: Cluster) -> None:
+    """A model failed for good is corral's health saying no: Serve's health check asks
+    it, and replaces the replica. Meanwhile requests are served by the other one."""
+    replicas = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP_NAME)
+    victim = replicas.inject_fault.remote("tiny", "raise").result(timeout_s=30)
+    ids = list(_replica_actors())
+    assert victim in ids
+    # A conversation the router sends to the victim, which makes its engine step.
+    i = next(i for i in range(200, 400) if preferred_replica(affinity_key(
+        "/v1/chat/completions", json.dumps({"model": "tiny", "messages": _chat(i)}).encode()),
+        ids) == victim)
     with _client(cluster.base_url) as client:
-        assert _stream_text(client, _chat(0)) == cluster.reference.streams[0]
+        try:
+            client.chat.completions.create(model="tiny", messages=_chat(i), max_tokens=8,
+                                           temperature=0.0)
+        except openai.APIStatusError as exc:  # the failing step's own request
+            assert exc.status_code in (500, 503)
+            assert exc.body["retryable"] is True  # type: ignore[index]
+        # The next request is served (by the other replica while the victim's model is
+        # failed: its 503 is asked of the other one).
+        served = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+    assert served.parse().choices[0].message.content == cluster.reference.chat
+    _wait_replaced(victim)

@@ -4,8 +4,8 @@ reply through, byte for byte, with `X-Corral-Replica` naming who served it.
 
 What the ingress adds is what one replica cannot do for itself:
 - the affinity key (`routing.affinity_key`) the request router places the request by;
-- a request whose replica is lost before its reply starts is sent to another replica,
-  up to `calls.retry.max_attempts` calls in all;
+- a request whose replica is lost before its reply starts, or answers 503, is sent to
+  another replica, up to `calls.retry.max_attempts` calls in all;
 - a greedy SSE stream whose replica is lost mid-stream continues on another replica
   from the prompt plus the tokens whose text the client has, so its text is the one a
   fault-free run sends; any other stream ends with a retryable TransportError event,
@@ -107,7 +107,8 @@ class _Reply:
 
     async def open(self) -> ReplyPart:
         """The reply's first part (status and headers), from the first replica that
-        gets that far.
+        gets that far; a 503 (the replica's model circuit is open, or it drains) is
+        asked of another replica while attempts remain.
 
         Raises:
             ReplicaLostError: every attempt lost its replica first.
@@ -115,7 +116,7 @@ class _Reply:
         while True:
             self._call("exchange", self._routed())
             try:
-                return await self._next()
+                first = await self._next()
             except (*REPLICA_LOST, StopAsyncIteration) as exc:
                 _log.warning("ray.replica_lost_before_reply", request_id=self._request_id,
                              replica=self._replica, attempts_left=self._attempts_left,
@@ -123,6 +124,15 @@ class _Reply:
                 if self._attempts_left <= 0:
                     raise ReplicaLostError(
                         f"the replicas were lost before replying ({exc!r})") from exc
+                continue
+            if first.status != 503 or self._attempts_left <= 0 or self._replica is None:
+                return first
+            # The replica cannot serve (its model's circuit is open, it drains): another
+            # may, before anything was sent.
+            _log.info("ray.replica_unavailable", request_id=self._request_id,
+                      replica=self._replica, attempts_left=self._attempts_left)
+            self._avoid.add(self._replica)
+            self._close()
 
     async def body(self, first: ReplyPart) -> AsyncIterator[bytes]:
         """The reply's bytes from `first` on, across a replica lost mid-stream.
@@ -134,7 +144,7 @@ class _Reply:
                 try:
                     part = await self._next()
                 except StopAsyncIteration:
-                    self._parts = None
+                    self._parts = None  # complete: nothing to cancel
                     return
                 except REPLICA_LOST as exc:
                     if self._finished:  # only the end was lost
@@ -153,8 +163,13 @@ class _Reply:
                 if part.body:
                     yield part.body
         finally:
-            if self._parts is not None:
-                self._parts.cancel()  # type: ignore[no-untyped-call]
+            self._close()
+
+    def _close(self) -> None:
+        """Cancel the call in progress, if any (its replica stops generating)."""
+        if self._parts is not None:
+            self._parts.cancel()  # type: ignore[no-untyped-call]
+            self._parts = None
 
     def _lost_event(self, exc: BaseException) -> bytes:
         error = EngineClientError(

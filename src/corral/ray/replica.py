@@ -22,6 +22,7 @@ from starlette.types import ASGIApp
 
 import corral.aio
 from corral.config import RuntimeConfig
+from corral.engine.api import FaultKind
 from corral.metrics import Metrics
 from corral.ray.exchange import Relay, resume_stream, serve_http
 from corral.ray.messages import ProxiedRequest, ReplyPart, ResumeRequest
@@ -106,6 +107,12 @@ class CorralReplica:
         if not health.ok:
             raise ReplicaUnhealthy("; ".join(health.reasons))
 
+    async def inject_fault(self, model: str, kind: FaultKind) -> str:
+        """The runtime's test hook (`Runtime.inject_fault`), reached through Serve;
+        returns this replica's id, since Serve chose the replica."""
+        await self._runtime.run_in_trio(_inject_fault, model, kind)
+        return self._id
+
     async def __del__(self) -> None:
         """Serve's graceful shutdown: drain, then close the runtime. Streams still open
         after `server.drain_timeout_ms` end with a retryable ServerError."""
@@ -120,3 +127,7 @@ class CorralReplica:
 
 async def _drain(runtime: TrioRuntime, timeout: float) -> int:
     return await runtime.drain(timeout)
+
+
+async def _inject_fault(runtime: TrioRuntime, model: str, kind: FaultKind) -> None:
+    await runtime.inject_fault(model, kind)
