@@ -154,7 +154,6 @@ async def serve_http(runtime: Runtime, app: ASGIApp, request: ProxiedRequest, re
             body_given = True
             return {"type": "http.request", "body": request.body, "more_body": False}
         await trio.sleep_forever()  # the client leaves by cancelling this exchange
-        raise AssertionError("unreachable")
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
