@@ -35,7 +35,7 @@ from corral.ray import RayOptions, connect, deploy  # noqa: E402
 from corral.ray.deploy import APP_NAME, REPLICA_DEPLOYMENT  # noqa: E402
 from corral.ray.routing import affinity_key, preferred_replica  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 LOAD = 40
 CONCURRENCY = 8
@@ -184,25 +184,37 @@ def test_errors_are_corral_serves(cluster: Cluster) -> None:
     assert chat.choices[0].message.content == cluster.reference.chat
 
 
+def _key(messages: list[ChatCompletionMessageParam]) -> str | None:
+    return affinity_key("/v1/chat/completions",
+                        json.dumps({"model": "tiny", "messages": messages}).encode())
+
+
 def test_turns_of_one_conversation_land_on_one_replica(cluster: Cluster) -> None:
-    seen: set[str] = set()
+    """Both turns of a conversation go to the replica its opening hashes to, and the
+    second finds the first's prefix there; conversations for each replica are tried."""
+    ids = list(_replica_actors())
+    chosen = {replica: [i for i in range(100, 200)
+                        if preferred_replica(_key(_chat(i)) or "", ids) == replica][:3]
+              for replica in ids}
     with _client(cluster.base_url) as client:
-        for i in range(6):
-            first = client.chat.completions.with_raw_response.create(
-                model="tiny", messages=_chat(100 + i), max_tokens=8, temperature=0.0)
-            answer = first.parse().choices[0].message.content or ""
-            second = client.chat.completions.with_raw_response.create(
-                model="tiny", max_tokens=8, temperature=0.0, messages=[
-                    *_chat(100 + i), {"role": "assistant", "content": answer},
-                    {"role": "user", "content": "And then?"}])
-            replica = first.headers["x-corral-replica"]
-            assert second.headers["x-corral-replica"] == replica
-            # The second turn starts from the first turn's prefix on that replica.
-            usage = second.parse().usage
-            assert usage is not None and usage.prompt_tokens_details is not None
-            assert (usage.prompt_tokens_details.cached_tokens or 0) > 0
-            seen.add(replica)
-    assert len(seen) == 2  # six conversations do not all hash to one of two replicas
+        for replica, conversations in chosen.items():
+            assert conversations
+            for i in conversations:
+                first = client.chat.completions.with_raw_response.create(
+                    model="tiny", messages=_chat(i), max_tokens=8, temperature=0.0)
+                answer = first.parse().choices[0].message.content or ""
+                turns: list[ChatCompletionMessageParam] = [
+                    *_chat(i), {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "And then?"}]
+                assert _key(turns) == _key(_chat(i))
+                second = client.chat.completions.with_raw_response.create(
+                    model="tiny", max_tokens=8, temperature=0.0, messages=turns)
+                assert first.headers["x-corral-replica"] == replica
+                assert second.headers["x-corral-replica"] == replica
+                # The second turn starts from the first turn's prefix on that replica.
+                usage = second.parse().usage
+                assert usage is not None and usage.prompt_tokens_details is not None
+                assert (usage.prompt_tokens_details.cached_tokens or 0) > 0
 
 
 @dataclass
@@ -293,9 +305,8 @@ def test_failed_model_fails_its_replica_and_serve_replaces_it(cluster: Cluster) 
     ids = list(_replica_actors())
     assert victim in ids
     # A conversation the router sends to the victim, which makes its engine step.
-    i = next(i for i in range(200, 400) if preferred_replica(affinity_key(
-        "/v1/chat/completions", json.dumps({"model": "tiny", "messages": _chat(i)}).encode()),
-        ids) == victim)
+    i = next(i for i in range(200, 400) if preferred_replica(_key(_chat(i)) or "", ids)
+             == victim)
     with _client(cluster.base_url) as client:
         try:
             client.chat.completions.create(model="tiny", messages=_chat(i), max_tokens=8,
