@@ -9,6 +9,7 @@ speed figure: a killed worker must lose and hang no request, whatever the machin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,12 @@ def test_serve_measures_every_target_under_every_load(serve_results: Path) -> No
     document = _document(serve_results, "serve")
     results = document["results"]
     assert results["loads"] == ["c=1", "c=2", "20 req/s"]
+    ray = {serve.RAY} if importlib.util.find_spec("ray") is not None else set()
     assert set(results["runs"]) == {"mlx_lm.server", "corral (defaults)", "corral (thread)",
-                                    "corral (process)", "raw mlx_lm"}
+                                    "corral (process)", "raw mlx_lm", *ray}
+    if ray:  # the Ray hop's cost, as a ratio to one corral serve in the same run
+        assert set(results["ray_ratio"]) == set(results["loads"])
+        assert all(ratio > 0 for ratio in results["ray_ratio"].values())
     for target, by_load in results["runs"].items():
         assert list(by_load) == results["loads"], target
         for label, summary in by_load.items():

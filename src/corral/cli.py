@@ -44,6 +44,13 @@ def serve(
         help="debug, info, warning, error or critical (default: logging.level).")] = None,
     env: Annotated[str | None, typer.Option(
         help="Environment overlay; defaults to $CORRAL_ENV.")] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="Serve replicas on Ray Serve (corral[ray]): on the cluster at "
+                      "$RAY_ADDRESS, else on a local Ray.")] = False,
+    replicas: Annotated[int, typer.Option(help="With --ray: how many replicas.", min=1)] = 1,
+    autoscale: Annotated[str | None, typer.Option(
+        help="With --ray: MIN:MAX replicas, scaled on running plus waiting streams.")
+    ] = None,
 ) -> None:
     """Run corral as a standalone supervisor process until SIGTERM or SIGINT."""
     from corral.config import ConfigError, load_config
@@ -70,6 +77,11 @@ def serve(
             typer.echo(f"corral: {exc}", err=True)
             raise typer.Exit(2) from None
     configure_logging(runtime_config.logging)
+    if ray:
+        from corral.ray.deploy import main as serve_on_ray
+
+        raise typer.Exit(serve_on_ray(runtime_config, tuple(model or ()), http, replicas,
+                                      autoscale))
     options = ServeOptions(models=tuple(model or ()), http=http, jsonrpc=tuple(jsonrpc or ()))
     main(runtime_config, options)
 

@@ -19,6 +19,7 @@ Servers are always stopped (SIGTERM, then SIGKILL) and reaped, however the run e
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -57,6 +58,8 @@ _STOP_S = 20.0
 BASELINE = "mlx_lm.server"
 RAW = "raw mlx_lm"
 DEFAULTS = "corral (defaults)"
+THREAD = "corral (thread)"
+RAY = "ray, 2 replicas"
 # The engine settings every target shares: mlx_lm.server's defaults (decode and prompt
 # concurrency, prefill step), which are also corral's.
 _COMPLETION_BATCH = 32
@@ -112,6 +115,7 @@ class ServerProcess:
     def running(self) -> Iterator[ServerProcess]:
         env = {k: v for k, v in os.environ.items() if k != "CORRAL_ENV"}
         env["HF_HUB_OFFLINE"] = "1"  # a local model path; never the network
+        env.setdefault("RAY_ADDRESS", "local")  # `--ray`: a Ray of its own, not a stray one
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -158,12 +162,14 @@ class ServerProcess:
             return ""
 
 
-def corral_server(name: str, model_path: str, directory: Path, config: str) -> ServerProcess:
-    """`corral serve` of the tiny model under `config` (YAML text) on a free port."""
+def corral_server(name: str, model_path: str, directory: Path, config: str,
+                  options: Sequence[str] = ()) -> ServerProcess:
+    """`corral serve [options]` of the tiny model under `config` (YAML text) on a free
+    port."""
     port = free_port()
     config_path = directory / f"{name}.yaml"
     config_path.write_text(config)
-    command = [sys.executable, "-m", "corral.cli", "serve", "--model",
+    command = [sys.executable, "-m", "corral.cli", "serve", *options, "--model",
                f"{_ALIAS}={model_path}", "--http", f"127.0.0.1:{port}",
                "--config", str(config_path)]
     return ServerProcess(name, command, port, _ALIAS, directory / f"{name}.log")
@@ -402,6 +408,18 @@ def _table(results: dict[str, Any], loads: Sequence[Load], goals: Sequence[Goal]
                                      for key, q in _SHOWN)], latency, goals)
 
 
+def _ray_table(results: dict[str, Any]) -> None:
+    """The Ray target's output throughput over the single corral serve's (thread, same
+    config), per load, into `results["ray_ratio"]` and a table."""
+    runs = results["runs"]
+    results["ray_ratio"] = {
+        label: _ratio(runs[RAY][label]["output_throughput"],
+                      runs[THREAD][label]["output_throughput"]) for label in runs[RAY]}
+    print_table(f"corral bench serve: {RAY} against one {THREAD}",
+                ["load", "output tok/s ratio"],
+                [(label, f"{ratio:.2f}x") for label, ratio in results["ray_ratio"].items()])
+
+
 def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Run the serving benchmark, print its table and write ``serve.json``."""
     parameters: dict[str, Any] = dict(_SMOKE if smoke else _FULL)
@@ -412,9 +430,13 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         servers = [_mlx_lm_server(model_path, work),
                    # What a user runs: no config file at all, info logs included.
                    corral_server(DEFAULTS, model_path, work, ""),
-                   corral_server("corral (thread)", model_path, work, _corral_config("thread")),
+                   corral_server(THREAD, model_path, work, _corral_config("thread")),
                    corral_server("corral (process)", model_path, work,
                                  _corral_config("process"))]
+        if importlib.util.find_spec("ray") is not None:  # corral[ray] installed
+            # The Ray hop's cost: two replicas of the thread target, through the ingress.
+            servers.append(corral_server(RAY, model_path, work, _corral_config("thread"),
+                                         ["--ray", "--replicas", "2"]))
         for server in servers:
             stack.enter_context(server.running())
         for server in servers:
@@ -426,6 +448,8 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     corral = [s.name for s in servers if s.name != BASELINE]
     goals = _goals(results, parameters["loads"], corral)
     _table(results, parameters["loads"], goals)
+    if RAY in results["runs"]:
+        _ray_table(results)
     write_result("serve", {
         **parameters, "smoke": smoke, "model": model_path,
         "targets": {s.name: " ".join(s.command[1:]) for s in servers} | {

@@ -56,7 +56,6 @@ __all__ = ["Requests", "TokenStream", "check_guidance", "check_text", "shutting_
 _log = structlog.get_logger("corral.runtime")
 
 
-
 @final
 class Requests:
     """Runs requests against the runtime's models.

@@ -1,0 +1,166 @@
+"""Deploying corral on Ray Serve: the replica and ingress deployments as one Serve
+application, and running it on a local Ray or the cluster at `RAY_ADDRESS`.
+
+Replica placement, restarts of dead replicas, health checks and autoscaling are
+Serve's; what runs inside a replica is corral's. This module only configures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from corral.config import RuntimeConfig
+from corral.ray.ingress import CorralIngress
+from corral.ray.replica import CorralReplica
+from corral.server.serve import parse_host_port, parse_model
+from corral.tiny import default_model_path
+
+__all__ = ["APP_NAME", "REPLICA_DEPLOYMENT", "RayOptions", "build_application", "connect",
+           "deploy", "main", "parse_autoscale", "serve_forever"]
+
+APP_NAME: Final = "corral"
+REPLICA_DEPLOYMENT: Final = "corral-replica"
+ROUTER: Final = "corral.ray.routing.PrefixAffinityRouter"
+
+
+class RayOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How many replicas, and what each may take of a node.
+
+    Attributes:
+        replicas: a fixed count (ignored when `autoscale` is set).
+        autoscale: (min, max) replicas; Serve scales on ongoing requests per replica,
+            and a replica's ongoing requests are its running plus waiting streams,
+            targeted at `stream_registry.max_active_streams`.
+        replica_cpus: CPUs reserved per replica (MLX takes what it needs; this is
+            Ray's bookkeeping, fractional so replicas share a small node).
+        ingress_cpus: CPUs reserved for the ingress.
+        health_check_period_s: how often Serve asks each replica's `check_health`.
+    """
+
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    replica_cpus: float = 0.5
+    ingress_cpus: float = 0.25
+    health_check_period_s: float = 2.0
+
+
+def build_application(config: RuntimeConfig, models: Mapping[str, str],
+                      options: RayOptions = RayOptions()) -> Any:
+    """The Serve application: the ingress bound to the replica deployment.
+
+    Serve's graceful shutdown timeout is corral's drain timeout plus a margin, so a
+    replica that drains is not killed under it.
+    """
+    registry = config.stream_registry
+    scaling: dict[str, Any] = {}
+    if options.autoscale is not None:
+        low, high = options.autoscale
+        scaling["autoscaling_config"] = {
+            "min_replicas": low, "max_replicas": high, "initial_replicas": low,
+            "target_ongoing_requests": registry.max_active_streams}
+    else:
+        scaling["num_replicas"] = options.replicas
+    replica = serve.deployment(
+        name=REPLICA_DEPLOYMENT,
+        ray_actor_options={"num_cpus": options.replica_cpus},
+        max_ongoing_requests=registry.max_active_streams + registry.max_queued,
+        graceful_shutdown_timeout_s=config.server.drain_timeout_ms / 1000.0 + 5.0,
+        health_check_period_s=options.health_check_period_s,
+        # Ray types this pydantic field wrongly (it takes an import path or a class).
+        request_router_config=RequestRouterConfig(
+            request_router_class=ROUTER),  # type: ignore[arg-type]
+        **scaling)(CorralReplica)
+    ingress = serve.deployment(
+        name="corral-ingress", ray_actor_options={"num_cpus": options.ingress_cpus},
+        max_ongoing_requests=max(1000, registry.max_active_streams + registry.max_queued),
+    )(CorralIngress)
+    return ingress.bind(replica.bind(config, dict(models)), config.calls.retry.max_attempts)
+
+
+def connect(address: str | None = None, **init: Any) -> None:
+    """Join the Ray cluster at `address` (else `RAY_ADDRESS`, else one running on this
+    machine), or start a local one; "local" always starts one. `init` goes to
+    `ray.init`. The workers see this process's `PYTHONPATH`."""
+    if ray.is_initialized():
+        return
+    path = os.environ.get("PYTHONPATH", "")
+    # Absolute: Ray's workers do not start in this process's directory.
+    env = {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))
+           } if path else {}
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, **init)
+
+
+def deploy(config: RuntimeConfig, models: Mapping[str, str], host: str, port: int,
+           options: RayOptions = RayOptions()) -> Any:
+    """Start Serve's HTTP proxy on `host:port` and run the application; returns the
+    ingress's handle once every replica is up (models loaded)."""
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_application(config, models, options), name=APP_NAME,
+                     route_prefix="/")
+
+
+def serve_forever(config: RuntimeConfig, models: Mapping[str, str], host: str, port: int,
+                  options: RayOptions = RayOptions()) -> None:
+    """`corral serve --ray`: connect, deploy, and serve until SIGTERM or SIGINT, then
+    delete the application (each replica drains) and leave the cluster."""
+    connect()
+    deploy(config, models, host, port, options)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"corral: serving on Ray at http://{host}:{port}", flush=True)
+    stop.wait()
+    serve.delete(APP_NAME)
+    ray.shutdown()
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """`MIN:MAX` replicas, 0 <= MIN <= MAX, MAX >= 1.
+
+    Raises:
+        ValueError: naming the option and what was given.
+    """
+    low, sep, high = text.partition(":")
+    if not (sep and low.isdigit() and high.isdigit()) or not 0 <= int(low) <= int(high) \
+            or int(high) < 1:
+        raise ValueError(f"--autoscale: expected MIN:MAX with 0 <= MIN <= MAX, got {text!r}")
+    return int(low), int(high)
+
+
+def _models(config: RuntimeConfig, specs: tuple[str, ...]) -> dict[str, str]:
+    """The command line's models, alias → path (an alias defaults to the path's last
+    part, as `corral serve` names it); the tiny model when neither they nor the config
+    name one. Each node resolves the paths on its own disk."""
+    models = {}
+    for spec in specs:
+        alias, path = parse_model(spec)
+        models[alias or path.rstrip("/").rsplit("/", 1)[-1]] = path
+    if not models and not config.generation.models:
+        models["tiny"] = str(default_model_path())
+    return models
+
+
+def main(config: RuntimeConfig, models: tuple[str, ...], http: str | None, replicas: int,
+         autoscale: str | None) -> int:
+    """`corral serve --ray [--replicas N | --autoscale MIN:MAX]`: returns the exit code
+    (2 for a bad option, with one line saying which)."""
+    try:
+        scaling = parse_autoscale(autoscale) if autoscale is not None else None
+        host, port = parse_host_port(
+            http or f"{config.server.http_host}:{config.server.http_port}")
+    except ValueError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 2
+    serve_forever(config, _models(config, models), host, port,
+                  RayOptions(replicas=replicas, autoscale=scaling))
+    return 0

@@ -1,0 +1,233 @@
+"""One HTTP exchange inside a replica, on the trio side: corral's own HTTP app run on a
+proxied request, or a lost stream continued; and the relay that hands the reply's parts
+to the asyncio side.
+
+The app is `corral.server.http.build_app`, unchanged: routes, errors and SSE shapes are
+`corral serve`'s by construction. What this module adds is the token ids behind the
+text of each part, read from the runtime's stream table, so that the ingress can move a
+greedy stream to another replica with prompt + tokens already sent.
+
+Sends never checkpoint (they append to the relay), so the parts the app sends in one
+trio tick reach the asyncio side together and leave as one part: a replica that dies
+never leaves the client with text whose tokens were not counted, or the reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import Any, Final, final
+
+import msgspec
+import trio
+from starlette.types import ASGIApp, Message
+
+from corral.actors.streams import StreamBuffer, StreamChunk
+from corral.protocol.errors import CorralError
+from corral.protocol.jsonrpc import decode_json
+from corral.protocol.messages import Usage
+from corral.ray.messages import ProxiedRequest, ReplyPart, ResumeRequest
+from corral.runtime import Runtime
+from corral.server.openai import chat_job, completion_job, error_body, explained, finish
+
+__all__ = ["REPLICA_HEADER", "Relay", "resume_stream", "serve_http"]
+
+REPLICA_HEADER: Final = b"x-corral-replica"
+_encode = msgspec.json.Encoder().encode
+
+
+def _merge(parts: list[ReplyPart]) -> ReplyPart:
+    """Parts sent in one trio tick as one: the first's kind, status and headers."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    prompt = next((p.prompt for p in parts if p.prompt is not None), None)
+    return msgspec.structs.replace(
+        first, body=b"".join(p.body for p in parts),
+        tokens=[t for p in parts for t in p.tokens], prompt=prompt,
+        resumable=any(p.resumable for p in parts))
+
+
+@final
+class Relay:
+    """Parts from the trio side to one asyncio reader, on the loop's one thread.
+
+    `push` never blocks or checkpoints; what waits is merged when read, so memory
+    is bounded by the reply (a stream's by its max_tokens).
+    """
+
+    def __init__(self) -> None:
+        self._parts: collections.deque[ReplyPart] = collections.deque()
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def push(self, part: ReplyPart) -> None:
+        self._parts.append(part)
+        self._ready.set()
+
+    def close(self) -> None:
+        """No more parts: the reader gets what waits, then the end."""
+        self._closed = True
+        self._ready.set()
+
+    async def parts(self) -> AsyncIterator[ReplyPart]:
+        """Everything pushed, merged per wakeup, until `close`."""
+        while True:
+            if self._parts:
+                batch = list(self._parts)
+                self._parts.clear()
+                yield _merge(batch)
+                continue
+            if self._closed:
+                return
+            self._ready.clear()
+            await self._ready.wait()
+
+
+def _request_id(request: ProxiedRequest) -> str:
+    for name, value in request.headers:
+        if name == b"x-request-id":
+            return value.decode("latin-1")
+    raise ValueError("a proxied request carries the ingress's x-request-id")
+
+
+@final
+class _TokenTap:
+    """The token ids behind the text sent so far, from the stream of one request id."""
+
+    def __init__(self, runtime: Runtime, request_id: str) -> None:
+        self._runtime = runtime
+        self._request_id = request_id
+        self._buffer: StreamBuffer | None = None
+        self._counted = 0
+
+    def _find(self) -> StreamBuffer | None:
+        if self._buffer is None:
+            mine = [b for b in self._runtime.table.open_buffers()
+                    if b.request_id == self._request_id]
+            self._buffer = max(mine, key=lambda b: b.stream_id) if mine else None
+        return self._buffer
+
+    def advance(self) -> dict[str, Any]:
+        """What a part sent now carries: the tokens read since the last part (the app
+        sends a chunk's event before its next read), and the prompt the first time."""
+        buffer = self._find()
+        if buffer is None or buffer.sequence is None:
+            return {}
+        tokens = buffer.tokens[self._counted:]
+        first = self._counted == 0 and bool(tokens)
+        self._counted = len(buffer.tokens)
+        sampling = buffer.sequence.sampling
+        # Cross-replica resume re-prefills prompt + tokens as a new prompt: only greedy
+        # sampling without penalties (which look back at generated tokens) continues
+        # identically; a seeded sampler's step count would restart.
+        resumable = (sampling.temperature == 0.0 and sampling.repetition_penalty is None
+                     and sampling.presence_penalty is None
+                     and sampling.frequency_penalty is None)
+        return {"tokens": tokens, "resumable": resumable,
+                "prompt": list(buffer.sequence.prompt) if first else None}
+
+
+def _scope(request: ProxiedRequest) -> dict[str, Any]:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": request.method, "scheme": "http", "path": request.path,
+            "raw_path": request.path.encode(), "query_string": request.query,
+            "root_path": "", "headers": list(request.headers),
+            "client": request.client, "server": ("127.0.0.1", 0), "state": {}}
+
+
+async def serve_http(runtime: Runtime, app: ASGIApp, request: ProxiedRequest, relay: Relay,
+                     replica: str) -> None:
+    """Run `request` through `app` (corral's HTTP app over `runtime`), its reply into
+    `relay`, each part tagged with `replica` and the tokens behind its text.
+
+    Cancelled, the app sees its client gone: the generation leaves the batch at the
+    next engine step. Errors are the app's replies; this raises only on a bug.
+    """
+    tap = _TokenTap(runtime, _request_id(request))
+    body_given = False
+
+    async def receive() -> Message:
+        nonlocal body_given
+        if not body_given:
+            body_given = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await trio.sleep_forever()  # the client leaves by cancelling this exchange
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            relay.push(ReplyPart(
+                kind="start", replica=replica, status=message["status"],
+                headers=[*message.get("headers", ()), (REPLICA_HEADER, replica.encode())]))
+        elif message["type"] == "http.response.body":
+            relay.push(ReplyPart(kind="body", replica=replica,
+                                 body=bytes(message.get("body", b"")), **tap.advance()))
+
+    await app(_scope(request), receive, send)
+
+
+async def _continued(runtime: Runtime, model: str, delivered: list[int],
+                     generated: list[int], chunk: StreamChunk) -> StreamChunk:
+    """The resumed stream's first text as it reads after the delivered tokens.
+
+    A new sequence's detokenizer drops the leading space of its first text (it takes
+    it for the start of a reply); here that text continues one, so it is what decoding
+    delivered + generated adds to decoding delivered alone.
+    """
+    head = await runtime.detokenize(model, delivered)
+    whole = await runtime.detokenize(model, [*delivered, *generated])
+    if not whole.startswith(head):
+        return chunk
+    return msgspec.structs.replace(chunk, text=whole[len(head):])
+
+
+async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
+                        replica: str) -> None:
+    """Continue a greedy SSE stream another replica lost: prompt + delivered tokens as
+    the prompt, max_tokens reduced, the events shaped as the first replica's were (same
+    response id), then the closing events and `[DONE]`; no opening, the client has it.
+
+    An error is the stream's last event, as `corral serve` sends it. Cancelled, the
+    generation leaves the batch at the next engine step.
+    """
+    original = resume.request
+    request_id = _request_id(original)
+    make_job = chat_job if original.path.endswith("/chat/completions") else completion_job
+
+    def event(data: msgspec.Struct, tokens: list[int] | None = None) -> None:
+        relay.push(ReplyPart(kind="body", replica=replica, tokens=tokens or [],
+                             body=b"data: " + _encode(data) + b"\n\n"))
+
+    try:
+        job = make_job(decode_json(original.body), request_id, f"http:{original.client[0]}")
+        prompt, delivered = resume.prompt, resume.delivered
+        limit = job.params.max_tokens
+        model = job.params.model or ""
+        reason: str = "length"
+        usage = Usage(len(prompt), len(delivered))
+        if limit is None or limit > len(delivered):
+            params = msgspec.structs.replace(
+                job.params, prompt=[*prompt, *delivered], messages=None,
+                max_tokens=None if limit is None else limit - len(delivered))
+            async with runtime.stream(params) as stream:
+                generated: list[int] = []  # read so far
+                text_started = False
+                async for read in stream:
+                    chunk = read
+                    generated.extend(chunk.token_ids)
+                    if chunk.text and not text_started:
+                        text_started = True
+                        chunk = await _continued(runtime, stream.model, delivered,
+                                                 generated, chunk)
+                    shaped = job.shape.chunk(stream.model, chunk)
+                    if shaped is not None:
+                        event(shaped, chunk.token_ids)
+                model, reason = stream.model, finish(stream)
+                usage = Usage(len(prompt), len(delivered) + len(stream.token_ids),
+                              stream.usage.cached_tokens)
+        for closing in job.shape.closing(model, reason, usage if job.include_usage else None):
+            event(closing)
+        relay.push(ReplyPart(kind="body", replica=replica, body=b"data: [DONE]\n\n"))
+    except CorralError as exc:
+        event(error_body(explained(exc), request_id))

@@ -1,0 +1,322 @@
+"""corral on Ray Serve, for real: a local Ray (2 CPUs, no dashboard), two replicas of the
+tiny model behind the ingress on 127.0.0.1, driven by the official `openai` client.
+
+Ray starts once for the module (it takes about half a minute). Expected texts come from
+a plain corral serve (the HTTP server over one runtime, same model, same requests),
+run before Ray starts, so that the two never share the machine's two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import pytest
+import trio
+from openai.types.chat import ChatCompletionMessageParam
+
+from corral.actors.supervisor import ChildSpec
+from corral.config import RuntimeConfig, config_from_mapping
+from corral.metrics import Metrics
+from corral.runtime import open_runtime
+from corral.server.http import HttpServer
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from corral.ray import RayOptions, connect, deploy  # noqa: E402
+from corral.ray.deploy import APP_NAME, REPLICA_DEPLOYMENT  # noqa: E402
+from corral.ray.routing import affinity_key, preferred_replica  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+LOAD = 40
+CONCURRENCY = 8
+MAX_TOKENS = 96
+
+
+def _config() -> RuntimeConfig:
+    return config_from_mapping({
+        "stream_registry": {"max_active_streams": 8, "max_queued": 16},
+        "server": {"drain_timeout_ms": 2000},
+        # One engine failure fails the model for a minute: a replica health can fail.
+        "restarts": {"max_restarts": 0},
+        "calls": {"circuit_breaker": {"recovery_timeout_ms": 60000}}})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _chat(i: int) -> list[ChatCompletionMessageParam]:
+    return [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": f"Request {i}: tell me about fox number {i}."}]
+
+
+def _stream_text(client: openai.OpenAI, messages: list[ChatCompletionMessageParam],
+                 on_chunk: Callable[[str], None] = lambda _: None) -> str:
+    parts = []
+    with client.chat.completions.create(model="tiny", messages=messages, stream=True,
+                                        max_tokens=MAX_TOKENS, temperature=0.0) as stream:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                on_chunk(chunk.choices[0].delta.content)
+    return "".join(parts)
+
+
+def _client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=120.0)
+
+
+@dataclass
+class Reference:
+    """What a plain corral serve answers, fault-free."""
+
+    completion: str
+    chat: str
+    streams: list[str]
+
+
+def _reference(model_path: str) -> Reference:
+    """Run a plain corral serve (one runtime, its HTTP server) and ask it everything."""
+
+    async def main() -> Reference:
+        async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+            port = _free_port()
+            metrics = Metrics(rt)
+            await rt.start_transport(ChildSpec(
+                name="http", factory=lambda: HttpServer(rt, "127.0.0.1", port, metrics)))
+
+            def ask() -> Reference:
+                with _client(f"http://127.0.0.1:{port}/v1") as client:
+                    completion = client.completions.create(
+                        model="tiny", prompt="The quick brown fox", max_tokens=24,
+                        temperature=0.0)
+                    chat = client.chat.completions.create(
+                        model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+                    streams = [_stream_text(client, _chat(i)) for i in range(LOAD)]
+                return Reference(completion.choices[0].text,
+                                 chat.choices[0].message.content or "", streams)
+
+            reference = await trio.to_thread.run_sync(ask)
+            metrics.close()
+            return reference
+
+    return trio.run(main)
+
+
+@dataclass
+class Cluster:
+    base_url: str
+    reference: Reference
+    started_s: float
+
+
+@pytest.fixture(scope="module")
+def cluster(model_path: str) -> Iterator[Cluster]:
+    reference = _reference(model_path)
+    started = time.monotonic()
+    connect("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    try:
+        deploy(_config(), {"tiny": model_path}, "127.0.0.1", port,
+               RayOptions(replicas=2, health_check_period_s=1.0))
+        yield Cluster(f"http://127.0.0.1:{port}/v1", reference, time.monotonic() - started)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_actors() -> dict[str, str]:
+    """Replica id → actor name, for the live replicas of the corral deployment."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{REPLICA_DEPLOYMENT}#"
+    return {actor["name"][len(prefix):]: actor["name"]
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(prefix)}
+
+
+def _running_replicas() -> int:
+    app = serve.status().applications[APP_NAME]
+    states = app.deployments[REPLICA_DEPLOYMENT].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_greedy_answers_equal_corral_serve(cluster: Cluster) -> None:
+    with _client(cluster.base_url) as client:
+        completion = client.completions.with_raw_response.create(
+            model="tiny", prompt="The quick brown fox", max_tokens=24, temperature=0.0)
+        chat = client.chat.completions.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+        streamed = _stream_text(client, _chat(0))
+        models = client.models.list()
+    assert completion.headers["x-corral-replica"] in _replica_actors()
+    assert completion.headers["x-request-id"]
+    assert completion.parse().choices[0].text == cluster.reference.completion
+    assert chat.choices[0].message.content == cluster.reference.chat
+    assert streamed == cluster.reference.streams[0]
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_errors_are_corral_serves(cluster: Cluster) -> None:
+    """Bad input is the replica's typed 400 and unknown model its 404, through the
+    ingress, and the next request is served."""
+    with _client(cluster.base_url) as client:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="tiny", messages=_chat(1),
+                                           max_tokens=8, temperature=9.0)
+        assert bad.value.body["code"] == "InvalidParams"  # type: ignore[index]
+        assert bad.value.body["param"] == "temperature"  # type: ignore[index]
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.chat.completions.create(model="nope", messages=_chat(1), max_tokens=8)
+        assert missing.value.body["code"] == "ModelNotLoaded"  # type: ignore[index]
+        chat = client.chat.completions.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+    assert chat.choices[0].message.content == cluster.reference.chat
+
+
+def _key(messages: list[ChatCompletionMessageParam]) -> str | None:
+    return affinity_key("/v1/chat/completions",
+                        json.dumps({"model": "tiny", "messages": messages}).encode())
+
+
+def test_turns_of_one_conversation_land_on_one_replica(cluster: Cluster) -> None:
+    """Both turns of a conversation go to the replica its opening hashes to, and the
+    second finds the first's prefix there; conversations for each replica are tried."""
+    ids = list(_replica_actors())
+    chosen = {replica: [i for i in range(100, 200)
+                        if preferred_replica(_key(_chat(i)) or "", ids) == replica][:3]
+              for replica in ids}
+    with _client(cluster.base_url) as client:
+        for replica, conversations in chosen.items():
+            assert conversations
+            for i in conversations:
+                first = client.chat.completions.with_raw_response.create(
+                    model="tiny", messages=_chat(i), max_tokens=8, temperature=0.0)
+                answer = first.parse().choices[0].message.content or ""
+                turns: list[ChatCompletionMessageParam] = [
+                    *_chat(i), {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "And then?"}]
+                assert _key(turns) == _key(_chat(i))
+                second = client.chat.completions.with_raw_response.create(
+                    model="tiny", max_tokens=8, temperature=0.0, messages=turns)
+                assert first.headers["x-corral-replica"] == replica
+                assert second.headers["x-corral-replica"] == replica
+                # The second turn starts from the first turn's prefix on that replica.
+                usage = second.parse().usage
+                assert usage is not None and usage.prompt_tokens_details is not None
+                assert (usage.prompt_tokens_details.cached_tokens or 0) > 0
+
+
+@dataclass
+class _Progress:
+    """What the load's worker threads report: each request's replica and chunks."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    replica: dict[int, str] = field(default_factory=dict)
+    chunks: dict[int, int] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+
+def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
+    """ray.kill of one replica under 40 greedy streams at concurrency 8: every stream
+    completes with its fault-free text (retried before its first token, resumed on the
+    other replica after it), none hangs, and Serve brings the replica back."""
+    before = _replica_actors()
+    assert len(before) == 2
+    progress = _Progress()
+
+    def one(i: int) -> str:
+        with _client(cluster.base_url) as client:
+            raw = client.chat.completions.with_streaming_response.create(
+                model="tiny", messages=_chat(i), stream=True, max_tokens=MAX_TOKENS,
+                temperature=0.0)
+            with raw as response:
+                with progress.lock:
+                    progress.replica[i] = response.headers["x-corral-replica"]
+                parts = []
+                for chunk in response.parse():
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        parts.append(chunk.choices[0].delta.content)
+                        with progress.lock:
+                            progress.chunks[i] = progress.chunks.get(i, 0) + 1
+        with progress.lock:
+            progress.done.add(i)
+        return "".join(parts)
+
+    victim: dict[str, Any] = {}
+
+    def kill_mid_stream() -> None:
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            with progress.lock:
+                midway = [i for i, n in progress.chunks.items()
+                          if n >= 6 and i not in progress.done and i in progress.replica]
+                if midway:
+                    victim["replica"] = progress.replica[midway[0]]
+                    victim["midway"] = {i for i in midway
+                                        if progress.replica[i] == victim["replica"]}
+                    break
+            time.sleep(0.002)
+        else:
+            return
+        ray.kill(ray.get_actor(before[victim["replica"]], namespace="serve"),
+                 no_restart=True)
+
+    killer = threading.Thread(target=kill_mid_stream)
+    killer.start()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        futures = [pool.submit(one, i) for i in range(LOAD)]
+        texts = [future.result(timeout=300) for future in futures]  # none hangs
+    killer.join()
+    assert victim, "no stream was mid-way to kill its replica under"
+    assert victim["midway"]  # streams that were cut mid-way on the killed replica...
+    assert texts == cluster.reference.streams  # ... and every text as without the kill
+    _wait_replaced(victim["replica"])
+    with _client(cluster.base_url) as client:
+        assert _stream_text(client, _chat(0)) == cluster.reference.streams[0]
+
+
+def _wait_replaced(replica: str) -> None:
+    """Wait until Serve runs two replicas again, `replica` not among them."""
+    deadline = time.monotonic() + 120.0
+    while time.monotonic() < deadline:
+        after = _replica_actors()
+        if len(after) == 2 and replica not in after and _running_replicas() == 2:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"replica {replica} was not replaced: {_replica_actors()}")
+
+
+def test_failed_model_fails_its_replica_and_serve_replaces_it(cluster: Cluster) -> None:
+    """A model failed for good is corral's health saying no: Serve's health check asks
+    it, and replaces the replica. Meanwhile requests are served by the other one."""
+    replicas = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP_NAME)
+    victim = replicas.inject_fault.remote("tiny", "raise").result(timeout_s=30)
+    ids = list(_replica_actors())
+    assert victim in ids
+    # A conversation the router sends to the victim, which makes its engine step.
+    i = next(i for i in range(200, 400) if preferred_replica(_key(_chat(i)) or "", ids)
+             == victim)
+    with _client(cluster.base_url) as client:
+        try:
+            client.chat.completions.create(model="tiny", messages=_chat(i), max_tokens=8,
+                                           temperature=0.0)
+        except openai.APIStatusError as exc:  # the failing step's own request
+            assert exc.status_code in (500, 503)
+            assert exc.body["retryable"] is True  # type: ignore[index]
+        # The next request is served (by the other replica while the victim's model is
+        # failed: its 503 is asked of the other one).
+        served = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+    assert served.parse().choices[0].message.content == cluster.reference.chat
+    _wait_replaced(victim)
