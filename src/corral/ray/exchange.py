@@ -24,12 +24,18 @@ import trio
 from starlette.types import ASGIApp, Message
 
 from corral.actors.streams import StreamBuffer, StreamChunk
-from corral.protocol.errors import CorralError
+from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import Usage
 from corral.ray.messages import ProxiedRequest, ReplyPart, ResumeRequest
 from corral.runtime import Runtime
-from corral.server.openai import chat_job, completion_job, error_body, explained, finish
+from corral.server.openai import (
+    chat_job,
+    completion_job,
+    error_body,
+    explained,
+    finish_reason,
+)
 
 __all__ = ["REPLICA_HEADER", "Relay", "resume_stream", "serve_http"]
 
@@ -120,11 +126,12 @@ class _TokenTap:
         self._counted = len(buffer.tokens)
         sampling = buffer.sequence.sampling
         # Cross-replica resume re-prefills prompt + tokens as a new prompt: only greedy
-        # sampling without penalties (which look back at generated tokens) continues
-        # identically; a seeded sampler's step count would restart.
+        # sampling without penalties (which look back at generated tokens) or a grammar
+        # (whose state the tokens so far decide) continues identically; a seeded
+        # sampler's step count would restart.
         resumable = (sampling.temperature == 0.0 and sampling.repetition_penalty is None
                      and sampling.presence_penalty is None
-                     and sampling.frequency_penalty is None)
+                     and sampling.frequency_penalty is None and sampling.grammar is None)
         return {"tokens": tokens, "resumable": resumable,
                 "prompt": list(buffer.sequence.prompt) if first else None}
 
@@ -201,6 +208,10 @@ async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
 
     try:
         job = make_job(decode_json(original.body), request_id, f"http:{original.client[0]}")
+        if job.params.tools:  # the calls read so far were read on the replica that died
+            raise EngineClientError(Code.TRANSPORT_ERROR, "the replica serving this stream "
+                                    "was lost; a stream with tools cannot continue on another",
+                                    retryable=True)
         prompt, delivered = resume.prompt, resume.delivered
         limit = job.params.max_tokens
         model = job.params.model or ""
@@ -223,11 +234,12 @@ async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
                     shaped = job.shape.chunk(stream.model, chunk)
                     if shaped is not None:
                         event(shaped, chunk.token_ids)
-                model, reason = stream.model, finish(stream)
+                model, reason = stream.model, finish_reason(stream.finish_reason)
                 usage = Usage(len(prompt), len(delivered) + len(stream.token_ids),
                               stream.usage.cached_tokens)
-        for closing in job.shape.closing(model, reason, usage if job.include_usage else None):
-            event(closing)
+        event(job.shape.ending(model, 0, reason))
+        if job.include_usage:
+            event(job.shape.usage(model, usage))
         relay.push(ReplyPart(kind="body", replica=replica, body=b"data: [DONE]\n\n"))
     except CorralError as exc:
         event(error_body(explained(exc), request_id))
