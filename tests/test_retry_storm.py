@@ -86,7 +86,7 @@ def test_the_resilience_bench_smoke_run_writes_both_results(tmp_path):
     overhead = json.loads((tmp_path / "resilience.json").read_text())
     storm = json.loads((tmp_path / "retry_storm.json").read_text())
     variants = {row["variant"] for row in overhead["results"]["variants"]}
-    assert variants == set(resilience.VARIANTS)
+    assert variants == set(resilience.VARIANTS) | set(resilience.ASYNCIO_VARIANTS)
     runs = storm["results"]["runs"]
     assert {(row["mode"], row["budget"]) for row in runs} == {
         (mode, budget) for mode in MODES for budget in ("none", "actor")}
