@@ -37,7 +37,7 @@ from corral.ray.routing import affinity_key, preferred_replica  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-LOAD = 40
+LOAD = 48  # streams: 42 greedy, and every 8th (from the 7th) seeded
 CONCURRENCY = 8
 MAX_TOKENS = 96
 
@@ -62,11 +62,21 @@ def _chat(i: int) -> list[ChatCompletionMessageParam]:
             {"role": "user", "content": f"Request {i}: tell me about fox number {i}."}]
 
 
+def _sampling(i: int) -> dict[str, Any]:
+    """Load request i's sampling: greedy, or seeded for every 8th (both deterministic,
+    so both resume on another replica)."""
+    return {"temperature": 1.0, "seed": i} if _seeded(i) else {"temperature": 0.0}
+
+
+def _seeded(i: int) -> bool:
+    return i % 8 == 6
+
+
 def _stream_text(client: openai.OpenAI, messages: list[ChatCompletionMessageParam],
-                 on_chunk: Callable[[str], None] = lambda _: None) -> str:
+                 on_chunk: Callable[[str], None] = lambda _: None, i: int = 0) -> str:
     parts = []
     with client.chat.completions.create(model="tiny", messages=messages, stream=True,
-                                        max_tokens=MAX_TOKENS, temperature=0.0) as stream:
+                                        max_tokens=MAX_TOKENS, **_sampling(i)) as stream:
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 parts.append(chunk.choices[0].delta.content)
@@ -104,7 +114,7 @@ def _reference(model_path: str) -> Reference:
                         temperature=0.0)
                     chat = client.chat.completions.create(
                         model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
-                    streams = [_stream_text(client, _chat(i)) for i in range(LOAD)]
+                    streams = [_stream_text(client, _chat(i), i=i) for i in range(LOAD)]
                 return Reference(completion.choices[0].text,
                                  chat.choices[0].message.content or "", streams)
 
@@ -228,8 +238,8 @@ class _Progress:
 
 
 def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
-    """ray.kill of one replica under 40 greedy streams at concurrency 8: every stream
-    completes with its fault-free text (retried before its first token, resumed on the
+    """ray.kill of one replica, while a seeded stream on it is mid-way, under 48 streams
+    (42 greedy, 6 seeded) at concurrency 8: every stream completes with its fault-free text (retried before its first token, resumed on the
     other replica after it), none hangs, and Serve brings the replica back."""
     before = _replica_actors()
     assert len(before) == 2
@@ -239,7 +249,7 @@ def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
         with _client(cluster.base_url) as client:
             raw = client.chat.completions.with_streaming_response.create(
                 model="tiny", messages=_chat(i), stream=True, max_tokens=MAX_TOKENS,
-                temperature=0.0)
+                **_sampling(i))
             with raw as response:
                 with progress.lock:
                     progress.replica[i] = response.headers["x-corral-replica"]
@@ -261,8 +271,9 @@ def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
             with progress.lock:
                 midway = [i for i, n in progress.chunks.items()
                           if n >= 6 and i not in progress.done and i in progress.replica]
-                if midway:
-                    victim["replica"] = progress.replica[midway[0]]
+                seeded = [i for i in midway if _seeded(i)]
+                if seeded:
+                    victim["replica"] = progress.replica[seeded[0]]
                     victim["midway"] = {i for i in midway
                                         if progress.replica[i] == victim["replica"]}
                     break
@@ -279,7 +290,7 @@ def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
         texts = [future.result(timeout=300) for future in futures]  # none hangs
     killer.join()
     assert victim, "no stream was mid-way to kill its replica under"
-    assert victim["midway"]  # streams that were cut mid-way on the killed replica...
+    assert any(_seeded(i) for i in victim["midway"])  # cut mid-way, a seeded one too...
     assert texts == cluster.reference.streams  # ... and every text as without the kill
     _wait_replaced(victim["replica"])
     with _client(cluster.base_url) as client:

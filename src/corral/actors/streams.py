@@ -375,7 +375,7 @@ class StreamRegistry(Actor[RegistryMessage]):
                               alternatives=admit.sampling.top_logprobs > 0,
                               client=entry.client)
         buffer.sequence = EngineSequence(entry.stream_id, admit.prompt, admit.sampling,
-                                         admit.max_tokens)
+                                         admit.max_tokens, generated=list(admit.generated))
         self._table.add(buffer)
         entry.admit = None
         self._active[entry.stream_id] = entry
@@ -464,7 +464,7 @@ class StreamRegistry(Actor[RegistryMessage]):
                 await self._close(entry.stream_id, "length", None, cancel_sequence=False)
                 return
             resumed = EngineSequence(seq.seq_id, seq.prompt, seq.sampling, remaining,
-                                     generated=list(buffer.tokens))
+                                     generated=[*seq.generated, *buffer.tokens])
             try:
                 self._model_ref(entry.model).tell_nowait(Submit(resumed))
             except CorralError as exc:

@@ -419,7 +419,8 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     `client` names who asked (a connection, an address), for fair admission: a freed
     slot goes to the waiting client with the fewest streams running, and a full queue
     makes room by refusing the newest waiter of the client that holds the most. None
-    is one anonymous client.
+    is one anonymous client. `generated`: ids a lost run already sent (see
+    `GenerateParams`); `max_tokens` is what is left after them.
     """
 
     stream_id: int
@@ -430,6 +431,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     max_tokens: int
     request_id: str | None = None
     client: str | None = None
+    generated: list[int] = []
     reply_type: ClassVar[type[Admitted]] = Admitted
 
 
@@ -525,6 +527,11 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     (GuidanceError otherwise) before admission.
     `top_logprobs` > 0 implies `logprobs`. `n` choices run as `n` sequences (and take
     `n` stream slots); see `corral.runtime.choices`.
+    `generated` continues a generation another server lost (the ids it already sent,
+    after the prompt): the engine starts after them as a worker restart does, so the
+    text, a seeded sampler's draws, penalties and a grammar pick up where they stopped;
+    they count toward `max_tokens` and are not sent again. Prompt only, one choice, no
+    tools.
     """
 
     model: Name | None = None
@@ -553,6 +560,7 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     timeout_ms: TimeoutMs | None = None
     request_id: Name | None = None
     client: Name | None = None
+    generated: list[TokenId] = []
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -5,7 +5,7 @@ to the asyncio side.
 The app is `corral.server.http.build_app`, unchanged: routes, errors and SSE shapes are
 `corral serve`'s by construction. What this module adds is the token ids behind the
 text of each part, read from the runtime's stream table, so that the ingress can move a
-greedy stream to another replica with prompt + tokens already sent.
+deterministic stream to another replica with prompt + tokens already sent.
 
 Sends never checkpoint (they append to the relay), so the parts the app sends in one
 trio tick reach the asyncio side together and leave as one part: a replica that dies
@@ -23,7 +23,7 @@ import msgspec
 import trio
 from starlette.types import ASGIApp, Message
 
-from corral.actors.streams import StreamBuffer, StreamChunk
+from corral.actors.streams import StreamBuffer
 from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import Usage
@@ -125,13 +125,9 @@ class _TokenTap:
         first = self._counted == 0 and bool(tokens)
         self._counted = len(buffer.tokens)
         sampling = buffer.sequence.sampling
-        # Cross-replica resume re-prefills prompt + tokens as a new prompt: only greedy
-        # sampling without penalties (which look back at generated tokens) or a grammar
-        # (whose state the tokens so far decide) continues identically; a seeded
-        # sampler's step count would restart.
-        resumable = (sampling.temperature == 0.0 and sampling.repetition_penalty is None
-                     and sampling.presence_penalty is None
-                     and sampling.frequency_penalty is None and sampling.grammar is None)
+        # Another replica continues after the delivered tokens as a worker restart does
+        # (`GenerateParams.generated`): identical for greedy or seeded sampling.
+        resumable = sampling.deterministic
         return {"tokens": tokens, "resumable": resumable,
                 "prompt": list(buffer.sequence.prompt) if first else None}
 
@@ -174,26 +170,13 @@ async def serve_http(runtime: Runtime, app: ASGIApp, request: ProxiedRequest, re
     await app(_scope(request), receive, send)
 
 
-async def _continued(runtime: Runtime, model: str, delivered: list[int],
-                     generated: list[int], chunk: StreamChunk) -> StreamChunk:
-    """The resumed stream's first text as it reads after the delivered tokens.
-
-    A new sequence's detokenizer drops the leading space of its first text (it takes
-    it for the start of a reply); here that text continues one, so it is what decoding
-    delivered + generated adds to decoding delivered alone.
-    """
-    head = await runtime.detokenize(model, delivered)
-    whole = await runtime.detokenize(model, [*delivered, *generated])
-    if not whole.startswith(head):
-        return chunk
-    return msgspec.structs.replace(chunk, text=whole[len(head):])
-
-
 async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
                         replica: str) -> None:
-    """Continue a greedy SSE stream another replica lost: prompt + delivered tokens as
-    the prompt, max_tokens reduced, the events shaped as the first replica's were (same
-    response id), then the closing events and `[DONE]`; no opening, the client has it.
+    """Continue a deterministic SSE stream another replica lost, as a worker restart
+    continues one: the prompt with the delivered tokens as `generated`, so the engine
+    picks up where it stopped (text, a seeded sampler's draws, penalties, a grammar);
+    the events shaped as the first replica's were (same response id), then the closing
+    events and `[DONE]`; no opening, the client has it.
 
     An error is the stream's last event, as `corral serve` sends it. Cancelled, the
     generation leaves the batch at the next engine step.
@@ -218,19 +201,10 @@ async def resume_stream(runtime: Runtime, resume: ResumeRequest, relay: Relay,
         reason: str = "length"
         usage = Usage(len(prompt), len(delivered))
         if limit is None or limit > len(delivered):
-            params = msgspec.structs.replace(
-                job.params, prompt=[*prompt, *delivered], messages=None,
-                max_tokens=None if limit is None else limit - len(delivered))
+            params = msgspec.structs.replace(job.params, prompt=prompt, messages=None,
+                                             generated=delivered)
             async with runtime.stream(params) as stream:
-                generated: list[int] = []  # read so far
-                text_started = False
-                async for read in stream:
-                    chunk = read
-                    generated.extend(chunk.token_ids)
-                    if chunk.text and not text_started:
-                        text_started = True
-                        chunk = await _continued(runtime, stream.model, delivered,
-                                                 generated, chunk)
+                async for chunk in stream:
                     shaped = job.shape.chunk(stream.model, chunk)
                     if shaped is not None:
                         event(shaped, chunk.token_ids)

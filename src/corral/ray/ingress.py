@@ -6,10 +6,11 @@ What the ingress adds is what one replica cannot do for itself:
 - the affinity key (`routing.affinity_key`) the request router places the request by;
 - a request whose replica is lost before its reply starts, or answers 503, is sent to
   another replica, up to `calls.retry.max_attempts` calls in all;
-- a greedy SSE stream whose replica is lost mid-stream continues on another replica
-  from the prompt plus the tokens whose text the client has, so its text is the one a
-  fault-free run sends; any other stream ends with a retryable TransportError event,
-  as `corral serve` ends a stream it cannot finish.
+- a deterministic (greedy or seeded) SSE stream whose replica is lost mid-stream
+  continues on another replica after the tokens whose text the client has
+  (`GenerateParams.generated`), so its text is the one a fault-free run sends; any
+  other stream ends with a retryable TransportError event, as `corral serve` ends a
+  stream it cannot finish.
 
 It never shapes a body of its own except those two errors, and keeps no state beyond
 the requests in flight.

@@ -58,8 +58,7 @@ class ReplyPart(msgspec.Struct, frozen=True, kw_only=True):
     dies at once; `start` carries the status and headers; `body` carries bytes.
     `tokens` are the token ids (new since the previous part) whose text the body
     carries; `prompt` (once) the prompt's token ids, and `resumable` whether the
-    stream may continue on another replica (greedy sampling, nothing that looks back
-    at generated tokens).
+    stream may continue on another replica (greedy or seeded sampling).
     """
 
     kind: Literal["hello", "start", "body"]

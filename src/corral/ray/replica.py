@@ -70,7 +70,7 @@ class CorralReplica:
             yield part
 
     async def resume(self, request: ResumeRequest) -> AsyncIterator[ReplyPart]:
-        """Continue a greedy stream another replica lost (`resume_stream`); a streaming
+        """Continue a deterministic stream another replica lost (`resume_stream`); a streaming
         method, `hello` first."""
         yield ReplyPart(kind="hello", replica=self._id)
         relay = Relay()

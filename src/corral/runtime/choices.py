@@ -25,6 +25,7 @@ import msgspec
 import trio
 
 from corral.actors.streams import StreamChunk
+from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import Choice, Completion, GenerateParams, TokenLogprob, Usage
 from corral.runtime.requests import Requests, TokenStream
 
@@ -158,7 +159,11 @@ async def open_choices(requests: Requests,
 
     Raises:
         CorralError: what opening a choice raised (the ones opened are closed first).
+        EngineClientError: InvalidParams for `generated` with `n` > 1.
     """
+    if request.n > 1 and request.generated:
+        raise EngineClientError(Code.INVALID_PARAMS, "generated: continues one choice, "
+                                "not n of them", {"field": "generated"})
     async with AsyncExitStack() as opened:
         streams = [await opened.enter_async_context(
             requests.open_stream(choice_request(request, index)))

@@ -47,8 +47,9 @@ def check_prompt_length(config: GenerationConfig, tokens: int, info: ModelInfo |
 
 
 def max_tokens_for(config: GenerationConfig, requested: int | None, prompt_tokens: int,
-                   info: ModelInfo | None) -> int:
-    """The number of tokens a request may generate after its `prompt_tokens`.
+                   info: ModelInfo | None, generated: int = 0) -> int:
+    """The number of tokens a request may generate after its `prompt_tokens` and the
+    `generated` tokens a lost run already sent (which count toward `requested`).
 
     Given, `requested` must fit generation.max_tokens_limit (when set) and what the
     model's context leaves after the prompt, as vLLM checks it: a request that cannot
@@ -59,6 +60,13 @@ def max_tokens_for(config: GenerationConfig, requested: int | None, prompt_token
     Raises:
         EngineClientError: InvalidParams naming the limit, and the key when one sets it.
     """
+    if generated and requested is not None:
+        if generated >= requested:
+            raise EngineClientError(
+                Code.INVALID_PARAMS, f"generated: {generated} tokens already, max_tokens "
+                f"{requested} leaves none to generate", {"field": "generated"})
+        requested -= generated
+    prompt_tokens += generated
     context = info.max_context if info is not None else None
     limit = config.max_tokens_limit
     if limit is not None:

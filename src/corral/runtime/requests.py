@@ -154,8 +154,9 @@ class Requests:
             serving = self._models.by_alias.get(alias, entry)
             tools = tools_for(request, alias, serving.info)
             prompt_ids = await self._prompt_ids(alias, request, tools)
+            check_token_ids("generated", request.generated, serving.info)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
-                                        len(prompt_ids), serving.info)
+                                        len(prompt_ids), serving.info, len(request.generated))
             sampling, field = constrained(request.sampling(max_tokens), request, alias,
                                           serving.info, tools)
             if sampling.grammar is not None:
@@ -165,7 +166,7 @@ class Requests:
                     Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
                           prompt=prompt_ids, sampling=sampling,
                           max_tokens=max_tokens, request_id=request.request_id,
-                          client=request.client),
+                          client=request.client, generated=list(request.generated)),
                     timeout=max(deadline - trio.current_time(), 0.0),
                     request_id=request.request_id)
                 buffer = self._table.get(stream_id)  # the registry opened it on admission
@@ -269,11 +270,7 @@ class Requests:
         else:
             assert request.prompt is not None
             ids = list(request.prompt)
-            info = self._models.by_alias[alias].info
-            if info is not None and any(i >= info.vocab_size for i in ids):
-                raise EngineClientError(Code.INVALID_PARAMS,
-                                        f"prompt: token ids must be < {info.vocab_size}",
-                                        {"field": "prompt"})
+            check_token_ids("prompt", ids, self._models.by_alias[alias].info)
         if not ids:
             raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected at least one token",
                                     {"field": "prompt"})
@@ -350,6 +347,17 @@ def check_prompt_shape(request: GenerateParams) -> None:
         if not request.prompt:
             raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
                                     {"field": "prompt"})
+    if request.generated and (request.messages is not None or request.tools):
+        raise EngineClientError(Code.INVALID_PARAMS, "generated: continues a prompt, "
+                                "without chat messages or tools", {"field": "generated"})
+
+
+def check_token_ids(field: str, ids: list[int], info: ModelInfo | None) -> None:
+    """Raise InvalidParams for token ids the model's vocabulary does not have."""
+    if info is not None and any(i >= info.vocab_size for i in ids):
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                f"{field}: token ids must be < {info.vocab_size}",
+                                {"field": field})
 
 
 def check_text(field: str, text: str) -> None:
