@@ -23,6 +23,7 @@ from corral.config import config_from_mapping
 from corral.runtime import open_runtime
 from corral.runtime.tools import ToolCallReader
 from test_http import Served, served, serve_http  # noqa: F401  (`served` is a fixture)
+from test_serve import Server, free_port
 
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -200,7 +201,9 @@ async def test_required_and_named_tool_choice_always_give_a_parseable_call(
         assert deltas[-1].choices[0].finish_reason == "tool_calls"
 
 
-async def test_a_tools_round_trip(served: Served) -> None:
+def test_a_tools_round_trip_against_corral_serve(model_path: str) -> None:
+    """A real `corral serve` process, driven by the official client: a call, the tool's
+    answer, then the final answer."""
     def run(client: openai.OpenAI) -> tuple[Any, Any]:
         first = client.chat.completions.create(
             model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required",
@@ -213,7 +216,15 @@ async def test_a_tools_round_trip(served: Served) -> None:
             model="tiny", messages=messages, tools=[WEATHER], max_tokens=12)
         return first, final
 
-    first, final = await served.sync(run)
+    port = free_port()
+    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"])
+    try:
+        server.wait_ready()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0) as client:
+            first, final = run(client)
+    finally:
+        server.stop()
     _check_call(first.choices[0].message.tool_calls[0], "get_weather")
     assert first.choices[0].finish_reason == "tool_calls"
     assert final.choices[0].message.tool_calls is None
