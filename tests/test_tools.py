@@ -16,6 +16,7 @@ from typing import Any
 
 import openai
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,6 +24,8 @@ from corral.config import config_from_mapping
 from corral.runtime import open_runtime
 from corral.runtime.tools import ToolCallReader
 from test_http import Served, served, serve_http  # noqa: F401  (`served` is a fixture)
+from test_jsonrpc_server import Client
+from test_jsonrpc_server import serve as serve_jsonrpc
 from test_serve import Server, free_port
 
 WEATHER: dict[str, Any] = {
@@ -258,3 +261,26 @@ async def test_embedded_and_process_isolation_read_the_same_call(model_path: str
     _check_call(call, "search")
     assert [c.function for c in process.tool_calls] == [call.function]
     assert process.token_ids == thread.token_ids
+
+
+async def test_json_rpc_takes_tools_and_streams_the_calls(model_path: str) -> None:
+    params: dict[str, Any] = {"messages": ASK, "tools": [WEATHER, SEARCH],
+                              "tool_choice": "required", "parallel_tool_calls": False,
+                              "max_tokens": 120, "temperature": 1.0, "seed": 5}
+    with trio.fail_after(60):
+        async with serve_jsonrpc(model_path) as (_, listener):
+            client = await Client.connect(listener)
+            whole = await client.result("complete", params)
+            started = await client.result("generate", params)
+            chunks, end = await client.stream_end(started["stream_id"])
+            bad = await client.call("complete", {**params, "tools": [], "tool_choice": {
+                "type": "function", "function": {"name": "search"}}})
+            after = await client.result("complete", {"prompt": "Hello", "max_tokens": 4})
+            await client.aclose()
+    [call] = whole["tool_calls"]
+    assert whole["finish_reason"] == "tool_calls" and whole["text"] == ""
+    streamed = [c for chunk in chunks for c in chunk.get("tool_calls", [])]
+    assert [c["function"] for c in streamed] == [call["function"]]
+    assert end["params"]["finish_reason"] == "tool_calls"
+    assert bad["error"]["code"] == -32602 and "tool_choice" in bad["error"]["message"]
+    assert after["finish_reason"] == "length"
