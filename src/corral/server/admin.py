@@ -7,8 +7,9 @@ Off unless `server.admin_api_key` is set: then a request must carry
 `unload_model` params, decoded by the same Structs, so both transports take the same
 fields and refuse the same values.
 
-A load waits until the model is loaded (or failed to): a client that goes away meanwhile
-does not stop it, since the model is the server's, not the request's.
+A load answers once the model is loaded, or with the typed error of a load that failed.
+Cancelled (the server stopping), the half-loaded model is stopped and forgotten, as
+`Runtime.load_model` does when its caller is cancelled; nothing is left half there.
 """
 
 from __future__ import annotations
