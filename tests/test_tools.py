@@ -56,7 +56,9 @@ def _read(pieces: list[str], *, first_only: bool = False) -> tuple[str, list[Any
         text, made = reader.feed(piece)
         content.append(text)
         calls.extend(made)
-    content.append(reader.finish())
+    rest, last = reader.finish()
+    content.append(rest)
+    calls.extend(last)
     assert calls == reader.calls
     return "".join(content), calls
 
@@ -82,6 +84,21 @@ def test_a_call_the_parser_cannot_read_and_an_unfinished_one_stay_in_the_content
     content, calls = _read([f"a {broken} b <tool_call>\n{{\"name\": "])
     assert calls == []
     assert content == f'a {broken} b <tool_call>\n{{"name": '
+
+
+def test_a_format_without_an_end_marker_ends_its_calls_with_the_stream() -> None:
+    # Mistral's: [TOOL_CALLS] then the calls, up to the end of the reply.
+    reader = ToolCallReader("mistral", [WEATHER])
+    text = 'Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    content = [reader.feed(piece)[0] for piece in (text[:9], text[9:20], text[20:])]
+    assert reader.calls == []  # not before the end: the calls run to it
+    rest, calls = reader.finish()
+    assert "".join(content) + rest == "Sure. "
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"})]
+    unfinished = ToolCallReader("mistral", [WEATHER])
+    assert unfinished.feed('[TOOL_CALLS][{"name": "get_')[0] == ""
+    assert unfinished.finish() == ('[TOOL_CALLS][{"name": "get_', [])
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call() -> None:

@@ -96,14 +96,14 @@ class TokenStream:
             return chunk
         if chunk is None:
             # The end: what the reader still held back, as one last chunk.
-            rest = "" if self._ended else self._reader.finish()
+            rest, calls = ("", []) if self._ended else self._reader.finish()
             self._ended = True
-            if not rest:
+            if not rest and not calls:
                 raise StopAsyncIteration
             self._content.append(rest)
             wants = buffer.wants_logprobs
             return StreamChunk(rest, [], [] if wants else None, len(buffer.tokens),
-                               tokens=[] if wants else None)
+                               tokens=[] if wants else None, tool_calls=calls)
         content, calls = self._reader.feed(chunk.text)
         self._content.append(content)
         return msgspec.structs.replace(chunk, text=content, tool_calls=calls)

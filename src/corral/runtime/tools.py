@@ -183,9 +183,10 @@ class ToolCallReader:
     """Splits one stream's text into content and tool calls, as it arrives.
 
     Text that might begin a call marker is held back until it is known not to; the
-    text of an unfinished call waits for its end marker. A call the parser cannot read,
-    and a call the stream ended inside of, go back into the content with their markers,
-    so no text is ever lost. With `first_only` (OpenAI's `parallel_tool_calls: false`)
+    text of an unfinished call waits for its end marker, or for the end of the stream in
+    a format whose calls have none (Mistral's). A call the parser cannot read, and a
+    call the stream ended inside of, go back into the content with their markers, so
+    no text is ever lost. With `first_only` (OpenAI's `parallel_tool_calls: false`)
     only the first call is kept; later ones are dropped.
     """
 
@@ -198,7 +199,7 @@ class ToolCallReader:
         self._tools = tools
         self._first_only = first_only
         machine = TextStateMachine({"normal": [(self._start, "tool")],
-                                    "tool": [(self._end, "normal")]})
+                                    "tool": [(self._end, "normal")] if self._end else []})
         self._state = machine.make_state("normal")
         self._call_text = ""
         self.calls: list[ToolCall] = []
@@ -217,13 +218,18 @@ class ToolCallReader:
                 content.append(piece)
         return "".join(content), calls
 
-    def finish(self) -> str:
-        """The content still held back when the stream ends: a partial marker, or an
-        unfinished call with its start marker."""
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """What was held back when the stream ends: content (a partial marker, or an
+        unfinished call with its start marker), and the calls of a format whose calls
+        end with the stream."""
         state, _, _, pending = self._state
-        if state == "tool":
-            return f"{self._start}{self._call_text}{pending}"
-        return str(pending)
+        if state != "tool":
+            return str(pending), []
+        self._call_text += pending
+        if self._end:
+            return f"{self._start}{self._call_text}", []
+        calls: list[ToolCall] = []
+        return self._read_call(calls), calls
 
     def _read_call(self, calls: list[ToolCall]) -> str:
         """Parse the call just ended into `calls`; what goes back into the content."""
