@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 
 import pytest
 import trio
@@ -80,9 +79,7 @@ def test_a_storm_is_repeatable(budget):
 
 
 def test_the_resilience_bench_smoke_run_writes_both_results(tmp_path):
-    started = time.perf_counter()
     result = resilience.main(smoke=True, output_dir=tmp_path)
-    assert time.perf_counter() - started < 10.0
     overhead = json.loads((tmp_path / "resilience.json").read_text())
     storm = json.loads((tmp_path / "retry_storm.json").read_text())
     variants = {row["variant"] for row in overhead["results"]["variants"]}
