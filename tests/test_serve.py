@@ -5,16 +5,19 @@ Every wait is bounded; the server only ever listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from corral.tiny import make_tiny_model
@@ -88,6 +91,21 @@ def test_serve_starts_answers_and_exits_0_on_sigterm(model_path: str, config_fil
         assert reply["usage"]["completion_tokens"] == 5
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def serve_process(model_path: str) -> Iterator[openai.OpenAI]:
+    """A `corral serve` process serving the model as `tiny` on a free port of
+    127.0.0.1, and the official client for it; the process is stopped after."""
+    port = free_port()
+    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"])
+    try:
+        server.wait_ready()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0) as client:
+            yield client
     finally:
         server.stop()
 

@@ -42,7 +42,7 @@ from test_isolation import PROMPT as PROCESS_PROMPT
 from test_isolation import stream_with_kill
 from test_jsonrpc_server import Client
 from test_jsonrpc_server import serve as serve_jsonrpc
-from test_serve import Server, free_port
+from test_serve import serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -73,18 +73,11 @@ def _valid(text: str) -> dict[str, Any]:
 def test_json_schema_output_always_validates_20_seeded_requests_streaming_and_not(
         model_path: str) -> None:
     """A real `corral serve` process, driven by the official client."""
-    port = free_port()
-    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"])
-    try:
-        server.wait_ready()
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                           max_retries=0) as client:
-            results = _seeded_records(client)
-            completion = client.completions.create(
-                model="tiny", prompt="A record:", max_tokens=MAX_TOKENS, temperature=0.8,
-                seed=3, extra_body={"response_format": RECORD})
-    finally:
-        server.stop()
+    with serve_process(model_path) as client:
+        results = _seeded_records(client)
+        completion = client.completions.create(
+            model="tiny", prompt="A record:", max_tokens=MAX_TOKENS, temperature=0.8,
+            seed=3, extra_body={"response_format": RECORD})
     for text, finish, streamed, streamed_finish in results:
         assert finish == "stop" and streamed_finish == "stop"
         _valid(text)

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from corral.config import config_from_mapping
 from corral.runtime import open_runtime
 from corral.runtime.tools import ToolCallReader
-from test_http import Served, served, serve_http  # noqa: F401  (`served` is a fixture)
+from test_http import Served, serve_http, served  # noqa: F401  (`served` is a fixture)
 from test_jsonrpc_server import Client
 from test_jsonrpc_server import serve as serve_jsonrpc
-from test_serve import Server, free_port
+from test_serve import serve_process
 
 WEATHER: dict[str, Any] = {
     "type": "function",
@@ -236,15 +236,8 @@ def test_a_tools_round_trip_against_corral_serve(model_path: str) -> None:
             model="tiny", messages=messages, tools=[WEATHER], max_tokens=12)
         return first, final
 
-    port = free_port()
-    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"])
-    try:
-        server.wait_ready()
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                           max_retries=0) as client:
-            first, final = run(client)
-    finally:
-        server.stop()
+    with serve_process(model_path) as client:
+        first, final = run(client)
     _check_call(first.choices[0].message.tool_calls[0], "get_weather")
     assert first.choices[0].finish_reason == "tool_calls"
     assert final.choices[0].message.tool_calls is None
