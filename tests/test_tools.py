@@ -294,3 +294,51 @@ async def test_json_rpc_takes_tools_and_streams_the_calls(model_path: str) -> No
     assert end["params"]["finish_reason"] == "tool_calls"
     assert bad["error"]["code"] == -32602 and "tool_choice" in bad["error"]["message"]
     assert after["finish_reason"] == "length"
+
+
+# Qwen 3 Coder's call format, on the tiny model's weights: a template that mlx_lm reads as
+# the `qwen3_coder` parser's (calls as <function=...> and <parameter=...> lines).
+QWEN3_CODER_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}<|system|># Tools\n{% for tool in tools %}"
+    "{{ tool | tojson }}\n{% endfor %}Call one as <tool_call>\n<function=NAME>\n"
+    "<parameter=NAME>\nVALUE\n</parameter>\n</function>\n</tool_call>{{ eos_token }}"
+    "{% endif %}{% for m in messages %}{{ '<|' + m['role'] + '|>' + (m['content'] or '')"
+    " + eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+BOOKING: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "book", "parameters": {
+        "type": "object", "required": ["city", "nights", "breakfast"],
+        "properties": {"city": {"type": "string", "maxLength": 12},
+                       "nights": {"type": "integer", "minimum": 1, "maximum": 9},
+                       "breakfast": {"type": "boolean"},
+                       "room": {"enum": ["single", "double"]}}}}}
+
+
+async def test_required_calls_in_qwen3_coders_format_parse_and_follow_the_schema(
+        model_path: str, tmp_path: Path) -> None:
+    coder = tmp_path / "coder"
+    shutil.copytree(model_path, coder)
+    config_file = coder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["chat_template"] = QWEN3_CODER_TEMPLATE
+    config_file.write_text(json.dumps(config))
+    async with open_runtime(config_from_mapping({}), models={"tiny": str(coder)}) as rt:
+        info = rt.list_models()[0].info
+        assert info is not None and info.tool_calling is not None
+        assert info.tool_calling.parser == "qwen3_coder"
+        for seed in range(6):
+            reply = await rt.complete("tiny", messages=ASK, tools=[WEATHER, BOOKING],
+                                      tool_choice={"type": "function",
+                                                   "function": {"name": "book"}},
+                                      max_tokens=120, temperature=1.0, seed=seed)
+            assert reply.finish_reason == "tool_calls", reply.text
+            [call] = reply.tool_calls
+            arguments = json.loads(call.function.arguments)
+            assert call.function.name == "book"
+            assert {"city", "nights", "breakfast"} <= set(arguments) <= {
+                "city", "nights", "breakfast", "room"}
+            assert isinstance(arguments["city"], str) and 1 <= len(arguments["city"]) <= 12
+            assert isinstance(arguments["nights"], int) and 1 <= arguments["nights"] <= 9
+            assert isinstance(arguments["breakfast"], bool)
+            assert arguments.get("room", "single") in ("single", "double")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any, Final, final
 
 import msgspec
@@ -32,14 +33,13 @@ from corral.protocol.messages import (
     SamplingParams,
     ToolCall,
     ToolCalling,
+    ToolFunction,
 )
 
 __all__ = ["ToolCallReader", "constrained", "template_turns", "tool_choice_grammar",
            "tools_for"]
 
-_CONSTRAINABLE: Final = frozenset({"json_tools"})
-"""Tool-call formats whose calls `tool_choice_grammar` can write as a grammar: a start
-marker, a JSON object `{"name": ..., "arguments": {...}}`, an end marker."""
+_NEWLINE: Final = "\n"
 
 
 def template_turns(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -119,10 +119,10 @@ def tool_choice_grammar(request: GenerateParams, model: str,
     of `tools`; more than one call unless `parallel_tool_calls` is false) or a named
     function (that one, once), or None when the model may answer as it likes.
 
-    A call is the parser's start marker, `{"name": ..., "arguments": ...}` whose
-    arguments follow the function's `parameters` schema, and its end marker, so what is
-    generated always parses. Schema keywords llguidance does not implement are ignored,
-    unless the function is `strict`.
+    A call is the parser's start marker, the call in the model's format (`_CALLS`), and
+    its end marker, so what is generated always parses and its arguments follow the
+    function's `parameters` schema. Schema keywords llguidance does not implement are
+    ignored, unless every function is `strict`.
 
     Raises:
         EngineClientError: GuidanceError when the model's tool-call format is not one
@@ -131,21 +131,17 @@ def tool_choice_grammar(request: GenerateParams, model: str,
     choice = request.tool_choice
     if not request.tools or not (choice == "required" or isinstance(choice, NamedToolChoice)):
         return None
-    if calling.parser not in _CONSTRAINABLE:
+    write = _CALLS.get(calling.parser)
+    if write is None:
         raise EngineClientError(
             Code.GUIDANCE_ERROR,
             f"tool_choice: model {model!r} writes tool calls in the {calling.parser!r} format; "
-            f"calls can be enforced for {sorted(_CONSTRAINABLE)} only (use 'auto')",
+            f"calls can be enforced for {sorted(_CALLS)} only (use 'auto')",
             {"field": "tool_choice"})
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
-    calls = [{"type": "object", "additionalProperties": False,
-              "required": ["name", "arguments"],
-              "properties": {"name": {"const": tool.function.name},
-                             "arguments": tool.function.parameters or {"type": "object"}}}
-             for tool in request.tools if named in (None, tool.function.name)]
-    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    strict = all(tool.function.strict for tool in request.tools)
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False, "lenient": not strict}}
+    chosen = [tool.function for tool in request.tools if named in (None, tool.function.name)]
+    options = {"whitespace_flexible": False,
+               "lenient": not all(tool.function.strict for tool in request.tools)}
     module = importlib.import_module(f"mlx_lm.tool_parsers.{calling.parser}")
     start, end = module.tool_call_start, module.tool_call_end
     if calling.marker_tokens:  # llguidance names an added token as <tool_call>
@@ -153,7 +149,62 @@ def tool_choice_grammar(request: GenerateParams, model: str,
     else:
         block = f'{json.dumps(start)} "\\n" call "\\n" {json.dumps(end)}'
     repeat = "+" if named is None and request.parallel_tool_calls else ""
-    return lark_grammar(f"start: ({block}){repeat}\ncall: %json {json.dumps(schema)}\n")
+    return lark_grammar(f"start: ({block}){repeat}\n{write(chosen, options)}")
+
+
+def _json_calls(functions: list[ToolFunction], options: dict[str, Any]) -> str:
+    """The `call` rule of the `json_tools` format (Qwen 2.5, Hermes): one JSON object,
+    `{"name": ..., "arguments": {...}}`."""
+    calls = [{"type": "object", "additionalProperties": False,
+              "required": ["name", "arguments"],
+              "properties": {"name": {"const": function.name},
+                             "arguments": function.parameters or {"type": "object"}}}
+             for function in functions]
+    schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return f"call: %json {json.dumps({**schema, 'x-guidance': options})}\n"
+
+
+def _xml_calls(functions: list[ToolFunction], options: dict[str, Any]) -> str:
+    """The `call` rule of the `qwen3_coder` format (Qwen 3 Coder): `<function=NAME>`, each
+    parameter as `<parameter=P>`, its value and `</parameter>` on lines of their own,
+    then `</function>`. The required parameters come in the schema's order, each
+    optional one after them or not; a value is written as the parser reads its type
+    (text for a string, JSON for the rest)."""
+    rules = ["call: " + " | ".join(f"f{i}" for i in range(len(functions)))]
+    for i, function in enumerate(functions):
+        schema = function.parameters or {}
+        required = set(schema.get("required", []))
+        parameters: list[str] = []
+        for j, (name, value) in enumerate(dict(schema.get("properties", {})).items()):
+            rule = f"f{i}p{j}"
+            rules.append(f"{rule}: {json.dumps(f'<parameter={name}>{_NEWLINE}')} {rule}v "
+                         f"{json.dumps(f'{_NEWLINE}</parameter>{_NEWLINE}')}")
+            rules.append(f"{rule}v: {_xml_value(value, options)}")
+            parameters.append(rule if name in required else f"{rule}?")
+        rules.append(f"f{i}: {json.dumps(f'<function={function.name}>{_NEWLINE}')} "
+                     f"{' '.join(parameters)} \"</function>\"")
+    return "\n".join(rules) + "\n"
+
+
+def _xml_value(schema: Any, options: dict[str, Any]) -> str:
+    """One parameter's value in the `qwen3_coder` format, as a rule body."""
+    if not isinstance(schema, dict):
+        return "/[^<\\n]+/"
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        return " | ".join(json.dumps(v) for v in enum)
+    if schema.get("type") == "string":
+        most = schema.get("maxLength")
+        return f"/[^<\\n]{{1,{most}}}/" if isinstance(most, int) and most > 0 else "/[^<\\n]+/"
+    if schema.get("type") == "boolean":
+        return '"true" | "false"'
+    return f"%json {json.dumps({**schema, 'x-guidance': options})}"
+
+
+_CALLS: Final[dict[str, Callable[[list[ToolFunction], dict[str, Any]], str]]] = {
+    "json_tools": _json_calls, "qwen3_coder": _xml_calls}
+"""Tool-call formats whose calls `tool_choice_grammar` can write as a grammar, by the
+`mlx_lm.tool_parsers` module that reads them."""
 
 
 def constrained(sampling: SamplingParams, request: GenerateParams, model: str,
