@@ -42,10 +42,14 @@ def test_serve_measures_every_target_under_every_load(serve_results: Path) -> No
     document = _document(serve_results, "serve")
     results = document["results"]
     assert results["loads"] == ["c=1", "c=2", "20 req/s"]
-    ray = {serve.RAY} if importlib.util.find_spec("ray") is not None else set()
     assert set(results["runs"]) == {"mlx_lm.server", "corral (defaults)", "corral (thread)",
-                                    "corral (process)", "raw mlx_lm", *ray}
-    if ray:  # the Ray hop's cost, as a ratio to one corral serve in the same run
+                                    "corral (process)", "raw mlx_lm"}
+    if importlib.util.find_spec("ray") is not None:
+        # The Ray hop's cost, in its own phase: against one corral serve of that phase.
+        hop = results["ray_hop"]["runs"]
+        assert set(hop) == {serve.THREAD, serve.RAY}
+        assert all(s["completed"] == s["requests"] > 0
+                   for by_load in hop.values() for s in by_load.values())
         assert set(results["ray_ratio"]) == set(results["loads"])
         assert all(ratio > 0 for ratio in results["ray_ratio"].values())
     for target, by_load in results["runs"].items():

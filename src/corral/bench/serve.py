@@ -346,7 +346,7 @@ def _ratio(value: float, reference: float) -> float:
 
 
 async def _run(servers: list[ServerProcess], reference: ReferenceThread | None,
-               parameters: dict[str, Any]) -> dict[str, Any]:
+               parameters: dict[str, Any], baseline: str = BASELINE) -> dict[str, Any]:
     slo: Slo = parameters["slo"]
     results: dict[str, Any] = {"loads": [load.label for load in parameters["loads"]],
                                "runs": {}, "ratios": {}}
@@ -358,7 +358,7 @@ async def _run(servers: list[ServerProcess], reference: ReferenceThread | None,
             for name, target_runs in runs.items():
                 results["runs"].setdefault(name, {})[load.label] = _summary(target_runs, slo)
     for name, by_load in results["runs"].items():
-        results["ratios"][name] = {label: _ratios(summary, results["runs"][BASELINE][label])
+        results["ratios"][name] = {label: _ratios(summary, results["runs"][baseline][label])
                                    for label, summary in by_load.items()}
     return results
 
@@ -410,8 +410,8 @@ def _table(results: dict[str, Any], loads: Sequence[Load], goals: Sequence[Goal]
 
 def _ray_table(results: dict[str, Any]) -> None:
     """The Ray target's output throughput over the single corral serve's (thread, same
-    config), per load, into `results["ray_ratio"]` and a table."""
-    runs = results["runs"]
+    config) of the same phase, per load, into `results["ray_ratio"]` and a table."""
+    runs = results["ray_hop"]["runs"]
     results["ray_ratio"] = {
         label: _ratio(runs[RAY][label]["output_throughput"],
                       runs[THREAD][label]["output_throughput"]) for label in runs[RAY]}
@@ -420,12 +420,25 @@ def _ray_table(results: dict[str, Any]) -> None:
                 [(label, f"{ratio:.2f}x") for label, ratio in results["ray_ratio"].items()])
 
 
+def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, Any], *,
+           reference: bool, baseline: str = BASELINE) -> dict[str, Any]:
+    """Start `servers`, run every load against all of them (and the in-process raw
+    mlx_lm reference when asked), stop them; the results, ratios to `baseline`."""
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(server.running())
+        for server in servers:
+            server.wait_ready()
+        runner = (stack.enter_context(ReferenceThread(model_path).running())
+                  if reference else None)
+        return trio.run(_run, servers, runner, parameters, baseline)
+
+
 def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     """Run the serving benchmark, print its table and write ``serve.json``."""
     parameters: dict[str, Any] = dict(_SMOKE if smoke else _FULL)
     model_path = str(default_model_path())
-    with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory, \
-            contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory:
         work = Path(directory)
         servers = [_mlx_lm_server(model_path, work),
                    # What a user runs: no config file at all, info logs included.
@@ -433,27 +446,36 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
                    corral_server(THREAD, model_path, work, _corral_config("thread")),
                    corral_server("corral (process)", model_path, work,
                                  _corral_config("process"))]
+        results = _phase(servers, model_path, parameters, reference=True)
+        hop: list[ServerProcess] = []
         if importlib.util.find_spec("ray") is not None:  # corral[ray] installed
-            # The Ray hop's cost: two replicas of the thread target, through the ingress.
-            servers.append(corral_server(RAY, model_path, work, _corral_config("thread"),
-                                         ["--ray", "--replicas", "2"]))
-        for server in servers:
-            stack.enter_context(server.running())
-        for server in servers:
-            server.wait_ready()
-        reference = stack.enter_context(ReferenceThread(model_path).running())
-        results = trio.run(_run, servers, reference, parameters)
-        stack.close()
+            # The Ray hop's cost, in a phase of its own so that the Ray cluster's
+            # processes never share the cores with the targets above: two replicas of
+            # the thread target through the ingress, against one thread target.
+            hop = [corral_server(THREAD, model_path, work, _corral_config("thread")),
+                   corral_server(RAY, model_path, work, _corral_config("thread"),
+                                 ["--ray", "--replicas", "2"])]
+            results["ray_hop"] = _phase(hop, model_path, parameters, reference=False,
+                                        baseline=THREAD)
         results["exit_codes"] = {server.name: server.returncode for server in servers}
+        if hop:
+            results["exit_codes"][RAY] = hop[1].returncode
     corral = [s.name for s in servers if s.name != BASELINE]
     goals = _goals(results, parameters["loads"], corral)
+    if hop:
+        failed = sum(s["requests"] - s["completed"]
+                     for s in results["ray_hop"]["runs"][RAY].values())
+        goals.append(goal(f"{RAY} requests not completed", failed, "<=", 0))
     _table(results, parameters["loads"], goals)
-    if RAY in results["runs"]:
+    if hop:
         _ray_table(results)
     write_result("serve", {
         **parameters, "smoke": smoke, "model": model_path,
         "targets": {s.name: " ".join(s.command[1:]) for s in servers} | {
-            RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"},
+            RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"} | (
+            {RAY: " ".join(hop[1].command[1:])} if hop else {}),
+        "ray_hop": "a second phase, after the first's servers stopped: the Ray target "
+                   "and one corral (thread), side by side (results.ray_hop, ray_ratio)",
         "corral_config": {"defaults": "(none)", "thread": _corral_config("thread"),
                           "process": _corral_config("process")},
         "request": "POST /v1/completions, stream, stream_options.include_usage, "
