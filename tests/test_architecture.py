@@ -94,3 +94,17 @@ def test_no_private_name_crosses_a_module_boundary(path: Path) -> None:
     """Imported private names, and private attributes of objects that this module does
     not define (another module's internals)."""
     assert _private_imports(path) == []
+
+
+def test_the_runtime_and_its_servers_import_no_mlx() -> None:
+    """MLX loads in the engines only (a worker process, under process isolation): the
+    supervising process imports it for a request that needs it (tools), never at
+    import time."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, corral.runtime, corral.server.http, corral.server.jsonrpc; "
+             "print(sorted(m for m in ('mlx.core', 'mlx_lm', 'llguidance') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

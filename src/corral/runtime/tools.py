@@ -8,7 +8,10 @@ and the tool-call parser that mlx_lm's loader inferred from that template
 `TextStateMachine` (the same one `mlx_lm.server` uses), so the client gets the text
 around the calls as content and each call once it is complete.
 
-Pure Python, no MLX: it runs in the runtime's process under either isolation.
+No MLX of its own: it runs in the runtime's process under either isolation, and loads
+mlx_lm's parser and state machine only for a request that has tools (importing mlx_lm
+imports MLX, which a runtime whose engines run in worker processes otherwise never
+loads).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from collections.abc import Callable
 from typing import Any, Final, final
 
 import msgspec
-from mlx_lm.generate import TextStateMachine
 
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.grammar import lark_grammar
@@ -243,21 +245,24 @@ class ToolCallReader:
 
     def __init__(self, parser: str, tools: list[dict[str, Any]], *,
                  first_only: bool = False) -> None:
+        from mlx_lm.generate import TextStateMachine
+
         module = importlib.import_module(f"mlx_lm.tool_parsers.{parser}")
         self._parse = module.parse_tool_call
         self._start: str = module.tool_call_start
         self._end: str = module.tool_call_end
         self._tools = tools
         self._first_only = first_only
-        machine = TextStateMachine({"normal": [(self._start, "tool")],
-                                    "tool": [(self._end, "normal")] if self._end else []})
-        self._state = machine.make_state("normal")
+        self._machine = TextStateMachine({"normal": [(self._start, "tool")],
+                                          "tool": [(self._end, "normal")] if self._end
+                                          else []})
+        self._state = self._machine.make_state("normal")
         self._call_text = ""
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         """The content that `text` completes, and the calls it completes."""
-        self._state, segments = TextStateMachine.split(self._state, text)
+        self._state, segments = self._machine.split(self._state, text)
         content: list[str] = []
         calls: list[ToolCall] = []
         for index, (state, piece) in enumerate(segments):
