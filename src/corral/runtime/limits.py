@@ -34,13 +34,7 @@ def check_prompt_length(config: GenerationConfig, tokens: int, info: ModelInfo |
             f"(a prompt may have at most {context - 1}, leaving one token to generate)",
             {"field": "prompt", "prompt_tokens": tokens, "limit": context - 1,
              "context": context})
-    limit = config.max_prompt_tokens
-    if limit is not None:
-        over = f"over generation.max_prompt_tokens ({limit})"
-    elif context is None:
-        limit = UNKNOWN_CONTEXT_LIMIT
-        over = (f"over {limit} (the model's context is unknown; "
-                f"generation.max_prompt_tokens sets the limit)")
+    limit, over = _configured(config.max_prompt_tokens, "max_prompt_tokens", context)
     if limit is not None and tokens > limit:
         raise EngineClientError(Code.INVALID_PARAMS, f"prompt: {tokens} tokens, {over}",
                                 {"field": "prompt", "prompt_tokens": tokens, "limit": limit})
@@ -68,13 +62,7 @@ def max_tokens_for(config: GenerationConfig, requested: int | None, prompt_token
         requested -= generated
     prompt_tokens += generated
     context = info.max_context if info is not None else None
-    limit = config.max_tokens_limit
-    if limit is not None:
-        over = f"over generation.max_tokens_limit ({limit})"
-    elif context is None:
-        limit = UNKNOWN_CONTEXT_LIMIT
-        over = (f"over {limit} (the model's context is unknown; "
-                f"generation.max_tokens_limit sets the limit)")
+    limit, over = _configured(config.max_tokens_limit, "max_tokens_limit", context)
     room = context - prompt_tokens if context is not None else None
     if requested is None:
         caps = [c for c in (room, config.default_max_tokens, limit) if c is not None]
@@ -90,3 +78,15 @@ def max_tokens_for(config: GenerationConfig, requested: int | None, prompt_token
             {"field": "max_tokens", "limit": room, "prompt_tokens": prompt_tokens,
              "context": context})
     return requested
+
+
+def _configured(value: int | None, key: str, context: int | None) -> tuple[int | None, str]:
+    """The limit `generation.<key>` sets, else `UNKNOWN_CONTEXT_LIMIT` for a model whose
+    context is unknown, else None (the context alone decides); and how a refusal says
+    what it is over."""
+    if value is not None:
+        return value, f"over generation.{key} ({value})"
+    if context is None:
+        return UNKNOWN_CONTEXT_LIMIT, (f"over {UNKNOWN_CONTEXT_LIMIT} (the model's context "
+                                       f"is unknown; generation.{key} sets the limit)")
+    return None, ""
