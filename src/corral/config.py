@@ -43,7 +43,6 @@ __all__ = [
     "config_from_mapping",
     "config_warnings",
     "deep_merge",
-    "default_prefix_cache_bytes",
     "load_config",
     "render_config",
 ]
@@ -219,11 +218,13 @@ class FallbackResponse(_Section, frozen=True):
 
 class ModelConfig(_Section, frozen=True):
     """A model loaded at start: its alias, its path, and its fallbacks: other models'
-    aliases, then optionally cached and default response steps."""
+    aliases, then optionally cached and default response steps. `chat_template`
+    replaces the model's own: a Jinja template, or the path of a file holding one."""
 
     alias: _Name
     path: _Name
     fallbacks: tuple[_Name | FallbackResponse, ...] = ()
+    chat_template: _Name | None = None
 
     @property
     def fallback_aliases(self) -> tuple[str, ...]:
@@ -238,7 +239,7 @@ class PrefixCacheConfig(_Section, frozen=True):
     """Reuse of the KV cache of shared prompt prefixes, in memory and optionally on disk.
 
     `max_bytes: null` means one eighth of the machine's physical memory
-    (`default_prefix_cache_bytes`).
+    (`corral.engine.prefix_cache.default_prefix_cache_bytes`).
     """
 
     enabled: bool = True
@@ -246,19 +247,6 @@ class PrefixCacheConfig(_Section, frozen=True):
     disk_dir: _Name | None = None
     disk_min_tokens: _PositiveInt = 256
     disk_max_bytes: _NonNegativeInt = 4 * 1024**3
-
-
-def default_prefix_cache_bytes() -> int:
-    """One eighth of physical memory: the in-memory prefix cache bound when unset.
-
-    Unified memory (Apple silicon) holds the weights and the running batch's KV in the
-    same pool, so the cache takes a modest share; 0 where the size cannot be read.
-    """
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-    return max(0, total // 8)
 
 
 class GenerationConfig(_Section, frozen=True):
@@ -273,6 +261,7 @@ class GenerationConfig(_Section, frozen=True):
     prefill_batch_size: _PositiveInt = 8
     completion_batch_size: _PositiveInt = 32
     prefill_step_size: _PositiveInt = 2048
+    prefill_step_target_ms: _PositiveInt = 2000
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     def __post_init__(self) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import trio
 
 from corral.actors.core import Actor, ActorRef, Reply
 from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.engine.api import EngineClient, EngineStatistics, WorkerStandby, make_engine
+from corral.engine.pacing import OVERRUN_FACTOR
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.messages import (
     Accepted,
@@ -51,6 +53,22 @@ class EngineStalled(RuntimeError):
     """The engine had work and made no step for too long (the progress watchdog)."""
 
 
+class EngineProgress(msgspec.Struct, frozen=True):
+    """How the model's engine gets on with its work, for the watchdog and `/health`.
+
+    Attributes:
+        age_s: seconds since its last step while it had work (0 when idle).
+        limit_s: how long the step now running may take before it is stalled: the
+            larger of `stall_timeout_ms` and `OVERRUN_FACTOR` times its expected time.
+        stalled: the watchdog found it stalled; under thread isolation the actor then
+            waits for the engine thread to leave its step before it restarts.
+    """
+
+    age_s: float
+    limit_s: float
+    stalled: bool = False
+
+
 HeldCall = Tokenize | Detokenize | ApplyChatTemplate
 
 ModelMessage = (Submit | CancelSequence | EngineStep | EngineFailed | EngineLoaded | WaitReady
@@ -79,6 +97,8 @@ class ModelActor(Actor[ModelMessage]):
         on_ready: called with the model's info once it is loaded.
         step_listeners: observers of every step (benchmarks, tests); they never block.
         crash_on_failed_load: crash on a failed load (False: answer it instead).
+        chat_template: a Jinja chat template (or the path of a file holding one) to use
+            instead of the model's own.
     """
 
     Message = ModelMessage
@@ -88,7 +108,8 @@ class ModelActor(Actor[ModelMessage]):
                  standby: WorkerStandby | None = None,
                  on_ready: Callable[[ModelInfo], None] | None = None,
                  step_listeners: Sequence[Callable[[EngineStep], None]] = (),
-                 crash_on_failed_load: bool = True) -> None:
+                 crash_on_failed_load: bool = True,
+                 chat_template: str | None = None) -> None:
         self.alias = alias
         self.path = path
         self._config = config
@@ -103,17 +124,20 @@ class ModelActor(Actor[ModelMessage]):
         self._exited = False
         self._engine_failed = False
         self._last_progress = 0.0
+        self._stalled = False
         self._backlog = 0  # steps waiting in this mailbox for room at the registry
         self._held: list[tuple[HeldCall, Reply]] = []  # tokenizer calls during a load
         self._on_ready = on_ready
         self._step_listeners = step_listeners
         self._crash_on_failed_load = crash_on_failed_load
         self._load_error: EngineClientError | None = None  # a load that failed for good
+        self._chat_template = chat_template
 
     async def on_start(self) -> None:
         self._engine = make_engine(
             self.path, self._config, self._python, on_step=self._on_step,
-            on_failure=self._on_failure, start_soon=self.start_soon, standby=self._standby)
+            on_failure=self._on_failure, start_soon=self.start_soon, standby=self._standby,
+            chat_template=self._chat_template)
         self.start_soon(self._load)
         self.start_soon(self._watch_progress)
 
@@ -125,15 +149,31 @@ class ModelActor(Actor[ModelMessage]):
             self._engine.close_nowait()
 
     async def _watch_progress(self) -> None:
-        """Crash the actor when the engine has work but completes no step for
-        `stall_timeout_ms`: a hang is a failure, and the restart resumes its streams."""
-        stall = self._config.stall_timeout_ms / 1000.0
+        """Crash the actor when the engine has work but its step overruns its limit (see
+        `EngineProgress.limit_s`): a hang is a failure, and the restart resumes its
+        streams. Slow is not stuck: a step expected to be long may take long.
+
+        A worker process is killed at the crash (`on_exit`). An engine thread cannot be
+        killed: it is told to stop, and the crash waits until it has left its step, so
+        that a second engine never computes beside it. Until then new work waits in
+        this actor, and `/health` says why.
+        """
+        floor = self._config.stall_timeout_ms / 1000.0
         while True:
-            await trio.sleep(stall / 4)
-            idle_for = trio.current_time() - self._last_progress
-            if self._running and idle_for > stall:
-                raise EngineStalled(f"engine of model {self.alias} made no step for "
-                                    f"{idle_for:.3f}s with {len(self._running)} sequences")
+            await trio.sleep(floor / 4)
+            progress = self.progress()
+            if progress.age_s <= progress.limit_s:
+                continue
+            reason = (f"engine of model {self.alias} made no step for {progress.age_s:.3f}s "
+                      f"(limit {progress.limit_s:.3f}s) with {len(self._running)} sequences")
+            self._stalled = self._engine_failed = True
+            self.ctx.log.error("model.engine_stalled", model=self.alias,
+                               age_s=round(progress.age_s, 3),
+                               limit_s=round(progress.limit_s, 3),
+                               sequences=len(self._running))
+            if self._engine is not None and self._config.isolation == "thread":
+                await self._engine.close()
+            raise EngineStalled(reason)
 
     async def on_stop(self) -> None:
         if self._engine is not None:
@@ -294,9 +334,13 @@ class ModelActor(Actor[ModelMessage]):
         """The engine's counters (with the worker's `pid` under process isolation)."""
         return self._engine.statistics() if self._engine is not None else None
 
-    def progress_age(self) -> float:
-        """Seconds since the engine last made progress while it had work (0 when idle)."""
-        return trio.current_time() - self._last_progress if self._running else 0.0
+    def progress(self) -> EngineProgress:
+        """How the engine gets on with its work now (see `EngineProgress`)."""
+        floor = self._config.stall_timeout_ms / 1000.0
+        stats = self._engine.statistics() if self._engine is not None else None
+        expected = stats.step_expected_s if stats is not None else 0.0
+        age = trio.current_time() - self._last_progress if self._running else 0.0
+        return EngineProgress(age, max(floor, OVERRUN_FACTOR * expected), self._stalled)
 
     def _loaded(self, info: ModelInfo) -> None:
         self._info = info

@@ -18,7 +18,7 @@ import collections
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Final, final
 
 import msgspec
 import trio
@@ -52,6 +52,8 @@ from corral.protocol.messages import (
     TokenOut,
     ToolCall,
 )
+
+_MAX_STALL_RESUMES: Final = 2  # a stream's engine stalling a third time ends it
 
 
 class StreamChunk(msgspec.Struct, frozen=True):
@@ -106,6 +108,7 @@ class StreamBuffer:
         self.error: CorralError | None = None
         self.sequence: EngineSequence | None = None  # as first submitted, for resume
         self.resumes = 0
+        self.stalls = 0  # resumes after the progress watchdog found its engine stalled
         self.wants_logprobs = logprobs
         self._want_top = logprobs and alternatives
         self._logprobs: list[float] = []
@@ -301,8 +304,9 @@ class StreamRegistry(Actor[RegistryMessage]):
             case CloseStream(stream_id=stream_id, reason=reason):
                 await self._close(stream_id, reason, None)
             case ModelDown(model=model, reason=reason):
+                stalled = reason.error == "EngineStalled"
                 for entry in [e for e in self._active.values() if e.model == model]:
-                    await self._recover(entry, reason.describe())
+                    await self._recover(entry, reason.describe(), stalled=stalled)
             case Reconcile(model=model, running=running):
                 for entry in [e for e in self._active.values()
                               if e.model == model and e.stream_id not in running]:
@@ -441,14 +445,16 @@ class StreamRegistry(Actor[RegistryMessage]):
             self.ctx.log.info("registry.cancel_undelivered", model=model,
                               stream_id=message.seq_id)
 
-    async def _recover(self, entry: _Entry, why: str) -> None:
+    async def _recover(self, entry: _Entry, why: str, *, stalled: bool = False) -> None:
         """A stream whose sequence the model lost: resume it, or end it with the text so far.
 
         Resumed (the client sees one unbroken stream): sequences with deterministic
         sampling, and any sequence that had produced nothing yet. They are re-submitted
         as prompt + tokens already delivered with max_tokens reduced; a submit to a
         restarting model waits in its stash. Others end with a retryable
-        GenerationError carrying `partial_text`.
+        GenerationError carrying `partial_text`. A stream whose engine `stalled` a third
+        time since it started ends with a GenerationError that is not retryable: the
+        same work would stall the same way, so it is not resumed in a loop.
         """
         buffer = self._table.get(entry.stream_id)
         if buffer is None:
@@ -456,6 +462,17 @@ class StreamRegistry(Actor[RegistryMessage]):
         if buffer.ended:
             self._release(entry.stream_id)
             return
+        if stalled:
+            buffer.stalls += 1
+            if buffer.stalls > _MAX_STALL_RESUMES:
+                await self._close(entry.stream_id, "error", EngineClientError(
+                    Code.GENERATION_ERROR,
+                    f"model {entry.model} stalled {buffer.stalls} times on this stream, "
+                    f"and it was resumed {_MAX_STALL_RESUMES} times: {why}",
+                    {"partial_text": buffer.text, "model": entry.model,
+                     "completion_tokens": len(buffer.tokens), "stalls": buffer.stalls},
+                    retryable=False), cancel_sequence=False)
+                return
         seq = buffer.sequence
         if (seq is not None and (not buffer.tokens or seq.sampling.deterministic)
                 and buffer.resumes < self._max_resumes):

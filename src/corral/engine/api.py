@@ -93,7 +93,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
                 on_step: Callable[[EngineStep], None],
                 on_failure: Callable[[BaseException], None],
                 start_soon: StartSoon,
-                standby: WorkerStandby | None = None) -> EngineClient:
+                standby: WorkerStandby | None = None,
+                chat_template: str | None = None) -> EngineClient:
     """The engine of one model, not started: in a thread or in a worker process, as
     `generation.isolation` says.
 
@@ -110,6 +111,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
             thread engine does not use it.
         standby: the model's worker started ahead of need, adopted by a process engine
             (process isolation only).
+        chat_template: a Jinja chat template, or the path of a file holding one, to use
+            instead of the model's own.
 
     Returns:
         The engine, not started: its owner `start`s it, and `close`s it (or
@@ -119,7 +122,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         prefill_batch_size=generation.prefill_batch_size,
         completion_batch_size=generation.completion_batch_size,
         prefill_step_size=generation.prefill_step_size,
-        prefix_cache=generation.prefix_cache)
+        prefill_step_target_ms=generation.prefill_step_target_ms,
+        prefix_cache=generation.prefix_cache, chat_template=chat_template)
     if generation.isolation == "thread":
         return Engine(path, on_step=on_step, on_failure=on_failure, **options)
     return ProcessEngine(

@@ -42,7 +42,11 @@ class EngineOptions(TypedDict, total=False):
     Attributes:
         prefill_batch_size: prompts prefilled together at most.
         completion_batch_size: sequences decoding together at most.
-        prefill_step_size: prompt tokens per forward pass while prefilling.
+        prefill_step_size: the most prompt tokens of one sequence in one step.
+        prefill_step_target_ms: the measured work a step takes on while prompts are
+            prefilled (see `corral.engine.pacing`).
+        chat_template: a Jinja chat template, or the path of a file holding one, to use
+            instead of the model's own.
         prefix_cache: reuse of the KV of prompt prefixes seen before (see
             `corral.engine.prefix_cache`); it lives where the engine runs.
     """
@@ -50,7 +54,9 @@ class EngineOptions(TypedDict, total=False):
     prefill_batch_size: int
     completion_batch_size: int
     prefill_step_size: int
+    prefill_step_target_ms: int
     prefix_cache: PrefixCacheConfig
+    chat_template: str | None
 
 
 class EngineStatistics(msgspec.Struct, frozen=True):
@@ -65,6 +71,9 @@ class EngineStatistics(msgspec.Struct, frozen=True):
         generation_tokens: tokens generated.
         last_step_at: `time.monotonic()` at the end of the last step, or None.
         loaded: the model is loaded and the engine serves commands.
+        step_expected_s: seconds the step now running is expected to take, from the
+            measured speed of earlier steps; 0 between steps and before any measurement
+            (see `corral.engine.pacing`).
         prefix_cache: the prefix cache's counters (all zero while it is off).
     """
 
@@ -76,6 +85,7 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     last_step_at: float | None
     loaded: bool
     prefix_cache: PrefixCacheStatistics = PrefixCacheStatistics()
+    step_expected_s: float = 0.0
 
 
 def validate_sequence(seq: EngineSequence, vocab_size: int, *,

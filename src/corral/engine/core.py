@@ -18,15 +18,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import structlog
 
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
 from corral.engine.guidance import Guidance, tool_calling
+from corral.engine.loading import load_weights
 from corral.engine.logprobs import token_logprobs
+from corral.engine.pacing import StepPacer
+from corral.engine.prefill_sharing import PrefillSharing
 from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
-from corral.engine.prefix_index import BLOCK, common_prefix_length
 from corral.engine.sampling import sequence_sampler
 from corral.engine.text import StopText
 from corral.protocol.errors import Code, EngineClientError
@@ -46,9 +48,8 @@ __all__ = ["STOP", "Command", "EngineCore", "GrammarCompiled", "Stop", "Tokenize
 
 _log = structlog.get_logger("corral.engine")
 
-# A sequence waits for a sequence ahead of it to finish prefilling when that one will
-# compute at least this many of its leading tokens that no cache holds yet.
-_SHARE_AT_LEAST: Final = 2 * BLOCK
+_SLOW_S_PER_TOKEN: Final = 0.01  # what the "slow" fault adds to a step per prompt token
+_STUCK_S: Final = 2.0  # how long the "stuck" fault blocks a step
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class _Sequence:
     logprobs: int | None  # alternatives to report with each token; None: no logprobs
     tokens: list[int]  # prompt + generated as submitted: what its prefill computes
     cached_tokens: int  # leading tokens taken from the prefix cache, not prefilled
+    to_prefill: int  # tokens its prefill has still to compute
     prefilled: bool = False
     reported: bool = False  # cached_tokens went out with the first TokenOut
 
@@ -129,11 +131,12 @@ class EngineCore:
         self._uid_of: dict[int, int] = {}
         self._prefix: PrefixCache | None = None
         # Sequences waiting for the uid they share a prefix with to finish prefilling.
-        self._waiting_on: dict[int, list[EngineSequence]] = {}
-        self._waiting: dict[int, int] = {}  # seq_id -> the uid it waits on
+        self._sharing = PrefillSharing()
         self._guidance: Guidance | None = None
         self._compiling: dict[int, EngineSequence] = {}  # waiting for their grammar
         self._fault: FaultKind | None = None
+        self._pacer = StepPacer(settings.prefill_step_target_ms / 1000.0,
+                                settings.prefill_step_size)
 
     def statistics(self, submitted: int) -> EngineStatistics:
         """The counters now, `submitted` being the submits the trio side has queued."""
@@ -143,7 +146,7 @@ class EngineCore:
         return EngineStatistics(
             steps=self._steps,
             active=live - prefilling,
-            queued=(prefilling + len(self._waiting) + len(self._compiling)
+            queued=(prefilling + len(self._sharing) + len(self._compiling)
                     + max(0, submitted - self._applied)),
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
@@ -151,30 +154,22 @@ class EngineCore:
             loaded=self.serving,
             prefix_cache=(prefix.statistics() if prefix is not None
                           else PrefixCacheStatistics()),
+            step_expected_s=self._pacer.expected_s,
         )
 
     # -- loading and unloading ------------------------------------------------------
 
     def load(self) -> ModelInfo:
-        """Load the model, its tokenizer and a `BatchGenerator` on a stream of this
-        thread; from then on the core serves.
+        """Load the model and its tokenizer (see `load_weights`) and make a
+        `BatchGenerator` on a stream of this thread; from then on the core serves.
 
         Raises:
-            Exception: whatever ``mlx_lm.load`` raised.
+            Exception: whatever `load_weights` raised.
         """
-        import mlx.core as mx
-        import mlx_lm
         from mlx_lm.generate import BatchGenerator, StopSequences
 
-        # A stream made here belongs to this thread; mlx_lm's module-level
-        # `generation_stream` belongs to whichever thread imported mlx_lm first.
-        stream = mx.new_stream(mx.default_device())
-        began = time.monotonic()
-        with mx.stream(stream):
-            # mlx_lm's annotation leaves out the config that return_config=True adds.
-            model, tokenizer, config = cast(
-                tuple[Any, Any, dict[str, Any]], mlx_lm.load(self.path, return_config=True))
-        load_seconds = time.monotonic() - began
+        loaded = load_weights(self.settings)
+        model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
         eos = sorted(int(t) for t in tokenizer.eos_token_ids)
@@ -183,18 +178,18 @@ class EngineCore:
         self._generator = BatchGenerator(
             model, completion_batch_size=settings.completion_batch_size,
             prefill_batch_size=settings.prefill_batch_size,
-            prefill_step_size=settings.prefill_step_size, stream=stream)
+            prefill_step_size=settings.prefill_step_size, stream=loaded.stream)
         self._prefix = open_prefix_cache(self.settings.prefix_cache, self.path, model,
                                          config)
         self._guidance = Guidance(tokenizer, self._vocab_size, eos,
                                   lambda grammar: self._commands.put(GrammarCompiled(grammar)))
         max_context = config.get("max_position_embeddings")
-        _log.debug("engine.loaded", path=self.path, seconds=round(load_seconds, 3))
+        _log.debug("engine.loaded", path=self.path, seconds=round(loaded.seconds, 3))
         self.serving = True
         return ModelInfo(
             path=self.path, vocab_size=self._vocab_size, eos_token_ids=eos,
             max_context=int(max_context) if max_context is not None else None,
-            load_seconds=load_seconds, has_chat_template=bool(tokenizer.has_chat_template),
+            load_seconds=loaded.seconds, has_chat_template=bool(tokenizer.has_chat_template),
             tool_calling=tool_calling(tokenizer), structured_output=self._guidance.supported)
 
     def teardown(self) -> None:
@@ -209,8 +204,7 @@ class EngineCore:
             self._generator = self._model = self._tokenizer = None
             self._by_uid.clear()
             self._uid_of.clear()
-            self._waiting_on.clear()
-            self._waiting.clear()
+            self._sharing.clear()
             self._compiling.clear()
             if self._guidance is not None:
                 self._guidance.close()
@@ -288,34 +282,12 @@ class EngineCore:
 
     def _place(self, seq: EngineSequence) -> None:
         tokens = [*seq.prompt, *seq.generated]
-        leader = self._leader_for(tokens)
+        leader = (None if self._prefix is None else self._sharing.leader_for(
+            tokens, self._prefix.covered(tokens), self._by_uid.values()))
         if leader is None:
             self._start(seq, tokens)
         else:
-            self._waiting_on.setdefault(leader, []).append(seq)
-            self._waiting[seq.seq_id] = leader
-
-    def _leader_for(self, tokens: list[int]) -> int | None:
-        """The uid of a sequence still prefilling whose KV would save this one at least
-        `_SHARE_AT_LEAST` tokens of prefill over what the cache holds now, or None.
-
-        Waiting for it costs no more than prefilling those tokens again would, as long
-        as they are at least half of what that sequence prefills: a short shared start
-        is not worth waiting behind a long prompt for. A twin (the same tokens, as the `n`
-        choices of one request have) waits whenever the prompt can be cached at all, so
-        that it is prefilled once."""
-        if self._prefix is None:
-            return None
-        covered = self._prefix.covered(tokens)
-        best, best_shared = None, covered + _SHARE_AT_LEAST - 1
-        for seq in self._by_uid.values():
-            if not seq.prefilled:
-                shared = min(common_prefix_length(seq.tokens, tokens), len(tokens) - 1)
-                if seq.tokens == tokens and shared >= BLOCK and shared > covered:
-                    return seq.uid
-                if shared > best_shared and 2 * shared >= len(seq.tokens) - seq.cached_tokens:
-                    best, best_shared = seq.uid, shared
-        return best
+            self._sharing.wait(seq, leader)
 
     def _start(self, seq: EngineSequence, tokens: list[int]) -> None:
         from mlx_lm.generate import StopSequences
@@ -351,16 +323,14 @@ class EngineCore:
         for token in seq.generated:
             text.push(token)
         alternatives = sampling.top_logprobs if sampling.logprobs else None
-        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, alternatives, tokens, cached)
+        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, alternatives, tokens, cached,
+                                      len(tokens) - cached)
         self._uid_of[seq.seq_id] = uid
 
     def _remove(self, seq_id: int) -> None:
         if self._compiling.pop(seq_id, None) is not None:
             return
-        leader = self._waiting.pop(seq_id, None)
-        if leader is not None:
-            self._waiting_on[leader] = [
-                s for s in self._waiting_on[leader] if s.seq_id != seq_id]
+        if self._sharing.forget(seq_id):
             return
         uid = self._uid_of.pop(seq_id, None)
         if uid is not None:
@@ -372,8 +342,7 @@ class EngineCore:
     def _release_waiters(self, uid: int) -> None:
         """Start the sequences that waited for `uid` to prefill; they look the cache up
         again now, and find its KV."""
-        for seq in self._waiting_on.pop(uid, []):
-            del self._waiting[seq.seq_id]
+        for seq in self._sharing.release(uid):
             self._start(seq, [*seq.prompt, *seq.generated])
 
     def _keep(self, caches: dict[int, tuple[list[Any], list[int]]], *,
@@ -392,12 +361,20 @@ class EngineCore:
         if self._fault == "raise":
             self._fault = None
             raise RuntimeError("injected engine fault")
+        if self._fault == "stuck":
+            self._fault = None
+            time.sleep(_STUCK_S)
+        self._pace()
         prompt_responses, generation_responses = self._generator.next()
         self._steps += 1
         prefilled: list[int] = []
+        prompt_tokens = 0
         for response in prompt_responses:
+            seq = self._by_uid[response.uid]
+            done, total = response.progress
+            prompt_tokens += seq.to_prefill - (total - done)
+            seq.to_prefill = total - done
             if response.end_of_prompt:
-                seq = self._by_uid[response.uid]
                 seq.prefilled = True
                 self._prompt_tokens += len(seq.tokens) - seq.cached_tokens
                 prefilled.append(seq.seq_id)
@@ -414,10 +391,25 @@ class EngineCore:
             seq = self._by_uid[response.uid]
             outputs.append(self._token_out(seq, response, stopped))
         self._generation_tokens += len(outputs)
+        if self._fault == "slow":
+            time.sleep(prompt_tokens * _SLOW_S_PER_TOKEN)
+        self._pacer.end(prompt_tokens)
         if stopped:
             self._keep(self._generator.remove(stopped, return_prompt_caches=True))
         self._last_step_at = time.monotonic()
         self._post_step(EngineStep(self._steps, outputs, prefilled))
+
+    def _pace(self) -> None:
+        """Size this step's prefill chunk and start timing it.
+
+        BatchGenerator prefills up to `prefill_batch_size` sequences together, oldest
+        first, each by one chunk: its `prefill_step_size`, read at every step."""
+        prefilling = [s for s in self._by_uid.values() if not s.prefilled]
+        prefilling = prefilling[:self.settings.prefill_batch_size]
+        chunk = self._pacer.chunk(len(prefilling))
+        self._generator.prefill_step_size = chunk
+        tokens = sum(min(s.to_prefill, chunk) for s in prefilling)
+        self._pacer.begin(tokens, decodes=len(prefilling) < len(self._by_uid))
 
     def _token_out(self, seq: _Sequence, response: Any, stopped: list[int]) -> TokenOut:
         token = int(response.token)

@@ -21,18 +21,19 @@ Engine thread only. Nothing here fails a request: the worst case is a miss.
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from corral.config import PrefixCacheConfig, default_prefix_cache_bytes
+from corral.config import PrefixCacheConfig
 from corral.engine.prefix_disk import DiskPrefixStore, model_identity
 from corral.engine.prefix_index import BLOCK, PrefixIndex
 from corral.protocol.messages import PrefixCacheStatistics
 
-__all__ = ["Hit", "PrefixCache", "open_prefix_cache", "reusable"]
+__all__ = ["Hit", "PrefixCache", "default_prefix_cache_bytes", "open_prefix_cache", "reusable"]
 
 _log = structlog.get_logger("corral.engine")
 
@@ -43,6 +44,19 @@ def reusable(cache: list[Any]) -> bool:
 
     return bool(cache) and can_trim_prompt_cache(cache) and all(
         hasattr(c, "merge") for c in cache)
+
+
+def default_prefix_cache_bytes() -> int:
+    """One eighth of physical memory: the in-memory prefix cache bound when unset.
+
+    Unified memory (Apple silicon) holds the weights and the running batch's KV in the
+    same pool, so the cache takes a modest share; 0 where the size cannot be read.
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return max(0, total // 8)
 
 
 def open_prefix_cache(settings: PrefixCacheConfig, path: str, model: Any,

@@ -303,8 +303,9 @@ class ProcessEngine(EngineBase):
             self._send(CancelSequence(seq_id))
 
     def inject_fault(self, kind: FaultKind) -> None:
-        """Test hook: ``"raise"`` and ``"hang"`` as in `Engine.inject_fault`; ``"exit"``
-        makes the worker call ``os._exit(3)``; ``"segfault"`` makes it read address 0.
+        """Test hook: ``"raise"``, ``"hang"``, ``"stuck"`` and ``"slow"`` as in
+        `Engine.inject_fault`; ``"exit"`` makes the worker call ``os._exit(3)``;
+        ``"segfault"`` makes it read address 0.
 
         Raises:
             EngineClientError: ModelNotLoaded if the engine is not serving.
@@ -363,6 +364,7 @@ class ProcessEngine(EngineBase):
             loaded=self._info is not None and not self._stopped,
             prefix_cache=(beat.prefix_cache if beat is not None
                           else PrefixCacheStatistics()),
+            step_expected_s=beat.step_expected_s if beat is not None else 0.0,
             pid=self.pid,
             hello_at=self._hello_at,
             last_heartbeat_at=self._last_heartbeat_at,

@@ -64,8 +64,9 @@ class Engine(EngineBase):
     call is one numbered `EngineStep` posted to `on_step` in the trio thread, holding a
     `TokenOut` for every sequence that produced a token in it.
 
-    Steps are pipelined by mlx_lm: a sequence's prompt is processed in one step (its
-    id is in that step's `prefilled`), its first token is sampled in the same step and
+    Steps are pipelined by mlx_lm: a sequence's prompt is processed in chunks, one a
+    step, sized from the measured speed (see `corral.engine.pacing`); its id is in the
+    `prefilled` of the step that ends it, its first token is sampled in the same step and
     returned by the next one, and every step samples the token the following step
     returns. So the sampler of a sequence is called exactly once per token, in order,
     and a sequence removed between steps never emits the token sampled ahead for it.
@@ -184,8 +185,10 @@ class Engine(EngineBase):
 
         ``"raise"`` makes the step raise ``RuntimeError("injected engine fault")``, so
         `on_failure` is called; ``"hang"`` blocks the engine thread instead of stepping,
-        until `close`. ``"exit"`` and ``"segfault"`` end a worker process; in-process
-        they do nothing.
+        until `close`; ``"stuck"`` blocks it for 2 s, deaf to `close`; ``"slow"`` makes
+        every later step sleep 10 ms per prompt token it prefills (a slow machine: slow,
+        not stuck). ``"exit"`` and ``"segfault"`` end a worker process; in-process they
+        do nothing.
 
         Raises:
             EngineClientError: ModelNotLoaded if the engine is not serving.

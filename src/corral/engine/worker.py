@@ -300,7 +300,7 @@ class _Worker:
         age = None if stats.last_step_at is None else time.monotonic() - stats.last_step_at
         return Heartbeat(stats.steps, stats.active, stats.queued, self._submits,
                          stats.prompt_tokens, stats.generation_tokens, age,
-                         stats.prefix_cache)
+                         stats.prefix_cache, stats.step_expected_s)
 
 
 class _FrameWriter:

@@ -389,10 +389,12 @@ class ListSequences(msgspec.Struct, frozen=True, tag=True):
     reply_type: ClassVar[type[Sequences]] = Sequences
 
 
-FaultKind = Literal["raise", "hang", "exit", "segfault"]
-"""Test hooks: the engine's next step raises or hangs (until it is closed); in process
-isolation the whole worker also ends, with `os._exit(3)` ("exit") or a real SIGSEGV
-("segfault")."""
+FaultKind = Literal["raise", "hang", "stuck", "slow", "exit", "segfault"]
+"""Test hooks: the engine's next step raises or hangs (until it is closed); "stuck" makes
+it block for 2 s whatever happens, as a step in a call that does not return; "slow" makes
+every later step take 10 ms more per prompt token it prefills, as a slow machine would;
+in process isolation the whole worker also ends, with `os._exit(3)` ("exit") or a real
+SIGSEGV ("segfault")."""
 
 
 class InjectFault(msgspec.Struct, frozen=True, tag=True):

@@ -38,7 +38,7 @@ __all__ = [
     "LoadFailed", "Loaded", "Shutdown", "Step", "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 4
+PROTOCOL_VERSION: Final = 5
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 
@@ -49,15 +49,21 @@ class EngineSettings(msgspec.Struct, frozen=True):
         path: a local model directory for ``mlx_lm.load``.
         prefill_batch_size: prompts prefilled together at most.
         completion_batch_size: sequences decoding together at most.
-        prefill_step_size: prompt tokens per forward pass while prefilling.
+        prefill_step_size: the most prompt tokens of one sequence in one step.
+        prefill_step_target_ms: the measured work a step takes on while prompts are
+            prefilled: long prompts are cut into chunks of about this long.
         prefix_cache: reuse of the KV of prompt prefixes seen before.
+        chat_template: a Jinja chat template, or the path of a file holding one, to use
+            instead of the model's own.
     """
 
     path: str
     prefill_batch_size: int = 8
     completion_batch_size: int = 32
     prefill_step_size: int = 2048
+    prefill_step_target_ms: int = 2000
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+    chat_template: str | None = None
 
 
 # -- parent -> worker ----------------------------------------------------------------
@@ -154,6 +160,8 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
         last_step_age_s: seconds since the end of the last step; None before the first
             (the worker's own view, for logs: the parent times the step frames).
         prefix_cache: the engine's prefix cache counters.
+        step_expected_s: the expected time of the step now running (see
+            `corral.engine.pacing`), so the parent's watchdog scales its limit.
     """
 
     steps: int
@@ -164,6 +172,7 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     generation_tokens: int
     last_step_age_s: float | None
     prefix_cache: PrefixCacheStatistics = PrefixCacheStatistics()
+    step_expected_s: float = 0.0
 
 
 class Failed(msgspec.Struct, frozen=True, tag=True):

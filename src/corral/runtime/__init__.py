@@ -131,7 +131,8 @@ class Runtime:
     # -- models ------------------------------------------------------------------------
 
     async def load_model(self, path: str, *, alias: str | None = None,
-                         fallbacks: tuple[str | FallbackResponse, ...] = ()) -> ModelDescription:
+                         fallbacks: tuple[str | FallbackResponse, ...] = (),
+                         chat_template: str | None = None) -> ModelDescription:
         """Load a model: a local directory, or a Hugging Face model id already in the
         local cache (never downloaded; see `resolve_model_path`).
 
@@ -143,13 +144,16 @@ class Runtime:
             fallbacks: aliases of loaded models to serve in its place while its breaker
                 is open, then optionally `FallbackResponse` steps (a cached completion,
                 a default text) for when none of them can.
+            chat_template: a Jinja chat template, or the path of a file holding one,
+                to use instead of the model's own (e.g. one that renders tools).
 
         Raises:
             EngineClientError: InvalidParams for a taken alias or unknown fallback,
                 ModelLoadError when the path leads to no model or the engine cannot
                 load it.
         """
-        return await self.models.load(path, alias=alias, fallbacks=fallbacks)
+        return await self.models.load(path, alias=alias, fallbacks=fallbacks,
+                                      chat_template=chat_template)
 
     async def unload_model(self, alias: str) -> None:
         """Stop a model's subtree and forget it. Its open streams end with a
@@ -254,9 +258,7 @@ class Runtime:
     def health(self) -> Health:
         models = self.list_models()
         return assess(self.system, models, draining=self.draining,
-                      progress_ages={m.alias: self.models.progress_age(m.alias)
-                                     for m in models},
-                      stall_s=self.config.generation.stall_timeout_ms / 1000.0,
+                      progress={m.alias: self.models.progress(m.alias) for m in models},
                       active_streams=len(self.table.open_buffers()))
 
     async def registry_state(self, *, timeout: float | None = None) -> RegistryState:
@@ -358,7 +360,8 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
             runtime.attach(root)
             for model in config.generation.models:
                 await runtime.load_model(model.path, alias=model.alias,
-                                         fallbacks=model.fallbacks)
+                                         fallbacks=model.fallbacks,
+                                         chat_template=model.chat_template)
             for alias, path in (models or {}).items():
                 await runtime.load_model(path, alias=alias)
             yield runtime

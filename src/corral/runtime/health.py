@@ -12,6 +12,7 @@ import msgspec
 
 from corral.actors.breaker import BreakerStatistics
 from corral.actors.core import ActorSystem
+from corral.actors.model import EngineProgress
 from corral.protocol.messages import ModelInfo, PrefixCacheStatistics, RegistryState
 from corral.rolling import RollingSnapshot
 
@@ -95,9 +96,10 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
 
 
 def assess(system: ActorSystem, models: list[ModelDescription], *, draining: bool,
-           progress_ages: dict[str, float], stall_s: float, active_streams: int) -> Health:
+           progress: dict[str, EngineProgress | None], active_streams: int) -> Health:
     """The runtime's health: not ok while a domain is not running, a model failed, the
-    server drains, or an engine with work made no step for half the stall timeout."""
+    server drains, or an engine with work made no step for half its step's limit (see
+    `EngineProgress`), or stalled and waits for its engine thread to stop."""
     domains = []
     reasons = []
     for name in DOMAINS:
@@ -113,8 +115,13 @@ def assess(system: ActorSystem, models: list[ModelDescription], *, draining: boo
                            else f"model {model.alias} is reloading")
     if draining:
         reasons.append("shutting down")
-    for alias, age in progress_ages.items():
-        if age > stall_s / 2:
-            reasons.append(f"model {alias} has work but made no step for {age:.1f}s")
+    for alias, engine in progress.items():
+        if engine is not None and engine.stalled:
+            reasons.append(f"model {alias} stalled: its engine made no step for "
+                           f"{engine.age_s:.1f}s, and it restarts once the engine has "
+                           f"stopped")
+        elif engine is not None and engine.age_s > engine.limit_s / 2:
+            reasons.append(f"model {alias} has work but made no step for "
+                           f"{engine.age_s:.1f}s (limit {engine.limit_s:.1f}s)")
     return Health(ok=not reasons, domains=domains, models=models,
                   active_streams=active_streams, reasons=reasons)

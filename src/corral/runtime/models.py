@@ -18,7 +18,7 @@ import trio
 
 from corral.actors.breaker import BreakerActor
 from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.model import ModelActor
+from corral.actors.model import EngineProgress, ModelActor
 from corral.actors.supervisor import ChildSpec, Supervisor
 from corral.config import FallbackResponse, ModelConfig, RuntimeConfig
 from corral.engine.api import (
@@ -118,12 +118,14 @@ class Models:
             self._config, model.alias, model.source, registry=self._system.ref(REGISTRY),
             standby_for=self._standby_for, on_start=lambda: self.watch(model),
             on_ready=model.ready, step_listeners=model.step_listeners,
+            chat_template=model.config.chat_template,
             crash_on_failed_load=lambda: not model.in_trial)
 
     # -- loading -----------------------------------------------------------------------
 
     async def load(self, path: str, *, alias: str | None = None,
-                   fallbacks: tuple[str | FallbackResponse, ...] = ()) -> ModelDescription:
+                   fallbacks: tuple[str | FallbackResponse, ...] = (),
+                   chat_template: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
         alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
         if alias in self.by_alias:
@@ -134,7 +136,8 @@ class Models:
                 raise EngineClientError(Code.INVALID_PARAMS,
                                         f"fallbacks: {name!r} is not a loaded model",
                                         {"field": "fallbacks"})
-        model = ModelRecord(ModelConfig(alias=alias, path=path, fallbacks=fallbacks),
+        model = ModelRecord(ModelConfig(alias=alias, path=path, fallbacks=fallbacks,
+                                        chat_template=chat_template),
                             resolve_model_path(path))
         self.by_alias[alias] = model
         try:
@@ -297,10 +300,10 @@ class Models:
         actor = self.live(alias, "model")
         return actor.engine_statistics() if isinstance(actor, ModelActor) else None
 
-    def progress_age(self, alias: str) -> float:
-        """Seconds the model's engine has had work without a step (0 when idle)."""
+    def progress(self, alias: str) -> EngineProgress | None:
+        """How the model's engine gets on with its work; None while no actor runs it."""
         actor = self.live(alias, "model")
-        return actor.progress_age() if isinstance(actor, ModelActor) else 0.0
+        return actor.progress() if isinstance(actor, ModelActor) else None
 
 
 def held_open(model: ModelRecord) -> CircuitBreakerOpenError:
