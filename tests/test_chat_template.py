@@ -44,4 +44,5 @@ async def test_a_template_that_does_not_render_is_a_client_error_and_the_model_s
             await rt.complete("broken", messages=MESSAGES, max_tokens=1)
         assert caught.value.code is Code.TOKENIZER_ERROR
         assert "no chat here" in caught.value.message
-        assert (await rt.complete("broken", prompt="Hello", max_tokens=2)).usage.completion_tokens == 2
+        reply = await rt.complete("broken", prompt="Hello", max_tokens=2)
+        assert reply.usage.completion_tokens == 2

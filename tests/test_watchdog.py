@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import structlog
 import trio
+from tests.conftest import wait_until
 
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import Code, CorralError
 from corral.protocol.messages import EngineStep
 from corral.runtime import Runtime, open_runtime
-from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -262,6 +262,7 @@ class GenerationConfig(_Section, frozen=True):
     completion_batch_size: _PositiveInt = 32
     prefill_step_size: _PositiveInt = 2048
     prefill_step_target_ms: _PositiveInt = 2000
+    cpu_dequantize: Literal["auto", "off"] = "auto"
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     def __post_init__(self) -> None:

@@ -123,7 +123,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         completion_batch_size=generation.completion_batch_size,
         prefill_step_size=generation.prefill_step_size,
         prefill_step_target_ms=generation.prefill_step_target_ms,
-        prefix_cache=generation.prefix_cache, chat_template=chat_template)
+        prefix_cache=generation.prefix_cache, chat_template=chat_template,
+        cpu_dequantize=generation.cpu_dequantize)
     if generation.isolation == "thread":
         return Engine(path, on_step=on_step, on_failure=on_failure, **options)
     return ProcessEngine(

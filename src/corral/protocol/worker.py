@@ -17,7 +17,7 @@ and holds no behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -55,6 +55,8 @@ class EngineSettings(msgspec.Struct, frozen=True):
         prefix_cache: reuse of the KV of prompt prefixes seen before.
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
+        cpu_dequantize: "auto" turns quantized weights into float32 at load on a CPU
+            device when they fit (see `corral.engine.loading`); "off" keeps them.
     """
 
     path: str
@@ -64,6 +66,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
     prefill_step_target_ms: int = 2000
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
     chat_template: str | None = None
+    cpu_dequantize: Literal["auto", "off"] = "auto"
 
 
 # -- parent -> worker ----------------------------------------------------------------
