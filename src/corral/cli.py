@@ -20,6 +20,10 @@ docs_app = typer.Typer(no_args_is_help=True, help="The generated parts of the do
 app.add_typer(docs_app, name="docs")
 
 SmokeOption = Annotated[bool, typer.Option("--smoke", help="A handful of iterations.")]
+ModelOption = Annotated[str | None, typer.Option(
+    "--model", help="serve, prefix-cache and generation: the model to measure (as "
+                    "`corral serve --model` takes it: a directory, a GGUF file, "
+                    "ollama:NAME); its results go to <bench>-<name>.json.")]
 OutputOption = Annotated[Path | None, typer.Option("--output-dir",
                                                    help="Where to write the JSON result.")]
 
@@ -159,8 +163,13 @@ BENCHES: dict[str, str] = {
 """Every `corral bench NAME`: the module `corral.bench.<name>` runs it (its `main`)."""
 
 
+MODEL_BENCHES = frozenset({"serve", "prefix-cache", "generation"})
+"""The benches that take `--model` (the tiny model when it is not given)."""
+
+
 def _bench_command(name: str, summary: str) -> None:
-    def run(smoke: SmokeOption = False, output_dir: OutputOption = None) -> None:
+    def run(smoke: SmokeOption = False, output_dir: OutputOption = None,
+            model: ModelOption = None) -> None:
         import importlib
 
         from corral.config import LoggingConfig
@@ -168,7 +177,13 @@ def _bench_command(name: str, summary: str) -> None:
 
         configure_logging(LoggingConfig(level="error"))
         module = importlib.import_module(f"corral.bench.{name.replace('-', '_')}")
-        module.main(smoke=smoke, output_dir=output_dir)
+        if model is None:
+            module.main(smoke=smoke, output_dir=output_dir)
+        elif name in MODEL_BENCHES:
+            module.main(smoke=smoke, output_dir=output_dir, model=model)
+        else:
+            raise typer.BadParameter(f"corral bench {name} measures no model",
+                                     param_hint="--model")
 
     run.__doc__ = summary
     bench_app.command(name)(run)

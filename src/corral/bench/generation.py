@@ -39,6 +39,7 @@ from corral.bench.runners import (
     PROMPT,
     ReferenceThread,
     Run,
+    bench_model,
     raw_batch,
     raw_single,
     runtime_batch,
@@ -47,7 +48,6 @@ from corral.bench.runners import (
 from corral.config import config_from_mapping
 from corral.protocol.messages import EngineStep
 from corral.runtime import Runtime, open_runtime
-from corral.tiny import default_model_path
 
 _BACKGROUND_MAX_TOKENS = 1500  # more than a join takes; the streams are cancelled after
 _STRUCTURED_MAX_TOKENS = 1500  # more than the records take; they end where the grammar does
@@ -245,22 +245,28 @@ async def _run(path: str, max_tokens: int, streams: int, batch_max_tokens: int,
     }
 
 
-def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
-    """Run the generation benchmark, print its table and write ``generation.json``."""
+def main(smoke: bool = False, output_dir: Path | None = None,
+         model: str | None = None) -> dict[str, Any]:
+    """Run the generation benchmark on the tiny model (or `model`, with fewer tokens and
+    rounds, and without the asyncio part), print its table and write
+    ``generation.json`` (``generation-<model>.json``)."""
+    path, suffix = bench_model(model)
     parameters: dict[str, Any] = (
         {"max_tokens": 32, "streams": 4, "batch_max_tokens": 16, "rounds": 1, "joins": 1,
          "warm_steps": 2, "records": 2} if smoke else
+        {"max_tokens": 48, "streams": 8, "batch_max_tokens": 24, "rounds": 3, "joins": 3,
+         "warm_steps": 4, "records": 4} if model is not None else
         {"max_tokens": 256, "streams": 16, "batch_max_tokens": 128, "rounds": 7, "joins": 7,
          "warm_steps": 8, "records": 8})
-    path = str(default_model_path())
     results = trio.run(lambda: _run(path, **parameters))
-    results.update(aio_generation.measure(path, smoke=smoke))
+    if model is None:
+        results.update(aio_generation.measure(path, smoke=smoke))
     goals = [goal("single_decode_ratio", results["single_decode_ratio"], ">=", 0.95),
              goal("batch_ratio", results["batch_ratio"], ">=", 0.95),
              goal("structured_decode_ratio", results["structured_decode_ratio"], ">=", 0.8),
              goal("late_join_steps_prefill_to_first_token",
                   results["late_join_steps_prefill_to_first_token_max"], "<=", 1),
-             *aio_generation.goals(results)]
+             *(aio_generation.goals(results) if model is None else [])]
     print_table("corral bench generation", ["figure", "corral", "raw mlx_lm", "ratio"], [
         ("single stream decode tokens/s", results["single_decode_tokens_per_s"],
          results["single_raw_decode_tokens_per_s"], results["single_decode_ratio"]),
@@ -285,9 +291,9 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
         ("late joiner: TTFT ms (p50)", results["late_join_ttft_ms_p50"], "-", "-"),
         ("late joiner: tokens the others missed", results["late_join_others_missed_tokens"],
          "-", "-"),
-        *aio_generation.rows(results),
+        *(aio_generation.rows(results) if model is None else []),
     ], goals)
-    write_result("generation", {
+    write_result(f"generation{suffix}", {
         **parameters, "smoke": smoke, "model": path, "prompt": PROMPT,
         "statistic": "median over rounds; reference and runtime rounds alternate; ratio "
                      "of each round's pair",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import trio
 
 from corral.bench.report import PROMPTS
 from corral.runtime import Runtime
+from corral.tiny import default_model_path
 
 __all__ = [
     "ALIAS",
@@ -28,6 +30,7 @@ __all__ = [
     "ReferenceThread",
     "Run",
     "Tally",
+    "bench_model",
     "raw_batch",
     "raw_single",
     "runtime_batch",
@@ -37,6 +40,25 @@ __all__ = [
 ALIAS = "tiny"
 PROMPT = "The quick brown fox"
 BATCH_PROMPTS = PROMPTS
+
+
+def bench_model(model: str | None) -> tuple[str, str]:
+    """The MLX directory a bench measures, and the suffix of its results file: the tiny
+    model and "" when `model` is None; else the model `model` names, resolved as
+    `corral serve --model` resolves it (a GGUF file or an Ollama name converted into the
+    cache once), and "-" + a name made of it, so a run on a real model is recorded
+    beside the tiny model's, never over it.
+
+    Raises:
+        EngineClientError: ModelLoadError when `model` leads to no model.
+    """
+    if model is None:
+        return str(default_model_path()), ""
+    from corral.engine.loaders import resolve_model
+
+    name = model.removeprefix("ollama:").rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)
+    return resolve_model(model), "-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 class Run(msgspec.Struct, frozen=True):
@@ -67,9 +89,12 @@ class Run(msgspec.Struct, frozen=True):
 class ReferenceThread:
     """A dedicated OS thread that loads the model once and runs raw mlx_lm jobs.
 
-    A job is `fn(model, tokenizer, stream)`, where `stream` is an MLX stream made in this
-    thread. The trio side waits for a job's result in a pooled thread that only blocks on
-    a future and never touches MLX.
+    The model is loaded as the engine loads it (`corral.engine.loading.load_weights`,
+    default settings: on a CPU device a quantized model in float32), so a reference
+    computes with the weights the runtime serves. A job is `fn(model, tokenizer,
+    stream)`, where `stream` is an MLX stream made in this thread. The trio side waits
+    for a job's result in a pooled thread that only blocks on a future and never
+    touches MLX.
     """
 
     def __init__(self, path: str) -> None:
@@ -95,13 +120,13 @@ class ReferenceThread:
         return await trio.to_thread.run_sync(future.result)
 
     def _serve(self) -> None:
-        import mlx.core as mx
-        import mlx_lm
+        from corral.engine.base import EngineSettings
+        from corral.engine.loading import load_weights
 
         loaded: tuple[Any, ...] | BaseException
         try:
-            model, tokenizer = mlx_lm.load(self._path)[:2]
-            loaded = (model, tokenizer, mx.new_stream(mx.default_device()))
+            weights = load_weights(EngineSettings(self._path))
+            loaded = (weights.model, weights.tokenizer, weights.stream)
         except Exception as exc:  # every job gets it
             loaded = exc
         while (job := self._jobs.get()) is not None:

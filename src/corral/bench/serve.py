@@ -1,6 +1,7 @@
 """`corral bench serve`: `corral serve` against `mlx_lm.server`, same model, same load.
 
-Targets, all measured in one run on the tiny model with the same seeded prompts:
+Targets, all measured in one run on the tiny model (or the model `--model` names, into
+`serve-<name>.json`, with a lighter load: `_REAL`) with the same seeded prompts:
 - `corral serve` with its DEFAULT configuration (no config file: what a user runs),
   tuned with `thread` isolation and with `process` isolation, and `mlx_lm.server` with
   its defaults, each a subprocess started here on a free 127.0.0.1 port and driven
@@ -47,8 +48,7 @@ from corral.bench.loadgen import (
     summarize,
 )
 from corral.bench.report import Goal, goal, print_table, write_result
-from corral.bench.runners import ReferenceThread
-from corral.tiny import default_model_path
+from corral.bench.runners import ReferenceThread, bench_model
 
 __all__ = ["ServerProcess", "corral_server", "free_port", "main"]
 
@@ -77,6 +77,14 @@ _SMOKE: dict[str, Any] = {
               Load("poisson", 3, rate=20.0)],
     "rounds": 1, "max_tokens": 12, "min_words": 4, "max_words": 12, "timeout_s": 60.0,
     "warmup_requests": 2, "slo": Slo(ttft_ms=250.0, tpot_ms=25.0, e2e_ms=2000.0)}
+# A real model on a CPU decodes a few tokens a second: short requests, fewer of them,
+# no Poisson loads (their rates are the tiny model's), no in-process raw reference and
+# no Ray phase (the harness process would compete for the same two cores).
+_REAL: dict[str, Any] = {
+    "loads": [Load("concurrency", 8, concurrency=1), Load("concurrency", 16, concurrency=4),
+              Load("concurrency", 32, concurrency=16)],
+    "rounds": 2, "max_tokens": 16, "min_words": 16, "max_words": 24, "timeout_s": 900.0,
+    "warmup_requests": 4, "slo": Slo(ttft_ms=5000.0, tpot_ms=500.0, e2e_ms=20000.0)}
 
 
 # -- server processes -------------------------------------------------------------------
@@ -434,10 +442,13 @@ def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, 
         return trio.run(_run, servers, runner, parameters, baseline)
 
 
-def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
-    """Run the serving benchmark, print its table and write ``serve.json``."""
-    parameters: dict[str, Any] = dict(_SMOKE if smoke else _FULL)
-    model_path = str(default_model_path())
+def main(smoke: bool = False, output_dir: Path | None = None,
+         model: str | None = None) -> dict[str, Any]:
+    """Run the serving benchmark on the tiny model (or `model`), print its table and
+    write ``serve.json`` (``serve-<model>.json``)."""
+    model_path, suffix = bench_model(model)
+    real = model is not None
+    parameters: dict[str, Any] = dict(_SMOKE if smoke else _REAL if real else _FULL)
     with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory:
         work = Path(directory)
         servers = [_mlx_lm_server(model_path, work),
@@ -446,9 +457,9 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
                    corral_server(THREAD, model_path, work, _corral_config("thread")),
                    corral_server("corral (process)", model_path, work,
                                  _corral_config("process"))]
-        results = _phase(servers, model_path, parameters, reference=True)
+        results = _phase(servers, model_path, parameters, reference=not real)
         hop: list[ServerProcess] = []
-        if importlib.util.find_spec("ray") is not None:  # corral[ray] installed
+        if not real and importlib.util.find_spec("ray") is not None:  # corral[ray]
             # The Ray hop's cost, in a phase of its own so that the Ray cluster's
             # processes never share the cores with the targets above: two replicas of
             # the thread target through the ingress, against one thread target.
@@ -469,10 +480,11 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     _table(results, parameters["loads"], goals)
     if hop:
         _ray_table(results)
-    write_result("serve", {
+    write_result(f"serve{suffix}", {
         **parameters, "smoke": smoke, "model": model_path,
-        "targets": {s.name: " ".join(s.command[1:]) for s in servers} | {
-            RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"} | (
+        "targets": {s.name: " ".join(s.command[1:]) for s in servers} | (
+            {} if real else
+            {RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"}) | (
             {RAY: " ".join(hop[1].command[1:])} if hop else {}),
         "ray_hop": "a second phase, after the first's servers stopped: the Ray target "
                    "and one corral (thread), side by side (results.ray_hop, ray_ratio)",
