@@ -21,9 +21,10 @@ import trio
 from corral.actors.core import Context
 from corral.actors.supervisor import Supervisor
 from corral.config import RuntimeConfig
+from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import ExitReason
-from corral.runtime.models import ModelRecord, Models, resolve_model_path
+from corral.runtime.models import ModelRecord, Models
 from corral.runtime.tree import backoff_of
 
 __all__ = ["Healer", "Reloader"]
@@ -92,7 +93,8 @@ class Healer:
             model.reload_at = None
             model.reloads += 1
             try:
-                model.source = resolve_model_path(model.path)
+                model.source = await trio.to_thread.run_sync(
+                    resolve_model, model.path, abandon_on_cancel=True)
                 await models.stop(alias)  # what a trial cut short may have left
                 info = await models.start(model)
             except CorralError as exc:
