@@ -32,6 +32,27 @@ GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{'<start_of_turn
                   "{% endfor %}")
 
 Array = npt.NDArray[Any]
+_LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_NORMS = {"ffn_norm": "post_attention_layernorm"}
+_GEMMA_NORMS = {"ffn_norm": "pre_feedforward_layernorm",
+                "post_attention_norm": "post_attention_layernorm",
+                "post_ffw_norm": "post_feedforward_layernorm"}
+
+
+def hf_name(arch: str, gguf_name: str) -> str:
+    """The Hugging Face (mlx_lm) name of a GGUF tensor, written out here independently
+    of the loader, to check it."""
+    top = {"token_embd.weight": "model.embed_tokens.weight",
+           "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    if gguf_name in top:
+        return top[gguf_name]
+    _, index, key, kind = gguf_name.split(".")
+    names = {**_LAYER_NAMES, **(_GEMMA_NORMS if arch == "gemma3" else _NORMS)}
+    return f"model.layers.{index}.{names[key]}.{kind}"
 
 
 def llama_permute(weights: Array, n_head: int) -> Array:

@@ -25,28 +25,7 @@ from corral.engine.loaders.gguf_arch import qk_row_order
 from corral.engine.loaders.gguf_convert import MARKER, convert_gguf
 from corral.engine.loaders.gguf_weights import convert_tensor, storage_for
 from corral.protocol.errors import Code, EngineClientError
-from synthetic_gguf import HEAD_DIM, KV_HEADS, llama_permute, write_model
-
-HF_LAYER = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-            "attn_norm": "input_layernorm", "attn_q_norm": "self_attn.q_norm",
-            "attn_k_norm": "self_attn.k_norm"}
-NORM_AFTER = {"ffn_norm": "post_attention_layernorm"}
-GEMMA_NORMS = {"ffn_norm": "pre_feedforward_layernorm",
-               "post_attention_norm": "post_attention_layernorm",
-               "post_ffw_norm": "post_feedforward_layernorm"}
-
-
-def _hf(arch: str, gguf_name: str) -> str:
-    """The Hugging Face name of a GGUF tensor, written out independently of the loader."""
-    top = {"token_embd.weight": "model.embed_tokens.weight",
-           "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-    if gguf_name in top:
-        return top[gguf_name]
-    _, index, key, kind = gguf_name.split(".")
-    names = {**HF_LAYER, **(GEMMA_NORMS if arch == "gemma3" else NORM_AFTER)}
-    return f"model.layers.{index}.{names[key]}.{kind}"
+from synthetic_gguf import HEAD_DIM, KV_HEADS, hf_name, llama_permute, write_model
 
 
 def _weights(model: Any) -> dict[str, np.ndarray]:
@@ -137,9 +116,9 @@ def test_each_architecture_loads_with_the_weights_of_the_file(
         assert config["quantization"]["bits"] == (8 if kind == Q.Q8_0 else 4)
     model, tokenizer = mlx_lm.load(str(directory))
     loaded = _weights(model)
-    assert set(loaded) == {_hf(arch, name) for name in expected}
+    assert set(loaded) == {hf_name(arch, name) for name in expected}
     for name, values in expected.items():
-        np.testing.assert_allclose(loaded[_hf(arch, name)], values, rtol=1e-6, atol=1e-6,
+        np.testing.assert_allclose(loaded[hf_name(arch, name)], values, rtol=1e-6, atol=1e-6,
                                    err_msg=name)
     logits = model(mx.array([tokenizer.encode("hello world")]))
     assert logits.shape[-1] == len(tokenizer.vocab) == config["vocab_size"]
@@ -187,7 +166,9 @@ def test_an_unsupported_tensor_type_is_refused_by_name_before_anything_is_writte
     assert _nothing_written(tmp_path / "cache")
 
 
-def test_a_missing_or_foreign_file_is_a_model_load_error(tmp_path: Path) -> None:
+def test_a_missing_or_foreign_file_is_a_model_load_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(EngineClientError, match="no such GGUF file"):
         resolve_model(str(tmp_path / "absent.gguf"))
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 12)
