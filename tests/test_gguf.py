@@ -6,8 +6,10 @@ rows, tied output, the tokenizers, refusals before anything is written, and the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +222,44 @@ def test_a_damaged_cache_entry_is_rebuilt(damage: str, tmp_path: Path) -> None:
     mlx_lm.load(str(again))
     assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()
             if p.name.startswith(".")] == []
+
+
+def test_concurrent_conversions_publish_one_complete_copy(tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    write_model(path, "llama", qtype=Q.Q4_0)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(
+        convert_gguf(path, cache=tmp_path / "cache"))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(results)) == 1 and len(results) == 3
+    assert sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir()) == sorted(
+        ["index.json", results[0].name])
+    mlx_lm.load(str(results[0]))
+
+
+def test_a_conversion_cut_short_leaves_nothing_under_the_final_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "model.gguf"
+    write_model(path, "llama")
+    cache = tmp_path / "cache"
+
+    def crash(*_: Any, **__: Any) -> None:
+        raise KeyboardInterrupt  # as a kill mid-write would, minus the process
+
+    monkeypatch.setattr("corral.engine.loaders.gguf_convert.SafetensorsWriter.write", crash)
+    with pytest.raises(KeyboardInterrupt):
+        convert_gguf(path, cache=cache)
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == ["index.json"]
+    # A staging directory left by a process that died is removed by the next build.
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (cache / "gguf" / f".{digest}.999999999.0000.tmp").mkdir()
+    monkeypatch.undo()
+    directory = convert_gguf(path, cache=cache)
+    assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted(
+        ["index.json", directory.name])
 
 
 def test_a_changed_file_is_hashed_again(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -191,12 +192,9 @@ def _write_weights(path: Path, model: GGUFModel, arch: Architecture,
         stem = plan.hf_name.rsplit(".", 1)[0]
         for suffix, spec in output_specs(plan.storage, plan.shape).items():
             specs[plan.hf_name if suffix == "weight" else f"{stem}.{suffix}"] = spec
-    writer = SafetensorsWriter(path, specs, {"format": "mlx"})
-    try:
+    with SafetensorsWriter(path, specs, {"format": "mlx"}) as writer:
         for name, array in _arrays(model, arch, plans, config):
             writer.write(name, array)
-    finally:
-        writer.close()
 
 
 def _arrays(model: GGUFModel, arch: Architecture, plans: list[TensorPlan],
@@ -267,7 +265,7 @@ def _content_hash(path: Path, root: Path) -> str:
             digest.update(chunk)
     index[key] = {"stat": identity, "sha256": digest.hexdigest()}
     root.mkdir(parents=True, exist_ok=True)
-    partial = root / f".index.{os.getpid()}.tmp"
+    partial = root / f".index.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     partial.write_text(json.dumps(index, indent=1))
     os.replace(partial, index_path)  # a concurrent writer may win: a lost entry is rehashed
     return digest.hexdigest()

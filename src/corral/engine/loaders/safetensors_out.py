@@ -22,7 +22,8 @@ _ITEM_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "U8": 1}
 
 @final
 class SafetensorsWriter:
-    """Writes one safetensors file whose tensors are declared up front.
+    """Writes one safetensors file whose tensors are declared up front; a context
+    manager that closes the file.
 
     Args:
         path: the file to create.
@@ -49,7 +50,7 @@ class SafetensorsWriter:
             offset += size
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
-        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in __exit__)
         self._file.write(struct.pack("<Q", len(encoded)))
         self._file.write(encoded)
         self._next = 0
@@ -63,13 +64,16 @@ class SafetensorsWriter:
         self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
         self._next += 1
 
-    def close(self) -> None:
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         """Close the file.
 
         Raises:
-            ValueError: not every declared tensor was written.
+            ValueError: on a normal exit, when not every declared tensor was written.
         """
         self._file.close()
-        if self._next != len(self._sizes):
+        if kind is None and self._next != len(self._sizes):
             raise ValueError(f"safetensors: {len(self._sizes) - self._next} tensors "
                              f"declared but not written")
