@@ -22,7 +22,7 @@ from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
 from structlog.testing import capture_logs
 
-from corral.engine.loaders import resolve_model
+from corral.engine.loaders import resolve_model, resolve_model_now
 from corral.engine.loaders.gguf_arch import qk_row_order
 from corral.engine.loaders.gguf_convert import MARKER, convert_gguf
 from corral.engine.loaders.gguf_weights import convert_tensor, storage_for
@@ -260,6 +260,20 @@ def test_a_conversion_cut_short_leaves_nothing_under_the_final_name(
     directory = convert_gguf(path, cache=cache)
     assert sorted(p.name for p in (cache / "gguf").iterdir()) == sorted(
         ["index.json", directory.name])
+
+
+def test_resolve_model_now_answers_without_converting(
+        tmp_path: Path, model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORRAL_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    write_model(path, "llama")
+    assert resolve_model_now(str(path)) is None  # neither hashed nor converted yet
+    assert not (tmp_path / "cache").exists()
+    directory = resolve_model(str(path))
+    assert resolve_model_now(str(path)) == directory
+    assert resolve_model_now(model_path) == model_path
+    with pytest.raises(EngineClientError, match="no such directory"):
+        resolve_model_now(str(tmp_path / "nowhere"))
 
 
 def test_a_changed_file_is_hashed_again(tmp_path: Path) -> None:

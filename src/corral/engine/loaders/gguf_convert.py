@@ -44,7 +44,8 @@ from corral.engine.loaders.gguf_weights import (
 )
 from corral.engine.loaders.safetensors_out import SafetensorsWriter
 
-__all__ = ["FORMAT_VERSION", "MARKER", "TensorPlan", "convert_gguf", "is_complete"]
+__all__ = ["FORMAT_VERSION", "MARKER", "TensorPlan", "convert_gguf", "converted",
+           "is_complete"]
 
 # Bump when what this module writes changes: entries of another version are rebuilt.
 FORMAT_VERSION = 1
@@ -243,32 +244,54 @@ def _card_text(card: Card) -> str:
             f"| GGUF tensors | stored as |\n|---|---|\n{rows}\n")
 
 
-def _content_hash(path: Path, root: Path) -> str:
-    """The file's SHA-256, from the stat-keyed index when the file is unchanged."""
+def converted(path: Path, *, sha256: str | None = None,
+              cache: Path | None = None) -> Path | None:
+    """The finished conversion of the GGUF file at ``path`` when there is one and the
+    file's hash is known (``sha256``, or the index's for the file as it is now); None
+    when finding out would take hashing or converting. Reads a few small files only."""
+    root = (cache or cache_dir()) / "gguf"
+    digest = sha256 or _index(path, root)[1]
+    if digest is None:
+        return None
+    return root / digest if is_complete(root / digest) else None
+
+
+def _index(path: Path, root: Path) -> tuple[dict[str, Any], str | None]:
+    """The stat-keyed index, and the file's SHA-256 from it if the file is unchanged."""
     try:
         stat = path.stat()
     except OSError as error:
         raise model_load_error(str(path), f"cannot read {path}: {error.strerror}") from None
-    key = str(path.resolve())
-    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
-    index_path = root / "index.json"
     try:
-        index: dict[str, Any] = json.loads(index_path.read_text())
+        index: dict[str, Any] = json.loads((root / "index.json").read_text())
     except (OSError, ValueError):
         index = {}
-    entry = index.get(key)
+    entry = index.get(str(path.resolve()))
+    identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
     if isinstance(entry, dict) and entry.get("stat") == identity:
-        return str(entry["sha256"])
+        return index, str(entry["sha256"])
+    return index, None
+
+
+def _content_hash(path: Path, root: Path) -> str:
+    """The file's SHA-256, from the stat-keyed index when the file is unchanged, else
+    hashed (and remembered)."""
+    index, known = _index(path, root)
+    if known is not None:
+        return known
+    stat = path.stat()
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
-    index[key] = {"stat": identity, "sha256": digest.hexdigest()}
+    index[str(path.resolve())] = {
+        "stat": [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns],
+        "sha256": digest.hexdigest()}
     root.mkdir(parents=True, exist_ok=True)
     partial = root / f".index.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     partial.write_text(json.dumps(index, indent=1))
-    os.replace(partial, index_path)  # a concurrent writer may win: a lost entry is rehashed
-    return digest.hexdigest()
+    os.replace(partial, root / "index.json")  # a concurrent writer may win: a lost entry
+    return digest.hexdigest()                  # is hashed again next time
 
 
 def _write_json(path: Path, data: Any) -> None:
