@@ -118,7 +118,10 @@ def qk_row_order(rows: int, heads: int) -> npt.NDArray[np.intp]:
 # -- config.json ------------------------------------------------------------------------
 
 
-def _common(model: GGUFModel, model_type: str, hf_class: str) -> dict[str, Any]:
+def _common(model: GGUFModel, model_type: str, hf_class: str, *, theta: float,
+            eps: float | None = None) -> dict[str, Any]:
+    """The keys every architecture shares; `theta` and `eps` are the defaults of
+    `rope.freq_base` and of the norm epsilon (required when None)."""
     heads = int(model.arch_value("attention.head_count"))
     hidden = int(model.arch_value("embedding_length"))
     embed = model.tensors.get("token_embd.weight")
@@ -133,13 +136,13 @@ def _common(model: GGUFModel, model_type: str, hf_class: str) -> dict[str, Any]:
         "num_attention_heads": heads,
         "num_key_value_heads": _one_value(model, "attention.head_count_kv", heads),
         "head_dim": int(model.arch_value("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(model.arch_value("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float(model.arch_value("attention.layer_norm_rms_epsilon",
+                                               *([] if eps is None else [eps]))),
+        "rope_theta": float(model.arch_value("rope.freq_base", theta)),
         "vocab_size": logical_shape(embed)[0],
         "max_position_embeddings": int(model.arch_value("context_length")),
         "tie_word_embeddings": "output.weight" not in model.tensors,
     }
-    if (theta := model.arch_value("rope.freq_base", None)) is not None:
-        config["rope_theta"] = float(theta)
     if (scaling := _rope_scaling(model)) is not None:
         config["rope_scaling"] = scaling
     for key in ("bos_token_id", "eos_token_id"):
@@ -153,17 +156,15 @@ def _common(model: GGUFModel, model_type: str, hf_class: str) -> dict[str, Any]:
 
 
 def _llama(model: GGUFModel) -> dict[str, Any]:
-    config = _common(model, "llama", "LlamaForCausalLM")
+    config = _common(model, "llama", "LlamaForCausalLM", theta=10000.0)
     config["attention_bias"] = "blk.0.attn_q.bias" in model.tensors
     config["mlp_bias"] = "blk.0.ffn_up.bias" in model.tensors
-    config.setdefault("rope_theta", 10000.0)
     return config
 
 
 def _qwen(model_type: str, hf_class: str) -> Callable[[GGUFModel], dict[str, Any]]:
     def build(model: GGUFModel) -> dict[str, Any]:
-        config = _common(model, model_type, hf_class)
-        config.setdefault("rope_theta", 1_000_000.0)
+        config = _common(model, model_type, hf_class, theta=1_000_000.0)
         if model_type == "qwen2" and config["head_dim"] * config["num_attention_heads"] \
                 != config["hidden_size"]:
             raise model_load_error(model.reference, f"{model.reference}: a qwen2 model "
@@ -173,9 +174,7 @@ def _qwen(model_type: str, hf_class: str) -> Callable[[GGUFModel], dict[str, Any
 
 
 def _gemma3(model: GGUFModel) -> dict[str, Any]:
-    config = _common(model, "gemma3_text", "Gemma3ForCausalLM")
-    config.setdefault("rope_theta", 1_000_000.0)
-    config.setdefault("rms_norm_eps", 1e-6)
+    config = _common(model, "gemma3_text", "Gemma3ForCausalLM", theta=1_000_000.0, eps=1e-6)
     # llama.cpp's gemma3: the 27B (62 layers) scales queries by hidden/heads, the
     # others by head_dim; local layers use base 10000; one global layer in six.
     scalar = config["hidden_size"] // config["num_attention_heads"] \

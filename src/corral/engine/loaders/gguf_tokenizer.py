@@ -156,7 +156,8 @@ def _sentencepiece(model: GGUFModel, tokens: list[str], types: list[int]) -> Tok
     so the merges are every split of every token into two tokens, best union first."""
     gemma = model.architecture.startswith("gemma")
     if gemma:  # Gemma stores its runs of spaces as spaces, not as ▁
-        tokens = [t if t.strip(" ") or "▁" * len(t) in tokens else "▁" * len(t)
+        present = set(tokens)
+        tokens = [t if t.strip(" ") or "▁" * len(t) in present else "▁" * len(t)
                   for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     # Gemma's scores do not follow its merge order; its token order does.

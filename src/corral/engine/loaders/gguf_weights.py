@@ -51,16 +51,15 @@ class Storage(msgspec.Struct, frozen=True):
 def storage_for(kind: Q, ndim: int) -> Storage | None:
     """How a tensor of GGML type ``kind`` with ``ndim`` dimensions is stored, or None
     when corral cannot read that type (the caller names it in its refusal)."""
+    if kind not in _FLOATS and kind not in _EXACT and kind not in _REQUANTIZED:
+        return None
     if ndim == 1:
-        return Storage("float", "F32", exact=kind in _FLOATS or kind in _EXACT) \
-            if kind in _FLOATS or kind in _EXACT or kind in _REQUANTIZED else None
+        return Storage("float", "F32", exact=kind not in _REQUANTIZED)
     if kind in _EXACT:
         return Storage("affine", "U32", _EXACT[kind], exact=True)
     if kind in _REQUANTIZED:
         return Storage("affine", "U32", _REQUANTIZED[kind], exact=False)
-    if kind in _FLOATS:
-        return Storage("float", _FLOATS[kind])
-    return None
+    return Storage("float", _FLOATS[kind])
 
 
 def output_specs(storage: Storage,
