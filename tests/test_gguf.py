@@ -127,6 +127,42 @@ def test_each_architecture_loads_with_the_weights_of_the_file(
     assert bool(mx.all(mx.isfinite(logits)))
 
 
+@pytest.mark.parametrize("kind,dtype", [(Q.F16, mx.float16), (Q.BF16, mx.bfloat16)])
+def test_f16_and_bf16_matrices_stay_as_they_are(kind: Q, dtype: mx.Dtype,
+                                                tmp_path: Path) -> None:
+    path = tmp_path / "half.gguf"
+    expected = write_model(path, "llama", qtype=kind)
+    directory = convert_gguf(path, cache=tmp_path / "cache")
+    assert "quantization" not in json.loads((directory / "config.json").read_text())
+    model, _ = mlx_lm.load(str(directory))
+    params = dict(tree_flatten(model.parameters()))
+    assert params["model.layers.0.mlp.up_proj.weight"].dtype == dtype
+    assert params["model.norm.weight"].dtype == mx.float32
+    loaded = _weights(model)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(loaded[hf_name("llama", name)], values, err_msg=name)
+
+
+def test_a_layer_that_differs_from_the_rest_gets_its_own_quantization_entry(
+        tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    up = rng.normal(size=(128, 64)).astype(np.float32)
+    down = quantize(rng.normal(size=(64, 128)).astype(np.float32), Q.Q8_0)
+    path = tmp_path / "mixed.gguf"
+    write_model(path, "llama", qtype=Q.Q4_0, raw={"blk.1.ffn_up.weight": (up, Q.F32),
+                                                   "blk.1.ffn_down.weight": (down, Q.Q8_0)})
+    directory = convert_gguf(path, cache=tmp_path / "cache")
+    quantization = json.loads((directory / "config.json").read_text())["quantization"]
+    assert (quantization["bits"], quantization["group_size"]) == (4, 32)
+    assert quantization["model.layers.1.mlp.up_proj"] is False
+    assert quantization["model.layers.1.mlp.down_proj"] == {"group_size": 32, "bits": 8}
+    model, _ = mlx_lm.load(str(directory))
+    loaded = _weights(model)
+    np.testing.assert_array_equal(loaded["model.layers.1.mlp.up_proj.weight"], up)
+    np.testing.assert_allclose(loaded["model.layers.1.mlp.down_proj.weight"],
+                               dequantize(down, Q.Q8_0), rtol=1e-6)
+
+
 def test_a_separate_output_matrix_is_the_lm_head(tmp_path: Path) -> None:
     path = tmp_path / "untied.gguf"
     expected = write_model(path, "llama", qtype=Q.Q8_0, tied=False)
