@@ -99,13 +99,12 @@ def convert_gguf(path: Path, *, reference: str | None = None, sha256: str | None
     if is_complete(target):
         return target
     started = time.monotonic()
+    _log.info("model.converting", path=reference, sha256=digest, target=str(target))
     model = GGUFModel(path, reference)
     arch = architecture_of(model)
     plans = _plan(model, arch)
     config = _config(model, arch, plans)
     tokenizer = build_tokenizer(model)
-    _log.info("model.converting", path=reference, sha256=digest, architecture=arch.name,
-              target=str(target))
     staging = staging_dir(target)
     try:
         tokenizer.save(str(staging / "tokenizer.json"))
@@ -121,7 +120,7 @@ def convert_gguf(path: Path, *, reference: str | None = None, sha256: str | None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _log.info("model.converted", path=reference, sha256=digest, target=str(target),
-              seconds=round(time.monotonic() - started, 3))
+              architecture=arch.name, seconds=round(time.monotonic() - started, 3))
     return target
 
 
