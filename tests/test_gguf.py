@@ -18,6 +18,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
 from gguf.quants import dequantize, quantize
 from mlx.utils import tree_flatten
 from structlog.testing import capture_logs
@@ -25,6 +26,7 @@ from structlog.testing import capture_logs
 from corral.engine.loaders import resolve_model, resolve_model_now
 from corral.engine.loaders.gguf_arch import qk_row_order
 from corral.engine.loaders.gguf_convert import MARKER, convert_gguf
+from corral.engine.loaders.gguf_file import GGUFModel
 from corral.engine.loaders.gguf_weights import convert_tensor, storage_for
 from corral.protocol.errors import Code, EngineClientError
 from synthetic_gguf import HEAD_DIM, KV_HEADS, hf_name, llama_permute, write_model
@@ -95,6 +97,19 @@ def test_llama_qk_rows_are_put_back_in_hugging_face_order() -> None:
         stored = llama_permute(hf, heads)
         assert not np.array_equal(stored, hf)
         np.testing.assert_array_equal(stored[qk_row_order(48, heads)], hf)
+
+
+def test_the_faster_reader_reads_what_ggufs_own_reader_reads(tmp_path: Path) -> None:
+    """GGUFModel reads through a subclass of gguf's reader (for speed): same values."""
+    path = tmp_path / "model.gguf"
+    write_model(path, "qwen2", qtype=Q.Q4_1)
+    ours, theirs = GGUFModel(path, "model.gguf"), GGUFReader(path)
+    for key, field in theirs.fields.items():
+        if field.types:
+            assert ours.value(key) == field.contents(), key
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for tensor in theirs.tensors:
+        np.testing.assert_array_equal(ours.tensors[tensor.name].data, tensor.data)
 
 
 # -- architectures ---------------------------------------------------------------------------
