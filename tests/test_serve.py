@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -34,13 +35,14 @@ def free_port() -> int:
 class Server:
     """A `corral serve` subprocess; stderr is collected line by line."""
 
-    def __init__(self, args: list[str], config: Path | None = None) -> None:
+    def __init__(self, args: list[str], config: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "corral.cli", "serve", *args]
         if config is not None:
             command += ["--config", str(config)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+                                        text=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -245,15 +247,19 @@ def test_jsonrpc_stdio_answers_what_it_read_before_eof_and_listens_nowhere_else(
     assert banner == "corral serving stdio (models: tiny)"  # no HTTP listener beside it
 
 
-def test_the_default_model_says_what_it_is_and_host_port_log_level_work() -> None:
+def test_the_default_model_says_what_it_is_and_host_port_log_level_work(
+        tmp_path: Path) -> None:
     port = free_port()
-    server = Server(["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+    # A cache without SmolLM2: the tiny model is the default.
+    server = Server(["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                    env={"CORRAL_CACHE_DIR": str(tmp_path)})
     try:
         server.wait_ready()
         assert server.said("loading tiny")
         assert server.said("corral serving")[0].startswith(f"corral serving http://127.0.0.1:{port}")
         [note] = server.said("corral: 'tiny' is the built-in test model")
         assert "random weights" in note and "Serve your own model" in note
+        assert "corral fetch-default-model" in note
         # At warning level, no actor internals on the way up.
         assert not [line for line in server.lines if "actor.started" in line]
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
@@ -268,3 +274,28 @@ def test_version_prints_the_package_version() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert result.stdout.strip().startswith("corral 0.")
+
+
+def test_with_smollm2_in_the_cache_the_default_answers_a_real_question(
+        smollm2_gguf: Path, smollm2_cache: Path) -> None:
+    # The cache `corral fetch-default-model` (and `make serve`) fills: the GGUF and its
+    # conversion.
+    (smollm2_cache / "smollm2").mkdir(exist_ok=True)
+    linked = smollm2_cache / "smollm2" / smollm2_gguf.name
+    if not linked.exists():
+        linked.symlink_to(smollm2_gguf)
+    port = free_port()
+    server = Server(["--http", f"127.0.0.1:{port}"], env={"CORRAL_CACHE_DIR": str(smollm2_cache)})
+    try:
+        server.wait_ready()
+        assert server.said("corral: no model given: serving smollm2")
+        assert "smollm2" in server.said("corral serving")[0]
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                           max_retries=0) as client:
+            reply = client.chat.completions.create(
+                model="smollm2", max_tokens=24, temperature=0,
+                messages=[{"role": "user", "content": "What is the capital of France?"}])
+        # mlx_lm.generate on the same converted model answers the same.
+        assert reply.choices[0].message.content == "The capital of France is Paris."
+    finally:
+        server.stop()

