@@ -54,8 +54,8 @@ def serve(
 ) -> None:
     """Run corral as a standalone supervisor process until SIGTERM or SIGINT."""
     from corral.config import ConfigError, load_config
+    from corral.engine.blas import load_in_process
     from corral.logging import configure_logging
-    from corral.server.serve import ServeOptions, main, parse_host_port
 
     overrides: dict[str, Any] = {}
     if log_level is not None:
@@ -65,6 +65,12 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"corral: bad config: {'; '.join(exc.errors)}", err=True)
         raise typer.Exit(2) from None
+    configure_logging(runtime_config.logging)
+    if runtime_config.generation.isolation == "thread" and not ray:
+        # Before anything imports MLX: its BLAS calls bind when it loads.
+        load_in_process(runtime_config.generation.cpu_blas)
+    from corral.server.serve import ServeOptions, main, parse_host_port
+
     if http is None and (host is not None or port is not None):
         server = runtime_config.server
         http = f"{host or server.http_host}:{server.http_port if port is None else port}"
@@ -76,7 +82,6 @@ def serve(
         except ValueError as exc:
             typer.echo(f"corral: {exc}", err=True)
             raise typer.Exit(2) from None
-    configure_logging(runtime_config.logging)
     if ray:
         from corral.ray.deploy import main as serve_on_ray
 
