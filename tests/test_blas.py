@@ -8,6 +8,7 @@ blas` measures that.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import pytest
 import structlog
 import trio
 
+from corral.bench import blas as blas_bench
 from corral.engine.blas import (
     load_in_process,
     reference_blas,
@@ -150,3 +152,14 @@ def test_corral_serve_with_thread_isolation_loads_the_shim_in_its_own_process(
 
 def test_load_in_process_with_reference_loads_nothing() -> None:
     assert load_in_process("reference") is None
+
+
+def test_the_bench_smoke_run_measures_every_way(model_path: str, tmp_path: Path) -> None:
+    results = blas_bench.main(smoke=True, output_dir=tmp_path / "out", model=model_path,
+                              prompt_tokens=16, decode_tokens=4)
+    document = json.loads((tmp_path / "out" / "blas.json").read_text())
+    assert document["bench"] == "blas" and document["parameters"]["smoke"]
+    assert set(results["ways"]) >= {"reference", "shim"}
+    for figures in results["ways"].values():
+        assert all(value > 0 for value in figures.values())
+        assert {"mlx_matmul_gflops", "decode_tokens_per_s"} <= set(figures)

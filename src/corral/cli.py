@@ -183,6 +183,24 @@ for _name, _summary in BENCHES.items():
     _bench_command(_name, _summary)
 
 
+@bench_app.command("blas")
+def bench_blas(
+    smoke: SmokeOption = False, output_dir: OutputOption = None,
+    model: Annotated[str | None, typer.Option(
+        help="An MLX model directory: prefill and decode tokens/s each way too.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="The prefill's prompt length.", min=1)]
+    = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens per decode figure.", min=1)]
+    = 32,
+) -> None:
+    """MLX matmul, gemv, prefill and decode on the reference BLAS and on numpy's OpenBLAS
+    through corral's shim (Linux), against numpy."""
+    from corral.bench import blas
+
+    blas.main(smoke=smoke, output_dir=output_dir, model=model, prompt_tokens=prompt_tokens,
+              decode_tokens=decode_tokens)
+
+
 @bench_app.command("plot")
 def bench_plot(results_dir: Annotated[Path | None, typer.Option(
         help="Where the JSON results are.")] = None, output_dir: OutputOption = None) -> None:
