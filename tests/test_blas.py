@@ -8,12 +8,14 @@ blas` measures that.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import structlog
 import trio
@@ -163,3 +165,26 @@ def test_the_bench_smoke_run_measures_every_way(model_path: str, tmp_path: Path)
     for figures in results["ways"].values():
         assert all(value > 0 for value in figures.values())
         assert {"mlx_matmul_gflops", "decode_tokens_per_s"} <= set(figures)
+
+
+@pytest.mark.parametrize("ta", [111, 112])
+@pytest.mark.parametrize("tb", [111, 112])
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_shim_sgemm_equals_numpy_and_ignores_c_when_beta_is_0(
+        tmp_path: Path, ta: int, tb: int, m: int) -> None:
+    """Through the C entry point MLX calls, row-major (101), with C full of NaN as MLX's
+    fresh buffers may be: one-row products take the gemv path, the others gemm."""
+    shim = shim_path(tmp_path)
+    assert shim is not None
+    sgemm = ctypes.CDLL(str(shim)).cblas_sgemm
+    i32, ptr, f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+    sgemm.argtypes = [i32, i32, i32, i32, i32, i32, f32, ptr, i32, ptr, i32, f32, ptr, i32]
+    rng = np.random.default_rng(m)
+    k, n = 37, 53
+    a = rng.standard_normal((m, k) if ta == 111 else (k, m), dtype=np.float32)
+    b = rng.standard_normal((k, n) if tb == 111 else (n, k), dtype=np.float32)
+    c = np.full((m, n), np.nan, dtype=np.float32)
+    sgemm(101, ta, tb, m, n, k, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1],
+          0.0, c.ctypes.data, n)
+    want = (a if ta == 111 else a.T) @ (b if tb == 111 else b.T)
+    assert np.allclose(c, want, rtol=1e-5, atol=1e-5)

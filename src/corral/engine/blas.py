@@ -49,24 +49,52 @@ One: MLX keeps a thread of its own busy, and OpenBLAS's idle threads spin (READM
 _COMPILE_TIMEOUT_S: Final = 120.0
 
 SHIM_SOURCE: Final = """\
-/* corral: MLX's cblas_*gemm calls, forwarded to numpy's OpenBLAS (ILP64, prefixed). */
+/* corral: MLX's cblas_*gemm calls, forwarded to numpy's OpenBLAS (ILP64, prefixed).
+   A row-major product with one row (x @ W.T, a decode step) goes to gemv: OpenBLAS's
+   gemm packs the whole matrix first, which costs a second pass over it. */
 typedef long long i64;
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
 void scipy_cblas_sgemm64_(int, int, int, i64, i64, i64, float, const float *, i64,
                           const float *, i64, float, float *, i64);
 void scipy_cblas_dgemm64_(int, int, int, i64, i64, i64, double, const double *, i64,
                           const double *, i64, double, double *, i64);
 void scipy_cblas_cgemm64_(int, int, int, i64, i64, i64, const void *, const void *, i64,
                           const void *, i64, const void *, void *, i64);
+void scipy_cblas_sgemv64_(int, int, i64, i64, float, const float *, i64, const float *,
+                          i64, float, float *, i64);
+void scipy_cblas_dgemv64_(int, int, i64, i64, double, const double *, i64,
+                          const double *, i64, double, double *, i64);
+
+static int one_row(int order, int tb, int m) {
+  return order == ROW_MAJOR && m == 1 && (tb == NO_TRANS || tb == TRANS);
+}
 
 void cblas_sgemm(int order, int ta, int tb, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta,
                  float *c, int ldc) {
+  if (one_row(order, tb, m)) {
+    i64 inc = ta == NO_TRANS ? 1 : lda;
+    if (tb == NO_TRANS)
+      scipy_cblas_sgemv64_(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc, beta, c, 1);
+    else
+      scipy_cblas_sgemv64_(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc, beta, c, 1);
+    return;
+  }
   scipy_cblas_sgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 void cblas_dgemm(int order, int ta, int tb, int m, int n, int k, double alpha,
                  const double *a, int lda, const double *b, int ldb, double beta,
                  double *c, int ldc) {
+  if (one_row(order, tb, m)) {
+    i64 inc = ta == NO_TRANS ? 1 : lda;
+    if (tb == NO_TRANS)
+      scipy_cblas_dgemv64_(ROW_MAJOR, TRANS, k, n, alpha, b, ldb, a, inc, beta, c, 1);
+    else
+      scipy_cblas_dgemv64_(ROW_MAJOR, NO_TRANS, n, k, alpha, b, ldb, a, inc, beta, c, 1);
+    return;
+  }
   scipy_cblas_dgemm64_(order, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
