@@ -186,8 +186,9 @@ for _name, _summary in BENCHES.items():
 @bench_app.command("blas")
 def bench_blas(
     smoke: SmokeOption = False, output_dir: OutputOption = None,
-    model: Annotated[str | None, typer.Option(
-        help="An MLX model directory: prefill and decode tokens/s each way too.")] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="An MLX model directory: prefill and decode tokens/s each way too; "
+             "repeatable.")] = None,
     prompt_tokens: Annotated[int, typer.Option(help="The prefill's prompt length.", min=1)]
     = 128,
     decode_tokens: Annotated[int, typer.Option(help="Tokens per decode figure.", min=1)]
@@ -197,8 +198,8 @@ def bench_blas(
     through corral's shim (Linux), against numpy."""
     from corral.bench import blas
 
-    blas.main(smoke=smoke, output_dir=output_dir, model=model, prompt_tokens=prompt_tokens,
-              decode_tokens=decode_tokens)
+    blas.main(smoke=smoke, output_dir=output_dir, models=model or (),
+              prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
 
 
 @bench_app.command("plot")

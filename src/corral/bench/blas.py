@@ -8,8 +8,8 @@ than one core, ``shim, N threads`` (OpenBLAS on every core). Each process measur
 - numpy: a 660×576×1536 fp32 matmul (GFLOP/s) and a gemv of SmolLM2's output layer,
   49152×576 fp32 (GB/s of weights read), with numpy's own threads;
 - MLX: the same matmul and gemv;
-- with ``--model DIR``: prefill tokens/s (one prompt, chunks of 512) and decode
-  tokens/s (greedy, with `mlx_lm.generate.generate_step`).
+- for each ``--model DIR``: prefill tokens/s (one prompt, chunks of 512) and decode
+  tokens/s (one sequence, greedy, with `mlx_lm.generate.generate_step`).
 Rounds visit the ways in turn, so drift hits all of them; figures are medians. The
 machine's load average is recorded beside them. The shim's numerical results are the
 tests' business (tests/test_blas.py); this only measures.
@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,14 +39,14 @@ _GEMV: Final = (49152, 576)
 _SMOKE_MATMUL: Final = (64, 64, 64)
 _SMOKE_GEMV: Final = (1024, 64)
 _PREFILL_CHUNK: Final = 512
-_FIGURES: Final = (
-    ("numpy matmul GFLOP/s", "numpy_matmul_gflops"),
-    ("numpy gemv GB/s", "numpy_gemv_gbs"),
-    ("MLX matmul GFLOP/s", "mlx_matmul_gflops"),
-    ("MLX gemv GB/s", "mlx_gemv_gbs"),
-    ("prefill tokens/s", "prefill_tokens_per_s"),
-    ("decode tokens/s", "decode_tokens_per_s"),
-)
+_LABELS: Final = {
+    "numpy_matmul_gflops": "numpy matmul GFLOP/s",
+    "numpy_gemv_gbs": "numpy gemv GB/s",
+    "mlx_matmul_gflops": "MLX matmul GFLOP/s",
+    "mlx_gemv_gbs": "MLX gemv GB/s",
+    "prefill_tokens_per_s": "prefill tokens/s",
+    "decode_tokens_per_s": "decode tokens/s",
+}
 
 
 class _Probe(msgspec.Struct, frozen=True):
@@ -55,7 +55,7 @@ class _Probe(msgspec.Struct, frozen=True):
     matmul: tuple[int, int, int]
     gemv: tuple[int, int]
     repeats: int
-    model: str | None
+    models: tuple[str, ...]
     prompt_tokens: int
     decode_tokens: int
 
@@ -73,15 +73,16 @@ def _ways() -> dict[str, dict[str, str]]:
     return ways
 
 
+def _seconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def _median_time(run: Callable[[], object], repeats: int) -> float:
     run()
     run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_seconds(run) for _ in range(repeats))
 
 
 def _measure(probe: _Probe) -> dict[str, float]:
@@ -105,8 +106,11 @@ def _measure(probe: _Probe) -> dict[str, float]:
         "mlx_matmul_gflops": flops / _median_time(lambda: mx.eval(ma @ mb), repeats),
         "mlx_gemv_gbs": weight_gb / _median_time(lambda: mx.eval(mx_ @ mw.T), repeats),
     }
-    if probe.model is not None:
-        figures.update(_measure_model(probe.model, probe.prompt_tokens, probe.decode_tokens))
+    for model in probe.models:
+        name = Path(model).name
+        for key, value in _measure_model(model, probe.prompt_tokens,
+                                         probe.decode_tokens).items():
+            figures[f"{key} {name}"] = value
     return figures
 
 
@@ -133,7 +137,9 @@ def _measure_model(path: str, prompt_tokens: int, decode_tokens: int) -> dict[st
         assert first is not None
         return decode_tokens / (time.perf_counter() - first)
 
-    return {"prefill_tokens_per_s": prompt_tokens / _median_time(prefill, 2),
+    prefill()
+    return {"prefill_tokens_per_s": prompt_tokens / statistics.median(
+                _seconds(prefill) for _ in range(2)),
             "decode_tokens_per_s": statistics.median(decode() for _ in range(3))}
 
 
@@ -147,20 +153,20 @@ def _run_probe(env: dict[str, str], probe: _Probe) -> dict[str, float]:
     return figures
 
 
-def main(smoke: bool = False, output_dir: Path | None = None, model: str | None = None,
+def main(smoke: bool = False, output_dir: Path | None = None, models: Sequence[str] = (),
          prompt_tokens: int = 128, decode_tokens: int = 32) -> dict[str, Any]:
     """Run the BLAS benchmark, print its table and write ``blas.json``.
 
     Args:
-        smoke: one round of small matrices (and of `model`, if given).
+        smoke: one round, small matrices (the models as given).
         output_dir: where the JSON goes (see `write_result`).
-        model: an MLX model directory for prefill and decode figures; none if None.
+        models: MLX model directories to measure prefill and decode on.
         prompt_tokens: the prefill's prompt length.
         decode_tokens: tokens decoded per decode figure.
     """
     rounds = 1 if smoke else 3
     probe = _Probe(_SMOKE_MATMUL if smoke else _MATMUL, _SMOKE_GEMV if smoke else _GEMV,
-                   3 if smoke else 15, model, prompt_tokens, decode_tokens)
+                   3 if smoke else 15, tuple(models), prompt_tokens, decode_tokens)
     ways = _ways()
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
     loads: list[float] = []
@@ -175,9 +181,9 @@ def main(smoke: bool = False, output_dir: Path | None = None, model: str | None 
         "ways": medians, "shim_path": None if shim is None else str(shim),
         "reference_blas": None if reference is None else str(reference),
         "load_average_1min": {"min": min(loads), "max": max(loads)}}
-    figures = [(label, key) for label, key in _FIGURES if key in medians["reference"]]
     print_table("corral bench blas", ["figure", *ways],
-                [(label, *(medians[name][key] for name in ways)) for label, key in figures])
+                [(_label(key), *(medians[name][key] for name in ways))
+                 for key in medians["reference"]])
     print(f"load average (1 min) during the run: {min(loads):.2f} to {max(loads):.2f}")
     parameters = {**msgspec.structs.asdict(probe), "rounds": rounds, "ways": list(ways),
                   "smoke": smoke,
@@ -185,6 +191,11 @@ def main(smoke: bool = False, output_dir: Path | None = None, model: str | None 
                                            for name, env in ways.items()}}
     write_result("blas", parameters, results, directory=output_dir, smoke=smoke)
     return results
+
+
+def _label(key: str) -> str:
+    figure, _, model = key.partition(" ")
+    return _LABELS[figure] + (f" ({model})" if model else "")
 
 
 if __name__ == "__main__":
