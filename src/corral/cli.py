@@ -58,8 +58,8 @@ def serve(
 ) -> None:
     """Run corral as a standalone supervisor process until SIGTERM or SIGINT."""
     from corral.config import ConfigError, load_config
+    from corral.engine.blas import load_in_process
     from corral.logging import configure_logging
-    from corral.server.serve import ServeOptions, main, parse_host_port
 
     overrides: dict[str, Any] = {}
     if log_level is not None:
@@ -69,6 +69,12 @@ def serve(
     except ConfigError as exc:
         typer.echo(f"corral: bad config: {'; '.join(exc.errors)}", err=True)
         raise typer.Exit(2) from None
+    configure_logging(runtime_config.logging)
+    if runtime_config.generation.isolation == "thread" and not ray:
+        # Before anything imports MLX: its BLAS calls bind when it loads.
+        load_in_process(runtime_config.generation.cpu_blas)
+    from corral.server.serve import ServeOptions, main, parse_host_port
+
     if http is None and (host is not None or port is not None):
         server = runtime_config.server
         http = f"{host or server.http_host}:{server.http_port if port is None else port}"
@@ -80,7 +86,6 @@ def serve(
         except ValueError as exc:
             typer.echo(f"corral: {exc}", err=True)
             raise typer.Exit(2) from None
-    configure_logging(runtime_config.logging)
     if ray:
         from corral.ray.deploy import main as serve_on_ray
 
@@ -207,6 +212,25 @@ def _bench_command(name: str, summary: str) -> None:
 
 for _name, _summary in BENCHES.items():
     _bench_command(_name, _summary)
+
+
+@bench_app.command("blas")
+def bench_blas(
+    smoke: SmokeOption = False, output_dir: OutputOption = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="An MLX model directory: prefill and decode tokens/s each way too; "
+             "repeatable.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="The prefill's prompt length.", min=1)]
+    = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens per decode figure.", min=1)]
+    = 32,
+) -> None:
+    """MLX matmul, gemv, prefill and decode on the reference BLAS and on numpy's OpenBLAS
+    through corral's shim (Linux), against numpy."""
+    from corral.bench import blas
+
+    blas.main(smoke=smoke, output_dir=output_dir, models=model or (),
+              prompt_tokens=prompt_tokens, decode_tokens=decode_tokens)
 
 
 @bench_app.command("plot")

@@ -253,6 +253,7 @@ class GenerationConfig(_Section, frozen=True):
     """The generation domain: engine isolation, models, and batching limits."""
 
     isolation: Literal["thread", "process"] = "thread"
+    cpu_blas: Literal["auto", "reference"] = "auto"
     models: tuple[ModelConfig, ...] = ()
     default_max_tokens: _PositiveInt | None = 256
     max_tokens_limit: _PositiveInt | None = None

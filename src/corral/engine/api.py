@@ -131,4 +131,5 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         path, on_step=on_step, on_failure=on_failure, start_soon=start_soon,
         heartbeat_interval_ms=python.heartbeat_interval_ms,
         startup_timeout_ms=python.startup_timeout_ms,
-        python_executable=python.python_executable, standby=standby, **options)
+        python_executable=python.python_executable, cpu_blas=generation.cpu_blas,
+        standby=standby, **options)

@@ -13,7 +13,6 @@ its parent dies (see `corral.engine.worker`). It knows nothing of actors or supe
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, Unpack, final
@@ -30,8 +29,15 @@ from corral.engine.base import (
     FaultKind,
     validate_sequence,
 )
+from corral.engine.blas import CpuBlas
 from corral.engine.pipes import WorkerPipes
-from corral.engine.spawn import WorkerExitedError, WorkerStandby, describe_exit, worker_command
+from corral.engine.spawn import (
+    WorkerExitedError,
+    WorkerStandby,
+    describe_exit,
+    open_worker,
+    worker_command,
+)
 from corral.protocol.codec import FrameError
 from corral.protocol.errors import Code, EngineClientError, error_from_info
 from corral.protocol.messages import (
@@ -123,6 +129,7 @@ class ProcessEngine(EngineBase):
         startup_timeout_ms: the limit for starting the worker and loading the model.
         shutdown_timeout_ms: how long `close` lets the worker stop before killing it.
         python_executable: the interpreter for the worker; the running one if None.
+        cpu_blas: which BLAS the worker's MLX uses (see `corral.engine.blas`).
         standby: where a worker started ahead of need waits; the engine adopts it if
             one does, and has the next one started once its model is loaded.
         **options: as for `Engine` (see `EngineOptions`); the prefix cache lives in the
@@ -140,6 +147,7 @@ class ProcessEngine(EngineBase):
         startup_timeout_ms: int = 60000,
         shutdown_timeout_ms: int = 5000,
         python_executable: str | None = None,
+        cpu_blas: CpuBlas = "auto",
         standby: WorkerStandby | None = None,
         **options: Unpack[EngineOptions],
     ) -> None:
@@ -148,7 +156,7 @@ class ProcessEngine(EngineBase):
         self._silence_limit_s = SILENT_HEARTBEATS * heartbeat_interval_ms / 1000.0
         self._startup_timeout_s = startup_timeout_ms / 1000.0
         self._shutdown_timeout_s = shutdown_timeout_ms / 1000.0
-        self._command = worker_command(python_executable, heartbeat_interval_ms)
+        self._command = worker_command(python_executable, heartbeat_interval_ms, cpu_blas)
         self._standby = standby
 
         self._pipes: WorkerPipes | None = None  # from `start` on
@@ -194,8 +202,7 @@ class ProcessEngine(EngineBase):
             with trio.move_on_after(self._startup_timeout_s) as startup:
                 process = self._standby.take() if self._standby is not None else None
                 if process is None:
-                    process = await trio.lowlevel.open_process(
-                        self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    process = await open_worker(self._command)
                 self._pipes = WorkerPipes(process, path=self.path,
                                           silence_limit_s=self._silence_limit_s,
                                           shutdown_timeout_s=self._shutdown_timeout_s)

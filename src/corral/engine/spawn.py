@@ -14,13 +14,16 @@ import subprocess
 import sys
 from typing import Final, Literal, final
 
+import msgspec
 import structlog
 import trio
 
+from corral.engine.blas import CpuBlas, worker_environment
 from corral.protocol.errors import Code, CorralError
 
-__all__ = ["ExitCause", "WorkerExitedError", "WorkerStandby", "describe_exit", "kill",
-           "kill_and_reap", "reap_in_background", "worker_command"]
+__all__ = ["ExitCause", "WorkerCommand", "WorkerExitedError", "WorkerStandby",
+           "describe_exit", "kill", "kill_and_reap", "open_worker", "reap_in_background",
+           "worker_command"]
 
 _log = structlog.get_logger("corral.process_engine")
 
@@ -68,10 +71,41 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-def worker_command(python_executable: str | None, heartbeat_interval_ms: int) -> list[str]:
-    """The command line of a worker process serving this process."""
-    return [python_executable or sys.executable, "-m", "corral.engine.worker",
-            "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid())]
+class WorkerCommand(msgspec.Struct, frozen=True):
+    """How a worker process starts: its command line and the BLAS it loads.
+
+    Attributes:
+        argv: the command line.
+        cpu_blas: the ``generation.cpu_blas`` setting (see `corral.engine.blas`).
+    """
+
+    argv: tuple[str, ...]
+    cpu_blas: CpuBlas = "auto"
+
+
+def worker_command(python_executable: str | None, heartbeat_interval_ms: int,
+                   cpu_blas: CpuBlas = "auto") -> WorkerCommand:
+    """How to start a worker process serving this process."""
+    return WorkerCommand(
+        (python_executable or sys.executable, "-m", "corral.engine.worker",
+         "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid())),
+        cpu_blas)
+
+
+async def open_worker(command: WorkerCommand) -> trio.Process:
+    """Start a worker process with pipes on its stdin and stdout, in the environment its
+    BLAS choice asks for (`corral.engine.blas.worker_environment`, run in a thread: the
+    first call may compile the BLAS shim).
+
+    Raises:
+        OSError: the process cannot be started.
+
+    Not cancellable (as `trio.lowlevel.open_process`): the process it returns is the
+    caller's to reap.
+    """
+    env = await trio.to_thread.run_sync(worker_environment, command.cpu_blas)
+    return await trio.lowlevel.open_process(list(command.argv), stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, env=env)
 
 
 @final
@@ -87,10 +121,10 @@ class WorkerStandby:
     restart cancels one half-started. Trio thread only.
 
     Args:
-        command: the worker's command line (see `worker_command`).
+        command: how to start the worker (see `worker_command`).
     """
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(self, command: WorkerCommand) -> None:
         self._command = command
         self._spare: trio.Process | None = None
         self._starting = False
@@ -123,8 +157,7 @@ class WorkerStandby:
 
     async def _start(self) -> None:
         try:
-            process = await trio.lowlevel.open_process(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            process = await open_worker(self._command)
         except OSError as exc:
             _log.warning("process_engine.standby_failed", error=repr(exc))
             return

@@ -232,7 +232,8 @@ class Models:
             return None
         if alias not in self._standbys:
             self._standbys[alias] = WorkerStandby(
-                worker_command(py.python_executable, py.heartbeat_interval_ms))
+                worker_command(py.python_executable, py.heartbeat_interval_ms,
+                               self._config.generation.cpu_blas))
         return self._standbys[alias]
 
     async def close_standbys(self, alias: str | None = None) -> None:
