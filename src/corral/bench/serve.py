@@ -60,6 +60,8 @@ RAW = "raw mlx_lm"
 DEFAULTS = "corral (defaults)"
 THREAD = "corral (thread)"
 RAY = "ray, 2 replicas"
+AS_STORED = "corral (as stored)"
+_AS_STORED = "  cpu_dequantize: 'off'\n  cpu_blas: reference\n"
 # The engine settings every target shares: mlx_lm.server's defaults (decode and prompt
 # concurrency, prefill step), which are also corral's.
 _COMPLETION_BATCH = 32
@@ -183,8 +185,8 @@ def corral_server(name: str, model_path: str, directory: Path, config: str,
     return ServerProcess(name, command, port, _ALIAS, directory / f"{name}.log")
 
 
-def _corral_config(isolation: str) -> str:
-    return (f"generation:\n  isolation: {isolation}\n"
+def _corral_config(isolation: str, generation: str = "") -> str:
+    return (f"generation:\n  isolation: {isolation}\n{generation}"
             f"  completion_batch_size: {_COMPLETION_BATCH}\n"
             f"  prefill_batch_size: {_PREFILL_BATCH}\n"
             f"  prefill_step_size: {_PREFILL_STEP}\n"
@@ -457,6 +459,11 @@ def main(smoke: bool = False, output_dir: Path | None = None,
                    corral_server(THREAD, model_path, work, _corral_config("thread")),
                    corral_server("corral (process)", model_path, work,
                                  _corral_config("process"))]
+        if real:
+            # Like for like with mlx_lm.server: the weights as stored (quantized) and the
+            # wheel's BLAS, so the difference is what corral's engine adds per step.
+            servers.append(corral_server(AS_STORED, model_path, work,
+                                         _corral_config("thread", _AS_STORED)))
         results = _phase(servers, model_path, parameters, reference=not real)
         hop: list[ServerProcess] = []
         if not real and importlib.util.find_spec("ray") is not None:  # corral[ray]
@@ -489,7 +496,8 @@ def main(smoke: bool = False, output_dir: Path | None = None,
         "ray_hop": "a second phase, after the first's servers stopped: the Ray target "
                    "and one corral (thread), side by side (results.ray_hop, ray_ratio)",
         "corral_config": {"defaults": "(none)", "thread": _corral_config("thread"),
-                          "process": _corral_config("process")},
+                          "process": _corral_config("process")} | (
+            {"as stored": _corral_config("thread", _AS_STORED)} if real else {}),
         "request": "POST /v1/completions, stream, stream_options.include_usage, "
                    "temperature 0, max_tokens as above",
         "order": "each load split into rounds; every round runs every target; the order "
