@@ -435,9 +435,8 @@ def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, 
     """Start `servers`, run every load against all of them (and the in-process raw
     mlx_lm reference when asked), stop them; the results, ratios to `baseline`."""
     with contextlib.ExitStack() as stack:
-        for server in servers:
+        for server in servers:  # one at a time: loads that share two cores time out
             stack.enter_context(server.running())
-        for server in servers:
             server.wait_ready()
         runner = (stack.enter_context(ReferenceThread(model_path).running())
                   if reference else None)
