@@ -40,6 +40,7 @@ from corral.protocol.messages import (
     Detokenize,
     GenerateParams,
     ModelInfo,
+    SamplingParams,
     Submit,
     Tokenize,
 )
@@ -51,7 +52,7 @@ from corral.runtime.token_stream import TokenStream
 from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
-__all__ = ["Requests", "TokenStream", "check_guidance", "check_text", "shutting_down_error"]
+__all__ = ["Requests", "TokenStream", "check_text", "guided_sampling", "shutting_down_error"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -157,10 +158,7 @@ class Requests:
             check_token_ids("generated", request.generated, serving.info)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info, len(request.generated))
-            sampling, field = constrained(request.sampling(max_tokens), request, alias,
-                                          serving.info, tools)
-            if sampling.grammar is not None:
-                await check_guidance(alias, serving.info, sampling.grammar, field)
+            sampling = await guided_sampling(request, max_tokens, alias, serving.info, tools)
             try:
                 await self._registry.ask(
                     Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
@@ -313,20 +311,35 @@ def shutting_down_error(why: str) -> EngineClientError:
                              {"shutting_down": True}, retryable=True)
 
 
-async def check_guidance(alias: str, info: ModelInfo | None, grammar: str,
-                         field: str = "response_format") -> None:
-    """Refuse a grammar the model cannot follow or llguidance cannot compile. The
-    compile runs in a worker thread (once per grammar; then cached), never on the event
-    loop or an engine step.
+async def guided_sampling(request: GenerateParams, max_tokens: int, alias: str,
+                          info: ModelInfo | None, tools: list[dict[str, Any]] | None
+                          ) -> SamplingParams:
+    """The request's sampling, with the grammar its `response_format` or `tool_choice`
+    asks for, written and compiled once (then cached) in a worker thread: a schema of a
+    megabyte takes a fraction of a second to write and up to a second to compile, which
+    on the event loop would stall every stream. A request with neither stays on the
+    loop. On cancellation the caller waits for the thread (a second at most).
 
     Raises:
-        EngineClientError: GuidanceError naming the problem.
+        EngineClientError: GuidanceError when the model cannot follow a grammar or
+            llguidance cannot compile it; InvalidParams as `constrained` says.
     """
+    if request.response_format is None and not tools:
+        return request.sampling(max_tokens)
+    return await trio.to_thread.run_sync(_guided, request, max_tokens, alias, info, tools)
+
+
+def _guided(request: GenerateParams, max_tokens: int, alias: str, info: ModelInfo | None,
+            tools: list[dict[str, Any]] | None) -> SamplingParams:
+    sampling, field = constrained(request.sampling(max_tokens), request, alias, info, tools)
+    if sampling.grammar is None:
+        return sampling
     if info is not None and not info.structured_output:
         raise EngineClientError(
             Code.GUIDANCE_ERROR, f"model {alias}: its tokenizer cannot drive structured "
             "output (llguidance needs a fast tokenizer)", {"model": alias})
-    await trio.to_thread.run_sync(check_grammar, grammar, field)
+    check_grammar(sampling.grammar, field)
+    return sampling
 
 
 def check_prompt_shape(request: GenerateParams) -> None:
