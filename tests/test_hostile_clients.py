@@ -1,4 +1,4 @@
-"""Hostile clients on the HTTP transport (issue 21, items 6, 7 and 10).
+"""Hostile clients on the HTTP transport (issue 21, items 6, 7 and 10, and timeouts).
 
 A real server on 127.0.0.1. Each test sends what a hostile or careless client sends (a
 megabyte of tools, a body over the limit, bodies that never finish, bodies refused
@@ -23,14 +23,17 @@ import structlog
 import trio
 import trio.testing
 
+from corral.actors.retry import RetryPolicy
+from corral.actors.retry import call as retry_call
 from corral.config import config_from_mapping
-from corral.protocol.errors import Code
+from corral.protocol.errors import Code, TimeoutError
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpLimits, HttpServer
+from corral.server.jsonrpc import JsonRpcListener
 from corral.server.lingering import LingeringStream
 from corral.tiny import make_tiny_model
 from test_edge_validation import HttpConnection, serving_http
-from test_jsonrpc_server import PROMPT, assert_nothing_restarted
+from test_jsonrpc_server import PROMPT, Client, assert_nothing_restarted
 
 pytestmark = pytest.mark.slow
 
@@ -294,3 +297,43 @@ async def test_a_megabyte_of_tools_is_refused_while_a_running_stream_flows(
             longest_pause = max(b - a for a, b in itertools.pairwise(edges))
             assert longest_pause < (ended - began) / 2
             assert await completion(http) == 200
+
+
+# -- timeouts name what the client called and asked for ------------------------------------
+
+
+async def test_a_timeout_names_the_public_method_the_timeout_asked_for_and_the_duration(
+        model_path: str) -> None:
+    with trio.fail_after(60):
+        async with served(model_path) as (rt, http):
+            listener = JsonRpcListener(rt, "tcp://127.0.0.1:0")
+            await rt.start_transport(listener.spec("jsonrpc"))
+            connection = await HttpConnection.open(http.port)
+            for path, method, body in (
+                    ("/v1/chat/completions", "chat.completions",
+                     {"messages": [{"role": "user", "content": PROMPT}]}),
+                    ("/v1/completions", "completions", {"prompt": PROMPT})):
+                reply = await connection.request("POST", path, json.dumps(
+                    {"model": "tiny", "max_tokens": 500, "timeout_ms": 1, **body}).encode())
+                assert reply.status == 504, reply.body
+                error = reply.error
+                assert (error["code"], error["retryable"]) == (Code.TIMEOUT.value, True)
+                message = error["message"]
+                assert message.startswith(f"{method} timed out after "), message
+                assert message.endswith("s (timeout 0.001s)"), message
+            client = await Client.connect(listener)
+            reply = await client.call("complete", {"prompt": PROMPT, "max_tokens": 500,
+                                                   "timeout_ms": 1, "request_id": "r-1"})
+            data = reply["error"]["data"]
+            assert (data["method"], data["timeout"], data["request_id"]) == (
+                "complete", 0.001, "r-1")
+            assert data["duration"] >= 0.0
+            assert reply["error"]["message"].startswith("complete timed out after ")
+            assert (await connection.request("POST", "/v1/completions", BODY)).status == 200
+
+
+async def test_a_retry_whose_deadline_has_passed_reports_no_negative_timeout() -> None:
+    with pytest.raises(TimeoutError) as caught:
+        await retry_call(RetryPolicy(), trio.sleep_forever,
+                         deadline=trio.current_time() - 1.0)
+    assert caught.value.timeout == 0.0 and "(timeout 0.000s)" in caught.value.message

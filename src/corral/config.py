@@ -21,32 +21,13 @@ import yaml
 
 from corral.protocol.errors import resolve_error_name
 
-__all__ = [
-    "ALIASES",
-    "BackoffConfig",
-    "CallsConfig",
-    "CircuitBreakerConfig",
-    "ConfigError",
-    "GenerationConfig",
-    "JsonRpcConfig",
-    "LoggingConfig",
-    "ModelConfig",
-    "PrefixCacheConfig",
-    "PythonRuntimeConfig",
-    "RestartsConfig",
-    "RetryBudgetConfig",
-    "RetryConfig",
-    "RuntimeConfig",
-    "ServerConfig",
-    "StreamRegistryConfig",
-    "SupervisionConfig",
-    "config_from_mapping",
-    "config_warnings",
-    "deep_merge",
-    "default_prefix_cache_bytes",
-    "load_config",
-    "render_config",
-]
+__all__ = ["ALIASES", "BackoffConfig", "CallsConfig", "CircuitBreakerConfig", "ConfigError",
+           "GenerationConfig", "JsonRpcConfig", "LoggingConfig", "ModelConfig",
+           "PrefixCacheConfig", "PythonRuntimeConfig", "RestartsConfig",
+           "RetryBudgetConfig", "RetryConfig", "RuntimeConfig", "ServerConfig",
+           "StreamRegistryConfig", "SupervisionConfig", "config_from_mapping",
+           "config_warnings", "deep_merge", "default_prefix_cache_bytes", "load_config",
+           "render_config"]
 
 _PositiveInt: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
 _NonNegativeInt: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]

@@ -10,8 +10,8 @@ outcome. This module never builds the tree and never loads a model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any, final
 
 import structlog
@@ -29,6 +29,7 @@ from corral.protocol.errors import (
     Code,
     CorralError,
     EngineClientError,
+    TimeoutError,
     code_of,
 )
 from corral.protocol.grammar import check_grammar
@@ -154,26 +155,31 @@ class Requests:
             await trio.lowlevel.checkpoint_if_cancelled()
             serving = self._models.by_alias.get(alias, entry)
             tools = tools_for(request, alias, serving.info)
-            prompt_ids = await self._prompt_ids(alias, request, tools)
+            with _as_request_timeout(request, timeout_s, started):
+                prompt_ids = await self._prompt_ids(alias, request, tools, deadline)
             check_token_ids("generated", request.generated, serving.info)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info, len(request.generated))
             sampling = await guided_sampling(request, max_tokens, alias, serving.info, tools)
             try:
-                await self._registry.ask(
-                    Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
-                          prompt=prompt_ids, sampling=sampling,
-                          max_tokens=max_tokens, request_id=request.request_id,
-                          client=request.client, generated=list(request.generated)),
-                    timeout=max(deadline - trio.current_time(), 0.0),
-                    request_id=request.request_id)
-                buffer = self._table.get(stream_id)  # the registry opened it on admission
-                assert buffer is not None and buffer.sequence is not None
-                submitted = True
-                await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
-                                 budget=ActorBudget(self._models.ref(alias, "retry")),
-                                 deadline=deadline,
-                                 on_retry=lambda *_: self.rolling.record_retry(alias))
+                with _as_request_timeout(request, timeout_s, started):
+                    await self._registry.ask(
+                        Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
+                              prompt=prompt_ids, sampling=sampling,
+                              max_tokens=max_tokens, request_id=request.request_id,
+                              client=request.client, generated=list(request.generated)),
+                        timeout=max(deadline - trio.current_time(), 0.0),
+                        request_id=request.request_id)
+                    buffer = self._table.get(stream_id)  # the registry opened it on admission
+                    assert buffer is not None and buffer.sequence is not None
+                    if trio.current_time() >= deadline:  # the model was never asked
+                        raise TimeoutError("generate", timeout_s, request.request_id, 0.0)
+                    submitted = True
+                    await retry_call(self._policy, self.ask_model, alias,
+                                     Submit(buffer.sequence),
+                                     budget=ActorBudget(self._models.ref(alias, "retry")),
+                                     deadline=deadline,
+                                     on_retry=lambda *_: self.rolling.record_retry(alias))
                 calling = serving.info.tool_calling if serving.info else None
                 reader = (ToolCallReader(calling.parser, tools,
                                          first_only=not request.parallel_tool_calls)
@@ -222,8 +228,9 @@ class Requests:
                 "model", alias, buffer.text, list(buffer.tokens), buffer.finish_reason,
                 buffer.prompt_tokens))
 
-    async def ask_model(self, alias: str, message: Any) -> Any:
-        """Ask the model actor; if its incarnation dies first, ask the next one.
+    async def ask_model(self, alias: str, message: Any, *, timeout: float | None = None) -> Any:
+        """Ask the model actor (each ask within `timeout`, by default the config's);
+        if its incarnation dies first, ask the next one.
 
         A model actor's crash fails the asks waiting on it with ActorExitedError at
         once, before they ran to completion, so sending the message again is safe: the
@@ -234,7 +241,7 @@ class Requests:
         attempts = self._config.restarts.max_restarts + 1
         for attempt in range(1, attempts + 1):
             try:
-                return await ref.ask(message)
+                return await ref.ask(message, timeout=timeout)
             except ActorExitedError:
                 if attempt == attempts:
                     raise
@@ -258,13 +265,18 @@ class Requests:
         raise AssertionError("unreachable: a live model either grants or refuses a permit")
 
     async def _prompt_ids(self, alias: str, request: GenerateParams,
-                          tools: list[dict[str, Any]] | None) -> list[int]:
+                          tools: list[dict[str, Any]] | None, deadline: float) -> list[int]:
+        """The prompt's token ids, rendered and encoded by the model's tokenizer before
+        the request's deadline, and checked against the model's context at once."""
+        timeout = max(deadline - trio.current_time(), 0.0)
         if request.messages is not None:
             reply = await self.ask_model(
-                alias, ApplyChatTemplate(template_turns(request.messages), tools))
+                alias, ApplyChatTemplate(template_turns(request.messages), tools),
+                timeout=timeout)
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
-            ids = list((await self.ask_model(alias, Tokenize(request.prompt))).ids)
+            ids = list((await self.ask_model(alias, Tokenize(request.prompt),
+                                             timeout=timeout)).ids)
         else:
             assert request.prompt is not None
             ids = list(request.prompt)
@@ -294,6 +306,20 @@ class Requests:
             tell_quietly(self._models.ref(buffer.model), CancelSequence(buffer.stream_id))
             tell_quietly(self._registry, CloseStream(buffer.stream_id, "cancelled"))
         return len(remaining)
+
+
+@contextmanager
+def _as_request_timeout(request: GenerateParams, timeout_s: float,
+                        started: float) -> Iterator[None]:
+    """A deadline that passes while the pipeline waits (for the tokenizer, admission or
+    the submit) is the request's own Timeout: named `generate`, with the timeout the
+    request had (as asked, or the default) and the time since it began, never the
+    internal call that happened to be waiting or what was left of the deadline."""
+    try:
+        yield
+    except TimeoutError:
+        raise TimeoutError("generate", timeout_s, request.request_id,
+                           trio.current_time() - started) from None
 
 
 def tell_quietly(ref: ActorRef, message: Any) -> None:

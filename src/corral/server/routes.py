@@ -25,7 +25,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics, RequestOutcome
-from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
+from corral.protocol.errors import (
+    Code,
+    CorralError,
+    EngineClientError,
+    OverloadedError,
+    TimeoutError,
+)
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
@@ -282,6 +288,7 @@ class GenerateEndpoint:
         self._runtime = runtime
         self._metrics = metrics
         self._make_job = chat_job if kind == "chat" else completion_job
+        self._method = "chat.completions" if kind == "chat" else "completions"
         self._max_body = runtime.config.server.max_body_bytes
         self._drain_ms = runtime.config.server.drain_timeout_ms
         self._body_timeout_ms = body_timeout_ms
@@ -325,7 +332,9 @@ class GenerateEndpoint:
                 await self._whole(job, exchange)
         except Exception as exc:  # the client gets every failure as a reply
             error = innermost(exc)
-            if not isinstance(error, CorralError):
+            if isinstance(error, TimeoutError):
+                error = error.for_method(self._method)
+            elif not isinstance(error, CorralError):
                 _log.error("http.generation_failed", request_id=exchange.request_id,
                            exc_info=error)
                 error = internal_error(error)
