@@ -16,6 +16,7 @@ a step failure (the owner hears of it through `on_failure`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -152,6 +153,10 @@ class Engine(EngineBase):
                 {"path": self.path},
             )
         self._info = result
+        # The first encode may write the tokenizer's truncation and padding settings;
+        # made now, before any step decodes, every later one only reads beside them.
+        with contextlib.suppress(EngineClientError):
+            await self._tokenizer_call(lambda tok: list(tok.encode("")), list)
         return result
 
     def submit(self, seq: EngineSequence) -> None:
