@@ -7,11 +7,15 @@ client for the generation that follows.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from corral.config import config_from_mapping
 from corral.runtime import open_runtime
@@ -111,3 +115,17 @@ async def test_the_admin_routes_are_off_without_a_key(model_path: str) -> None:
 def test_a_short_admin_key_is_a_config_error() -> None:
     with pytest.raises(Exception, match="admin_api_key"):
         config_from_mapping({"server": {"admin_api_key": "short"}})
+
+
+@pytest.mark.parametrize("key", [" " * 16, " padded-key-12345 ", "tab\tkey-0123456789",
+                                 "new\nline-0123456789", "clé-secrète-0123456", "x" * 15])
+def test_an_admin_key_no_client_could_send_is_refused_by_check_config(
+        tmp_path: Path, key: str) -> None:
+    """A key goes in an Authorization header: visible ASCII only, 16 or more."""
+    path = tmp_path / "runtime.yaml"
+    path.write_text(yaml.safe_dump({"server": {"admin_api_key": key}}), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "corral.cli", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: server.admin_api_key: expected "), result.stderr
+    config_from_mapping({"server": {"admin_api_key": KEY}})

@@ -54,6 +54,7 @@ _Rate: TypeAlias = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 _Name: TypeAlias = Annotated[str, msgspec.Meta(min_length=1)]
 _Port: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
+_API_KEY: Final = re.compile(r"[\x21-\x7e]{16,}")
 _LISTEN_URI: Final = re.compile(r"stdio|tcp://(?:\[[^\]\s]+\]|[^/\s:\[\]]+):\d{1,5}|unix://\S+")
 
 
@@ -308,6 +309,11 @@ class ServerConfig(_Section, frozen=True):
             if not _LISTEN_URI.fullmatch(uri):
                 raise _FieldError(f"jsonrpc[{index}]", "expected 'stdio', 'tcp://HOST:PORT' "
                                   f"or 'unix://PATH', got {uri!r}")
+        if self.admin_api_key is not None and not _API_KEY.fullmatch(self.admin_api_key):
+            # A client sends the key in an Authorization header, whose value loses its
+            # outer spaces and is read as Latin-1: a key no client could send is refused.
+            raise _FieldError("admin_api_key", "expected 16 or more visible ASCII characters "
+                              "(no spaces, control or non-ASCII characters)")
 
 
 class LoggingConfig(_Section, frozen=True):

@@ -259,9 +259,11 @@ class ModelActor(Actor[ModelMessage]):
                 if reply is not None:
                     self._waiting.append(reply)
             case Tokenize() | Detokenize() | ApplyChatTemplate():
+                # Answered by a task of its own: a prompt that takes seconds to render
+                # must not hold up the submits, cancels and steps behind it.
                 reply = self.defer_reply()
                 if reply is not None:
-                    await self._answer_or_hold(message, reply)
+                    self.start_soon(self._answer_or_hold, message, reply)
             case ListSequences():
                 return Sequences(sorted(self._running | {s.seq_id for s in self._queued}))
             case InjectFault(kind=kind):

@@ -400,7 +400,9 @@ async def call(policy: RetryPolicy, fn: Callable[[*Ts], Awaitable[T]],
             if loop.last_error is not None:
                 raise loop.last_error
             method = getattr(fn, "__qualname__", type(fn).__name__)
-            raise TimeoutError(method, limit - started, None, current_time() - started)
+            # What was left of the deadline at the start (none, for one already past).
+            raise TimeoutError(method, max(0.0, limit - started), None,
+                               current_time() - started)
         raise RetryAbortedError(loop.attempts, loop.last_error) from loop.last_error
     finally:
         loop.finish(port)

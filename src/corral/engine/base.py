@@ -156,8 +156,9 @@ class EngineBase:
     """The part of an engine that does not depend on where it runs.
 
     Subclasses set `_info` once the model is loaded and `_stopped` once the engine
-    takes no more commands, and run tokenizer calls through `_call`, answering them
-    with `_answer` or failing them all with `_fail_calls`.
+    takes no more commands. One whose tokenizer calls are answered elsewhere (a worker
+    process) sends them through `_call`, answering them with `_answer` or failing them
+    all with `_fail_calls`.
 
     Args:
         path: a local model directory for ``mlx_lm.load``, or complete settings (then

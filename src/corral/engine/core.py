@@ -1,8 +1,8 @@
 """The engine thread's side of one model: its batch, its sequences, its prefix cache.
 
 `EngineCore` loads the model, then applies the commands the trio side queues (submit,
-cancel, tokenizer calls, faults) and takes `BatchGenerator` steps, handing each step and
-each answer to callbacks that carry them over to the trio thread. `corral.engine.thread`
+cancel, faults) and takes `BatchGenerator` steps, handing each step to a callback that
+carries it over to the trio thread. `corral.engine.thread`
 owns the thread it runs in.
 
 Engine thread only (`statistics` excepted, which reads counters from any thread). It must
@@ -31,7 +31,6 @@ from corral.engine.prefill_sharing import PrefillSharing
 from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
 from corral.engine.sampling import sequence_sampler
 from corral.engine.text import StopText
-from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import (
     CancelSequence,
     EngineSequence,
@@ -44,20 +43,12 @@ from corral.protocol.messages import (
     TokenOut,
 )
 
-__all__ = ["STOP", "Command", "EngineCore", "GrammarCompiled", "Stop", "TokenizerCall"]
+__all__ = ["STOP", "Command", "EngineCore", "GrammarCompiled", "Stop"]
 
 _log = structlog.get_logger("corral.engine")
 
 _SLOW_S_PER_TOKEN: Final = 0.01  # what the "slow" fault adds to a step per prompt token
 _STUCK_S: Final = 2.0  # how long the "stuck" fault blocks a step
-
-
-@dataclass(frozen=True)
-class TokenizerCall:
-    """Run `fn(tokenizer)` between steps; its value or error answers call `call_id`."""
-
-    call_id: int
-    fn: Callable[[Any], object]
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ class Stop:
 
 STOP: Final = Stop()
 
-Command = Submit | CancelSequence | TokenizerCall | InjectFault | GrammarCompiled | Stop
+Command = Submit | CancelSequence | InjectFault | GrammarCompiled | Stop
 """What the trio side (and the guidance thread) puts on the command queue."""
 
 
@@ -103,18 +94,15 @@ class EngineCore:
         closing: set by the trio side (or when nobody is left to serve): `serve` returns
             at its next check, and a hung step (the "hang" fault) lets go.
         post_step: takes every step, in order, to the trio thread; never blocks.
-        answer: takes `(call_id, value, error)` of a tokenizer call to the trio thread.
     """
 
     def __init__(self, settings: EngineSettings, commands: queue.SimpleQueue[Command],
-                 closing: threading.Event, post_step: Callable[[EngineStep], None],
-                 answer: Callable[[int, object, BaseException | None], None]) -> None:
+                 closing: threading.Event, post_step: Callable[[EngineStep], None]) -> None:
         self.settings = settings
         self.path = settings.path
         self._commands = commands
         self._closing = closing
         self._post_step = post_step
-        self._answer = answer
         # Read from the trio thread by `statistics`, written here only.
         self.serving = False
         self._applied = 0  # submits taken off the queue
@@ -156,6 +144,16 @@ class EngineCore:
                           else PrefixCacheStatistics()),
             step_expected_s=self._pacer.expected_s,
         )
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (mlx_lm's wrapper) while the core serves, else None.
+
+        Other threads may encode with it, one at a time (`corral.engine.thread` renders
+        chat templates and tokenizes in a worker thread): this thread only decodes with
+        it, and the Rust tokenizer takes any number of readers at once.
+        """
+        return self._tokenizer
 
     # -- loading and unloading ------------------------------------------------------
 
@@ -256,14 +254,6 @@ class EngineCore:
                         if s.sampling.grammar == command.grammar]:
                 del self._compiling[seq.seq_id]
                 self._place(seq)
-        elif isinstance(command, TokenizerCall):
-            value: object = None
-            error: BaseException | None = None
-            try:
-                value = command.fn(self._tokenizer)
-            except Exception as exc:
-                error = EngineClientError(Code.TOKENIZER_ERROR, f"{type(exc).__name__}: {exc}")
-            self._answer(command.call_id, value, error)
         else:
             self._fault = command.kind
 

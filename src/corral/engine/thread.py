@@ -1,11 +1,13 @@
 """The MLX engine of one model in-process: a dedicated OS thread that loads and serves it.
 
-Every MLX call for the model (load, `BatchGenerator` steps, sampling) and every tokenizer
-call runs in the engine's one thread (see `corral.engine.core`), because MLX streams are
-thread-local: a step taken from another thread than the last one raises, and pooled
-`trio.to_thread` threads change under you. The trio side only enqueues commands (never
-blocks) and receives steps, replies and failures through `TrioToken.run_sync_soon`, in
-order.
+Every MLX call for the model (load, `BatchGenerator` steps, sampling) runs in the
+engine's one thread (see `corral.engine.core`), because MLX streams are thread-local: a
+step taken from another thread than the last one raises, and pooled `trio.to_thread`
+threads change under you. The trio side only enqueues commands (never blocks) and
+receives steps and failures through `TrioToken.run_sync_soon`, in order. Tokenizer calls
+(chat templates, encoding, decoding) touch no MLX: they run in a trio worker thread,
+one at a time per engine, so a prompt that takes seconds to render and encode (a
+megabyte of tools) delays neither the engine's steps nor the event loop.
 
 This module knows nothing of actors, HTTP or supervision: it must never await a trio
 primitive from the engine thread, never touch MLX from the trio thread, and never swallow
@@ -14,6 +16,7 @@ a step failure (the owner hears of it through `on_failure`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -34,7 +37,7 @@ from corral.engine.base import (
     FaultKind,
     validate_sequence,
 )
-from corral.engine.core import STOP, Command, EngineCore, TokenizerCall
+from corral.engine.core import STOP, Command, EngineCore
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import (
     CancelSequence,
@@ -97,7 +100,8 @@ class Engine(EngineBase):
         self._outbox_lock = threading.Lock()
         self._flush_pending = False
         self._core = EngineCore(self.settings, self._commands, self._closing,
-                                self._post_step, self._post_answer)
+                                self._post_step)
+        self._tokenizer_turns = trio.CapacityLimiter(1)  # tokenizer calls, one at a time
 
         # Trio thread only.
         self._token: trio.lowlevel.TrioToken | None = None
@@ -150,6 +154,10 @@ class Engine(EngineBase):
                 {"path": self.path},
             )
         self._info = result
+        # The first encode may write the tokenizer's truncation and padding settings;
+        # made now, before any step decodes, every later one only reads beside them.
+        with contextlib.suppress(EngineClientError):
+            await self._tokenizer_call(lambda tok: list(tok.encode("")), list)
         return result
 
     def submit(self, seq: EngineSequence) -> None:
@@ -197,25 +205,25 @@ class Engine(EngineBase):
         self._commands.put(InjectFault(kind))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Encode text with the model's tokenizer (in the engine thread).
+        """Encode text with the model's tokenizer (in a worker thread).
 
         On cancellation the call still runs; its result is dropped.
 
         Raises:
             EngineClientError: TokenizerError if the tokenizer refuses the input;
-                ModelNotLoaded if the engine is not serving, or stops first.
+                ModelNotLoaded if the engine is not serving.
         """
         return await self._tokenizer_call(
             lambda tok: list(tok.encode(text, add_special_tokens=add_special_tokens)), list)
 
     async def detokenize(self, ids: list[int]) -> str:
-        """Decode token ids with the model's tokenizer (in the engine thread).
+        """Decode token ids with the model's tokenizer (in a worker thread).
 
         On cancellation the call still runs; its result is dropped.
 
         Raises:
             EngineClientError: TokenizerError if an id is not in the vocabulary;
-                ModelNotLoaded if the engine is not serving, or stops first.
+                ModelNotLoaded if the engine is not serving.
         """
         vocab_size = self._require_running().vocab_size
         bad = [i for i in ids if not 0 <= i < vocab_size]
@@ -230,7 +238,7 @@ class Engine(EngineBase):
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Render chat messages (and `tools`, when given) with the model's template and
-        encode them.
+        encode them (in a worker thread).
 
         On cancellation the call still runs; its result is dropped.
 
@@ -292,8 +300,22 @@ class Engine(EngineBase):
         return self._core.statistics(self._submitted)
 
     async def _tokenizer_call(self, fn: Callable[[Any], T], returns: type[T]) -> T:
-        return await self._call(
-            lambda call_id: self._commands.put(TokenizerCall(call_id, fn)), returns)
+        """`fn(tokenizer)` in a worker thread, after the calls before it. On
+        cancellation the caller leaves at once; the call still runs to its end, and the
+        next one waits for it."""
+        self._require_running()
+        tokenizer = self._core.tokenizer
+        if tokenizer is None:  # the engine thread is tearing down
+            raise EngineClientError(Code.MODEL_NOT_LOADED,
+                                    f"the engine of {self.path} stopped", {"path": self.path})
+        try:
+            value = await trio.to_thread.run_sync(fn, tokenizer, abandon_on_cancel=True,
+                                                  limiter=self._tokenizer_turns)
+        except Exception as exc:
+            raise EngineClientError(Code.TOKENIZER_ERROR,
+                                    f"{type(exc).__name__}: {exc}") from None
+        assert isinstance(value, returns)
+        return value
 
     def _request_stop(self) -> None:
         self._close_requested = True
@@ -331,7 +353,6 @@ class Engine(EngineBase):
 
     def _on_exit(self) -> None:
         self._stopped = True
-        self._fail_calls()
         self._loaded.set()  # in case the thread died before it reported the load
         self._exited.set()
 
@@ -371,9 +392,6 @@ class Engine(EngineBase):
             self._flush_pending = False
         for step in steps:
             self._deliver(step)
-
-    def _post_answer(self, call_id: int, value: object, error: BaseException | None) -> None:
-        self._post(self._answer, call_id, value, error)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._token is not None

@@ -208,6 +208,11 @@ class TimeoutError(CorralError):
                      "duration": duration},
         )
 
+    def for_method(self, method: str) -> TimeoutError:
+        """The same timeout, named for the method the client called (a transport's
+        name for it: `chat.completions`)."""
+        return TimeoutError(method, self.timeout, self.request_id, self.duration)
+
 
 class CircuitBreakerOpenError(CorralError):
     """A circuit breaker refused the call; try again after `retry_after_ms`."""

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Final
 import msgspec
 
 from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.schema_refs import check_ref_cycles
 
 __all__ = ["GRAMMAR_CACHE_SIZE", "JsonObjectFormat", "JsonSchema", "JsonSchemaFormat",
            "ResponseFormat", "TextFormat", "check_grammar", "compile_problem",
@@ -65,12 +66,14 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
     """The grammar a response format asks for, or None for free text.
 
     Raises:
-        EngineClientError: GuidanceError when the schema cannot be serialized.
+        EngineClientError: GuidanceError when the schema cannot be serialized, or has a
+            `$ref` cycle that admits no finite value (`check_ref_cycles`).
     """
     if isinstance(response_format, JsonObjectFormat):
         return json_object_grammar()
     if isinstance(response_format, JsonSchemaFormat):
         spec = response_format.json_schema
+        check_ref_cycles(spec.schema, "response_format", "response_format.json_schema.schema")
         return json_schema_grammar(spec.schema, strict=bool(spec.strict))
     return None
 

@@ -10,8 +10,8 @@ outcome. This module never builds the tree and never loads a model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any, final
 
 import structlog
@@ -29,6 +29,7 @@ from corral.protocol.errors import (
     Code,
     CorralError,
     EngineClientError,
+    TimeoutError,
     code_of,
 )
 from corral.protocol.grammar import check_grammar
@@ -40,6 +41,7 @@ from corral.protocol.messages import (
     Detokenize,
     GenerateParams,
     ModelInfo,
+    SamplingParams,
     Submit,
     Tokenize,
 )
@@ -51,7 +53,7 @@ from corral.runtime.token_stream import TokenStream
 from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
-__all__ = ["Requests", "TokenStream", "check_guidance", "check_text", "shutting_down_error"]
+__all__ = ["Requests", "TokenStream", "check_text", "guided_sampling", "shutting_down_error"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -153,29 +155,31 @@ class Requests:
             await trio.lowlevel.checkpoint_if_cancelled()
             serving = self._models.by_alias.get(alias, entry)
             tools = tools_for(request, alias, serving.info)
-            prompt_ids = await self._prompt_ids(alias, request, tools)
+            with _as_request_timeout(request, timeout_s, started):
+                prompt_ids = await self._prompt_ids(alias, request, tools, deadline)
             check_token_ids("generated", request.generated, serving.info)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info, len(request.generated))
-            sampling, field = constrained(request.sampling(max_tokens), request, alias,
-                                          serving.info, tools)
-            if sampling.grammar is not None:
-                await check_guidance(alias, serving.info, sampling.grammar, field)
+            sampling = await guided_sampling(request, max_tokens, alias, serving.info, tools)
             try:
-                await self._registry.ask(
-                    Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
-                          prompt=prompt_ids, sampling=sampling,
-                          max_tokens=max_tokens, request_id=request.request_id,
-                          client=request.client, generated=list(request.generated)),
-                    timeout=max(deadline - trio.current_time(), 0.0),
-                    request_id=request.request_id)
-                buffer = self._table.get(stream_id)  # the registry opened it on admission
-                assert buffer is not None and buffer.sequence is not None
-                submitted = True
-                await retry_call(self._policy, self.ask_model, alias, Submit(buffer.sequence),
-                                 budget=ActorBudget(self._models.ref(alias, "retry")),
-                                 deadline=deadline,
-                                 on_retry=lambda *_: self.rolling.record_retry(alias))
+                with _as_request_timeout(request, timeout_s, started):
+                    await self._registry.ask(
+                        Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
+                              prompt=prompt_ids, sampling=sampling,
+                              max_tokens=max_tokens, request_id=request.request_id,
+                              client=request.client, generated=list(request.generated)),
+                        timeout=max(deadline - trio.current_time(), 0.0),
+                        request_id=request.request_id)
+                    buffer = self._table.get(stream_id)  # the registry opened it on admission
+                    assert buffer is not None and buffer.sequence is not None
+                    if trio.current_time() >= deadline:  # the model was never asked
+                        raise TimeoutError("generate", timeout_s, request.request_id, 0.0)
+                    submitted = True
+                    await retry_call(self._policy, self.ask_model, alias,
+                                     Submit(buffer.sequence),
+                                     budget=ActorBudget(self._models.ref(alias, "retry")),
+                                     deadline=deadline,
+                                     on_retry=lambda *_: self.rolling.record_retry(alias))
                 calling = serving.info.tool_calling if serving.info else None
                 reader = (ToolCallReader(calling.parser, tools,
                                          first_only=not request.parallel_tool_calls)
@@ -224,8 +228,9 @@ class Requests:
                 "model", alias, buffer.text, list(buffer.tokens), buffer.finish_reason,
                 buffer.prompt_tokens))
 
-    async def ask_model(self, alias: str, message: Any) -> Any:
-        """Ask the model actor; if its incarnation dies first, ask the next one.
+    async def ask_model(self, alias: str, message: Any, *, timeout: float | None = None) -> Any:
+        """Ask the model actor (each ask within `timeout`, by default the config's);
+        if its incarnation dies first, ask the next one.
 
         A model actor's crash fails the asks waiting on it with ActorExitedError at
         once, before they ran to completion, so sending the message again is safe: the
@@ -236,7 +241,7 @@ class Requests:
         attempts = self._config.restarts.max_restarts + 1
         for attempt in range(1, attempts + 1):
             try:
-                return await ref.ask(message)
+                return await ref.ask(message, timeout=timeout)
             except ActorExitedError:
                 if attempt == attempts:
                     raise
@@ -260,13 +265,18 @@ class Requests:
         raise AssertionError("unreachable: a live model either grants or refuses a permit")
 
     async def _prompt_ids(self, alias: str, request: GenerateParams,
-                          tools: list[dict[str, Any]] | None) -> list[int]:
+                          tools: list[dict[str, Any]] | None, deadline: float) -> list[int]:
+        """The prompt's token ids, rendered and encoded by the model's tokenizer before
+        the request's deadline, and checked against the model's context at once."""
+        timeout = max(deadline - trio.current_time(), 0.0)
         if request.messages is not None:
             reply = await self.ask_model(
-                alias, ApplyChatTemplate(template_turns(request.messages), tools))
+                alias, ApplyChatTemplate(template_turns(request.messages), tools),
+                timeout=timeout)
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
-            ids = list((await self.ask_model(alias, Tokenize(request.prompt))).ids)
+            ids = list((await self.ask_model(alias, Tokenize(request.prompt),
+                                             timeout=timeout)).ids)
         else:
             assert request.prompt is not None
             ids = list(request.prompt)
@@ -298,6 +308,20 @@ class Requests:
         return len(remaining)
 
 
+@contextmanager
+def _as_request_timeout(request: GenerateParams, timeout_s: float,
+                        started: float) -> Iterator[None]:
+    """A deadline that passes while the pipeline waits (for the tokenizer, admission or
+    the submit) is the request's own Timeout: named `generate`, with the timeout the
+    request had (as asked, or the default) and the time since it began, never the
+    internal call that happened to be waiting or what was left of the deadline."""
+    try:
+        yield
+    except TimeoutError:
+        raise TimeoutError("generate", timeout_s, request.request_id,
+                           trio.current_time() - started) from None
+
+
 def tell_quietly(ref: ActorRef, message: Any) -> None:
     """Tell, from cleanup code that must not raise: a stopped or overfull target has
     nothing left to do with the message."""
@@ -313,20 +337,35 @@ def shutting_down_error(why: str) -> EngineClientError:
                              {"shutting_down": True}, retryable=True)
 
 
-async def check_guidance(alias: str, info: ModelInfo | None, grammar: str,
-                         field: str = "response_format") -> None:
-    """Refuse a grammar the model cannot follow or llguidance cannot compile. The
-    compile runs in a worker thread (once per grammar; then cached), never on the event
-    loop or an engine step.
+async def guided_sampling(request: GenerateParams, max_tokens: int, alias: str,
+                          info: ModelInfo | None, tools: list[dict[str, Any]] | None
+                          ) -> SamplingParams:
+    """The request's sampling, with the grammar its `response_format` or `tool_choice`
+    asks for, written and compiled once (then cached) in a worker thread: a schema of a
+    megabyte takes a fraction of a second to write and up to a second to compile, which
+    on the event loop would stall every stream. A request with neither stays on the
+    loop. On cancellation the caller waits for the thread (a second at most).
 
     Raises:
-        EngineClientError: GuidanceError naming the problem.
+        EngineClientError: GuidanceError when the model cannot follow a grammar or
+            llguidance cannot compile it; InvalidParams as `constrained` says.
     """
+    if request.response_format is None and not tools:
+        return request.sampling(max_tokens)
+    return await trio.to_thread.run_sync(_guided, request, max_tokens, alias, info, tools)
+
+
+def _guided(request: GenerateParams, max_tokens: int, alias: str, info: ModelInfo | None,
+            tools: list[dict[str, Any]] | None) -> SamplingParams:
+    sampling, field = constrained(request.sampling(max_tokens), request, alias, info, tools)
+    if sampling.grammar is None:
+        return sampling
     if info is not None and not info.structured_output:
         raise EngineClientError(
             Code.GUIDANCE_ERROR, f"model {alias}: its tokenizer cannot drive structured "
             "output (llguidance needs a fast tokenizer)", {"model": alias})
-    await trio.to_thread.run_sync(check_grammar, grammar, field)
+    check_grammar(sampling.grammar, field)
+    return sampling
 
 
 def check_prompt_shape(request: GenerateParams) -> None:

@@ -37,6 +37,12 @@ from corral.protocol.messages import (
     ToolCalling,
     ToolFunction,
 )
+from corral.protocol.schema_refs import (
+    check_ref_cycles,
+    has_local_refs,
+    nest_refs,
+    resolve_pointer,
+)
 
 __all__ = ["ToolCallReader", "constrained", "template_turns", "tool_choice_grammar",
            "tools_for"]
@@ -126,9 +132,14 @@ def tool_choice_grammar(request: GenerateParams, model: str,
     function's `parameters` schema. Schema keywords llguidance does not implement are
     ignored, unless every function is `strict`.
 
+    A function's `parameters` keep their local references (`#/$defs/...`, as Pydantic
+    writes them): nested in the call's grammar, they are rewritten to where the
+    parameters now sit (`nest_refs`).
+
     Raises:
         EngineClientError: GuidanceError when the model's tool-call format is not one
-            a grammar can be written for.
+            a grammar can be written for, or a function's `parameters` hold a `$ref`
+            cycle that admits no finite value.
     """
     choice = request.tool_choice
     if not request.tools or not (choice == "required" or isinstance(choice, NamedToolChoice)):
@@ -142,6 +153,10 @@ def tool_choice_grammar(request: GenerateParams, model: str,
             {"field": "tool_choice"})
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     chosen = [tool.function for tool in request.tools if named in (None, tool.function.name)]
+    for index, tool in enumerate(request.tools):
+        if tool.function in chosen and tool.function.parameters:
+            check_ref_cycles(tool.function.parameters, "tools",
+                             f"tools[{index}].function.parameters")
     options = {"whitespace_flexible": False,
                "lenient": not all(tool.function.strict for tool in request.tools)}
     module = importlib.import_module(f"mlx_lm.tool_parsers.{calling.parser}")
@@ -156,13 +171,25 @@ def tool_choice_grammar(request: GenerateParams, model: str,
 
 def _json_calls(functions: list[ToolFunction], options: dict[str, Any]) -> str:
     """The `call` rule of the `json_tools` format (Qwen 2.5, Hermes): one JSON object,
-    `{"name": ..., "arguments": {...}}`."""
+    `{"name": ..., "arguments": {...}}`. Parameters with local references move to the
+    root's `$defs` (as `tool<i>`), where their rewritten pointers resolve."""
+    moved: dict[str, Any] = {}
+
+    def arguments(index: int, parameters: dict[str, Any] | None) -> dict[str, Any]:
+        if not parameters or not has_local_refs(parameters):
+            return parameters or {"type": "object"}
+        at = f"tool{index}"
+        moved[at] = nest_refs(parameters, f"#/$defs/{at}")
+        return {"$ref": f"#/$defs/{at}"}
+
     calls = [{"type": "object", "additionalProperties": False,
               "required": ["name", "arguments"],
               "properties": {"name": {"const": function.name},
-                             "arguments": function.parameters or {"type": "object"}}}
-             for function in functions]
+                             "arguments": arguments(index, function.parameters)}}
+             for index, function in enumerate(functions)]
     schema: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if moved:
+        schema = {**schema, "$defs": moved}
     return f"call: %json {json.dumps({**schema, 'x-guidance': options})}\n"
 
 
@@ -175,23 +202,31 @@ def _xml_calls(functions: list[ToolFunction], options: dict[str, Any]) -> str:
     rules = ["call: " + " | ".join(f"f{i}" for i in range(len(functions)))]
     for i, function in enumerate(functions):
         schema = function.parameters or {}
+        document = schema if has_local_refs(schema) else None
         required = set(schema.get("required", []))
         parameters: list[str] = []
         for j, (name, value) in enumerate(dict(schema.get("properties", {})).items()):
             rule = f"f{i}p{j}"
             rules.append(f"{rule}: {json.dumps(f'<parameter={name}>{_NEWLINE}')} {rule}v "
                          f"{json.dumps(f'{_NEWLINE}</parameter>{_NEWLINE}')}")
-            rules.append(f"{rule}v: {_xml_value(value, options)}")
+            rules.append(f"{rule}v: {_xml_value(value, options, document)}")
             parameters.append(rule if name in required else f"{rule}?")
         rules.append(f"f{i}: {json.dumps(f'<function={function.name}>{_NEWLINE}')} "
                      f"{' '.join(parameters)} \"</function>\"")
     return "\n".join(rules) + "\n"
 
 
-def _xml_value(schema: Any, options: dict[str, Any]) -> str:
-    """One parameter's value in the `qwen3_coder` format, as a rule body."""
+def _xml_value(schema: Any, options: dict[str, Any], document: dict[str, Any] | None) -> str:
+    """One parameter's value in the `qwen3_coder` format, as a rule body. With the
+    parameters' `document` (when they hold local references), a JSON value's schema
+    carries a copy of it in its `$defs`, where its rewritten pointers resolve."""
     if not isinstance(schema, dict):
         return "/[^<\\n]+/"
+    ref = schema.get("$ref")
+    if document is not None and isinstance(ref, str) and len(schema) == 1:
+        target = resolve_pointer(document, ref)  # an enum or a string is written as text
+        if isinstance(target, dict) and "$ref" not in target:
+            return _xml_value(target, options, document)
     enum = schema.get("enum")
     if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
         return " | ".join(json.dumps(v) for v in enum)
@@ -200,6 +235,10 @@ def _xml_value(schema: Any, options: dict[str, Any]) -> str:
         return f"/[^<\\n]{{1,{most}}}/" if isinstance(most, int) and most > 0 else "/[^<\\n]+/"
     if schema.get("type") == "boolean":
         return '"true" | "false"'
+    if document is not None:
+        at = "#/$defs/parameters"
+        schema = {**nest_refs(schema, at), "$defs": {**schema.get("$defs", {}),
+                                                     "parameters": nest_refs(document, at)}}
     return f"%json {json.dumps({**schema, 'x-guidance': options})}"
 
 

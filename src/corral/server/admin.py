@@ -3,9 +3,11 @@
 Off unless `server.admin_api_key` is set: then a request must carry
 `Authorization: Bearer <key>`. A missing or wrong key is a 401 (InvalidRequest, with
 `details.unauthorized`) and changes nothing; with no key configured the routes answer
-404 saying how to turn them on. The bodies are JSON-RPC's `load_model` /
-`unload_model` params, decoded by the same Structs, so both transports take the same
-fields and refuse the same values.
+404 saying how to turn them on. A refused request's body is read and dropped before
+the refusal (within the bounds of any body), so the client always gets the refusal
+and keeps its connection. The bodies are
+JSON-RPC's `load_model` / `unload_model` params, decoded by the same Structs, so both
+transports take the same fields and refuse the same values.
 
 A load answers once the model is loaded, or with the typed error of a load that failed.
 Cancelled (the server stopping), the half-loaded model is stopped and forgotten, as
@@ -14,18 +16,25 @@ Cancelled (the server stopping), the half-loaded model is stopped and forgotten,
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import time
-from typing import Final, final
+from typing import Final, NoReturn, final
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams, convert_params
 from corral.protocol.openai import ModelDeleted
 from corral.runtime import Runtime
-from corral.server.routes import error_response, json_response, model_card, read_json
+from corral.server.routes import (
+    error_response,
+    json_response,
+    model_card,
+    read_body,
+    read_json,
+)
 
 __all__ = ["AdminRoutes"]
 
@@ -40,6 +49,7 @@ class AdminRoutes:
         self._runtime = runtime
         self._api_key = api_key
         self._body_timeout_ms = body_timeout_ms
+        self._max_body = runtime.config.server.max_body_bytes
 
     async def load(self, request: Request) -> Response:
         """Load a model (`path`, `alias`, `fallbacks`); 200 with its card once loaded.
@@ -68,21 +78,32 @@ class AdminRoutes:
         return json_response(ModelDeleted(id=params.alias))
 
     async def _authorized_body(self, request: Request) -> object:
-        """The body, once the key is checked (before any of the body is read).
+        """The body, once the key is checked.
+
+        A refused request's body is read and dropped before the refusal, within the
+        bounds of any body: a reply that leaves the body unread ends the connection,
+        and a client still sending could lose the reply to the reset; read, the
+        connection is kept. A body over the bounds is refused as such (413, 408), as it
+        would be with the right key.
 
         Raises:
             EngineClientError: MethodNotFound when the admin API is off, InvalidRequest
                 (sent as 401) for a missing or wrong key, or what reading the body raises.
         """
         if self._api_key is None:
-            raise EngineClientError(
+            await self._refuse(request, EngineClientError(
                 Code.METHOD_NOT_FOUND,
-                f"{request.url.path}: the admin API is off; set server.admin_api_key")
+                f"{request.url.path}: the admin API is off; set server.admin_api_key"))
         header = request.headers.get("authorization", "")
         given = header[len(_BEARER):] if header.lower().startswith(_BEARER) else ""
         if not hmac.compare_digest(given.encode(), self._api_key.encode()):
-            raise EngineClientError(
+            await self._refuse(request, EngineClientError(
                 Code.INVALID_REQUEST, "a valid admin API key is required: "
-                "send 'Authorization: Bearer <server.admin_api_key>'", {"unauthorized": True})
-        return await read_json(request, self._runtime.config.server.max_body_bytes,
-                               self._body_timeout_ms)
+                "send 'Authorization: Bearer <server.admin_api_key>'", {"unauthorized": True}))
+        return await read_json(request, self._max_body, self._body_timeout_ms)
+
+    async def _refuse(self, request: Request, error: EngineClientError) -> NoReturn:
+        """Raise `error` once the body is read and dropped (see `_authorized_body`)."""
+        with contextlib.suppress(ClientDisconnect):  # nobody is left to answer
+            await read_body(request, self._max_body, self._body_timeout_ms)
+        raise error

@@ -51,6 +51,7 @@ from corral.metrics import Metrics
 from corral.protocol.errors import Code, EngineClientError, OverloadedError
 from corral.runtime import Runtime
 from corral.server.admin import AdminRoutes
+from corral.server.lingering import LingeringStream
 from corral.server.openai import error_body, error_headers, internal_error
 from corral.server.routes import (
     LAST_WORDS_S,
@@ -66,7 +67,6 @@ _log = structlog.get_logger("corral.http")
 
 _REQUEST_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII, as log-safe as ids go
 _encode = msgspec.json.Encoder().encode
-_RECEIVE_BYTES: Final = 65536
 _MAX_CONNECTIONS_CEILING: Final = 4096
 
 
@@ -332,17 +332,19 @@ class HttpServer:
             await self._refuse(stream)
             return
         self._open += 1
+        wire = LingeringStream(stream)
         try:
             # Hypercorn's annotation names its TLS stream; its trio worker passes plain
             # socket streams as well.
-            await TCPServer(app, config, context, state, stream).run()  # type: ignore[arg-type]
+            await TCPServer(app, config, context, state, wire).run()  # type: ignore[arg-type]
         finally:
+            await wire.linger_and_close()
             self._open -= 1
             self._at_capacity = False
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
-        """Answer 429 with Retry-After and close, within `LAST_WORDS_S`; what the client
-        sends meanwhile is read, so that closing does not reset the answer away."""
+        """Answer 429 with Retry-After and close, lingering (`LingeringStream`), so
+        that closing does not reset the answer away."""
         self.refused += 1
         if not self._at_capacity:
             self._at_capacity = True
@@ -355,9 +357,10 @@ class HttpServer:
         head = [b"HTTP/1.1 429 Too Many Requests", b"content-type: application/json",
                 b"content-length: " + str(len(body)).encode(), b"connection: close",
                 *(name + b": " + value for name, value in error_headers(error))]
-        with trio.move_on_after(LAST_WORDS_S), contextlib.suppress(
-                trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + body)
-            await stream.send_eof()
-            while await stream.receive_some(_RECEIVE_BYTES):
-                pass
+        wire = LingeringStream(stream)
+        try:
+            with trio.move_on_after(LAST_WORDS_S), contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError):
+                await wire.send_all(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        finally:
+            await wire.linger_and_close()

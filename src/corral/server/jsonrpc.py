@@ -20,7 +20,7 @@ import trio
 
 from corral.actors.core import Child, Context
 from corral.actors.supervisor import ChildSpec
-from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.errors import Code, CorralError, EngineClientError, TimeoutError
 from corral.protocol.jsonrpc import (
     CancelParams,
     DetokenizeParams,
@@ -284,7 +284,10 @@ class Methods:
         return msgspec.structs.replace(params_as(request, GenerateParams), client=self._client)
 
     async def _complete(self, request: Request, _: Respond) -> Any:
-        completion = await self._runtime.run(self._generate_params(request))
+        try:
+            completion = await self._runtime.run(self._generate_params(request))
+        except TimeoutError as exc:
+            raise exc.for_method(Method.COMPLETE.value) from None
         return {**msgspec.to_builtins(completion), "usage": UsageInfo.of(completion.usage)}
 
     async def _generate(self, request: Request, respond: Respond) -> Answered:

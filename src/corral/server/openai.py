@@ -58,7 +58,8 @@ __all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completi
 
 _ERROR_TYPES: Final[dict[int, str]] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-    405: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled",
+    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    499: "cancelled",
 }
 
 
@@ -68,14 +69,17 @@ _ERROR_TYPES: Final[dict[int, str]] = {
 def status_of(error: CorralError) -> int:
     """The HTTP status of an error: the table's, except 503 while the server shuts down
     (the table has no code of its own for that; the error is a retryable ServerError),
-    408 for a request body that did not arrive in time (the client's Timeout), 401 for
-    an admin request without the right key (InvalidRequest, `details.unauthorized`), and 400
-    for a model load that retrying cannot fix (a path that leads to no model, or a
-    model the engine cannot load): the caller's choice of model, not a server fault."""
+    408 for a request body that did not arrive in time (the client's Timeout), 413 for
+    one over `server.max_body_bytes` (InvalidRequest), 401 for an admin request without
+    the right key (InvalidRequest, `details.unauthorized`), and 400 for a model load
+    that retrying cannot fix (a path that leads to no model, or a model the engine
+    cannot load): the caller's choice of model, not a server fault."""
     if error.details.get("shutting_down"):
         return 503
     if "body_timeout_ms" in error.details:
         return 408
+    if "max_body_bytes" in error.details:
+        return 413
     if error.details.get("unauthorized"):
         return 401
     if error.code is Code.MODEL_LOAD_ERROR and error.retryable is False:
@@ -96,13 +100,14 @@ def error_body(error: CorralError, request_id: str) -> ErrorBody:
 
 def error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
     """Retry-After (whole seconds, rounded up) for the errors that carry a wait;
-    Connection: close after a body that did not arrive in time (its rest may follow)."""
+    Connection: close after a body that did not arrive in time or was too large (its
+    rest may follow, unread)."""
     headers = []
     retry_after_ms = error.details.get("retry_after_ms")
     if (error.code in (Code.OVERLOADED, Code.CIRCUIT_OPEN) or error.details.get(
             "shutting_down")) and isinstance(retry_after_ms, int | float):
         headers.append(retry_after(retry_after_ms))
-    if "body_timeout_ms" in error.details:
+    if "body_timeout_ms" in error.details or "max_body_bytes" in error.details:
         headers.append((b"connection", b"close"))
     return headers
 

@@ -25,7 +25,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics, RequestOutcome
-from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
+from corral.protocol.errors import (
+    Code,
+    CorralError,
+    EngineClientError,
+    OverloadedError,
+    TimeoutError,
+)
 from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
@@ -46,7 +52,7 @@ from corral.server.openai import (
 )
 
 __all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error_response",
-           "json_response", "model_card", "read_json"]
+           "json_response", "model_card", "read_body", "read_json"]
 
 LAST_WORDS_S: Final = 1.0
 """How long a server that is stopping, or refusing a connection, spends telling the
@@ -72,28 +78,44 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 async def read_json(request: Request, limit: int, timeout_ms: int) -> Any:
-    """The request body as builtins, read within `timeout_ms`.
+    """The request body as builtins, read within `timeout_ms`; one whose Content-Length
+    is over `limit` is refused before any of it is read.
 
     Raises:
-        EngineClientError: InvalidRequest for a body over `limit` bytes, ParseError for
-            one that is not JSON, Timeout (`details["body_timeout_ms"]`, sent as 408)
-            for one that did not arrive in time.
+        EngineClientError: InvalidRequest for a body over `limit` bytes (sent as 413,
+            `details["max_body_bytes"]`), ParseError for one that is not JSON, Timeout
+            (`details["body_timeout_ms"]`, sent as 408) for one that did not arrive in
+            time.
         ClientDisconnect: the client went away while sending it.
     """
+    return decode_json(await read_body(request, limit, timeout_ms))
+
+
+async def read_body(request: Request, limit: int, timeout_ms: int) -> bytes:
+    """The request body, read as `read_json` says (which see), not decoded."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, f"{int(declared):,} bytes declared")
     parts: list[bytes] = []
     size = 0
     with trio.move_on_after(timeout_ms / 1000.0) as reading:
         async for part in request.stream():
             size += len(part)
             if size > limit:
-                raise EngineClientError(Code.INVALID_REQUEST,
-                                        f"body: larger than {limit} bytes", {"limit": limit})
+                raise _too_large(limit, f"over {limit:,} bytes sent")
             parts.append(part)
     if reading.cancelled_caught:
         raise EngineClientError(
             Code.TIMEOUT, f"body: {size} bytes arrived in {timeout_ms / 1000.0:g}s, not all",
             {"body_timeout_ms": timeout_ms})
-    return decode_json(b"".join(parts))
+    return b"".join(parts)
+
+
+def _too_large(limit: int, seen: str) -> EngineClientError:
+    return EngineClientError(
+        Code.INVALID_REQUEST,
+        f"body: larger than the {limit:,} bytes this server accepts ({seen}; "
+        "server.max_body_bytes)", {"max_body_bytes": limit})
 
 
 # -- the exchange of one generation request -----------------------------------------------
@@ -266,6 +288,7 @@ class GenerateEndpoint:
         self._runtime = runtime
         self._metrics = metrics
         self._make_job = chat_job if kind == "chat" else completion_job
+        self._method = "chat.completions" if kind == "chat" else "completions"
         self._max_body = runtime.config.server.max_body_bytes
         self._drain_ms = runtime.config.server.drain_timeout_ms
         self._body_timeout_ms = body_timeout_ms
@@ -309,7 +332,9 @@ class GenerateEndpoint:
                 await self._whole(job, exchange)
         except Exception as exc:  # the client gets every failure as a reply
             error = innermost(exc)
-            if not isinstance(error, CorralError):
+            if isinstance(error, TimeoutError):
+                error = error.for_method(self._method)
+            elif not isinstance(error, CorralError):
                 _log.error("http.generation_failed", request_id=exchange.request_id,
                            exc_info=error)
                 error = internal_error(error)
