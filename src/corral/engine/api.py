@@ -20,9 +20,10 @@ from corral.engine.base import (
     EngineSettings,
     EngineStatistics,
     FaultKind,
+    ProcessEngineStatistics,
     validate_sequence,
 )
-from corral.engine.process import ProcessEngine, ProcessEngineStatistics, StartSoon
+from corral.engine.process import ProcessEngine, StartSoon
 from corral.engine.spawn import WorkerExitedError, WorkerStandby, worker_command
 from corral.engine.thread import Engine
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo

@@ -1,9 +1,10 @@
 """What the thread engine and the worker-process engine share, and nothing else.
 
-Their settings and keyword options, their statistics, sequence validation (done in the
-caller's thread, before anything reaches MLX), and `EngineBase`: the callbacks, the
-"is it serving" check, and the tokenizer calls waiting for an answer. `corral.engine.api`
-re-exports the public names; owners import them from there.
+Their settings and keyword options, their statistics (and the worker's few more),
+sequence validation (done in the caller's thread, before anything reaches MLX), and
+`EngineBase`: the callbacks, the "is it serving" check, and the tokenizer calls waiting
+for an answer. `corral.engine.api` re-exports the public names; owners import them from
+there.
 
 Trio thread only, except `validate_sequence`. It must never touch MLX, start a thread
 or a process, or know which isolation it serves.
@@ -31,7 +32,7 @@ from corral.protocol.messages import (
 from corral.protocol.worker import EngineSettings
 
 __all__ = ["EngineBase", "EngineOptions", "EngineSettings", "EngineStatistics", "FaultKind",
-           "validate_sequence"]
+           "ProcessEngineStatistics", "validate_sequence"]
 
 T = TypeVar("T")
 
@@ -88,6 +89,27 @@ class EngineStatistics(msgspec.Struct, frozen=True):
     loaded: bool
     prefix_cache: PrefixCacheStatistics = PrefixCacheStatistics()
     step_expected_s: float = 0.0
+
+
+class ProcessEngineStatistics(EngineStatistics, frozen=True):
+    """`EngineStatistics` of a worker process, as its steps and heartbeats tell them.
+
+    `steps`, `generation_tokens` and `last_step_at` (when the last step frame arrived,
+    by this process's `time.monotonic()`) follow every step frame; `active`, `queued`
+    and `prompt_tokens` are as of the last heartbeat (`queued` adds the sequences sent
+    since). A hung engine keeps heartbeating, so a stale `last_step_at` with work in
+    hand is how an owner's watchdog sees it.
+
+    Attributes:
+        pid: the worker's process id, None before it started.
+        hello_at: `time.monotonic()` when the worker's Hello arrived: it was ready for
+            its model from then on.
+        last_heartbeat_at: `time.monotonic()` when the last heartbeat arrived.
+    """
+
+    pid: int | None = None
+    hello_at: float | None = None
+    last_heartbeat_at: float | None = None
 
 
 def validate_sequence(seq: EngineSequence, vocab_size: int, *,

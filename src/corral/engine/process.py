@@ -25,8 +25,8 @@ from corral.engine.base import (
     EngineBase,
     EngineOptions,
     EngineSettings,
-    EngineStatistics,
     FaultKind,
+    ProcessEngineStatistics,
     validate_sequence,
 )
 from corral.engine.blas import CpuBlas
@@ -69,7 +69,7 @@ from corral.protocol.worker import (
     ToWorker,
 )
 
-__all__ = ["SILENT_HEARTBEATS", "ProcessEngine", "ProcessEngineStatistics", "StartSoon"]
+__all__ = ["SILENT_HEARTBEATS", "ProcessEngine", "StartSoon"]
 
 _log = structlog.get_logger("corral.process_engine")
 
@@ -80,27 +80,6 @@ SILENT_HEARTBEATS: Final = 5
 
 StartSoon = Callable[[Callable[[], Awaitable[object]]], object]
 """Runs `await fn()` in the background, e.g. `nursery.start_soon` or `Actor.start_soon`."""
-
-
-class ProcessEngineStatistics(EngineStatistics, frozen=True):
-    """`EngineStatistics` of a worker process, as its steps and heartbeats tell them.
-
-    `steps`, `generation_tokens` and `last_step_at` (when the last step frame arrived,
-    by this process's `time.monotonic()`) follow every step frame; `active`, `queued`
-    and `prompt_tokens` are as of the last heartbeat (`queued` adds the sequences sent
-    since). A hung engine keeps heartbeating, so a stale `last_step_at` with work in
-    hand is how an owner's watchdog sees it.
-
-    Attributes:
-        pid: the worker's process id, None before it started.
-        hello_at: `time.monotonic()` when the worker's Hello arrived: it was ready for
-            its model from then on.
-        last_heartbeat_at: `time.monotonic()` when the last heartbeat arrived.
-    """
-
-    pid: int | None = None
-    hello_at: float | None = None
-    last_heartbeat_at: float | None = None
 
 
 @final
