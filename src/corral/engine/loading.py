@@ -22,6 +22,7 @@ from typing import Any, Final, cast
 import structlog
 
 from corral.engine.base import EngineSettings
+from corral.engine.model_files import check_model_files, check_text_file
 
 __all__ = ["LoadedWeights", "load_weights"]
 
@@ -56,17 +57,24 @@ def load_weights(settings: EngineSettings) -> LoadedWeights:
     template, or the path of a file holding one) instead of its own when given; the
     tool-call format mlx_lm infers follows the template used.
 
+    The directory is checked first (`check_model_files`: regular files only, bounded
+    text files, a config that fits the weights), so nothing ``mlx_lm.load`` opens can
+    block the process or grow it without bound.
+
     Raises:
+        EngineClientError: ModelLoadError (not retryable) naming the file or config
+            value `check_model_files` refused.
         OSError: the chat template file cannot be read.
         Exception: whatever ``mlx_lm.load`` raised.
     """
     import mlx.core as mx
     import mlx_lm
 
-    stream = mx.new_stream(mx.default_device())
     began = time.monotonic()
+    check_model_files(settings.path)
     template = settings.chat_template
-    if template is not None and os.path.isfile(template):
+    stream = mx.new_stream(mx.default_device())
+    if template is not None and check_text_file(template):
         with open(template, encoding="utf-8") as file:
             template = file.read()
     with mx.stream(stream):
