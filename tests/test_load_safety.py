@@ -117,3 +117,53 @@ async def test_bad_admin_loads_are_400s_and_the_thread_isolated_server_keeps_ser
         assert chat.choices[0].finish_reason in ("length", "stop")
     cards = (await admin.get("/v1/models")).json()["data"]
     assert [card["id"] for card in cards] == ["tiny"]
+
+
+def _bloated(model_path: str, target: Path, vocab_size: int) -> Path:
+    """The tiny model with an embedding and an output layer of `vocab_size` rows: valid
+    safetensors whose large tensors are a hole in a sparse file (cheap to write, as
+    large as their shape once loaded)."""
+    shutil.copytree(model_path, target)
+    weights = target / "model.safetensors"
+    raw = weights.read_bytes()
+    header_size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_size])
+    header.pop("__metadata__", None)
+    data = raw[8 + header_size:]
+    small = {name: t for name, t in header.items() if t["shape"][0] != 594}
+    large = {name: t for name, t in header.items() if t["shape"][0] == 594}
+    layout: dict[str, Any] = {}
+    body = bytearray()
+    for name, tensor in small.items():
+        begin, end = tensor["data_offsets"]
+        layout[name] = {**tensor, "data_offsets": [len(body), len(body) + end - begin]}
+        body += data[begin:end]
+    offset = len(body)
+    for name, tensor in large.items():
+        size = vocab_size * tensor["shape"][1] * 4  # float32
+        layout[name] = {**tensor, "shape": [vocab_size, tensor["shape"][1]],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(layout).encode()
+    with open(weights, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little") + encoded + body)
+        file.truncate(8 + len(encoded) + offset)
+    _config(vocab_size=vocab_size)(target / "config.json")
+    return target
+
+
+@pytest.mark.slow
+async def test_a_load_past_the_worker_memory_limit_fails_alone_with_a_model_load_error(
+        model_path: str, tmp_path: Path) -> None:
+    bloated = _bloated(model_path, tmp_path / "bloated", 1 << 22)  # 2 GiB of float32
+    config = config_from_mapping({
+        "generation": {"isolation": "process"},
+        "python_runtime": {"worker_memory_limit_mb": 1536, "standby_worker": False}})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        with pytest.raises(EngineClientError) as raised:
+            await rt.load_model(str(bloated), alias="bloated")
+        assert raised.value.code is Code.MODEL_LOAD_ERROR
+        assert "bloated" in raised.value.message
+        assert [m.alias for m in rt.list_models()] == ["tiny"]
+        completion = await rt.complete("tiny", "Hi", max_tokens=4)
+        assert completion.choices[0].finish_reason in ("length", "stop")

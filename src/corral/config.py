@@ -169,6 +169,7 @@ class PythonRuntimeConfig(_Section, frozen=True):
     heartbeat_interval_ms: _PositiveInt = 1000
     python_executable: _Name | None = None
     standby_worker: bool = True
+    worker_memory_limit_mb: _PositiveInt | None = None  # None: 3/4 of physical memory
 
 
 class StreamRegistryConfig(_Section, frozen=True):

@@ -133,4 +133,4 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         heartbeat_interval_ms=python.heartbeat_interval_ms,
         startup_timeout_ms=python.startup_timeout_ms,
         python_executable=python.python_executable, cpu_blas=generation.cpu_blas,
-        standby=standby, **options)
+        worker_memory_limit_mb=python.worker_memory_limit_mb, standby=standby, **options)

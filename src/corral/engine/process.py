@@ -109,6 +109,7 @@ class ProcessEngine(EngineBase):
         shutdown_timeout_ms: how long `close` lets the worker stop before killing it.
         python_executable: the interpreter for the worker; the running one if None.
         cpu_blas: which BLAS the worker's MLX uses (see `corral.engine.blas`).
+        worker_memory_limit_mb: the worker's address space limit (see `worker_command`).
         standby: where a worker started ahead of need waits; the engine adopts it if
             one does, and has the next one started once its model is loaded.
         **options: as for `Engine` (see `EngineOptions`); the prefix cache lives in the
@@ -127,6 +128,7 @@ class ProcessEngine(EngineBase):
         shutdown_timeout_ms: int = 5000,
         python_executable: str | None = None,
         cpu_blas: CpuBlas = "auto",
+        worker_memory_limit_mb: int | None = None,
         standby: WorkerStandby | None = None,
         **options: Unpack[EngineOptions],
     ) -> None:
@@ -135,7 +137,8 @@ class ProcessEngine(EngineBase):
         self._silence_limit_s = SILENT_HEARTBEATS * heartbeat_interval_ms / 1000.0
         self._startup_timeout_s = startup_timeout_ms / 1000.0
         self._shutdown_timeout_s = shutdown_timeout_ms / 1000.0
-        self._command = worker_command(python_executable, heartbeat_interval_ms, cpu_blas)
+        self._command = worker_command(python_executable, heartbeat_interval_ms, cpu_blas,
+                                       worker_memory_limit_mb)
         self._standby = standby
 
         self._pipes: WorkerPipes | None = None  # from `start` on

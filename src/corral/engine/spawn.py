@@ -28,6 +28,10 @@ __all__ = ["ExitCause", "WorkerCommand", "WorkerExitedError", "WorkerStandby",
 _log = structlog.get_logger("corral.process_engine")
 
 _REAP_TIMEOUT_S: Final = 10.0
+# A worker may map 3/4 of physical memory by default: a model that fits is far below
+# it, and a bad one fails alone (ModelLoadError) before the machine swaps or kills.
+_WORKER_MEMORY_SHARE: Final = 75  # percent
+_UNKNOWN_MEMORY_MB: Final = 1 << 20  # 1 TiB when the OS will not say: in effect no limit
 
 ExitCause = Literal["exited", "signalled", "silent", "engine", "protocol", "callback"]
 
@@ -84,12 +88,24 @@ class WorkerCommand(msgspec.Struct, frozen=True):
 
 
 def worker_command(python_executable: str | None, heartbeat_interval_ms: int,
-                   cpu_blas: CpuBlas = "auto") -> WorkerCommand:
-    """How to start a worker process serving this process."""
+                   cpu_blas: CpuBlas = "auto",
+                   memory_limit_mb: int | None = None) -> WorkerCommand:
+    """How to start a worker process serving this process, its address space limited
+    to `memory_limit_mb` (`_WORKER_MEMORY_SHARE` of physical memory when None)."""
+    if memory_limit_mb is None:
+        memory_limit_mb = _physical_memory_mb() * _WORKER_MEMORY_SHARE // 100
     return WorkerCommand(
         (python_executable or sys.executable, "-m", "corral.engine.worker",
-         "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid())),
+         "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid()),
+         "--memory-limit-mb", str(memory_limit_mb)),
         cpu_blas)
+
+
+def _physical_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError, AttributeError):
+        return _UNKNOWN_MEMORY_MB
 
 
 async def open_worker(command: WorkerCommand) -> trio.Process:

@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(LoggingConfig(format=args.log_format, level=args.log_level))
     structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
+    if args.memory_limit_mb is not None:
+        _limit_address_space(args.memory_limit_mb)
     # Paid before Hello: a standby worker (see `WorkerStandby`) has it behind it when a
     # restart adopts it, and it is most of a worker's start.
     import mlx_lm  # noqa: F401
@@ -99,6 +101,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-ms", type=int, default=1000)
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit if this process is not our parent (default: getppid())")
+    parser.add_argument("--memory-limit-mb", type=int, default=None,
+                        help="RLIMIT_AS of this process, in MiB (Linux; default: none)")
     parser.add_argument("--log-format", choices=["console", "json"], default="console")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error", "critical"])
@@ -106,6 +110,24 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.heartbeat_ms <= 0:
         parser.error("--heartbeat-ms must be > 0")
     return args
+
+
+def _limit_address_space(limit_mb: int) -> None:
+    """Cap the address space (RLIMIT_AS) at `limit_mb`, never above the hard limit, so
+    an allocation past it fails (MemoryError, an MLX allocation error) and the load
+    that made it fails with a ModelLoadError, instead of the machine running out of
+    memory. Linux only: macOS does not enforce RLIMIT_AS, and Metal maps GPU memory
+    into the address space."""
+    if sys.platform != "linux":
+        return
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = limit_mb << 20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    _log.info("worker.memory_limited", limit_mb=limit >> 20)
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -233,7 +233,7 @@ class Models:
         if alias not in self._standbys:
             self._standbys[alias] = WorkerStandby(
                 worker_command(py.python_executable, py.heartbeat_interval_ms,
-                               self._config.generation.cpu_blas))
+                               self._config.generation.cpu_blas, py.worker_memory_limit_mb))
         return self._standbys[alias]
 
     async def close_standbys(self, alias: str | None = None) -> None:
