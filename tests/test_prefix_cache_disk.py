@@ -269,6 +269,67 @@ async def test_the_bound_counts_whole_files_not_only_their_kv(
     assert stats.disk_bytes == sum(p.stat().st_size for p in files)
 
 
+async def test_files_swapped_on_disk_are_refused_and_the_fault_free_text_is_served(
+        model_path: str, medium: dict[str, list[int]], tmp_path: Path) -> None:
+    """Issue 21 item 4: two valid files of this model, prefixes of the same length,
+    swapped under each other's names: before the engine starts (its scan sees names
+    that are not their prefixes' hashes) and after (a load sees a header naming other
+    tokens than the index expects). Neither is ever decoded from."""
+    cache = disk_cache(tmp_path)
+    reference, _ = await serve(model_path, cache, [seq(1, medium["a"], MAX_TOKENS)])
+    (file_a,) = cache_files(tmp_path)
+    other, _ = await serve(model_path, cache, [seq(2, medium["b"], MAX_TOKENS)])
+    (file_b,) = set(cache_files(tmp_path)) - {file_a}
+    assert file_a.stat().st_size == file_b.stat().st_size  # same length, same shapes
+    assert first_output(reference, 1).cached_tokens == 0  # no cache yet: fault-free
+    assert first_output(other, 2).cached_tokens == 0
+    originals = {p.name: p.read_bytes() for p in (file_a, file_b)}
+
+    def swap() -> None:
+        file_a.write_bytes(originals[file_b.name])
+        file_b.write_bytes(originals[file_a.name])
+
+    for swapped_before_start in (True, False):
+        if swapped_before_start:
+            swap()
+        recorder = Recorder()
+        async with open_engine(model_path, recorder, prefix_cache=cache) as engine:
+            if not swapped_before_start:
+                assert engine.statistics().prefix_cache.disk_entries == 2
+                swap()
+            await run_in_turn(engine, recorder, [seq(1, medium["a"], MAX_TOKENS),
+                                                 seq(2, medium["b"], MAX_TOKENS)])
+            served = engine.statistics().prefix_cache
+        assert served.disk_errors == 2 and served.disk_loads == 0
+        for seq_id, expected in ((1, reference), (2, other)):
+            assert first_output(recorder, seq_id).cached_tokens == 0
+            assert recorder.tokens[seq_id] == expected.tokens[seq_id]
+        # The swapped files were removed; the engine wrote both prompts' files again.
+        assert {p.name: p.read_bytes() for p in cache_files(tmp_path)} == originals
+
+
+async def test_a_fifo_in_disk_dir_is_skipped_and_never_blocks_the_engine(
+        model_path: str, medium: dict[str, list[int]], tmp_path: Path) -> None:
+    """Issue 21 item 9: a FIFO among the cache files, and a FIFO as the whole disk_dir:
+    the engine starts and serves the fault-free text; the tier skips the FIFO (it is
+    not deleted, not opened) or, when the directory itself is unusable, is off."""
+    cache = disk_cache(tmp_path / "cache")
+    reference, _ = await serve(model_path, cache, [seq(1, medium["a"], MAX_TOKENS)])
+    fifo = model_directory(tmp_path / "cache") / f"{'e' * 40}.safetensors"
+    os.mkfifo(fifo)
+    os.mkfifo(tmp_path / "fifo-dir")
+    for settings, entries in ((cache, 1), (disk_cache(tmp_path / "fifo-dir"), 0)):
+        recorder = Recorder()
+        with trio.fail_after(GUARD_S):  # before the fix: the scan blocked on the FIFO
+            async with open_engine(model_path, recorder, prefix_cache=settings) as engine:
+                stats = engine.statistics().prefix_cache
+                assert stats.disk_entries == entries
+                assert stats.disk_errors == entries  # the FIFO, when the tier is on
+                await run_in_turn(engine, recorder, [seq(1, medium["a"], MAX_TOKENS)])
+        assert recorder.tokens[1] == reference.tokens[1]
+    assert fifo.exists()
+
+
 # -- process isolation through the runtime ----------------------------------------------
 
 

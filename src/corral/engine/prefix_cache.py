@@ -63,7 +63,8 @@ def open_prefix_cache(settings: PrefixCacheConfig, path: str, model: Any,
                       config: dict[str, Any]) -> PrefixCache | None:
     """The prefix cache `settings` ask for, for the model loaded from `path` (with its
     `config`), or None when it is off or the model's KV cache cannot be reused. A disk
-    tier that cannot be opened is left out, with a warning."""
+    tier that cannot be opened, for whatever reason, is left out with one warning: the
+    model serves without it."""
     from mlx_lm.models.cache import make_prompt_cache
 
     if not settings.enabled:
@@ -78,7 +79,7 @@ def open_prefix_cache(settings: PrefixCacheConfig, path: str, model: Any,
             disk = DiskPrefixStore(
                 settings.disk_dir, model_identity(path, config, model),
                 max_bytes=settings.disk_max_bytes, min_tokens=settings.disk_min_tokens)
-        except OSError as exc:
+        except Exception as exc:  # a cache problem never fails the model
             _log.warning("prefix_cache.disk_off", path=path, disk_dir=settings.disk_dir,
                          error=repr(exc))
     max_bytes = (settings.max_bytes if settings.max_bytes is not None

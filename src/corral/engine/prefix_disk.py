@@ -4,8 +4,14 @@ A file holds one prefix's KV cache, written with `mlx_lm.models.cache.save_promp
 and read with `load_prompt_cache`. Its metadata names the model's identity and the
 prefix's token ids, so a worker that restarts after a crash, or the next `corral serve`
 run, finds what it can reuse by reading file headers only, and can never load another
-model's KV. A BLAKE2 checksum of the tensor bytes, in the header too, is checked before
-a file is used, so a file whose KV was damaged is refused rather than decoded from.
+model's KV. A BLAKE2 checksum of the token ids and the tensor bytes together, in the
+header too, is checked before a file is used, and the tokens its header names must be
+the ones the index expects (its name is their hash): a file whose KV was damaged, or
+that was swapped with another prefix's file, is refused rather than decoded from.
+
+Only regular files are read (`lstat`, then opened with O_NOFOLLOW | O_NONBLOCK and
+checked again), so a FIFO or a device in `disk_dir` is skipped with a warning and can
+never block the engine.
 
 Writes happen in a writer thread, never in a step: a file is written under a temporary
 name and renamed into place, so a crash mid-write leaves no half file under a real
@@ -23,12 +29,13 @@ import json
 import os
 import queue
 import re
+import stat
 import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, BinaryIO, Final, cast
 
 import structlog
 
@@ -38,7 +45,7 @@ __all__ = ["DiskPrefixStore", "model_identity"]
 
 _log = structlog.get_logger("corral.prefix_cache")
 
-_FORMAT: Final = "corral-prefix-1"
+_FORMAT: Final = "corral-prefix-2"  # 2: the checksum covers the tokens too
 _SUFFIX: Final = ".safetensors"
 _TEMPORARY: Final = re.compile(r"^\.tmp-(\d+)-")
 # save_prompt_cache stores its metadata dict as the first member of a flattened tree.
@@ -134,12 +141,12 @@ class DiskPrefixStore:
         file = self._files[name]
         tokens = self._index.tokens(name)
         try:
-            _verify(file.path)
+            _verify(file.path, tokens)
             cache, metadata = load_prompt_cache(str(file.path), return_metadata=True)
             mx.eval([c.state for c in cache])
             if metadata.get("corral_model") != self._identity or any(
                 c.size() != len(tokens) for c in cache
-            ):
+            ) or metadata.get("corral_tokens") != _tokens_json(tokens):
                 raise ValueError("the file does not hold this model's prefix")
         except Exception as exc:
             self._reject(name, file.path, exc)
@@ -160,13 +167,13 @@ class DiskPrefixStore:
             self._delete(covered)
         while self._files and self._bytes + nbytes > self._max_bytes:
             self._delete(next(iter(self._files)))
-        name = hashlib.sha256(struct.pack(f"<{len(tokens)}I", *tokens)).hexdigest()[:40]
+        name = _name(tokens)
         path = self._directory / f"{name}{_SUFFIX}"
         self._files[name] = _File(path, nbytes, written=False)
         self._index.add(name, tokens)
         self._bytes += nbytes
         metadata = {"corral_format": _FORMAT, "corral_model": self._identity,
-                    "corral_tokens": json.dumps(tokens, separators=(",", ":")),
+                    "corral_tokens": _tokens_json(tokens),
                     _CHECKSUM_KEY: _UNSUMMED}
         self._jobs.put((name, path, cache, metadata))
         if self._writer is None:
@@ -184,7 +191,8 @@ class DiskPrefixStore:
     # -- engine thread ---------------------------------------------------------------
 
     def _scan(self) -> None:
-        """Index the files a previous run left; delete what cannot be used."""
+        """Index the files a previous run left; delete what cannot be used, and leave
+        alone (with a warning) what is not a regular file."""
         found = []
         for path in self._directory.iterdir():
             match = _TEMPORARY.match(path.name)
@@ -194,14 +202,22 @@ class DiskPrefixStore:
                 continue
             if not path.name.endswith(_SUFFIX):
                 continue
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode):
+                _log.warning("prefix_cache.skipped_file", path=str(path),
+                             reason="not a regular file")
+                with self._lock:
+                    self.errors += 1
+                continue
             try:
                 tokens = self._read_tokens(path)
-                found.append((path.stat().st_mtime, path, tokens))
+                if path.name != f"{_name(tokens)}{_SUFFIX}":
+                    raise ValueError("the file's name is not that of the prefix it holds")
+                found.append((info.st_mtime, path, tokens, info.st_size))
             except Exception as exc:
                 self._reject(None, path, exc)
-        for _, path, tokens in sorted(found, key=lambda item: item[0]):
+        for _, path, tokens, nbytes in sorted(found, key=lambda item: item[0]):
             name = path.name[: -len(_SUFFIX)]
-            nbytes = path.stat().st_size
             self._files[name] = _File(path, nbytes, written=True)
             self._index.add(name, tokens)
             self._bytes += nbytes
@@ -211,8 +227,8 @@ class DiskPrefixStore:
     def _read_tokens(self, path: Path) -> list[int]:
         """The prefix a file holds, from its safetensors header alone; raises if the
         file is truncated or not a cache file of this model."""
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        with _open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             start, raw = _header(f)
         if start > size:
             raise ValueError("truncated inside the header")
@@ -300,8 +316,36 @@ def _header(f: Any) -> tuple[int, bytes]:
     return 8 + length, f.read(length)
 
 
-def _data_checksum(f: Any, start: int) -> str:
+def _name(tokens: list[int]) -> str:
+    """The file name (without suffix) of the prefix `tokens`."""
+    return hashlib.sha256(struct.pack(f"<{len(tokens)}I", *tokens)).hexdigest()[:40]
+
+
+def _tokens_json(tokens: list[int]) -> str:
+    """The token ids as the header holds them, and as the checksum covers them."""
+    return json.dumps(tokens, separators=(",", ":"))
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file (no symlink followed, and a
+    FIFO opened without blocking, then refused).
+
+    Raises:
+        OSError: it cannot be opened (ELOOP for a symlink).
+        ValueError: it is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _checksum(f: Any, start: int, tokens: str) -> str:
+    """BLAKE2 of the token ids (as `_tokens_json` writes them) and the tensor bytes
+    from `start` on, so neither can be changed or swapped without the other."""
     digest = hashlib.blake2b(digest_size=32)
+    digest.update(tokens.encode())
     f.seek(start)
     while chunk := f.read(_CHUNK):
         digest.update(chunk)
@@ -309,26 +353,32 @@ def _data_checksum(f: Any, start: int) -> str:
 
 
 def _seal(path: Path) -> None:
-    """Write the checksum of a file's tensor bytes over the placeholder in its header
-    (the same length, so nothing moves)."""
+    """Write the checksum of a file's tokens and tensor bytes over the placeholder in
+    its header (the same length, so nothing moves)."""
     placeholder = f'"{_META}{_CHECKSUM_KEY}":"{_UNSUMMED}"'.encode()
     with path.open("r+b") as f:
         start, header = _header(f)
         at = header.find(placeholder)
         if at < 0:
             raise ValueError("no checksum placeholder in the header")
-        checksum = _data_checksum(f, start)
+        tokens = json.loads(header)["__metadata__"][_META + "corral_tokens"]
+        checksum = _checksum(f, start, tokens)
         f.seek(8 + at + len(placeholder) - len(_UNSUMMED) - 1)
         f.write(checksum.encode())
 
 
-def _verify(path: Path) -> None:
-    """Raise unless the file's tensor bytes match the checksum in its header."""
-    with path.open("rb") as f:
+def _verify(path: Path, tokens: list[int]) -> None:
+    """Raise unless the file is a regular file whose header names `tokens` and whose
+    checksum matches those tokens and its tensor bytes."""
+    with _open_regular(path) as f:
         start, header = _header(f)
-        expected = json.loads(header).get("__metadata__", {}).get(_META + _CHECKSUM_KEY)
-        if expected in (None, _UNSUMMED) or _data_checksum(f, start) != expected:
-            raise ValueError("the tensor bytes do not match the file's checksum")
+        metadata = json.loads(header).get("__metadata__", {})
+        expected = _tokens_json(tokens)
+        if metadata.get(_META + "corral_tokens") != expected:
+            raise ValueError("the file holds another prefix than the index expects")
+        checksum = metadata.get(_META + _CHECKSUM_KEY)
+        if checksum in (None, _UNSUMMED) or _checksum(f, start, expected) != checksum:
+            raise ValueError("the tokens and tensor bytes do not match the file's checksum")
 
 
 def _alive(pid: int) -> bool:
