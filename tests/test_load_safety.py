@@ -167,3 +167,38 @@ async def test_a_load_past_the_worker_memory_limit_fails_alone_with_a_model_load
         assert [m.alias for m in rt.list_models()] == ["tiny"]
         completion = await rt.complete("tiny", "Hi", max_tokens=4)
         assert completion.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.slow
+async def test_a_load_stuck_in_the_engine_thread_times_out_and_the_loop_keeps_serving(
+        model_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load that never ends (a disk that stops answering; here a load that waits on
+    an event) fails at `startup_timeout_ms` with a typed ModelLoadError; the trio side
+    never waits on the engine thread, which is left to finish and then exits."""
+    import threading
+
+    import corral.engine.core as core
+
+    release = threading.Event()
+    stuck_path = str(shutil.copytree(model_path, tmp_path / "stuck"))
+    real_load = core.load_weights
+
+    def load(settings: Any) -> Any:
+        if settings.path == stuck_path:
+            release.wait(300)
+        return real_load(settings)
+
+    monkeypatch.setattr(core, "load_weights", load)
+    config = config_from_mapping({"generation": {"isolation": "thread"},
+                                  "python_runtime": {"startup_timeout_ms": 3000}})
+    try:
+        async with open_runtime(config, models={"tiny": model_path}) as rt:
+            with trio.fail_after(120), pytest.raises(EngineClientError) as raised:
+                await rt.load_model(stuck_path, alias="stuck")
+            assert raised.value.code is Code.MODEL_LOAD_ERROR
+            assert "stuck" in raised.value.message
+            assert [m.alias for m in rt.list_models()] == ["tiny"]
+            completion = await rt.complete("tiny", "Hi", max_tokens=4)
+            assert completion.choices[0].finish_reason in ("length", "stop")
+    finally:
+        release.set()
