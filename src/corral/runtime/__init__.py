@@ -259,7 +259,10 @@ class Runtime:
         models = self.list_models()
         return assess(self.system, models, draining=self.draining,
                       progress={m.alias: self.models.progress(m.alias) for m in models},
-                      active_streams=len(self.table.open_buffers()))
+                      active_streams=len(self.table.open_buffers()),
+                      restart_limit_s=(self.config.restarts.delay_max_ms
+                                       + self.config.python_runtime.startup_timeout_ms)
+                      / 1000.0)
 
     async def registry_state(self, *, timeout: float | None = None) -> RegistryState:
         """Running and waiting streams, as the registry counts them."""

@@ -9,6 +9,7 @@ request pipeline asks it which models exist and in what state.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,11 +29,18 @@ from corral.engine.api import (
 )
 from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
-from corral.protocol.messages import EngineStep, ExitReason, ModelDown, ModelInfo, WaitReady
+from corral.protocol.messages import (
+    ALIAS_PATTERN,
+    EngineStep,
+    ExitReason,
+    ModelDown,
+    ModelInfo,
+    WaitReady,
+)
 from corral.runtime.health import ModelDescription, ModelState
 from corral.runtime.tree import REGISTRY, model_path, model_subtree_spec
 
-__all__ = ["ModelRecord", "Models", "default_alias", "held_open"]
+__all__ = ["ModelRecord", "Models", "check_alias", "default_alias", "held_open"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -43,10 +51,12 @@ class ModelRecord:
     `path` is what the user gave; `source` the local directory it resolved to. While
     the model is failed, `reload_at` is the time of its next reload (None while one
     runs) and `reload_streak` the reloads that failed in a row, which sets the delay.
+    `restarting_since` is when its model actor last exited, until it is ready again.
     """
 
     __slots__ = ("alias", "config", "info", "monitors", "path", "ready_since", "reload_at",
-                 "reload_streak", "reloads", "source", "state", "step_listeners")
+                 "reload_streak", "reloads", "restarting_since", "source", "state",
+                 "step_listeners")
 
     def __init__(self, config: ModelConfig, source: str) -> None:
         self.config = config
@@ -61,6 +71,7 @@ class ModelRecord:
         self.reload_streak = 0
         self.reload_at: float | None = None
         self.ready_since = -math.inf
+        self.restarting_since: float | None = None
 
     @property
     def in_trial(self) -> bool:
@@ -76,6 +87,7 @@ class ModelRecord:
     def ready(self, info: ModelInfo) -> None:
         """The model actor (re)loaded the model."""
         self.info = info
+        self.restarting_since = None
         if self.state != "failed":
             self.state = "ready"
 
@@ -127,7 +139,7 @@ class Models:
                    fallbacks: tuple[str | FallbackResponse, ...] = (),
                    chat_template: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
-        alias = alias or default_alias(path)
+        alias = check_alias(alias or default_alias(path))
         self._check_new(alias, fallbacks)
         # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
         source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
@@ -192,6 +204,7 @@ class Models:
         def model_exited(reason: Any) -> None:
             if model.state == "ready":
                 model.state = "restarting"
+                model.restarting_since = trio.current_time()
             try:
                 registry.tell_nowait(ModelDown(alias, reason))
             except CorralError as exc:
@@ -285,8 +298,11 @@ class Models:
         else:
             breaker_state = "restarting"
         engine = self.engine_statistics(model.alias)
+        restarting_s = None
+        if state == "restarting" and model.restarting_since is not None:
+            restarting_s = trio.current_time() - model.restarting_since
         return ModelDescription(
-            alias=model.alias, path=model.path, state=state,
+            alias=model.alias, path=model.path, state=state, restarting_s=restarting_s,
             fallbacks=_fallback_names(model.config), info=model.info,
             restarts=stats.restarts, breaker=breaker_state,
             worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None,
@@ -327,6 +343,22 @@ def _fallback_names(config: ModelConfig) -> list[str]:
     return [*config.fallback_aliases,
             *("cached" if step.cached_ttl_ms is not None else "default"
               for step in config.fallback_responses)]
+
+
+def check_alias(alias: str) -> str:
+    """`alias` if it matches `ALIAS_PATTERN`: it names the model's subtree of actors,
+    so a ``/`` in it would address inside another model's subtree.
+
+    Raises:
+        EngineClientError: InvalidParams naming the field ``alias``.
+    """
+    if re.fullmatch(ALIAS_PATTERN, alias) is None:
+        raise EngineClientError(
+            Code.INVALID_PARAMS,
+            f"alias: {alias[:64]!r} is not a valid alias: expected a letter or digit, then "
+            f"up to 127 letters, digits, '.', '_', ':' or '-' (give one with `alias`)",
+            {"field": "alias"})
+    return alias
 
 
 def default_alias(path: str) -> str:

@@ -10,8 +10,8 @@ outcome. This module never builds the tree and never loads a model.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any, final
 
 import structlog
@@ -29,6 +29,7 @@ from corral.protocol.errors import (
     Code,
     CorralError,
     EngineClientError,
+    TimeoutError,
     code_of,
 )
 from corral.protocol.grammar import check_grammar
@@ -138,7 +139,8 @@ class Requests:
         deadline = started + timeout_s
         check_prompt_shape(request)
         try:
-            alias, permit = await self._acquire(entry)
+            with _within(deadline, timeout_s, request, started):
+                alias, permit = await self._acquire(entry)
         except CorralError as exc:
             self._note(entry, request, entry.alias, None, exc, started)
             raise
@@ -153,7 +155,8 @@ class Requests:
             await trio.lowlevel.checkpoint_if_cancelled()
             serving = self._models.by_alias.get(alias, entry)
             tools = tools_for(request, alias, serving.info)
-            prompt_ids = await self._prompt_ids(alias, request, tools)
+            with _within(deadline, timeout_s, request, started):
+                prompt_ids = await self._prompt_ids(alias, request, tools)
             check_token_ids("generated", request.generated, serving.info)
             max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
                                         len(prompt_ids), serving.info, len(request.generated))
@@ -371,3 +374,19 @@ def _outcome(buffer: StreamBuffer) -> Outcome:
     if buffer.error is not None:
         return CircuitBreaker.outcome_of(buffer.error)
     return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED
+
+
+@contextmanager
+def _within(deadline: float, timeout_s: float, request: GenerateParams,
+            started: float) -> Iterator[None]:
+    """Bound a wait before the submit (a breaker permit, the prompt's tokens) by the
+    request's deadline: a model that restarts never holds a request past it.
+
+    Raises:
+        TimeoutError: the deadline passed first (what was waited on is cancelled).
+    """
+    with trio.move_on_at(deadline) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise TimeoutError("generate", timeout_s, request.request_id,
+                           trio.current_time() - started)
