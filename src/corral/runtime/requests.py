@@ -185,7 +185,7 @@ class Requests:
                           if tools and calling else None)
                 yield TokenStream(buffer, alias, alias if alias != entry.alias else None,
                                   reader)
-                outcome = _outcome(buffer)
+                outcome = _outcome(request, buffer.error, buffer.finish_reason)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its
                 # sequence leaves the batch (the model first: before its next step).
@@ -199,7 +199,7 @@ class Requests:
         except BaseException as exc:
             # Before the submit (validation, tokenizing, admission) nothing said anything
             # about the model's health: ignored. From the submit on, the breaker's rule.
-            outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
+            outcome = _outcome(request, exc) if submitted else Outcome.IGNORED
             error = exc
             raise
         finally:
@@ -370,10 +370,20 @@ def check_text(field: str, text: str) -> None:
                                 {"field": field})
 
 
-def _outcome(buffer: StreamBuffer) -> Outcome:
-    if buffer.error is not None:
-        return CircuitBreaker.outcome_of(buffer.error)
-    return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED
+def _outcome(request: GenerateParams, error: BaseException | None,
+             finish_reason: str | None = None) -> Outcome:
+    """What a request that was submitted to the model tells its breaker.
+
+    Only the model's failures count. On top of the breaker's rule (client errors and
+    cancellation are ignored), a Timeout is ignored when the client chose the deadline
+    (`timeout_ms`): a client that gives a model 30 ms says nothing about its health.
+    A Timeout under the server's default deadline still counts.
+    """
+    if error is None:
+        return Outcome.SUCCESS if finish_reason in ("stop", "length") else Outcome.IGNORED
+    if request.timeout_ms is not None and code_of(error) is Code.TIMEOUT:
+        return Outcome.IGNORED
+    return CircuitBreaker.outcome_of(error)
 
 
 @contextmanager
