@@ -453,10 +453,12 @@ class CloseStream(msgspec.Struct, frozen=True, tag=True):
 
 
 class ModelDown(msgspec.Struct, frozen=True, tag=True):
-    """A model actor exited; its streams cannot continue on that incarnation."""
+    """A model actor exited; its streams cannot continue on that incarnation.
+    `unloaded`: the model was unloaded, so they cannot continue at all."""
 
     model: str
     reason: ExitReason
+    unloaded: bool = False
 
 
 class Reconcile(msgspec.Struct, frozen=True, tag=True):

@@ -156,9 +156,11 @@ class Runtime:
                                       chat_template=chat_template)
 
     async def unload_model(self, alias: str) -> None:
-        """Stop a model's subtree and forget it. Its open streams end with a
-        GenerationError carrying their partial text (the model is gone, so they cannot
-        resume); a fallback does not take them over.
+        """Stop a model's subtree and forget it. Its open streams end with
+        ModelNotLoaded (404, not retryable: the next request gets the same answer)
+        carrying their partial text in `details.partial_text`; a fallback does not take
+        them over. Loads and unloads of one alias run one at a time: this waits for a
+        load of the alias under way. Its worker processes are reaped before it returns.
 
         Raises:
             EngineClientError: ModelNotLoaded for an unknown alias.

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -117,6 +118,7 @@ class Models:
         self._on_failed = on_failed
         self.by_alias: dict[str, ModelRecord] = {}
         self._standbys: dict[str, WorkerStandby] = {}
+        self._locks: dict[str, trio.Lock] = {}
 
     def ref(self, alias: str, child: str = "model") -> ActorRef:
         return self._system.ref(model_path(alias, child))
@@ -135,12 +137,32 @@ class Models:
 
     # -- loading -----------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def exclusive(self, alias: str) -> AsyncIterator[None]:
+        """Hold the alias's lock: loads, unloads and reloads of one alias run one at a
+        time, so none cuts another short or leaves a subtree or worker nobody owns.
+        Other aliases are never blocked. Cancelling the wait leaves the lock as it was."""
+        lock = self._locks.setdefault(alias, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(alias, None)
+
     async def load(self, path: str, *, alias: str | None = None,
                    fallbacks: tuple[str | FallbackResponse, ...] = (),
                    chat_template: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
         alias = check_alias(alias or default_alias(path))
         self._check_new(alias, fallbacks)
+        async with self.exclusive(alias):
+            return await self._load(path, alias, fallbacks, chat_template)
+
+    async def _load(self, path: str, alias: str,
+                    fallbacks: tuple[str | FallbackResponse, ...],
+                    chat_template: str | None) -> ModelDescription:
+        self._check_new(alias, fallbacks)  # another load may have taken it while we waited
         # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
         source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
         self._check_new(alias, fallbacks)  # another load may have taken the alias meanwhile
@@ -222,12 +244,24 @@ class Models:
             f"root/generation/model:{alias}").add_monitor(subtree_exited))
 
     async def unload(self, alias: str) -> None:
-        """See `Runtime.unload_model`."""
-        model = self.require(alias, allow_failed=True)
-        del self.by_alias[alias]
-        await self.stop(alias)
-        await self.close_standbys(alias)
-        model.unwatch()
+        """See `Runtime.unload_model`. Waits for a load or reload of the alias under
+        way; its streams end with ModelNotLoaded (`model_unloaded`) before the subtree
+        stops, and its worker and standby are reaped before this returns. Once it has
+        begun, cancellation does not cut it short."""
+        self.require(alias, allow_failed=True)
+        async with self.exclusive(alias):
+            model = self.require(alias, allow_failed=True)  # another unload may have won
+            with trio.CancelScope(shield=True):
+                del self.by_alias[alias]
+                model.unwatch()  # its exit below is no crash: nothing resumes elsewhere
+                try:
+                    self._system.ref(REGISTRY).tell_nowait(ModelDown(
+                        alias, ExitReason("shutdown", message="unloaded"), unloaded=True))
+                except CorralError as exc:  # a restarted registry reconciles instead
+                    _log.warning("runtime.model_down_undelivered", model=alias,
+                                 error=repr(exc))
+                await self.stop(alias)
+                await self.close_standbys(alias)
 
     async def stop(self, alias: str) -> None:
         """Stop the model's subtree if it runs."""

@@ -31,6 +31,7 @@ from corral.protocol.errors import (
     EngineClientError,
     TimeoutError,
     code_of,
+    model_unloaded,
 )
 from corral.protocol.grammar import check_grammar
 from corral.protocol.messages import (
@@ -47,7 +48,7 @@ from corral.protocol.messages import (
 from corral.rolling import RollingErrorMetrics
 from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
 from corral.runtime.limits import check_prompt_length, max_tokens_for
-from corral.runtime.models import ModelRecord, Models
+from corral.runtime.models import ModelRecord, Models, held_open
 from corral.runtime.token_stream import TokenStream
 from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
@@ -140,7 +141,7 @@ class Requests:
         check_prompt_shape(request)
         try:
             with _within(deadline, timeout_s, request, started):
-                alias, permit = await self._acquire(entry)
+                alias, permit = await self._acquire(entry, deadline)
         except CorralError as exc:
             self._note(entry, request, entry.alias, None, exc, started)
             raise
@@ -233,7 +234,9 @@ class Requests:
         A model actor's crash fails the asks waiting on it with ActorExitedError at
         once, before they ran to completion, so sending the message again is safe: the
         restarting actor's mailbox stashes it until the next incarnation runs. Bounded
-        by the model's restart budget; a model that failed for good answers at once.
+        by the model's restart budget; a model that failed for good answers at once,
+        one unloaded meanwhile with ModelNotLoaded, one whose load has not started its
+        actor yet with CircuitOpen (`held_open`).
         """
         ref = self._models.ref(alias)
         attempts = self._config.restarts.max_restarts + 1
@@ -243,20 +246,35 @@ class Requests:
             except ActorExitedError:
                 if attempt == attempts:
                     raise
-                self._models.require(alias)
+                if self._models.require(alias).in_trial:  # its subtree is not up yet
+                    raise held_open(self._models.require(alias)) from None
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _acquire(self, entry: ModelRecord) -> tuple[str, Any]:
-        """A breaker permit from the model, or from its first fallback that gives one."""
+    async def _acquire(self, entry: ModelRecord, deadline: float) -> tuple[str, Any]:
+        """A breaker permit from the model, or from its first fallback that gives one,
+        asked for until the request's deadline (the ask is shielded: see
+        `acquire_through`). A breaker stopped by its model's unload answers
+        ModelNotLoaded; one whose model's load has not started it yet, CircuitOpen
+        with the load's time as retry-after (`held_open`)."""
         first_error: CircuitBreakerOpenError | None = None
         for alias in (entry.alias, *entry.config.fallback_aliases):
             candidate = self._models.by_alias.get(alias)
             if candidate is None or candidate.state == "failed":
                 continue
             try:
-                return alias, await acquire_through(self._models.ref(alias, "breaker"))
+                return alias, await acquire_through(
+                    self._models.ref(alias, "breaker"),
+                    timeout=max(deadline - trio.current_time(), 0.0))
             except CircuitBreakerOpenError as exc:
                 first_error = first_error or exc
+            except ActorExitedError:
+                if self._models.by_alias.get(alias) is not candidate:
+                    if alias == entry.alias:
+                        raise model_unloaded(alias) from None
+                    continue  # a fallback that was unloaded: try the next one
+                if candidate.in_trial:  # its (re)load has not started the subtree yet
+                    raise held_open(candidate) from None
+                raise  # its model is still loaded: the breaker crashed
         if first_error is not None:
             raise first_error
         self._models.require(entry.alias)  # raises: held open, the model failed
@@ -273,12 +291,12 @@ class Requests:
         else:
             assert request.prompt is not None
             ids = list(request.prompt)
-            check_token_ids("prompt", ids, self._models.by_alias[alias].info)
+            check_token_ids("prompt", ids, self._models.require(alias).info)
         if not ids:
             raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected at least one token",
                                     {"field": "prompt"})
         check_prompt_length(self._config.generation, len(ids),
-                            self._models.by_alias[alias].info)
+                            self._models.require(alias).info)
         return ids
 
     async def drain(self, timeout: float) -> int:
