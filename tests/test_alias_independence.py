@@ -55,7 +55,7 @@ def test_gguf_and_ollama_style_aliases_stay_valid(alias: str) -> None:
 async def test_a_supervisor_child_name_never_holds_a_slash() -> None:
     sup = Supervisor([])
     with pytest.raises(CorralError) as refused:
-        await sup.start_child(ChildSpec(name="a/b", factory=lambda: None))
+        await sup.start_child(ChildSpec(name="a/b", factory=lambda: Supervisor([])))
     assert refused.value.code is Code.INVALID_PARAMS
 
 

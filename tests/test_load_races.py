@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from conftest import wait_until
-from corral.config import config_from_mapping
+from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import Code, CorralError
 from corral.runtime import Runtime, open_runtime
 
@@ -58,7 +58,7 @@ def worker_pids() -> set[int]:
     return ours
 
 
-def _config() -> object:
+def _config() -> RuntimeConfig:
     return config_from_mapping({
         "generation": {"isolation": "process"},
         "python_runtime": {"restart_delay_base_ms": 10, "restart_delay_max_ms": 100,
@@ -97,7 +97,7 @@ async def _storm(rt: Runtime, model_path: str, seed: int) -> Counter[str]:
 
 async def test_a_load_unload_generate_storm_leaks_no_worker_and_answers_no_500(
         model_path: str) -> None:
-    async with open_runtime(_config()) as rt:  # type: ignore[arg-type]
+    async with open_runtime(_config()) as rt:
         seen = await _storm(rt, model_path, seed=21)
         assert seen["load:ok"] >= 1 and seen["unload:ok"] >= 1, seen
         if not rt.list_models():
@@ -112,7 +112,7 @@ async def test_a_load_unload_generate_storm_leaks_no_worker_and_answers_no_500(
 
 async def test_a_request_its_model_unload_ends_gets_model_not_loaded(
         model_path: str) -> None:
-    async with open_runtime(_config(), models={ALIAS: model_path}) as rt:  # type: ignore[arg-type]
+    async with open_runtime(_config(), models={ALIAS: model_path}) as rt:
         async with rt.generate(ALIAS, prompt="Hi", max_tokens=1800,
                                logit_bias={0: -100, 1: -100, 2: -100}) as stream:
             with pytest.raises(CorralError) as ended:
