@@ -20,6 +20,7 @@ import msgspec.inspect
 import yaml
 
 from corral.protocol.errors import resolve_error_name
+from corral.protocol.messages import Alias
 
 __all__ = [
     "ALIASES",
@@ -219,13 +220,14 @@ class FallbackResponse(_Section, frozen=True):
 
 
 class ModelConfig(_Section, frozen=True):
-    """A model loaded at start: its alias, its path, and its fallbacks: other models'
-    aliases, then optionally cached and default response steps. `chat_template`
-    replaces the model's own: a Jinja template, or the path of a file holding one."""
+    """A model loaded at start: its alias (see `corral.protocol.messages.ALIAS_PATTERN`),
+    its path, and its fallbacks: other models' aliases, then optionally cached and
+    default response steps. `chat_template` replaces the model's own: a Jinja template,
+    or the path of a file holding one."""
 
-    alias: _Name
+    alias: Alias
     path: _Name
-    fallbacks: tuple[_Name | FallbackResponse, ...] = ()
+    fallbacks: tuple[Alias | FallbackResponse, ...] = ()
     chat_template: _Name | None = None
 
     @property

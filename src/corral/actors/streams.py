@@ -32,6 +32,7 @@ from corral.protocol.errors import (
     EngineClientError,
     OverloadedError,
     TimeoutError,
+    model_unloaded,
 )
 from corral.protocol.messages import (
     Admit,
@@ -303,6 +304,9 @@ class StreamRegistry(Actor[RegistryMessage]):
                 return self._admit(message)
             case CloseStream(stream_id=stream_id, reason=reason):
                 await self._close(stream_id, reason, None)
+            case ModelDown(model=model, unloaded=True):
+                for entry in [e for e in self._active.values() if e.model == model]:
+                    await self._end_unloaded(entry)
             case ModelDown(model=model, reason=reason):
                 stalled = reason.error == "EngineStalled"
                 for entry in [e for e in self._active.values() if e.model == model]:
@@ -444,6 +448,18 @@ class StreamRegistry(Actor[RegistryMessage]):
         except (ActorExitedError, OverloadedError):
             self.ctx.log.info("registry.cancel_undelivered", model=model,
                               stream_id=message.seq_id)
+
+    async def _end_unloaded(self, entry: _Entry) -> None:
+        """A stream whose model was unloaded: it ends with ModelNotLoaded and its text so
+        far (`model_unloaded`); the unload stops its sequence with the engine."""
+        buffer = self._table.get(entry.stream_id)
+        if buffer is None:
+            return  # its caller already left; its CloseStream releases the slot
+        if buffer.ended:
+            self._release(entry.stream_id)
+            return
+        await self._close(entry.stream_id, "error", model_unloaded(
+            entry.model, buffer.text, len(buffer.tokens)), cancel_sequence=False)
 
     async def _recover(self, entry: _Entry, why: str, *, stalled: bool = False) -> None:
         """A stream whose sequence the model lost: resume it, or end it with the text so far.

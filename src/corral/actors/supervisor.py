@@ -218,11 +218,16 @@ class Supervisor:
         """Add and start a child at run time.
 
         Raises:
-            EngineClientError(InvalidParams): a child of that name exists.
+            EngineClientError(InvalidParams): a child of that name exists, or the name
+                holds a ``/`` (it would address a grandchild's path, not a new one).
             ChildStartError: the child failed to start (it is not added); the cause is
                 chained.
             ActorExitedError: this supervisor has stopped.
         """
+        if "/" in spec.name:
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    f"{self.path}: a child's name holds no '/': {spec.name!r}")
+
         async def operation() -> ActorRef:
             if spec.name in self._slots:
                 raise EngineClientError(Code.INVALID_PARAMS,

@@ -191,6 +191,17 @@ class EngineClientError(CorralError):
         super().__init__(message, details=details, retryable=retryable)
 
 
+def model_unloaded(model: str, partial_text: str = "",
+                   completion_tokens: int = 0) -> EngineClientError:
+    """What a request gets when its model is unloaded while it waits or runs:
+    ModelNotLoaded (404, not retryable), as the next request to that model gets, with
+    the text the stream had produced so far (`partial_text`)."""
+    return EngineClientError(
+        Code.MODEL_NOT_LOADED, f"model {model!r} was unloaded while the request ran",
+        {"model": model, "unloaded": True, "partial_text": partial_text,
+         "completion_tokens": completion_tokens})
+
+
 class TimeoutError(CorralError):
     """A call ran past its deadline."""
 

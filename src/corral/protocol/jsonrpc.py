@@ -34,6 +34,7 @@ from corral.protocol.errors import (
     error_from_info,
 )
 from corral.protocol.messages import (
+    Alias,
     FinishReason,
     Name,
     StreamId,
@@ -143,12 +144,12 @@ class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class LoadModelParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     path: str
-    alias: Name | None = None
-    fallbacks: list[Name] = []
+    alias: Alias | None = None
+    fallbacks: list[Alias] = []
 
 
 class UnloadModelParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    alias: Name
+    alias: Alias
 
 
 class TokenizeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

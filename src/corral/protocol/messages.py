@@ -453,10 +453,12 @@ class CloseStream(msgspec.Struct, frozen=True, tag=True):
 
 
 class ModelDown(msgspec.Struct, frozen=True, tag=True):
-    """A model actor exited; its streams cannot continue on that incarnation."""
+    """A model actor exited; its streams cannot continue on that incarnation.
+    `unloaded`: the model was unloaded, so they cannot continue at all."""
 
     model: str
     reason: ExitReason
+    unloaded: bool = False
 
 
 class Reconcile(msgspec.Struct, frozen=True, tag=True):
@@ -500,6 +502,13 @@ TimeoutMs = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
 """A deadline in milliseconds, up to about 24 days."""
 StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+ALIAS_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z"  # \Z: no newline after
+"""What a model alias may be: a letter or digit, then up to 127 letters, digits, ``.``,
+``_``, ``:`` or ``-`` (``SmolLM2-135M-Instruct.Q4_1``, ``ollama:qwen3:0.6b``). No ``/``
+and no space: an alias names a subtree of actors, and a ``/`` in it would address
+inside another model's subtree."""
+Alias = Annotated[str, msgspec.Meta(pattern=ALIAS_PATTERN)]
+"""A model alias as a client gives it to load or unload a model (see `ALIAS_PATTERN`)."""
 StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 
 MAX_TOP_LOGPROBS: Final = 20  # OpenAI's bound

@@ -156,9 +156,11 @@ class Runtime:
                                       chat_template=chat_template)
 
     async def unload_model(self, alias: str) -> None:
-        """Stop a model's subtree and forget it. Its open streams end with a
-        GenerationError carrying their partial text (the model is gone, so they cannot
-        resume); a fallback does not take them over.
+        """Stop a model's subtree and forget it. Its open streams end with
+        ModelNotLoaded (404, not retryable: the next request gets the same answer)
+        carrying their partial text in `details.partial_text`; a fallback does not take
+        them over. Loads and unloads of one alias run one at a time: this waits for a
+        load of the alias under way. Its worker processes are reaped before it returns.
 
         Raises:
             EngineClientError: ModelNotLoaded for an unknown alias.
@@ -259,7 +261,10 @@ class Runtime:
         models = self.list_models()
         return assess(self.system, models, draining=self.draining,
                       progress={m.alias: self.models.progress(m.alias) for m in models},
-                      active_streams=len(self.table.open_buffers()))
+                      active_streams=len(self.table.open_buffers()),
+                      restart_limit_s=(self.config.restarts.delay_max_ms
+                                       + self.config.python_runtime.startup_timeout_ms)
+                      / 1000.0)
 
     async def registry_state(self, *, timeout: float | None = None) -> RegistryState:
         """Running and waiting streams, as the registry counts them."""

@@ -101,8 +101,11 @@ class Healer:
                     source = await trio.to_thread.run_sync(resolve_model, model.path,
                                                            abandon_on_cancel=True)
                 model.source = source
-                await models.stop(alias)  # what a trial cut short may have left
-                info = await models.start(model)
+                async with models.exclusive(alias):  # never beside a load or unload
+                    if models.by_alias.get(alias) is not model:
+                        return
+                    await models.stop(alias)  # what a trial cut short may have left
+                    info = await models.start(model)
             except CorralError as exc:
                 delay = self._schedule(model)
                 _log.warning("runtime.model_reload_failed", model=alias,

@@ -31,7 +31,7 @@ class ModelDescription(msgspec.Struct, frozen=True):
     A failed model is reloaded: `reloads` counts the attempts so far, and
     `reload_in_s` is the time until the next one (None while one runs, and unless
     the model failed); `breaker` is "forced_open" while it waits, "half_open" while a
-    reload runs.
+    reload runs. `restarting_s` is how long a restarting model has been restarting.
     """
 
     alias: str
@@ -44,6 +44,7 @@ class ModelDescription(msgspec.Struct, frozen=True):
     worker_pid: int | None = None
     reloads: int = 0
     reload_in_s: float | None = None
+    restarting_s: float | None = None
 
 
 class DomainHealth(msgspec.Struct, frozen=True):
@@ -96,10 +97,12 @@ class RuntimeStatistics(msgspec.Struct, frozen=True):
 
 
 def assess(system: ActorSystem, models: list[ModelDescription], *, draining: bool,
-           progress: dict[str, EngineProgress | None], active_streams: int) -> Health:
-    """The runtime's health: not ok while a domain is not running, a model failed, the
-    server drains, or an engine with work made no step for half its step's limit (see
-    `EngineProgress`), or stalled and waits for its engine thread to stop."""
+           progress: dict[str, EngineProgress | None], active_streams: int,
+           restart_limit_s: float) -> Health:
+    """The runtime's health: not ok while a domain is not running, a model failed or
+    has been restarting for longer than `restart_limit_s` (its longest backoff and a
+    load), the server drains, or an engine with work made no step for half its step's
+    limit (see `EngineProgress`), or stalled and waits for its engine thread to stop."""
     domains = []
     reasons = []
     for name in DOMAINS:
@@ -113,6 +116,9 @@ def assess(system: ActorSystem, models: list[ModelDescription], *, draining: boo
             reasons.append(f"model {model.alias} reloads in {model.reload_in_s:.1f}s"
                            if model.reload_in_s is not None
                            else f"model {model.alias} is reloading")
+        elif model.restarting_s is not None and model.restarting_s > restart_limit_s:
+            reasons.append(f"model {model.alias} has been restarting for "
+                           f"{model.restarting_s:.1f}s (limit {restart_limit_s:.1f}s)")
     if draining:
         reasons.append("shutting down")
     for alias, engine in progress.items():

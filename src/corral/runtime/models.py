@@ -9,7 +9,9 @@ request pipeline asks it which models exist and in what state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
@@ -28,11 +30,18 @@ from corral.engine.api import (
 )
 from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
-from corral.protocol.messages import EngineStep, ExitReason, ModelDown, ModelInfo, WaitReady
+from corral.protocol.messages import (
+    ALIAS_PATTERN,
+    EngineStep,
+    ExitReason,
+    ModelDown,
+    ModelInfo,
+    WaitReady,
+)
 from corral.runtime.health import ModelDescription, ModelState
 from corral.runtime.tree import REGISTRY, model_path, model_subtree_spec
 
-__all__ = ["ModelRecord", "Models", "default_alias", "held_open"]
+__all__ = ["ModelRecord", "Models", "check_alias", "default_alias", "held_open"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -43,10 +52,12 @@ class ModelRecord:
     `path` is what the user gave; `source` the local directory it resolved to. While
     the model is failed, `reload_at` is the time of its next reload (None while one
     runs) and `reload_streak` the reloads that failed in a row, which sets the delay.
+    `restarting_since` is when its model actor last exited, until it is ready again.
     """
 
     __slots__ = ("alias", "config", "info", "monitors", "path", "ready_since", "reload_at",
-                 "reload_streak", "reloads", "source", "state", "step_listeners")
+                 "reload_streak", "reloads", "restarting_since", "source", "state",
+                 "step_listeners")
 
     def __init__(self, config: ModelConfig, source: str) -> None:
         self.config = config
@@ -61,6 +72,7 @@ class ModelRecord:
         self.reload_streak = 0
         self.reload_at: float | None = None
         self.ready_since = -math.inf
+        self.restarting_since: float | None = None
 
     @property
     def in_trial(self) -> bool:
@@ -76,6 +88,7 @@ class ModelRecord:
     def ready(self, info: ModelInfo) -> None:
         """The model actor (re)loaded the model."""
         self.info = info
+        self.restarting_since = None
         if self.state != "failed":
             self.state = "ready"
 
@@ -105,6 +118,7 @@ class Models:
         self._on_failed = on_failed
         self.by_alias: dict[str, ModelRecord] = {}
         self._standbys: dict[str, WorkerStandby] = {}
+        self._locks: dict[str, trio.Lock] = {}
 
     def ref(self, alias: str, child: str = "model") -> ActorRef:
         return self._system.ref(model_path(alias, child))
@@ -123,12 +137,32 @@ class Models:
 
     # -- loading -----------------------------------------------------------------------
 
+    @asynccontextmanager
+    async def exclusive(self, alias: str) -> AsyncIterator[None]:
+        """Hold the alias's lock: loads, unloads and reloads of one alias run one at a
+        time, so none cuts another short or leaves a subtree or worker nobody owns.
+        Other aliases are never blocked. Cancelling the wait leaves the lock as it was."""
+        lock = self._locks.setdefault(alias, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(alias, None)
+
     async def load(self, path: str, *, alias: str | None = None,
                    fallbacks: tuple[str | FallbackResponse, ...] = (),
                    chat_template: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
-        alias = alias or default_alias(path)
+        alias = check_alias(alias or default_alias(path))
         self._check_new(alias, fallbacks)
+        async with self.exclusive(alias):
+            return await self._load(path, alias, fallbacks, chat_template)
+
+    async def _load(self, path: str, alias: str,
+                    fallbacks: tuple[str | FallbackResponse, ...],
+                    chat_template: str | None) -> ModelDescription:
+        self._check_new(alias, fallbacks)  # another load may have taken it while we waited
         # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
         source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
         self._check_new(alias, fallbacks)  # another load may have taken the alias meanwhile
@@ -192,6 +226,7 @@ class Models:
         def model_exited(reason: Any) -> None:
             if model.state == "ready":
                 model.state = "restarting"
+                model.restarting_since = trio.current_time()
             try:
                 registry.tell_nowait(ModelDown(alias, reason))
             except CorralError as exc:
@@ -209,12 +244,24 @@ class Models:
             f"root/generation/model:{alias}").add_monitor(subtree_exited))
 
     async def unload(self, alias: str) -> None:
-        """See `Runtime.unload_model`."""
-        model = self.require(alias, allow_failed=True)
-        del self.by_alias[alias]
-        await self.stop(alias)
-        await self.close_standbys(alias)
-        model.unwatch()
+        """See `Runtime.unload_model`. Waits for a load or reload of the alias under
+        way; its streams end with ModelNotLoaded (`model_unloaded`) before the subtree
+        stops, and its worker and standby are reaped before this returns. Once it has
+        begun, cancellation does not cut it short."""
+        self.require(alias, allow_failed=True)
+        async with self.exclusive(alias):
+            model = self.require(alias, allow_failed=True)  # another unload may have won
+            with trio.CancelScope(shield=True):
+                del self.by_alias[alias]
+                model.unwatch()  # its exit below is no crash: nothing resumes elsewhere
+                try:
+                    self._system.ref(REGISTRY).tell_nowait(ModelDown(
+                        alias, ExitReason("shutdown", message="unloaded"), unloaded=True))
+                except CorralError as exc:  # a restarted registry reconciles instead
+                    _log.warning("runtime.model_down_undelivered", model=alias,
+                                 error=repr(exc))
+                await self.stop(alias)
+                await self.close_standbys(alias)
 
     async def stop(self, alias: str) -> None:
         """Stop the model's subtree if it runs."""
@@ -285,8 +332,11 @@ class Models:
         else:
             breaker_state = "restarting"
         engine = self.engine_statistics(model.alias)
+        restarting_s = None
+        if state == "restarting" and model.restarting_since is not None:
+            restarting_s = trio.current_time() - model.restarting_since
         return ModelDescription(
-            alias=model.alias, path=model.path, state=state,
+            alias=model.alias, path=model.path, state=state, restarting_s=restarting_s,
             fallbacks=_fallback_names(model.config), info=model.info,
             restarts=stats.restarts, breaker=breaker_state,
             worker_pid=engine.pid if isinstance(engine, ProcessEngineStatistics) else None,
@@ -327,6 +377,22 @@ def _fallback_names(config: ModelConfig) -> list[str]:
     return [*config.fallback_aliases,
             *("cached" if step.cached_ttl_ms is not None else "default"
               for step in config.fallback_responses)]
+
+
+def check_alias(alias: str) -> str:
+    """`alias` if it matches `ALIAS_PATTERN`: it names the model's subtree of actors,
+    so a ``/`` in it would address inside another model's subtree.
+
+    Raises:
+        EngineClientError: InvalidParams naming the field ``alias``.
+    """
+    if re.fullmatch(ALIAS_PATTERN, alias) is None:
+        raise EngineClientError(
+            Code.INVALID_PARAMS,
+            f"alias: {alias[:64]!r} is not a valid alias: expected a letter or digit, then "
+            f"up to 127 letters, digits, '.', '_', ':' or '-' (give one with `alias`)",
+            {"field": "alias"})
+    return alias
 
 
 def default_alias(path: str) -> str:

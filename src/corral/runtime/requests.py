@@ -31,6 +31,7 @@ from corral.protocol.errors import (
     EngineClientError,
     TimeoutError,
     code_of,
+    model_unloaded,
 )
 from corral.protocol.grammar import check_grammar
 from corral.protocol.messages import (
@@ -48,12 +49,13 @@ from corral.protocol.messages import (
 from corral.rolling import RollingErrorMetrics
 from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
 from corral.runtime.limits import check_prompt_length, max_tokens_for
-from corral.runtime.models import ModelRecord, Models
+from corral.runtime.models import ModelRecord, Models, held_open
+from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
 from corral.runtime.token_stream import TokenStream
 from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
-__all__ = ["Requests", "TokenStream", "check_text", "guided_sampling", "shutting_down_error"]
+__all__ = ["Requests", "TokenStream", "guided_sampling", "shutting_down_error"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -140,7 +142,8 @@ class Requests:
         deadline = started + timeout_s
         check_prompt_shape(request)
         try:
-            alias, permit = await self._acquire(entry)
+            with _within(deadline, timeout_s, request, started):
+                alias, permit = await self._acquire(entry, deadline)
         except CorralError as exc:
             self._note(entry, request, entry.alias, None, exc, started)
             raise
@@ -186,7 +189,7 @@ class Requests:
                           if tools and calling else None)
                 yield TokenStream(buffer, alias, alias if alias != entry.alias else None,
                                   reader)
-                outcome = _outcome(buffer)
+                outcome = _outcome(request, buffer.error, buffer.finish_reason)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its
                 # sequence leaves the batch (the model first: before its next step).
@@ -200,7 +203,7 @@ class Requests:
         except BaseException as exc:
             # Before the submit (validation, tokenizing, admission) nothing said anything
             # about the model's health: ignored. From the submit on, the breaker's rule.
-            outcome = CircuitBreaker.outcome_of(exc) if submitted else Outcome.IGNORED
+            outcome = _outcome(request, exc) if submitted else Outcome.IGNORED
             error = exc
             raise
         finally:
@@ -235,7 +238,9 @@ class Requests:
         A model actor's crash fails the asks waiting on it with ActorExitedError at
         once, before they ran to completion, so sending the message again is safe: the
         restarting actor's mailbox stashes it until the next incarnation runs. Bounded
-        by the model's restart budget; a model that failed for good answers at once.
+        by the model's restart budget; a model that failed for good answers at once,
+        one unloaded meanwhile with ModelNotLoaded, one whose load has not started its
+        actor yet with CircuitOpen (`held_open`).
         """
         ref = self._models.ref(alias)
         attempts = self._config.restarts.max_restarts + 1
@@ -245,20 +250,35 @@ class Requests:
             except ActorExitedError:
                 if attempt == attempts:
                     raise
-                self._models.require(alias)
+                if self._models.require(alias).in_trial:  # its subtree is not up yet
+                    raise held_open(self._models.require(alias)) from None
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _acquire(self, entry: ModelRecord) -> tuple[str, Any]:
-        """A breaker permit from the model, or from its first fallback that gives one."""
+    async def _acquire(self, entry: ModelRecord, deadline: float) -> tuple[str, Any]:
+        """A breaker permit from the model, or from its first fallback that gives one,
+        asked for until the request's deadline (the ask is shielded: see
+        `acquire_through`). A breaker stopped by its model's unload answers
+        ModelNotLoaded; one whose model's load has not started it yet, CircuitOpen
+        with the load's time as retry-after (`held_open`)."""
         first_error: CircuitBreakerOpenError | None = None
         for alias in (entry.alias, *entry.config.fallback_aliases):
             candidate = self._models.by_alias.get(alias)
             if candidate is None or candidate.state == "failed":
                 continue
             try:
-                return alias, await acquire_through(self._models.ref(alias, "breaker"))
+                return alias, await acquire_through(
+                    self._models.ref(alias, "breaker"),
+                    timeout=max(deadline - trio.current_time(), 0.0))
             except CircuitBreakerOpenError as exc:
                 first_error = first_error or exc
+            except ActorExitedError:
+                if self._models.by_alias.get(alias) is not candidate:
+                    if alias == entry.alias:
+                        raise model_unloaded(alias) from None
+                    continue  # a fallback that was unloaded: try the next one
+                if candidate.in_trial:  # its (re)load has not started the subtree yet
+                    raise held_open(candidate) from None
+                raise  # its model is still loaded: the breaker crashed
         if first_error is not None:
             raise first_error
         self._models.require(entry.alias)  # raises: held open, the model failed
@@ -280,12 +300,12 @@ class Requests:
         else:
             assert request.prompt is not None
             ids = list(request.prompt)
-            check_token_ids("prompt", ids, self._models.by_alias[alias].info)
+            check_token_ids("prompt", ids, self._models.require(alias).info)
         if not ids:
             raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected at least one token",
                                     {"field": "prompt"})
         check_prompt_length(self._config.generation, len(ids),
-                            self._models.by_alias[alias].info)
+                            self._models.require(alias).info)
         return ids
 
     async def drain(self, timeout: float) -> int:
@@ -368,45 +388,33 @@ def _guided(request: GenerateParams, max_tokens: int, alias: str, info: ModelInf
     return sampling
 
 
-def check_prompt_shape(request: GenerateParams) -> None:
-    """Raise InvalidParams for a prompt no model could take: checked before anything
-    else, so an open circuit or a fallback never answers a malformed request."""
-    if (request.prompt is None) == (request.messages is None):
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "prompt: give exactly one of prompt and messages",
-                                {"field": "prompt"})
-    if request.messages is not None:
-        if not request.messages:
-            raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
-                                    {"field": "messages"})
-        for index, message in enumerate(request.messages):
-            check_text(f"messages[{index}].content", message.content)
-    elif isinstance(request.prompt, str):
-        check_text("prompt", request.prompt)
-        if not request.prompt:
-            raise EngineClientError(Code.INVALID_PARAMS, "prompt: expected a non-empty string",
-                                    {"field": "prompt"})
-    if request.generated and (request.messages is not None or request.tools):
-        raise EngineClientError(Code.INVALID_PARAMS, "generated: continues a prompt, "
-                                "without chat messages or tools", {"field": "generated"})
+def _outcome(request: GenerateParams, error: BaseException | None,
+             finish_reason: str | None = None) -> Outcome:
+    """What a request that was submitted to the model tells its breaker.
+
+    Only the model's failures count. On top of the breaker's rule (client errors and
+    cancellation are ignored), a Timeout is ignored when the client chose the deadline
+    (`timeout_ms`): a client that gives a model 30 ms says nothing about its health.
+    A Timeout under the server's default deadline still counts.
+    """
+    if error is None:
+        return Outcome.SUCCESS if finish_reason in ("stop", "length") else Outcome.IGNORED
+    if request.timeout_ms is not None and code_of(error) is Code.TIMEOUT:
+        return Outcome.IGNORED
+    return CircuitBreaker.outcome_of(error)
 
 
-def check_token_ids(field: str, ids: list[int], info: ModelInfo | None) -> None:
-    """Raise InvalidParams for token ids the model's vocabulary does not have."""
-    if info is not None and any(i >= info.vocab_size for i in ids):
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                f"{field}: token ids must be < {info.vocab_size}",
-                                {"field": field})
+@contextmanager
+def _within(deadline: float, timeout_s: float, request: GenerateParams,
+            started: float) -> Iterator[None]:
+    """Bound a wait before the submit (a breaker permit, the prompt's tokens) by the
+    request's deadline: a model that restarts never holds a request past it.
 
-
-def check_text(field: str, text: str) -> None:
-    """Raise InvalidParams for text that no tokenizer may see (NUL bytes)."""
-    if "\x00" in text:
-        raise EngineClientError(Code.INVALID_PARAMS, f"{field}: NUL bytes are not allowed",
-                                {"field": field})
-
-
-def _outcome(buffer: StreamBuffer) -> Outcome:
-    if buffer.error is not None:
-        return CircuitBreaker.outcome_of(buffer.error)
-    return Outcome.SUCCESS if buffer.finish_reason in ("stop", "length") else Outcome.IGNORED
+    Raises:
+        TimeoutError: the deadline passed first (what was waited on is cancelled).
+    """
+    with trio.move_on_at(deadline) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise TimeoutError("generate", timeout_s, request.request_id,
+                           trio.current_time() - started)

@@ -66,7 +66,7 @@ class AdminRoutes:
         return json_response(model_card(loaded, int(time.time())))
 
     async def unload(self, request: Request) -> Response:
-        """Unload a model (`alias`); its open streams end with a GenerationError.
+        """Unload a model (`alias`); its open streams end with ModelNotLoaded (404).
 
         Errors: 401 for a bad key; 400 for a bad body; 404 ModelNotLoaded.
         """
