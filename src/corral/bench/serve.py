@@ -48,6 +48,7 @@ from corral.bench.loadgen import (
 )
 from corral.bench.report import Goal, goal, print_table, write_result
 from corral.bench.runners import ReferenceThread
+from corral.engine.blas import worker_environment
 from corral.tiny import default_model_path
 
 __all__ = ["ServerProcess", "corral_server", "free_port", "main"]
@@ -116,6 +117,9 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "CORRAL_ENV"}
         env["HF_HUB_OFFLINE"] = "1"  # a local model path; never the network
         env.setdefault("RAY_ADDRESS", "local")  # `--ray`: a Ray of its own, not a stray one
+        # Every target on the same BLAS (corral's default, numpy's OpenBLAS on Linux
+        # mlx[cpu]), so that a ratio measures the servers, not their BLAS.
+        env = worker_environment("auto", environ=env) or env
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, env=env)
