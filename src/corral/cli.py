@@ -152,6 +152,21 @@ def check_config(path: Path, env: Annotated[str | None, typer.Option(
     sys.stdout.write(render_config(config))
 
 
+@app.command("blas-path")
+def blas_path() -> None:
+    """Print the BLAS shim (built on first use) for LD_PRELOAD; exit 1 where there is
+    none (not Linux mlx[cpu], or no C compiler)."""
+    from corral.config import LoggingConfig
+    from corral.engine.blas import shim_path
+    from corral.logging import configure_logging
+
+    configure_logging(LoggingConfig(level="warning"))
+    path = shim_path()
+    if path is None:
+        raise typer.Exit(1)
+    typer.echo(str(path))
+
+
 @docs_app.command("errors")
 def docs_errors(
     guide: Annotated[Path, typer.Option(help="The guide to refresh.")] = Path(

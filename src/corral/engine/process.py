@@ -31,13 +31,7 @@ from corral.engine.base import (
 )
 from corral.engine.blas import CpuBlas
 from corral.engine.pipes import WorkerPipes
-from corral.engine.spawn import (
-    WorkerExitedError,
-    WorkerStandby,
-    describe_exit,
-    open_worker,
-    worker_command,
-)
+from corral.engine.spawn import WorkerExitedError, WorkerStandby, describe_exit, worker_command
 from corral.protocol.codec import FrameError
 from corral.protocol.errors import Code, EngineClientError, error_from_info
 from corral.protocol.messages import (
@@ -184,7 +178,7 @@ class ProcessEngine(EngineBase):
             with trio.move_on_after(self._startup_timeout_s) as startup:
                 process = self._standby.take() if self._standby is not None else None
                 if process is None:
-                    process = await open_worker(self._command)
+                    process = await self._command.open()
                 self._pipes = WorkerPipes(process, path=self.path,
                                           silence_limit_s=self._silence_limit_s,
                                           shutdown_timeout_s=self._shutdown_timeout_s)

@@ -22,8 +22,7 @@ from corral.engine.blas import CpuBlas, worker_environment
 from corral.protocol.errors import Code, CorralError
 
 __all__ = ["ExitCause", "WorkerCommand", "WorkerExitedError", "WorkerStandby",
-           "describe_exit", "kill", "kill_and_reap", "open_worker", "reap_in_background",
-           "worker_command"]
+           "describe_exit", "kill", "kill_and_reap", "reap_in_background", "worker_command"]
 
 _log = structlog.get_logger("corral.process_engine")
 
@@ -86,6 +85,21 @@ class WorkerCommand(msgspec.Struct, frozen=True):
     argv: tuple[str, ...]
     cpu_blas: CpuBlas = "auto"
 
+    async def open(self) -> trio.Process:
+        """Start a worker process with pipes on its stdin and stdout, in the environment
+        its BLAS choice asks for (`corral.engine.blas.worker_environment`, run in a
+        thread: the first call may compile the BLAS shim).
+
+        Raises:
+            OSError: the process cannot be started.
+
+        Not cancellable (as `trio.lowlevel.open_process`): the process it returns is
+        the caller's to reap.
+        """
+        env = await trio.to_thread.run_sync(worker_environment, self.cpu_blas)
+        return await trio.lowlevel.open_process(list(self.argv), stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, env=env)
+
 
 def worker_command(python_executable: str | None, heartbeat_interval_ms: int,
                    cpu_blas: CpuBlas = "auto",
@@ -106,22 +120,6 @@ def _physical_memory_mb() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
     except (ValueError, OSError, AttributeError):
         return _UNKNOWN_MEMORY_MB
-
-
-async def open_worker(command: WorkerCommand) -> trio.Process:
-    """Start a worker process with pipes on its stdin and stdout, in the environment its
-    BLAS choice asks for (`corral.engine.blas.worker_environment`, run in a thread: the
-    first call may compile the BLAS shim).
-
-    Raises:
-        OSError: the process cannot be started.
-
-    Not cancellable (as `trio.lowlevel.open_process`): the process it returns is the
-    caller's to reap.
-    """
-    env = await trio.to_thread.run_sync(worker_environment, command.cpu_blas)
-    return await trio.lowlevel.open_process(list(command.argv), stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, env=env)
 
 
 @final
@@ -173,7 +171,7 @@ class WorkerStandby:
 
     async def _start(self) -> None:
         try:
-            process = await open_worker(self._command)
+            process = await self._command.open()
         except OSError as exc:
             _log.warning("process_engine.standby_failed", error=repr(exc))
             return
