@@ -164,9 +164,9 @@ class EngineCore:
         Raises:
             Exception: whatever `load_weights` raised.
         """
+        loaded = load_weights(self.settings)  # imports mlx_lm first (see there)
         from mlx_lm.generate import BatchGenerator, StopSequences
 
-        loaded = load_weights(self.settings)
         model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
