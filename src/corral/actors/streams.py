@@ -449,14 +449,21 @@ class StreamRegistry(Actor[RegistryMessage]):
             self.ctx.log.info("registry.cancel_undelivered", model=model,
                               stream_id=message.seq_id)
 
+    def _still_open(self, entry: _Entry) -> StreamBuffer | None:
+        """The buffer of a stream the model lost, or None when there is nothing left to
+        end: its caller already left (its CloseStream releases the slot), or it ended
+        (the slot is released here)."""
+        buffer = self._table.get(entry.stream_id)
+        if buffer is not None and buffer.ended:
+            self._release(entry.stream_id)
+            return None
+        return buffer
+
     async def _end_unloaded(self, entry: _Entry) -> None:
         """A stream whose model was unloaded: it ends with ModelNotLoaded and its text so
         far (`model_unloaded`); the unload stops its sequence with the engine."""
-        buffer = self._table.get(entry.stream_id)
+        buffer = self._still_open(entry)
         if buffer is None:
-            return  # its caller already left; its CloseStream releases the slot
-        if buffer.ended:
-            self._release(entry.stream_id)
             return
         await self._close(entry.stream_id, "error", model_unloaded(
             entry.model, buffer.text, len(buffer.tokens)), cancel_sequence=False)
@@ -472,11 +479,8 @@ class StreamRegistry(Actor[RegistryMessage]):
         time since it started ends with a GenerationError that is not retryable: the
         same work would stall the same way, so it is not resumed in a loop.
         """
-        buffer = self._table.get(entry.stream_id)
+        buffer = self._still_open(entry)
         if buffer is None:
-            return  # its caller already left; its CloseStream releases the slot
-        if buffer.ended:
-            self._release(entry.stream_id)
             return
         if stalled:
             buffer.stalls += 1
