@@ -431,12 +431,18 @@ def _ray_table(results: dict[str, Any]) -> None:
 
 
 def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, Any], *,
-           reference: bool, baseline: str = BASELINE) -> dict[str, Any]:
-    """Start `servers`, run every load against all of them (and the in-process raw
-    mlx_lm reference when asked), stop them; the results, ratios to `baseline`."""
+           reference: bool, baseline: str = BASELINE,
+           one_at_a_time: bool = False) -> dict[str, Any]:
+    """Start `servers` (`one_at_a_time` for real models, whose loads time out when five
+    share two cores), run every load against all of them (and
+    the in-process raw mlx_lm reference when asked), stop them; the results, ratios to
+    `baseline`."""
     with contextlib.ExitStack() as stack:
-        for server in servers:  # one at a time: loads that share two cores time out
+        for server in servers:
             stack.enter_context(server.running())
+            if one_at_a_time:
+                server.wait_ready()
+        for server in servers:
             server.wait_ready()
         runner = (stack.enter_context(ReferenceThread(model_path).running())
                   if reference else None)
@@ -463,7 +469,8 @@ def main(smoke: bool = False, output_dir: Path | None = None,
             # wheel's BLAS, so the difference is what corral's engine adds per step.
             servers.append(corral_server(AS_STORED, model_path, work,
                                          _corral_config("thread", _AS_STORED)))
-        results = _phase(servers, model_path, parameters, reference=not real)
+        results = _phase(servers, model_path, parameters, reference=not real,
+                         one_at_a_time=real)
         hop: list[ServerProcess] = []
         if not real and importlib.util.find_spec("ray") is not None:  # corral[ray]
             # The Ray hop's cost, in a phase of its own so that the Ray cluster's
