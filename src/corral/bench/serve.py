@@ -434,9 +434,8 @@ def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, 
            reference: bool, baseline: str = BASELINE,
            one_at_a_time: bool = False) -> dict[str, Any]:
     """Start `servers` (`one_at_a_time` for real models, whose loads time out when five
-    share two cores), run every load against all of them (and
-    the in-process raw mlx_lm reference when asked), stop them; the results, ratios to
-    `baseline`."""
+    share two cores), run every load against all of them (and the in-process raw mlx_lm
+    reference when asked), stop them; the results, ratios to `baseline`."""
     with contextlib.ExitStack() as stack:
         for server in servers:
             stack.enter_context(server.running())
