@@ -366,3 +366,30 @@ async def test_a_model_failed_by_worker_kills_reloads_and_serves_again(
         assert getattr(rt.engine_statistics("tiny"), "pid", None) not in (None, first_pid)
         assert rt.health().ok
         await _served(rt)
+
+
+async def test_retry_after_during_a_reload_is_the_time_the_last_trial_took(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Issue 21 item 9: a reload that took 10 s (a load that ran into its startup
+    timeout) is followed by one that is told to wait 10 s, less what it has run, not 1 s."""
+    from corral.config import ModelConfig
+    from corral.runtime.models import ModelRecord, held_open
+
+    mock_clock.autojump_threshold = 0
+    model = ModelRecord(ModelConfig(alias="tiny", path="/models/tiny"), "/models/tiny")
+    model.state = "failed"
+    assert held_open(model).retry_after_ms == 1000  # nothing known yet: the floor
+
+    model.trial_since = trio.current_time()
+    await trio.sleep(10.0)  # the first trial runs into a 10 s startup timeout
+    model.trial_seconds, model.trial_since = trio.current_time() - model.trial_since, None
+    model.trial_since = trio.current_time()  # the next trial begins
+    refused = held_open(model)
+    assert (refused.state, refused.retry_after_ms) == ("half_open", 10000)
+    await trio.sleep(4.0)
+    assert held_open(model).retry_after_ms == 6000
+    await trio.sleep(10.0)  # it overran the last one: no estimate is left but the floor
+    assert held_open(model).retry_after_ms == 1000
+
+    model.trial_since, model.reload_at = None, trio.current_time() + 30.0  # it failed
+    assert (held_open(model).state, held_open(model).retry_after_ms) == ("forced_open", 30000)

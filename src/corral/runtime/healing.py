@@ -92,6 +92,7 @@ class Healer:
                 return
             model.reload_at = None
             model.reloads += 1
+            model.trial_since = trio.current_time()
             try:
                 # The model loaded before, so its conversion is normally in the cache:
                 # answered at once (a model that is gone fails in this tick); only a
@@ -107,13 +108,23 @@ class Healer:
                     await models.stop(alias)  # what a trial cut short may have left
                     info = await models.start(model)
             except CorralError as exc:
+                self._trial_ended(model)
                 delay = self._schedule(model)
                 _log.warning("runtime.model_reload_failed", model=alias,
                              attempt=model.reloads, error=exc.message,
                              reload_in_s=round(delay, 3))
                 continue
+            self._trial_ended(model)
             model.serving(info)
             _log.info("runtime.model_reloaded", model=alias, attempt=model.reloads)
+
+
+    @staticmethod
+    def _trial_ended(model: ModelRecord) -> None:
+        """Keep how long the trial took: the next one is told to wait about as long."""
+        if model.trial_since is not None:
+            model.trial_seconds = trio.current_time() - model.trial_since
+            model.trial_since = None
 
 
 @final

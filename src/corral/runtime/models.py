@@ -51,13 +51,15 @@ class ModelRecord:
 
     `path` is what the user gave; `source` the local directory it resolved to. While
     the model is failed, `reload_at` is the time of its next reload (None while one
-    runs) and `reload_streak` the reloads that failed in a row, which sets the delay.
-    `restarting_since` is when its model actor last exited, until it is ready again.
+    runs) and `reload_streak` the reloads that failed in a row, which sets the delay;
+    `trial_since` is when the reload that runs began, and `trial_seconds` how long the
+    last one took, failed or not. `restarting_since` is when its model actor last
+    exited, until it is ready again.
     """
 
     __slots__ = ("alias", "config", "info", "monitors", "path", "ready_since", "reload_at",
                  "reload_streak", "reloads", "restarting_since", "source", "state",
-                 "step_listeners")
+                 "step_listeners", "trial_seconds", "trial_since")
 
     def __init__(self, config: ModelConfig, source: str) -> None:
         self.config = config
@@ -73,6 +75,8 @@ class ModelRecord:
         self.reload_at: float | None = None
         self.ready_since = -math.inf
         self.restarting_since: float | None = None
+        self.trial_since: float | None = None
+        self.trial_seconds: float | None = None
 
     @property
     def in_trial(self) -> bool:
@@ -364,11 +368,16 @@ class Models:
 
 def held_open(model: ModelRecord) -> CircuitBreakerOpenError:
     """What a request to a failed model gets: the time until its next reload, or while
-    a reload runs (the half-open trial), about as long as its last load took."""
+    a reload runs (the half-open trial), the time that trial has left if it lasts as
+    long as the last one did (or the last load, before any trial), at least 1 s."""
+    now = trio.current_time()
     if model.reload_at is not None:
-        wait, state = model.reload_at - trio.current_time(), "forced_open"
+        wait, state = model.reload_at - now, "forced_open"
     else:
-        wait, state = (model.info.load_seconds if model.info is not None else 1.0), "half_open"
+        expected = (model.trial_seconds if model.trial_seconds is not None
+                    else model.info.load_seconds if model.info is not None else 1.0)
+        elapsed = now - model.trial_since if model.trial_since is not None else 0.0
+        wait, state = max(1.0, expected - elapsed), "half_open"
     return CircuitBreakerOpenError(max(1, math.ceil(wait * 1000.0)), state, model.alias)
 
 

@@ -52,24 +52,25 @@ def resolve_model(reference: str) -> str:
 
 def resolve_model_now(reference: str) -> str | None:
     """`resolve_model` without hashing or converting: the directory when it is already
-    there (an MLX directory, a cached Hugging Face model, a GGUF file or Ollama model
-    converted before), None when only `resolve_model` can tell. Reads a few small files:
-    cheap enough for an event loop.
+    there (an MLX directory, a cached Hugging Face model, a GGUF file converted before),
+    None when only `resolve_model` can tell. Reads a few small files: cheap enough for
+    an event loop. An `ollama:` reference is always None: its manifests live in a
+    store another program writes, so only a worker thread reads them.
 
     Raises:
         EngineClientError: as `resolve_model`, for a reference that leads nowhere.
     """
+    if reference.startswith(OLLAMA_PREFIX):
+        return None
     return _resolve(reference, convert=False)
 
 
 def _resolve(reference: str, *, convert: bool) -> str | None:
     if reference.startswith(OLLAMA_PREFIX):
-        from corral.engine.loaders.gguf_convert import convert_gguf, converted
+        from corral.engine.loaders.gguf_convert import convert_gguf
         from corral.engine.loaders.ollama import find_ollama_model
 
         found = find_ollama_model(reference.removeprefix(OLLAMA_PREFIX))
-        if not convert:
-            return _str(converted(found.blob, sha256=found.sha256))
         return _written(reference, lambda: convert_gguf(found.blob, reference=reference,
                                                          sha256=found.sha256))
     local = Path(os.path.expanduser(reference))

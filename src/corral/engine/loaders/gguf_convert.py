@@ -243,13 +243,12 @@ def _card_text(card: Card) -> str:
             f"| GGUF tensors | stored as |\n|---|---|\n{rows}\n")
 
 
-def converted(path: Path, *, sha256: str | None = None,
-              cache: Path | None = None) -> Path | None:
+def converted(path: Path, *, cache: Path | None = None) -> Path | None:
     """The finished conversion of the GGUF file at ``path`` when there is one and the
-    file's hash is known (``sha256``, or the index's for the file as it is now); None
-    when finding out would take hashing or converting. Reads a few small files only."""
+    file's hash is known (the index's for the file as it is now); None when finding
+    out would take hashing or converting. Reads a few small files only."""
     root = (cache or cache_dir()) / "gguf"
-    digest = sha256 or _index(path, root)[1]
+    digest = _index(path, root)[1]
     if digest is None:
         return None
     return root / digest if is_complete(root / digest) else None
