@@ -20,16 +20,16 @@ import structlog
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
-from test_runtime import StepTap, engine_steps
 
 from conftest import wait_until
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.metrics import Metrics
 from corral.protocol.errors import ChildStartError, CorralError
 from corral.protocol.messages import LifecycleEvent
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpServer
+from test_runtime import StepTap, engine_steps
 
 PROMPT = "The quick brown fox"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about foxes."}]

@@ -33,10 +33,10 @@ from corral import (
     classify,
     retry,
 )
-from corral.actors.supervisor import Backoff
+from corral.actors.child_spec import Backoff
 from corral.config import CircuitBreakerConfig, RetryConfig, load_config
-from corral.protocol.errors import code_of
-from corral.rolling import RollingErrorMetrics
+from corral.resilience.classify import code_of
+from corral.resilience.rolling import RollingErrorMetrics
 
 TRANSPORT = ("Timeout", "TransportError")
 

@@ -24,7 +24,6 @@ from typing import Any, Final, NoReturn, TypeVar, final
 import outcome
 import trio
 
-from corral.actors.streams import StreamBuffer, StreamChunk
 from corral.config import RuntimeConfig
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import Completion, FinishReason, TokenOut, Usage, innermost
@@ -38,6 +37,7 @@ from corral.runtime import (
 from corral.runtime import Runtime as TrioRuntime
 from corral.runtime import TokenStream as TrioTokenStream
 from corral.runtime import open_runtime as open_trio_runtime
+from corral.runtime.stream_buffers import StreamBuffer, StreamChunk
 
 __all__ = ["Runtime", "TokenStream", "open_runtime"]
 

@@ -18,7 +18,7 @@ from typing import final
 import structlog
 import trio
 
-from corral.actors.core import Context
+from corral.actors.context import Context
 from corral.actors.supervisor import Supervisor
 from corral.config import RuntimeConfig
 from corral.engine.loaders import resolve_model, resolve_model_now

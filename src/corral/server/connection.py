@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol, TypeAlias, final
 import msgspec
 import trio
 
-from corral.actors.core import Context
+from corral.actors.context import Context
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.jsonrpc import (
     InvalidItem,

@@ -17,7 +17,9 @@ from typing import Any
 import msgspec
 import trio
 
-from corral.actors.core import Actor, ActorRef, Reply
+from corral.actors.actor import Actor
+from corral.actors.mailbox import Reply
+from corral.actors.ref import ActorRef
 from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.engine.api import EngineClient, EngineStatistics, WorkerStandby, make_engine
 from corral.engine.pacing import OVERRUN_FACTOR
