@@ -341,7 +341,7 @@ async def test_errors_have_the_table_status_the_code_and_the_request_id(
     assert temp.body["type"] == "invalid_request_error"
     assert caught["unknown"].status_code == 400
     assert caught["unknown"].body["param"] == "best_of_all"
-    assert caught["n"].body["message"] == "n: expected int <= 8"
+    assert caught["n"].body["message"] == "n: expected <= 8"
     assert isinstance(caught["model"], openai.NotFoundError)
     missing: Any = caught["model"]
     assert missing.body["code"] == "ModelNotLoaded"

@@ -26,8 +26,8 @@ from corral.actors.system import ActorSystem
 from corral.config import FallbackResponse, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
+from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
     Completion,
     EngineStep,

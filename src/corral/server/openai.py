@@ -18,8 +18,8 @@ from typing import Any, Final, Literal, TypeAlias, final
 
 import msgspec
 
+from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
     ChatMessage,
     Completion,
