@@ -14,7 +14,7 @@ import structlog
 import trio
 
 from corral.actors.system import ActorSystem
-from corral.protocol.messages import LifecycleEvent
+from corral.protocol.lifecycle import LifecycleEvent
 from corral.tiny import make_tiny_model
 
 

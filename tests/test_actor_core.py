@@ -30,7 +30,7 @@ from corral.protocol.errors import (
     OverloadedError,
     TimeoutError,
 )
-from corral.protocol.messages import Ping, Pong
+from corral.protocol.lifecycle import Ping, Pong
 
 # -- messages ---------------------------------------------------------------------------
 

@@ -29,12 +29,8 @@ from corral.actors.supervisor import Supervisor
 from corral.actors.system import ActorSystem
 from corral.config import RuntimeConfig, StreamRegistryConfig, config_from_mapping
 from corral.protocol.errors import Code, OverloadedError
-from corral.protocol.messages import (
-    Admit,
-    CloseStream,
-    GetRegistryState,
-    SamplingParams,
-)
+from corral.protocol.messages import SamplingParams
+from corral.protocol.serving_messages import Admit, CloseStream, GetRegistryState
 from corral.runtime import Runtime, open_runtime
 from corral.runtime.stream_buffers import StreamTable
 from corral.runtime.streams import StreamRegistry

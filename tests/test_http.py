@@ -26,7 +26,7 @@ from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.metrics import Metrics
 from corral.protocol.errors import ChildStartError, CorralError
-from corral.protocol.messages import LifecycleEvent
+from corral.protocol.lifecycle import LifecycleEvent
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpServer
 from test_runtime import StepTap, engine_steps

@@ -29,7 +29,7 @@ from corral.protocol.errors import (
     EngineClientError,
     EscalationError,
 )
-from corral.protocol.messages import Ping, Pong
+from corral.protocol.lifecycle import Ping, Pong
 
 Journal = list[tuple[str, str]]
 NO_BACKOFF = Backoff(min=0.0, max=0.0, random_factor=0.0)

@@ -26,7 +26,8 @@ import trio
 
 from corral.config import RuntimeConfig
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import Completion, FinishReason, TokenOut, Usage, innermost
+from corral.protocol.lifecycle import innermost
+from corral.protocol.messages import Completion, FinishReason, TokenOut, Usage
 from corral.runtime import (
     Health,
     ModelDescription,

@@ -22,7 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import LifecycleEvent, RegistryState
+from corral.protocol.lifecycle import LifecycleEvent
+from corral.protocol.serving_messages import RegistryState
 from corral.resilience.breaker_types import State
 from corral.resilience.budget import RetryStatistics
 from corral.runtime.choices import ChoiceStreams

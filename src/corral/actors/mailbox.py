@@ -17,7 +17,7 @@ import trio
 
 from corral.protocol.codec import encode
 from corral.protocol.errors import ActorExitedError, OverloadedError
-from corral.protocol.messages import SHUTDOWN, ExitReason
+from corral.protocol.lifecycle import SHUTDOWN, ExitReason
 
 
 class MailboxState(enum.StrEnum):

@@ -15,7 +15,7 @@ import trio
 from corral.actors.mailbox import ActorStatistics, Mailbox, MailboxState, Reply
 from corral.protocol.codec import Decoder, encode
 from corral.protocol.errors import TimeoutError
-from corral.protocol.messages import ExitReason
+from corral.protocol.lifecycle import ExitReason
 
 R = TypeVar("R")
 ReplyT = TypeVar("ReplyT", covariant=True)

@@ -15,7 +15,7 @@ from corral.actors.context import Context
 from corral.actors.supervisor import Supervisor
 from corral.actors.system import ActorSystem
 from corral.protocol.errors import ChildStartError, CorralError, EscalationError
-from corral.protocol.messages import innermost
+from corral.protocol.lifecycle import innermost
 
 
 @asynccontextmanager

@@ -47,7 +47,14 @@ from corral.protocol.errors import (
     EngineClientError,
     EscalationError,
 )
-from corral.protocol.messages import KILLED, NORMAL, SHUTDOWN, ExitReason, LifecycleEvent, innermost
+from corral.protocol.lifecycle import (
+    KILLED,
+    NORMAL,
+    SHUTDOWN,
+    ExitReason,
+    LifecycleEvent,
+    innermost,
+)
 
 
 @final

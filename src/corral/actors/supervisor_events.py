@@ -14,7 +14,7 @@ import trio
 
 from corral.actors.child_spec import ChildSpec
 from corral.actors.context import Child, Context
-from corral.protocol.messages import ExitReason
+from corral.protocol.lifecycle import ExitReason
 
 
 class ChildSlot:

@@ -14,7 +14,7 @@ import structlog
 
 from corral.actors.mailbox import Mailbox, MailboxState
 from corral.actors.ref import ActorRef
-from corral.protocol.messages import LifecycleEvent
+from corral.protocol.lifecycle import LifecycleEvent
 
 _log = structlog.get_logger("corral.actors")
 

@@ -30,7 +30,7 @@ from corral.actors.supervisor import Supervisor
 from corral.actors.system import ActorSystem
 from corral.bench.report import goal, percentile, print_table, write_result
 from corral.protocol.codec import Decoder, encode
-from corral.protocol.messages import LifecycleEvent, Ping, Pong
+from corral.protocol.lifecycle import LifecycleEvent, Ping, Pong
 
 
 class Count(msgspec.Struct, frozen=True, tag=True):

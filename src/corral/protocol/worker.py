@@ -22,14 +22,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from corral.protocol.errors import ErrorInfo
-from corral.protocol.messages import (
-    CancelSequence,
-    EngineStep,
-    InjectFault,
-    ModelInfo,
-    PrefixCacheStatistics,
-    Submit,
-)
+from corral.protocol.messages import EngineStep, ModelInfo, PrefixCacheStatistics
+from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 
 __all__ = [
     "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "ChatTemplateArgs",

@@ -28,15 +28,8 @@ from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
 from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.messages import (
-    Completion,
-    EngineStep,
-    GenerateParams,
-    GetRegistryState,
-    InjectFault,
-    PrefixCacheStatistics,
-    RegistryState,
-)
+from corral.protocol.messages import Completion, EngineStep, GenerateParams, PrefixCacheStatistics
+from corral.protocol.serving_messages import GetRegistryState, InjectFault, RegistryState
 from corral.resilience.breaker import CircuitBreaker
 from corral.resilience.breaker_types import BreakerStatistics
 from corral.resilience.budget import RetryStatistics

@@ -11,7 +11,8 @@ from typing import Any, Literal
 import msgspec
 
 from corral.actors.system import ActorSystem
-from corral.protocol.messages import ModelInfo, PrefixCacheStatistics, RegistryState
+from corral.protocol.messages import ModelInfo, PrefixCacheStatistics
+from corral.protocol.serving_messages import RegistryState
 from corral.resilience.breaker_types import BreakerStatistics
 from corral.resilience.rolling import RollingSnapshot
 from corral.runtime.model import EngineProgress

@@ -24,18 +24,16 @@ from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.engine.api import EngineClient, EngineStatistics, WorkerStandby, make_engine
 from corral.engine.pacing import OVERRUN_FACTOR
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
-from corral.protocol.messages import (
+from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
+from corral.protocol.serving_messages import (
     Accepted,
     ApplyChatTemplate,
     CancelSequence,
     Detokenize,
     EngineFailed,
     EngineLoaded,
-    EngineSequence,
-    EngineStep,
     InjectFault,
     ListSequences,
-    ModelInfo,
     ModelOutput,
     Ready,
     Sequences,

@@ -30,14 +30,9 @@ from corral.engine.api import (
 )
 from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
-from corral.protocol.messages import (
-    ALIAS_PATTERN,
-    EngineStep,
-    ExitReason,
-    ModelDown,
-    ModelInfo,
-    WaitReady,
-)
+from corral.protocol.lifecycle import ExitReason
+from corral.protocol.messages import ALIAS_PATTERN, EngineStep, ModelInfo
+from corral.protocol.serving_messages import ModelDown, WaitReady
 from corral.runtime.breaker_actor import BreakerActor
 from corral.runtime.health import ModelDescription, ModelState
 from corral.runtime.model import EngineProgress, ModelActor

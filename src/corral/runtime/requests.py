@@ -20,6 +20,7 @@ import trio
 from corral.actors.ref import ActorRef
 from corral.actors.system import ActorSystem
 from corral.config import RuntimeConfig
+from corral.engine.grammar import check_grammar
 from corral.protocol.errors import (
     ActorExitedError,
     CircuitBreakerOpenError,
@@ -29,16 +30,13 @@ from corral.protocol.errors import (
     TimeoutError,
     model_unloaded,
 )
-from corral.protocol.grammar import check_grammar
-from corral.protocol.messages import (
+from corral.protocol.messages import GenerateParams, ModelInfo, SamplingParams
+from corral.protocol.serving_messages import (
     Admit,
     ApplyChatTemplate,
     CancelSequence,
     CloseStream,
     Detokenize,
-    GenerateParams,
-    ModelInfo,
-    SamplingParams,
     Submit,
     Tokenize,
 )

@@ -33,14 +33,13 @@ from corral.protocol.errors import (
     TimeoutError,
     model_unloaded,
 )
-from corral.protocol.messages import (
+from corral.protocol.messages import EngineSequence, FinishReason
+from corral.protocol.serving_messages import (
     Admit,
     Admitted,
     CancelSequence,
     CloseStream,
     DeadlinesDue,
-    EngineSequence,
-    FinishReason,
     GetRegistryState,
     ListSequences,
     ModelDown,

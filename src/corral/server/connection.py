@@ -31,7 +31,7 @@ from corral.protocol.jsonrpc import (
     encode_result,
     parse_message,
 )
-from corral.protocol.messages import innermost
+from corral.protocol.lifecycle import innermost
 
 __all__ = ["ANSWERED", "Answered", "Call", "Connection", "ConnectionLimits", "InlineCall",
            "Respond", "Session", "SessionFactory", "reply_id"]

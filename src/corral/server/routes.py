@@ -33,7 +33,7 @@ from corral.protocol.errors import (
     OverloadedError,
     TimeoutError,
 )
-from corral.protocol.messages import innermost
+from corral.protocol.lifecycle import innermost
 from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.openai import (
