@@ -147,7 +147,7 @@ def test_retry_config_keys_are_the_policy_fields_with_the_same_defaults() -> Non
         "linear", 7, frozenset({Code.OVERLOADED}))
     retrying = corral.Retrying.from_config(config)
     assert retrying.policy == policy and retrying.budget is not None
-    assert retrying.budget.max_tokens == config.budget.max_tokens
+    assert retrying.budget.max_tokens == config.budget.max_retry_tokens
 
 
 def test_breaker_config_keys_are_the_guard_fields() -> None:

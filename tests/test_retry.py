@@ -426,7 +426,7 @@ def retry_tree(config: RetryBudgetConfig | None = None):
 
 
 async def test_the_actor_grants_from_one_shared_bucket(autojump_clock):
-    async with retry_tree(RetryBudgetConfig(max_tokens=4.0, token_ratio=0.5)) as tree:
+    async with retry_tree(RetryBudgetConfig(max_retry_tokens=4.0, token_ratio=0.5)) as tree:
         budget = ActorBudget(tree.ref("retry"))
         assert [await budget.request_retry() for _ in range(3)] == [True, False, False]
         grant = await tree.ref("retry").ask(retry_actor.RequestRetry())
@@ -436,7 +436,7 @@ async def test_the_actor_grants_from_one_shared_bucket(autojump_clock):
 
 
 async def test_calls_through_the_actor_share_its_budget_and_statistics(autojump_clock):
-    async with retry_tree(RetryBudgetConfig(max_tokens=4.0, token_ratio=0.5)) as tree:
+    async with retry_tree(RetryBudgetConfig(max_retry_tokens=4.0, token_ratio=0.5)) as tree:
         budget = ActorBudget(tree.ref("retry"))
         policy = RetryPolicy(max_attempts=5)
         fns = [Flaky(transport_error()) for _ in range(3)]

@@ -84,7 +84,7 @@ def attempt_bound(clients: int, successes: int, config: RetryBudgetConfig) -> fl
     successes refill (token_ratio each), so retries <= max_tokens/2 +
     token_ratio·successes, whatever the timing. Each request makes one first attempt.
     """
-    return clients + config.max_tokens / 2 + config.token_ratio * successes
+    return clients + config.max_retry_tokens / 2 + config.token_ratio * successes
 
 
 class _FlakyTarget:

@@ -37,7 +37,9 @@ class RetryBudgetConfig(Section, frozen=True):
     """A token bucket shared by all callers, as in gRPC retry throttling."""
 
     enabled: bool = True
-    max_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    max_retry_tokens: Annotated[float, msgspec.Meta(gt=0.0)] = 10.0
+    """The bucket's size in retry tokens (`RetryBudget`'s `max_tokens`); retries are
+    allowed while more than half are left. Not generated tokens."""
     token_ratio: _Rate = 0.1
 
 
