@@ -13,8 +13,8 @@ import pytest
 import structlog
 import trio
 
-from corral.actors.core import ActorSystem
-from corral.protocol.messages import LifecycleEvent
+from corral.actors.system import ActorSystem
+from corral.protocol.lifecycle import LifecycleEvent
 from corral.tiny import make_tiny_model
 
 

@@ -15,15 +15,13 @@ import pytest
 import trio
 import trio.testing
 
-from corral.actors.core import Actor, ActorRef, ActorSystem, Reply
-from corral.actors.supervisor import (
-    Backoff,
-    ChildSpec,
-    Intensity,
-    Restart,
-    Supervisor,
-    open_supervisor,
-)
+from corral.actors.actor import Actor
+from corral.actors.child_spec import Backoff, ChildSpec, Intensity, Restart
+from corral.actors.mailbox import Reply
+from corral.actors.ref import ActorRef
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.protocol.codec import encode
 from corral.protocol.errors import (
     ActorExitedError,
@@ -32,7 +30,7 @@ from corral.protocol.errors import (
     OverloadedError,
     TimeoutError,
 )
-from corral.protocol.messages import Ping, Pong
+from corral.protocol.lifecycle import Ping, Pong
 
 # -- messages ---------------------------------------------------------------------------
 

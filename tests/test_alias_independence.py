@@ -13,11 +13,13 @@ from __future__ import annotations
 import pytest
 import trio
 
-from corral.actors.core import ActorSystem
-from corral.actors.supervisor import ChildSpec, Supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.config import ConfigError, config_from_mapping
+from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError
-from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams, convert_params
+from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams
 from corral.runtime import open_runtime
 from corral.runtime.health import ModelDescription, assess
 from corral.runtime.models import check_alias

@@ -14,26 +14,10 @@ import structlog.testing
 import trio
 import trio.testing
 
-from corral.actors.breaker import (
-    Acquire,
-    BreakerActor,
-    BreakerStatistics,
-    CircuitBreaker,
-    Disable,
-    ForceOpen,
-    GetState,
-    Outcome,
-    Permit,
-    PermitGranted,
-    Reason,
-    Record,
-    Reset,
-    State,
-    Transition,
-    call_through,
-)
-from corral.actors.core import ActorRef
-from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.ref import ActorRef
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
 from corral.config import CircuitBreakerConfig
 from corral.protocol.errors import (
     CircuitBreakerOpenError,
@@ -41,6 +25,26 @@ from corral.protocol.errors import (
     EngineClientError,
     RetryAbortedError,
     TimeoutError,
+)
+from corral.resilience.breaker import CircuitBreaker
+from corral.resilience.breaker_types import (
+    BreakerStatistics,
+    Outcome,
+    Permit,
+    Reason,
+    State,
+    Transition,
+)
+from corral.runtime.breaker_actor import (
+    Acquire,
+    BreakerActor,
+    Disable,
+    ForceOpen,
+    GetState,
+    PermitGranted,
+    Record,
+    Reset,
+    call_through,
 )
 
 

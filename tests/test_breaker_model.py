@@ -24,16 +24,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from corral.actors.breaker import (
-    CircuitBreaker,
-    Outcome,
-    Permit,
-    Reason,
-    State,
-    Transition,
-)
 from corral.config import CircuitBreakerConfig
 from corral.protocol.errors import CircuitBreakerOpenError
+from corral.resilience.breaker import CircuitBreaker
+from corral.resilience.breaker_types import Outcome, Permit, Reason, State, Transition
 
 Event = tuple[State, State, Reason, int, float]
 

@@ -19,7 +19,7 @@ from corral.protocol.codec import (
     encode,
     frame,
 )
-from corral.protocol.messages import ExitReason, LifecycleEvent, Ping, Pong
+from corral.protocol.lifecycle import ExitReason, LifecycleEvent, Ping, Pong
 
 
 class Chunk(msgspec.Struct, frozen=True, tag=True):

@@ -140,8 +140,8 @@ def test_overrides_merge_after_the_overlay() -> None:
 
 
 def test_unknown_key_names_its_path() -> None:
-    assert _errors({"json_rpc": {"retry": {"bogus": 1}}}) == ["json_rpc.retry.bogus: unknown key"]
-    assert _errors({"bogus": {}}) == ["bogus: unknown key"]
+    assert _errors({"json_rpc": {"retry": {"bogus": 1}}}) == ["json_rpc.retry.bogus: unknown field"]
+    assert _errors({"bogus": {}}) == ["bogus: unknown field"]
 
 
 def test_out_of_range_value_names_its_path() -> None:
@@ -157,7 +157,7 @@ def test_wrong_type_names_its_path() -> None:
     assert _errors({"stream_registry": {"max_active_streams": "ten"}}) == [
         "stream_registry.max_active_streams: expected int, got str"
     ]
-    assert _errors({"json_rpc": []}) == ["json_rpc: expected mapping, got list"]
+    assert _errors({"json_rpc": []}) == ["json_rpc: expected object, got array"]
 
 
 def test_bad_literal_lists_the_choices() -> None:
@@ -201,7 +201,7 @@ def test_models_and_listeners_decode() -> None:
 
 def test_missing_required_key() -> None:
     assert _errors({"generation": {"models": [{"alias": "a"}]}}) == [
-        "generation.models[0].path: required key missing"
+        "generation.models[0].path: required field missing"
     ]
 
 
@@ -219,7 +219,7 @@ def test_bad_overlay_is_reported_under_its_environment(tmp_path: Path) -> None:
     path = _write(tmp_path, "environments:\n  prod:\n    logging:\n      colour: red\n")
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert info.value.errors == ["environments.prod.logging.colour: unknown key"]
+    assert info.value.errors == ["environments.prod.logging.colour: unknown field"]
 
 
 def test_base_error_is_not_repeated_for_each_overlay() -> None:
@@ -286,7 +286,7 @@ def test_every_error_of_a_file_is_reported_in_one_run(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         "error: json_rpc.retry.jitter: expected <= 1",
         "error: json_rpc.retry.max_attempts: expected >= 1",
-        "error: json_rpc.nope: unknown key",
+        "error: json_rpc.nope: unknown field",
         "error: stream_registry.max_active_streams: expected >= 1",
         "error: generation.isolation: expected one of 'process', 'thread', got 'fork'",
         "error: generation.default_max_tokens: expected <= max_tokens_limit",

@@ -23,6 +23,12 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from corral.actors.child_spec import ChildSpec
+from corral.metrics import Metrics
+from corral.protocol.errors import Code
+from corral.runtime import Runtime
+from corral.server.http import HttpLimits, HttpServer
 from test_jsonrpc_server import (
     LONG,
     PROMPT,
@@ -31,12 +37,6 @@ from test_jsonrpc_server import (
     error_code,
     serve,
 )
-
-from corral.actors.supervisor import ChildSpec
-from corral.metrics import Metrics
-from corral.protocol.errors import Code
-from corral.runtime import Runtime
-from corral.server.http import HttpLimits, HttpServer
 
 # Codes that blame the server: a client's bad value must never get one.
 SERVER_FAULTS = frozenset({Code.INTERNAL_ERROR, Code.SERVER_ERROR, Code.RUNTIME_ERROR,

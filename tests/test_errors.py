@@ -17,10 +17,10 @@ from corral.protocol.errors import (
     RetryAbortedError,
     Severity,
     TimeoutError,
-    classify,
     code_for_jsonrpc,
     error_from_info,
 )
+from corral.resilience.classify import classify
 
 # The table of DESIGN.md, row by row: JSON-RPC number, HTTP status, retryable.
 DESIGN_TABLE = {

@@ -21,23 +21,23 @@ from typing import Any
 
 import pytest
 import trio
-from test_edge_validation import HttpConnection, check_error, serving_http
-from test_jsonrpc_server import LONG, PROMPT, Client, error_code
 
-from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.streams import StreamRegistry, StreamTable
-from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.ref import ActorRef
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.config import RuntimeConfig, StreamRegistryConfig, config_from_mapping
 from corral.protocol.errors import Code, OverloadedError
-from corral.protocol.messages import (
-    Admit,
-    CloseStream,
-    GetRegistryState,
-    SamplingParams,
-)
+from corral.protocol.messages import SamplingParams
+from corral.protocol.serving_messages import Admit, CloseStream, GetRegistryState
 from corral.runtime import Runtime, open_runtime
+from corral.runtime.stream_buffers import StreamTable
+from corral.runtime.streams import StreamRegistry
 from corral.server.http import HttpLimits
 from corral.server.jsonrpc import JsonRpcListener
+from test_edge_validation import HttpConnection, check_error, serving_http
+from test_jsonrpc_server import LONG, PROMPT, Client, error_code
 
 BODY = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 3}).encode()
 

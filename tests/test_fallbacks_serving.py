@@ -15,7 +15,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral import aio
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
 from corral.config import config_from_mapping
 from corral.metrics import Metrics
 from corral.protocol.errors import CircuitBreakerOpenError, Code, EngineClientError

@@ -23,10 +23,10 @@ import structlog
 import trio
 import trio.testing
 
-from corral.actors.retry import RetryPolicy
-from corral.actors.retry import call as retry_call
 from corral.config import config_from_mapping
 from corral.protocol.errors import Code, TimeoutError
+from corral.resilience.retries import RetryPolicy
+from corral.resilience.retries import call as retry_call
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpLimits, HttpServer
 from corral.server.jsonrpc import JsonRpcListener

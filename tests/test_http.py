@@ -20,16 +20,16 @@ import structlog
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
-from test_runtime import StepTap, engine_steps
 
 from conftest import wait_until
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.metrics import Metrics
 from corral.protocol.errors import ChildStartError, CorralError
-from corral.protocol.messages import LifecycleEvent
+from corral.protocol.lifecycle import LifecycleEvent
 from corral.runtime import Runtime, open_runtime
 from corral.server.http import HttpServer
+from test_runtime import StepTap, engine_steps
 
 PROMPT = "The quick brown fox"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about foxes."}]
@@ -341,7 +341,7 @@ async def test_errors_have_the_table_status_the_code_and_the_request_id(
     assert temp.body["type"] == "invalid_request_error"
     assert caught["unknown"].status_code == 400
     assert caught["unknown"].body["param"] == "best_of_all"
-    assert caught["n"].body["message"] == "n: expected int <= 8"
+    assert caught["n"].body["message"] == "n: expected <= 8"
     assert isinstance(caught["model"], openai.NotFoundError)
     missing: Any = caught["model"]
     assert missing.body["code"] == "ModelNotLoaded"

@@ -149,7 +149,7 @@ def test_spec_batch_of_notifications_gets_no_reply() -> None:
 @pytest.mark.parametrize("data, message", [
     (b'{"jsonrpc": "2.0", "id": 1}', "method: required field missing"),
     (b'{"method": "health", "id": 1}', "jsonrpc: required field missing"),
-    (b'{"jsonrpc": "1.0", "method": "health", "id": 1}', "jsonrpc: invalid enum value '1.0'"),
+    (b'{"jsonrpc": "1.0", "method": "health", "id": 1}', "jsonrpc: expected one of '2.0', got '1.0'"),
     (b'{"jsonrpc": 2.0, "method": "health", "id": 1}', "jsonrpc: expected str, got float"),
     (b'{"jsonrpc": "2.0", "method": ["health"], "id": 1}', "method: expected str, got array"),
     (b'{"jsonrpc": "2.0", "method": "health", "params": 3, "id": 1}',
@@ -251,9 +251,9 @@ def test_absent_params_fill_only_defaults() -> None:
 
 
 @pytest.mark.parametrize("params, message, field", [
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens: expected int >= 1", "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens: expected >= 1", "max_tokens"),
     ({"prompt": "hi", "max_tokens": "8"}, "max_tokens: expected int, got str", "max_tokens"),
-    (["hi", 0], "max_tokens: expected int >= 1", "max_tokens"),
+    (["hi", 0], "max_tokens: expected >= 1", "max_tokens"),
     ([1], "prompt: expected str, got int", "prompt"),
     ({"max_tokens": 4}, "prompt: required field missing", "prompt"),
 ])
@@ -279,7 +279,7 @@ def test_invalid_params_name_nested_fields() -> None:
             params_as(request(params), Nested)
         return info.value.message
 
-    assert message({"sampling": {"top_k": -1}}) == "sampling.top_k: expected int >= 0"
+    assert message({"sampling": {"top_k": -1}}) == "sampling.top_k: expected >= 0"
     assert message({"sampling": {}}) == "sampling.top_k: required field missing"
     assert message({"sampling": {"top_k": 1}, "stop": ["a", 2]}) \
         == "stop[1]: expected str, got int"

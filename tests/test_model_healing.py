@@ -28,12 +28,7 @@ import trio
 import trio.testing
 
 from corral.config import RuntimeConfig, config_from_mapping
-from corral.protocol.errors import (
-    CircuitBreakerOpenError,
-    Code,
-    CorralError,
-    EngineClientError,
-)
+from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
 from corral.runtime import ModelDescription, Runtime, open_runtime
 from corral.server.jsonrpc import JsonRpcListener
 

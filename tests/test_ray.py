@@ -22,7 +22,7 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.metrics import Metrics
 from corral.runtime import open_runtime

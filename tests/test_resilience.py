@@ -33,10 +33,10 @@ from corral import (
     classify,
     retry,
 )
-from corral.actors.supervisor import Backoff
+from corral.actors.child_spec import Backoff
 from corral.config import CircuitBreakerConfig, RetryConfig, load_config
-from corral.protocol.errors import code_of
-from corral.rolling import RollingErrorMetrics
+from corral.resilience.classify import code_of
+from corral.resilience.rolling import RollingErrorMetrics
 
 TRANSPORT = ("Timeout", "TransportError")
 
@@ -147,7 +147,7 @@ def test_retry_config_keys_are_the_policy_fields_with_the_same_defaults() -> Non
         "linear", 7, frozenset({Code.OVERLOADED}))
     retrying = corral.Retrying.from_config(config)
     assert retrying.policy == policy and retrying.budget is not None
-    assert retrying.budget.max_tokens == config.budget.max_tokens
+    assert retrying.budget.max_tokens == config.budget.max_retry_tokens
 
 
 def test_breaker_config_keys_are_the_guard_fields() -> None:

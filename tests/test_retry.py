@@ -10,17 +10,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corral.actors import retry
-from corral.actors.retry import (
-    ActorBudget,
-    ReportOutcome,
-    RetryActor,
-    RetryBudget,
-    RetryCounters,
-    RetryPolicy,
-    RetryStatistics,
-)
-from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
 from corral.config import RetryBudgetConfig, RetryConfig
 from corral.protocol.codec import Decoder, encode
 from corral.protocol.errors import (
@@ -29,8 +21,13 @@ from corral.protocol.errors import (
     OverloadedError,
     RetryAbortedError,
     TimeoutError,
-    code_of,
 )
+from corral.resilience import retries
+from corral.resilience.budget import ReportOutcome, RetryBudget, RetryCounters, RetryStatistics
+from corral.resilience.classify import code_of
+from corral.resilience.retries import RetryPolicy
+from corral.runtime import retry_actor
+from corral.runtime.retry_actor import ActorBudget, RetryActor
 
 EPS = 1e-9
 
@@ -74,7 +71,7 @@ async def test_seed_schedule_is_100_200_400_ms_within_25_percent(autojump_clock)
     policy = RetryPolicy.from_config(RetryConfig(max_attempts=4))
     fn = Flaky(transport_error())
     with pytest.raises(EngineClientError):
-        await retry.call(policy, fn, rng=random.Random(7))
+        await retries.call(policy, fn, rng=random.Random(7))
     assert len(fn.times) == 4
     for slept, base in zip(delays_of(fn), (0.1, 0.2, 0.4), strict=True):
         assert 0.75 * base - EPS <= slept <= 1.25 * base + EPS
@@ -85,7 +82,7 @@ async def test_delays_are_capped_at_max_delay(autojump_clock, seed):
     policy = RetryPolicy(max_attempts=15, max_delay_ms=1000.0)
     fn = Flaky(transport_error())
     with pytest.raises(EngineClientError):
-        await retry.call(policy, fn, rng=random.Random(seed))
+        await retries.call(policy, fn, rng=random.Random(seed))
     slept = delays_of(fn)
     assert len(slept) == 14
     assert max(slept) <= 1.0 + EPS
@@ -162,7 +159,7 @@ def test_decorrelated_grows_from_the_previous_delay():
 async def test_a_non_retryable_error_is_not_retried(autojump_clock, error):
     fn = Flaky(error)
     with pytest.raises(type(error)):
-        await retry.call(RetryPolicy(max_attempts=5), fn)
+        await retries.call(RetryPolicy(max_attempts=5), fn)
     assert len(fn.times) == 1
 
 
@@ -170,7 +167,7 @@ async def test_a_client_error_is_never_retried_even_when_listed(autojump_clock):
     policy = RetryPolicy(retryable_errors=("InvalidParams", "TIMEOUT"))
     fn = Flaky(EngineClientError(Code.INVALID_PARAMS, "bad"))
     with pytest.raises(EngineClientError):
-        await retry.call(policy, fn)
+        await retries.call(policy, fn)
     assert len(fn.times) == 1
     assert not policy.is_retryable(RetryAbortedError(1))
 
@@ -190,7 +187,7 @@ async def test_timeout_and_econnreset_mean_timeout_and_transport_error(autojump_
     policy = RetryPolicy(max_attempts=3, retryable_errors=(name,))
     fn = Flaky(error)
     with pytest.raises(type(error)):
-        await retry.call(policy, fn)
+        await retries.call(policy, fn)
     assert len(fn.times) == 3
     other = "ECONNRESET" if code_of(error) is Code.TIMEOUT else "TIMEOUT"
     assert not RetryPolicy(retryable_errors=(other,)).is_retryable(error)
@@ -207,7 +204,7 @@ def test_a_listed_corral_error_keeps_its_own_retryable_flag():
 async def test_a_retry_after_is_a_floor_for_the_delay(autojump_clock):
     policy = RetryPolicy(max_attempts=2, retryable_errors=("Overloaded",))
     fn = Flaky(OverloadedError("busy", retry_after_ms=700), succeed_after=1)
-    assert await retry.call(policy, fn) == "ok"
+    assert await retries.call(policy, fn) == "ok"
     assert delays_of(fn) == [pytest.approx(0.7)]
 
 
@@ -221,7 +218,7 @@ async def test_the_deadline_ends_the_loop_with_the_last_error(autojump_clock, ti
     fn = Flaky(*errors)
     start = trio.current_time()
     with pytest.raises(EngineClientError) as caught:
-        await retry.call(policy, fn, timeout=timeout, rng=random.Random(1))
+        await retries.call(policy, fn, timeout=timeout, rng=random.Random(1))
     assert caught.value is fn.raised[-1]
     ended = trio.current_time()
     # It never sleeps past the deadline: it gives up as soon as the next delay would
@@ -234,17 +231,17 @@ async def test_an_absolute_deadline_works_like_a_timeout(autojump_clock):
     fn = Flaky(transport_error())
     deadline = trio.current_time() + 0.25
     with pytest.raises(EngineClientError):
-        await retry.call(RetryPolicy(max_attempts=100), fn, deadline=deadline)
+        await retries.call(RetryPolicy(max_attempts=100), fn, deadline=deadline)
     assert trio.current_time() < deadline
     with pytest.raises(ValueError):
-        await retry.call(RetryPolicy(), fn, deadline=deadline, timeout=1.0)
+        await retries.call(RetryPolicy(), fn, deadline=deadline, timeout=1.0)
 
 
 async def test_a_first_attempt_past_the_deadline_is_a_timeout(autojump_clock):
     fn = Flaky(hang_from=1)
     start = trio.current_time()
     with pytest.raises(TimeoutError) as caught:
-        await retry.call(RetryPolicy(), fn, timeout=2.0)
+        await retries.call(RetryPolicy(), fn, timeout=2.0)
     assert trio.current_time() == pytest.approx(start + 2.0)
     assert caught.value.timeout == pytest.approx(2.0)
     assert caught.value.duration == pytest.approx(2.0)
@@ -254,7 +251,7 @@ async def test_an_attempt_cut_by_the_deadline_ends_with_the_previous_error(autoj
     fn = Flaky(transport_error(), hang_from=2)
     start = trio.current_time()
     with pytest.raises(EngineClientError) as caught:
-        await retry.call(RetryPolicy(max_attempts=5), fn, timeout=1.0)
+        await retries.call(RetryPolicy(max_attempts=5), fn, timeout=1.0)
     assert caught.value is fn.raised[0]
     assert trio.current_time() == pytest.approx(start + 1.0)
 
@@ -273,7 +270,7 @@ async def test_aborting_the_loop_raises_retry_aborted(autojump_clock):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(abort_later)
         with pytest.raises(RetryAbortedError) as caught:
-            await retry.call(RetryPolicy(max_attempts=10), fn, abort=abort, timeout=60.0,
+            await retries.call(RetryPolicy(max_attempts=10), fn, abort=abort, timeout=60.0,
                              rng=random.Random(2))
     assert caught.value.attempts == len(fn.times) == 2
     assert caught.value.last_error is fn.raised[-1]
@@ -285,7 +282,7 @@ async def test_an_abort_before_the_call_stops_it_at_its_first_checkpoint(autojum
     abort.cancel()
     fn = Flaky(transport_error())
     with pytest.raises(RetryAbortedError) as caught:
-        await retry.call(RetryPolicy(), fn, abort=abort)
+        await retries.call(RetryPolicy(), fn, abort=abort)
     assert caught.value.last_error is None
     assert fn.raised == []
 
@@ -298,7 +295,7 @@ async def test_an_outer_cancellation_propagates(autojump_clock, with_abort, with
     if with_deadline:
         kwargs["timeout"] = 60.0
     with trio.move_on_after(0.25) as outer:
-        await retry.call(RetryPolicy(max_attempts=100), fn, rng=random.Random(4), **kwargs)
+        await retries.call(RetryPolicy(max_attempts=100), fn, rng=random.Random(4), **kwargs)
     assert outer.cancelled_caught
     attempts = len(fn.times)
     await trio.sleep(10)
@@ -308,7 +305,7 @@ async def test_an_outer_cancellation_propagates(autojump_clock, with_abort, with
 async def test_an_outer_cancellation_during_an_attempt_propagates(autojump_clock):
     fn = Flaky(hang_from=1)
     with trio.move_on_after(1.0) as outer:
-        await retry.call(RetryPolicy(), fn, timeout=5.0, abort=trio.CancelScope())
+        await retries.call(RetryPolicy(), fn, timeout=5.0, abort=trio.CancelScope())
     assert outer.cancelled_caught
 
 
@@ -318,7 +315,7 @@ async def test_an_outer_cancellation_during_an_attempt_propagates(autojump_clock
 async def test_on_retry_gets_attempt_delay_and_error(autojump_clock):
     calls: list[tuple[int, float, BaseException]] = []
     fn = Flaky(transport_error(), transport_error(), succeed_after=2)
-    result = await retry.call(RetryPolicy(), fn, rng=random.Random(5),
+    result = await retries.call(RetryPolicy(), fn, rng=random.Random(5),
                               on_retry=lambda *args: calls.append(args))
     assert result == "ok"
     assert [c[0] for c in calls] == [1, 2]
@@ -334,11 +331,11 @@ async def test_statistics_count_attempts_retries_and_delay(autojump_clock):
     second_try = Flaky(transport_error(), succeed_after=1)
     exhausted = Flaky(transport_error())
     invalid = Flaky(EngineClientError(Code.INVALID_PARAMS, "bad"))
-    assert await retry.call(policy, first_try, stats=stats, rng=rng) == "ok"
-    assert await retry.call(policy, second_try, stats=stats, rng=rng) == "ok"
+    assert await retries.call(policy, first_try, stats=stats, rng=rng) == "ok"
+    assert await retries.call(policy, second_try, stats=stats, rng=rng) == "ok"
     for fn in (exhausted, invalid):
         with pytest.raises(EngineClientError):
-            await retry.call(policy, fn, stats=stats, rng=rng)
+            await retries.call(policy, fn, stats=stats, rng=rng)
     slept = sum(delays_of(second_try)) + sum(delays_of(exhausted))
     got = stats.statistics()
     assert got == RetryStatistics(calls=4, attempts=1 + 2 + 3 + 1, successful_retries=1,
@@ -350,7 +347,7 @@ async def test_statistics_count_attempts_retries_and_delay(autojump_clock):
 async def test_a_cancelled_call_counts_as_neither_success_nor_failure(autojump_clock):
     stats = RetryCounters()
     with trio.move_on_after(0.15):
-        await retry.call(RetryPolicy(), Flaky(transport_error()), stats=stats,
+        await retries.call(RetryPolicy(), Flaky(transport_error()), stats=stats,
                          rng=random.Random(8))
     got = stats.statistics()
     assert (got.calls, got.attempts, got.failed_calls, got.failed_retries) == (1, 2, 0, 0)
@@ -402,21 +399,21 @@ async def test_the_budget_denies_retries_and_charges_only_retryable_failures(aut
     policy = RetryPolicy(max_attempts=2)
     # A client error costs nothing.
     with pytest.raises(EngineClientError):
-        await retry.call(policy, Flaky(EngineClientError(Code.INVALID_PARAMS, "x")),
+        await retries.call(policy, Flaky(EngineClientError(Code.INVALID_PARAMS, "x")),
                          budget=bucket, stats=stats)
     assert bucket.tokens == 4.0
     # One failed attempt that is retried (3 > 2 allowed), one that ran out of attempts.
     with pytest.raises(EngineClientError):
-        await retry.call(policy, Flaky(transport_error()), budget=bucket, stats=stats)
+        await retries.call(policy, Flaky(transport_error()), budget=bucket, stats=stats)
     assert bucket.tokens == 2.0
     # Tokens at half: the failure costs its token and the retry is refused.
     fn = Flaky(transport_error())
     with pytest.raises(EngineClientError):
-        await retry.call(policy, fn, budget=bucket, stats=stats)
+        await retries.call(policy, fn, budget=bucket, stats=stats)
     assert len(fn.times) == 1
     assert bucket.tokens == 1.0
     assert stats.statistics().retries_denied_by_budget == 1
-    assert await retry.call(policy, Flaky(succeed_after=0), budget=bucket) == "ok"
+    assert await retries.call(policy, Flaky(succeed_after=0), budget=bucket) == "ok"
     assert bucket.tokens == 1.5
 
 
@@ -429,39 +426,40 @@ def retry_tree(config: RetryBudgetConfig | None = None):
 
 
 async def test_the_actor_grants_from_one_shared_bucket(autojump_clock):
-    async with retry_tree(RetryBudgetConfig(max_tokens=4.0, token_ratio=0.5)) as tree:
+    async with retry_tree(RetryBudgetConfig(max_retry_tokens=4.0, token_ratio=0.5)) as tree:
         budget = ActorBudget(tree.ref("retry"))
         assert [await budget.request_retry() for _ in range(3)] == [True, False, False]
-        grant = await tree.ref("retry").ask(retry.RequestRetry())
-        assert grant == retry.RetryGrant(False, 0.0)
+        grant = await tree.ref("retry").ask(retry_actor.RequestRetry())
+        assert grant == retry_actor.RetryGrant(False, 0.0)
         stats = await budget.statistics()
         assert stats.retries_denied_by_budget == 3
 
 
 async def test_calls_through_the_actor_share_its_budget_and_statistics(autojump_clock):
-    async with retry_tree(RetryBudgetConfig(max_tokens=4.0, token_ratio=0.5)) as tree:
+    async with retry_tree(RetryBudgetConfig(max_retry_tokens=4.0, token_ratio=0.5)) as tree:
         budget = ActorBudget(tree.ref("retry"))
         policy = RetryPolicy(max_attempts=5)
         fns = [Flaky(transport_error()) for _ in range(3)]
         for fn in fns:
             with pytest.raises(EngineClientError):
-                await retry.call(policy, fn, budget=budget, rng=random.Random(9))
-        assert await retry.call(policy, Flaky(succeed_after=0), budget=budget) == "ok"
+                await retries.call(policy, fn, budget=budget, rng=random.Random(9))
+        assert await retries.call(policy, Flaky(succeed_after=0), budget=budget) == "ok"
         # 4 tokens: the first failure (3 left) may retry, its retry (2 left) may not.
         assert [len(fn.times) for fn in fns] == [2, 1, 1]
         stats = await budget.statistics()
         assert (stats.calls, stats.attempts, stats.failed_calls, stats.failed_retries,
                 stats.successful_retries, stats.retries_denied_by_budget) == (4, 5, 3, 1, 0, 3)
         # 0 tokens, +0.5 for the success; the next failure's charge floors at 0.
-        grant = await tree.ref("retry").ask(retry.RequestRetry())
-        assert grant == retry.RetryGrant(False, 0.0)
+        grant = await tree.ref("retry").ask(retry_actor.RequestRetry())
+        assert grant == retry_actor.RetryGrant(False, 0.0)
 
 
 async def test_an_actor_without_a_budget_always_grants(autojump_clock):
     async with retry_tree(RetryBudgetConfig(enabled=False)) as tree:
         budget = ActorBudget(tree.ref("retry"))
         assert all([await budget.request_retry() for _ in range(50)])
-        assert await tree.ref("retry").ask(retry.RequestRetry()) == retry.RetryGrant(True, None)
+        grant = await tree.ref("retry").ask(retry_actor.RequestRetry())
+        assert grant == retry_actor.RetryGrant(True, None)
 
 
 async def test_without_its_actor_a_target_gets_no_retries(autojump_clock):
@@ -472,12 +470,12 @@ async def test_without_its_actor_a_target_gets_no_retries(autojump_clock):
         budget.report(ReportOutcome(success=True, attempts=1, delay_s=0.0))  # dropped
         fn = Flaky(transport_error())
         with pytest.raises(EngineClientError):
-            await retry.call(RetryPolicy(), fn, budget=budget)
+            await retries.call(RetryPolicy(), fn, budget=budget)
         assert len(fn.times) == 1
 
 
 def test_messages_round_trip_through_the_codec():
-    decoder = Decoder(retry.RetryMessage)
-    for message in (retry.RequestRetry(), retry.GetRetryStats(),
+    decoder = Decoder(retry_actor.RetryMessage)
+    for message in (retry_actor.RequestRetry(), retry_actor.GetRetryStats(),
                     ReportOutcome(success=True, attempts=2, delay_s=0.1)):
         assert decoder.decode(encode(message)) == message

@@ -40,7 +40,7 @@ async def test_with_a_budget_attempts_stay_within_its_bound(autojump_clock, mode
 @pytest.mark.parametrize("mode", MODES)
 async def test_the_bound_holds_when_successes_refill_the_bucket(autojump_clock, mode, outage_s,
                                                                 max_tokens, token_ratio):
-    config = RetryBudgetConfig(max_tokens=max_tokens, token_ratio=token_ratio)
+    config = RetryBudgetConfig(max_retry_tokens=max_tokens, token_ratio=token_ratio)
     result = await simulate_storm(mode, clients=100, outage_s=outage_s, budget="local",
                                   budget_config=config)
     assert result.attempts <= attempt_bound(100, result.successes, config)

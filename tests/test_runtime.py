@@ -14,7 +14,6 @@ import mlx_lm
 import pytest
 import trio
 
-from corral.actors.breaker import Outcome, State
 from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import (
     CircuitBreakerOpenError,
@@ -24,6 +23,7 @@ from corral.protocol.errors import (
     OverloadedError,
     TimeoutError,
 )
+from corral.resilience.breaker_types import Outcome, State
 from corral.runtime import Runtime, open_runtime
 
 PROMPT = "The quick brown fox"

@@ -21,14 +21,12 @@ import trio
 
 from corral.config import config_from_mapping
 from corral.engine.base import validate_sequence
+from corral.engine.grammar import GRAMMAR_CACHE_SIZE, check_grammar, compile_problem
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.grammar import (
-    GRAMMAR_CACHE_SIZE,
     JsonSchema,
     JsonSchemaFormat,
     TextFormat,
-    check_grammar,
-    compile_problem,
     json_object_grammar,
     json_schema_grammar,
     lark_grammar,

@@ -16,17 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from corral.actors.core import Actor, ActorSystem, Context
-from corral.actors.supervisor import (
-    Backoff,
-    ChildSpec,
-    Intensity,
-    Restart,
-    Strategy,
-    Supervisor,
-    open_supervisor,
-    supervisor_spec,
-)
+from corral.actors.actor import Actor
+from corral.actors.child_spec import Backoff, ChildSpec, Intensity, Restart, Strategy
+from corral.actors.context import Context
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor, supervisor_spec
+from corral.actors.system import ActorSystem
 from corral.protocol.errors import (
     ActorExitedError,
     ChildStartError,
@@ -34,7 +29,7 @@ from corral.protocol.errors import (
     EngineClientError,
     EscalationError,
 )
-from corral.protocol.messages import Ping, Pong
+from corral.protocol.lifecycle import Ping, Pong
 
 Journal = list[tuple[str, str]]
 NO_BACKOFF = Backoff(min=0.0, max=0.0, random_factor=0.0)

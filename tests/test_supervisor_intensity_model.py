@@ -18,15 +18,11 @@ import trio.testing
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from corral.actors.core import Actor, ActorSystem
-from corral.actors.supervisor import (
-    Backoff,
-    ChildSpec,
-    Intensity,
-    Strategy,
-    Supervisor,
-    open_supervisor,
-)
+from corral.actors.actor import Actor
+from corral.actors.child_spec import Backoff, ChildSpec, Intensity, Strategy
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.protocol.errors import EscalationError
 
 Action = tuple[Literal["crash"], int] | tuple[Literal["wait"], float]

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import trio
 
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
 from corral.config import config_from_mapping
 from corral.metrics import Metrics
 from corral.runtime import open_runtime

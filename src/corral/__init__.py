@@ -3,14 +3,7 @@
 The public surface, re-exported: open the runtime, call it, catch its typed errors.
 """
 
-from corral.actors.breaker import BreakerStatistics as BreakerStatistics
-from corral.actors.breaker import CircuitBreaker as CircuitBreaker
-from corral.actors.breaker import State as CircuitState
-from corral.actors.retry import RetryPolicy as RetryPolicy
-from corral.actors.retry_budget import RetryBudget as RetryBudget
-from corral.actors.retry_budget import RetryStatistics as RetryStatistics
-from corral.actors.streams import StreamChunk as StreamChunk
-from corral.actors.supervisor import ChildSpec as ChildSpec
+from corral.actors.child_spec import ChildSpec as ChildSpec
 from corral.config import ConfigError as ConfigError
 from corral.config import RuntimeConfig as RuntimeConfig
 from corral.config import load_config as load_config
@@ -23,7 +16,6 @@ from corral.protocol.errors import EscalationError as EscalationError
 from corral.protocol.errors import OverloadedError as OverloadedError
 from corral.protocol.errors import RetryAbortedError as RetryAbortedError
 from corral.protocol.errors import TimeoutError as TimeoutError
-from corral.protocol.errors import classify as classify
 from corral.protocol.messages import ChatMessage as ChatMessage
 from corral.protocol.messages import Choice as Choice
 from corral.protocol.messages import Completion as Completion
@@ -38,6 +30,13 @@ from corral.resilience import Recovered as Recovered
 from corral.resilience import Retrying as Retrying
 from corral.resilience import circuit_breaker as circuit_breaker
 from corral.resilience import retry as retry
+from corral.resilience.breaker import CircuitBreaker as CircuitBreaker
+from corral.resilience.breaker_types import BreakerStatistics as BreakerStatistics
+from corral.resilience.breaker_types import State as CircuitState
+from corral.resilience.budget import RetryBudget as RetryBudget
+from corral.resilience.budget import RetryStatistics as RetryStatistics
+from corral.resilience.classify import classify as classify
+from corral.resilience.retries import RetryPolicy as RetryPolicy
 from corral.runtime import ChoiceStreams as ChoiceStreams
 from corral.runtime import Health as Health
 from corral.runtime import ModelDescription as ModelDescription
@@ -45,6 +44,7 @@ from corral.runtime import Runtime as Runtime
 from corral.runtime import RuntimeStatistics as RuntimeStatistics
 from corral.runtime import TokenStream as TokenStream
 from corral.runtime import open_runtime as open_runtime
+from corral.runtime.stream_buffers import StreamChunk as StreamChunk
 from corral.server import build_app as build_app
 
 __all__ = [

@@ -21,7 +21,7 @@ __all__ = ["CONFIG_SECTIONS", "code_table", "config_keys", "config_table", "refr
 
 _TOOLKIT: Final[dict[str, str]] = {
     "calls.retry": "`RetryPolicy(...)` / `retry(...)`",
-    "calls.retry.budget": "`RetryBudget(max_tokens, token_ratio)`",
+    "calls.retry.budget": "`RetryBudget(max_tokens=max_retry_tokens, token_ratio)`",
     "calls.circuit_breaker": "`circuit_breaker(...)` / `CircuitBreakerConfig(...)`",
     "restarts": "",
     "supervision.backoff": "",

@@ -21,12 +21,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.actors.breaker import State
-from corral.actors.retry import RetryStatistics
-from corral.actors.streams import StreamBuffer
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import LifecycleEvent, RegistryState
+from corral.protocol.lifecycle import LifecycleEvent
+from corral.protocol.serving_messages import RegistryState
+from corral.resilience.breaker_types import State
+from corral.resilience.budget import RetryStatistics
 from corral.runtime.choices import ChoiceStreams
+from corral.runtime.stream_buffers import StreamBuffer
 
 if TYPE_CHECKING:
     from corral.runtime import Runtime, TokenStream

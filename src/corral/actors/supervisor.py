@@ -10,19 +10,35 @@ what its children do.
 
 from __future__ import annotations
 
-import enum
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from typing import Literal, final
 
-import msgspec
 import trio
 
-from corral.actors.backoff import base_delay, spread
-from corral.actors.core import ActorRef, ActorSystem, Child, Context
+from corral.actors.child_spec import (
+    AutoShutdown,
+    Backoff,
+    ChildInfo,
+    ChildSpec,
+    Intensity,
+    Restart,
+    Strategy,
+    SupervisorStatistics,
+)
+from corral.actors.context import Child, Context
+from corral.actors.ref import ActorRef
+from corral.actors.supervisor_events import (
+    CallFailed,
+    ChildSlot,
+    ControlCall,
+    Exited,
+    RestartDue,
+    StartReport,
+    StopRequested,
+)
 from corral.protocol.errors import (
     ActorExitedError,
     ChildStartError,
@@ -31,7 +47,7 @@ from corral.protocol.errors import (
     EngineClientError,
     EscalationError,
 )
-from corral.protocol.messages import (
+from corral.protocol.lifecycle import (
     KILLED,
     NORMAL,
     SHUTDOWN,
@@ -39,129 +55,6 @@ from corral.protocol.messages import (
     LifecycleEvent,
     innermost,
 )
-
-
-class Restart(enum.StrEnum):
-    """When a child that exits is restarted (OTP's restart types)."""
-
-    PERMANENT = "permanent"  # always
-    TRANSIENT = "transient"  # only after an abnormal exit (an error)
-    TEMPORARY = "temporary"  # never
-
-
-class Strategy(enum.StrEnum):
-    ONE_FOR_ONE = "one_for_one"  # restart the child that exited
-    ONE_FOR_ALL = "one_for_all"  # stop all others, restart all
-    REST_FOR_ONE = "rest_for_one"  # stop those started after it, restart it and them
-    DYNAMIC = "dynamic"  # one_for_one over children added at run time, stopped together
-
-
-AutoShutdown = Literal["never", "any_significant", "all_significant"]
-Shutdown = Literal["brutal", "infinity"] | int
-"""How a child is stopped: cancel at once, wait forever, or wait that many ms then cancel."""
-
-
-class ChildSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """How to start, restart and stop one child.
-
-    Attributes:
-        name: unique among its siblings; the child's path is ``<parent path>/<name>``.
-        factory: makes a fresh child object for each incarnation.
-        restart: permanent, transient or temporary.
-        shutdown: "brutal", "infinity" (the default for supervisors) or a timeout in ms.
-        significant: with the supervisor's `auto_shutdown`, a significant child's
-            normal exit stops the supervisor (OTP's significant children).
-    """
-
-    name: str
-    factory: Callable[[], Child]
-    restart: Restart = Restart.PERMANENT
-    shutdown: Shutdown = 5000
-    significant: bool = False
-
-
-class Intensity(msgspec.Struct, frozen=True):
-    """At most `max_restarts` restarts within `period` seconds, per supervisor."""
-
-    max_restarts: int = 3
-    period: float = 5.0
-
-
-class Backoff(msgspec.Struct, frozen=True):
-    """Exponential delay before a restart: min·2^attempt spread ± random_factor, never
-    above max, jitter included (`backoff.spread`). A child that ran `reset_after`
-    seconds starts again at attempt 0.
-    """
-
-    min: float = 0.01
-    max: float = 5.0
-    random_factor: float = 0.2
-    reset_after: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = base_delay("exponential", attempt + 1, self.min, 2.0, self.max)
-        return spread(base, self.max, self.random_factor, rng.random())
-
-
-class ChildInfo(msgspec.Struct, frozen=True):
-    name: str
-    path: str
-    state: Literal["running", "restarting", "stopped"]
-    restarts: int
-    restart: Restart
-
-
-class SupervisorStatistics(msgspec.Struct, frozen=True):
-    path: str
-    strategy: str
-    children: list[ChildInfo]
-    restarts_in_window: int
-    total_restarts: int
-
-
-class _Slot:
-    """One child position: the spec, the live incarnation, its backoff count."""
-
-    __slots__ = ("attempt", "ctx", "done", "incarnation", "killed", "obj", "restarts",
-                 "running", "scope", "spec", "started_at", "terminating")
-
-    def __init__(self, spec: ChildSpec) -> None:
-        self.spec = spec
-        self.incarnation = 0
-        self.running = False
-        self.terminating = False
-        self.killed = False
-        self.restarts = 0
-        self.attempt = 0
-        self.started_at = -math.inf
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.ctx: Context | None = None
-        self.obj: Child | None = None
-
-
-class _Exited(msgspec.Struct, frozen=True):
-    name: str
-    incarnation: int
-    reason: ExitReason
-    error: BaseException | None
-
-
-class _RestartDue(msgspec.Struct, frozen=True):
-    names: tuple[str, ...]
-    token: int
-
-
-class _Call(msgspec.Struct, frozen=True):
-    """A control request from another task, run by the supervisor's own loop."""
-
-    operation: Callable[[], object]
-    done: trio.Event
-    result: list[object]
-
-
-class _Stop(msgspec.Struct, frozen=True):
-    pass
 
 
 @final
@@ -187,7 +80,7 @@ class Supervisor:
         self.auto_shutdown = auto_shutdown
         self._rng = rng or random.Random()
         self._initial = list(children)
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, ChildSlot] = {}
         self._restart_times: deque[float] = deque()
         self._total_restarts = 0
         self._restart_token = 0
@@ -232,7 +125,7 @@ class Supervisor:
             if spec.name in self._slots:
                 raise EngineClientError(Code.INVALID_PARAMS,
                                         f"{self.path} already has a child {spec.name!r}")
-            slot = self._slots[spec.name] = _Slot(spec)
+            slot = self._slots[spec.name] = ChildSlot(spec)
             try:
                 await self._start(slot)
             except BaseException:
@@ -293,13 +186,13 @@ class Supervisor:
             EscalationError: restart intensity exceeded (after all children stopped).
         """
         self._ctx = ctx
-        ctx.on_stop_requested(lambda: self._events_send.send_nowait(_Stop()))
+        ctx.on_stop_requested(lambda: self._events_send.send_nowait(StopRequested()))
         failure: CorralError | None = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
                 for spec in self._initial:
-                    slot = self._slots[spec.name] = _Slot(spec)
+                    slot = self._slots[spec.name] = ChildSlot(spec)
                     await self._start(slot)
                 ctx.mailbox.mark_running()
                 task_status.started()
@@ -319,23 +212,23 @@ class Supervisor:
 
     async def _loop(self) -> None:
         async for event in self._events:
-            if isinstance(event, _Stop):
+            if isinstance(event, StopRequested):
                 return
-            if isinstance(event, _Call):
+            if isinstance(event, ControlCall):
                 try:
                     event.result.append(await event.operation())  # type: ignore[misc]
                 except Exception as exc:  # the caller gets it; the supervisor goes on
-                    event.result.append(_Failure(exc))
+                    event.result.append(CallFailed(exc))
                 event.done.set()
-            elif isinstance(event, _Exited):
+            elif isinstance(event, Exited):
                 if await self._on_exit(event):
                     return
-            elif isinstance(event, _RestartDue):
+            elif isinstance(event, RestartDue):
                 await self._restart_due(event)
 
     # -- exits and restarts ----------------------------------------------------------
 
-    async def _on_exit(self, event: _Exited) -> bool:
+    async def _on_exit(self, event: Exited) -> bool:
         """Decide what an exit means. Returns True when the supervisor should stop.
 
         Raises:
@@ -386,12 +279,12 @@ class Supervisor:
                                             delay)
         return False
 
-    def _reason_chain(self, slot: _Slot, event: _Exited) -> tuple[str, ...]:
+    def _reason_chain(self, slot: ChildSlot, event: Exited) -> tuple[str, ...]:
         if isinstance(event.error, EscalationError):
             return event.error.chain
         return (f"{self._child_path(slot.spec.name)} exited: {event.reason.describe()}",)
 
-    def _restart_group(self, slot: _Slot) -> tuple[str, ...]:
+    def _restart_group(self, slot: ChildSlot) -> tuple[str, ...]:
         """The children restarted together with `slot`, in start order."""
         names = list(self._slots)
         if self.strategy is Strategy.ONE_FOR_ALL:
@@ -402,9 +295,9 @@ class Supervisor:
 
     async def _restart_after(self, group: tuple[str, ...], token: int, delay: float) -> None:
         await trio.sleep(delay)
-        self._events_send.send_nowait(_RestartDue(group, token))
+        self._events_send.send_nowait(RestartDue(group, token))
 
-    async def _restart_due(self, event: _RestartDue) -> None:
+    async def _restart_due(self, event: RestartDue) -> None:
         ctx = self._require_ctx()
         for name in event.names:
             slot = self._slots.get(name)
@@ -418,14 +311,14 @@ class Supervisor:
                 await self._start(slot)
             except ChildStartError as exc:
                 # A restart that fails to start counts as one more crash of that child.
-                self._events_send.send_nowait(_Exited(
+                self._events_send.send_nowait(Exited(
                     name, slot.incarnation, ExitReason.from_exception(exc.__cause__ or exc),
                     exc))
                 continue
             ctx.system.emit(LifecycleEvent("restarted", self._child_path(name),
                                            trio.current_time(), attempt=slot.attempt))
 
-    def _auto_shutdown_due(self, slot: _Slot) -> bool:
+    def _auto_shutdown_due(self, slot: ChildSlot) -> bool:
         if not slot.spec.significant or self.auto_shutdown == "never":
             return False
         if self.auto_shutdown == "any_significant":
@@ -434,7 +327,7 @@ class Supervisor:
 
     # -- starting and stopping children -------------------------------------------
 
-    async def _start(self, slot: _Slot) -> None:
+    async def _start(self, slot: ChildSlot) -> None:
         """Start a new incarnation of `slot` and wait until it reports started.
 
         Raises:
@@ -464,11 +357,11 @@ class Supervisor:
         slot.started_at = trio.current_time()
         ctx.system.emit(LifecycleEvent("started", slot.ctx.path, slot.started_at))
 
-    async def _child_main(self, slot: _Slot, incarnation: int,
+    async def _child_main(self, slot: ChildSlot, incarnation: int,
                           task_status: trio.TaskStatus[None]) -> None:
         assert slot.ctx is not None
         path = slot.ctx.path
-        status = _TaskStatus(task_status)
+        status = StartReport(task_status)
         reason, error = NORMAL, None
         try:
             with slot.scope:
@@ -488,9 +381,9 @@ class Supervisor:
         finally:
             slot.running = False
             slot.done.set()
-        self._events_send.send_nowait(_Exited(slot.spec.name, incarnation, reason, error))
+        self._events_send.send_nowait(Exited(slot.spec.name, incarnation, reason, error))
 
-    async def _terminate(self, slot: _Slot) -> None:
+    async def _terminate(self, slot: ChildSlot) -> None:
         """Stop a running child per its shutdown spec and wait until it has exited."""
         slot.terminating = True
         if not slot.running:
@@ -507,7 +400,7 @@ class Supervisor:
                 slot.scope.cancel()
         await slot.done.wait()
 
-    def _remove(self, slot: _Slot) -> None:
+    def _remove(self, slot: ChildSlot) -> None:
         ctx = self._require_ctx()
         self._slots.pop(slot.spec.name, None)
         self._pending_restart.pop(slot.spec.name, None)
@@ -525,7 +418,7 @@ class Supervisor:
             for slot in reversed(slots):
                 await self._stop_one(slot)
 
-    async def _stop_one(self, slot: _Slot) -> None:
+    async def _stop_one(self, slot: ChildSlot) -> None:
         await self._terminate(slot)
         ctx = self._require_ctx()
         mailbox = ctx.system.mailbox(self._child_path(slot.spec.name))
@@ -541,11 +434,11 @@ class Supervisor:
         await self._started.wait()
         if self._stopped:
             raise ActorExitedError(self.path, "stopped")
-        call = _Call(operation, trio.Event(), [])
+        call = ControlCall(operation, trio.Event(), [])
         self._events_send.send_nowait(call)
         await call.done.wait()
         result = call.result[0]
-        if isinstance(result, _Failure):
+        if isinstance(result, CallFailed):
             raise result.error
         return result
 
@@ -559,14 +452,14 @@ class Supervisor:
                 event = self._events.receive_nowait()
             except trio.WouldBlock:
                 return
-            if isinstance(event, _Call):
-                event.result.append(_Failure(error))
+            if isinstance(event, ControlCall):
+                event.result.append(CallFailed(error))
                 event.done.set()
 
     def _child_path(self, name: str) -> str:
         return f"{self._require_ctx().path}/{name}"
 
-    def _info(self, slot: _Slot) -> ChildInfo:
+    def _info(self, slot: ChildSlot) -> ChildInfo:
         state: Literal["running", "restarting", "stopped"] = (
             "running" if slot.running else
             "restarting" if slot.spec.name in self._pending_restart else "stopped")
@@ -583,73 +476,9 @@ class Supervisor:
         return self._nursery
 
 
-class _Failure(msgspec.Struct, frozen=True):
-    error: BaseException
-
-
-class _TaskStatus:
-    """The task_status a child sees: remembers whether `started()` was called."""
-
-    __slots__ = ("_inner", "reported")
-
-    def __init__(self, inner: trio.TaskStatus[None]) -> None:
-        self._inner = inner
-        self.reported = False
-
-    def started(self, value: None = None) -> None:
-        self.reported = True
-        self._inner.started()
-
-
 def supervisor_spec(name: str, supervisor_factory: Callable[[], Supervisor], *,
                     restart: Restart = Restart.PERMANENT,
                     significant: bool = False) -> ChildSpec:
     """A ChildSpec for a nested supervisor: shutdown `infinity`, as OTP defaults."""
     return ChildSpec(name=name, factory=supervisor_factory, restart=restart,
                      shutdown="infinity", significant=significant)
-
-
-@asynccontextmanager
-async def open_supervisor(supervisor: Supervisor, *, name: str = "root",
-                          system: ActorSystem | None = None) -> AsyncIterator[Supervisor]:
-    """Run `supervisor` as the root of a tree for the duration of the block.
-
-    Leaving the block stops the tree gracefully (children in reverse start order). If the
-    root escalates, the block is cancelled and EscalationError, with the chain of
-    reasons, is raised from the `async with`.
-
-    Raises:
-        EscalationError: the root exceeded its restart intensity.
-        ChildStartError: a child's initial start failed (the tree never started).
-    """
-    system = system or ActorSystem()
-    ctx = Context(name, system)
-    failure: list[CorralError] = []
-
-    async def run_root(task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await supervisor.run(ctx, task_status=task_status)
-        except EscalationError as exc:
-            failure.append(exc)
-            nursery.cancel_scope.cancel()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(run_root)
-            except ChildStartError as exc:
-                # Raised below, outside the nursery, as itself, not in an exception group.
-                failure.append(exc)
-            else:
-                try:
-                    yield supervisor
-                finally:
-                    ctx.request_stop()
-    except BaseExceptionGroup as group:
-        # The block's own error comes back as itself: the nursery is ours, not the caller's.
-        leaf = innermost(group)
-        if leaf is group or isinstance(leaf, trio.Cancelled):
-            raise
-        raise leaf from group
-    if failure:
-        raise failure[0]

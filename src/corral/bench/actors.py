@@ -23,11 +23,14 @@ import msgspec
 import trio
 from rich.progress import Progress
 
-from corral.actors.core import Actor, ActorSystem
-from corral.actors.supervisor import Backoff, ChildSpec, Intensity, Supervisor, open_supervisor
+from corral.actors.actor import Actor
+from corral.actors.child_spec import Backoff, ChildSpec, Intensity
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.bench.report import goal, percentile, print_table, write_result
 from corral.protocol.codec import Decoder, encode
-from corral.protocol.messages import LifecycleEvent, Ping, Pong
+from corral.protocol.lifecycle import LifecycleEvent, Ping, Pong
 
 
 class Count(msgspec.Struct, frozen=True, tag=True):

@@ -43,7 +43,7 @@ from corral.bench.loadgen import (
     summarize,
 )
 from corral.bench.report import goal, percentile, print_table, write_result
-from corral.bench.serve import ServerProcess, corral_server
+from corral.bench.servers import ServerProcess, corral_server
 from corral.tiny import default_model_path
 
 __all__ = ["main", "serving_worker_pid"]

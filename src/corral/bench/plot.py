@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from corral.bench.report import RESULTS_DIR
-from corral.bench.serve import BASELINE as _BASELINE
+from corral.bench.servers import BASELINE as _BASELINE
 
 __all__ = ["main"]
 

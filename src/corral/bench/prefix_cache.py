@@ -43,7 +43,7 @@ from corral.bench.chaos import serving_worker_pid
 from corral.bench.loadgen import Record, stream_request
 from corral.bench.report import Goal, goal, percentile, print_table, write_result
 from corral.bench.runners import bench_model
-from corral.bench.serve import ServerProcess, corral_server, free_port
+from corral.bench.servers import ServerProcess, corral_server, free_port
 from corral.tiny import make_tiny_model
 
 __all__ = ["main"]

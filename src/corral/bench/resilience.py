@@ -22,14 +22,18 @@ import msgspec
 import trio
 
 from corral import resilience
-from corral.actors import retry
-from corral.actors.breaker import BreakerActor, CircuitBreaker, call_through
-from corral.actors.core import ActorRef
-from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.ref import ActorRef
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
 from corral.bench import report, retry_storm
+from corral.resilience import retries
+from corral.resilience.breaker import CircuitBreaker
+from corral.runtime import retry_actor
+from corral.runtime.breaker_actor import BreakerActor, call_through
 
-VARIANTS: Final = ("direct", "retry.call", "retry.call with timeout",
-                   "retry.call + RetryActor budget", "RetryActor consult (ask)",
+VARIANTS: Final = ("direct", "retry.call", "retries.call with timeout",
+                   "retries.call + RetryActor budget", "RetryActor consult (ask)",
                    "CircuitBreaker.call", "BreakerActor call_through", "@retry (trio)",
                    "@circuit_breaker @retry (trio)")
 ASYNCIO_VARIANTS: Final = ("asyncio direct", "@retry (asyncio)",
@@ -56,17 +60,17 @@ def _decorated(operation: Callable[[], Awaitable[int]], suffix: str) -> Variants
 
 
 def _variants(breaker_ref: ActorRef, retry_ref: ActorRef) -> Variants:
-    policy = retry.RetryPolicy()
-    budget = retry.ActorBudget(retry_ref)
+    policy = retries.RetryPolicy()
+    budget = retry_actor.ActorBudget(retry_ref)
     breaker = CircuitBreaker("bench")
     decorated = _decorated(_operation, "trio")
     return {
         "@retry (trio)": decorated["@retry (trio)"],
         "@circuit_breaker @retry (trio)": decorated["@circuit_breaker @retry (trio)"],
         "direct": _operation,
-        "retry.call": lambda: retry.call(policy, _operation),
-        "retry.call with timeout": lambda: retry.call(policy, _operation, timeout=60.0),
-        "retry.call + RetryActor budget": lambda: retry.call(policy, _operation, budget=budget),
+        "retry.call": lambda: retries.call(policy, _operation),
+        "retries.call with timeout": lambda: retries.call(policy, _operation, timeout=60.0),
+        "retries.call + RetryActor budget": lambda: retries.call(policy, _operation, budget=budget),
         "RetryActor consult (ask)": budget.request_retry,
         "CircuitBreaker.call": lambda: breaker.call(_operation),
         "BreakerActor call_through": lambda: call_through(breaker_ref, _operation),
@@ -76,7 +80,7 @@ def _variants(breaker_ref: ActorRef, retry_ref: ActorRef) -> Variants:
 async def _measure(calls: int, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each variant, one sample per round, variants interleaved."""
     specs = [ChildSpec(name="breaker", factory=lambda: BreakerActor("bench")),
-             ChildSpec(name="retry", factory=retry.RetryActor)]
+             ChildSpec(name="retry", factory=retry_actor.RetryActor)]
     async with open_supervisor(Supervisor(specs), name="bench") as tree:
         return await _interleaved(_variants(tree.ref("breaker"), tree.ref("retry")),
                                   VARIANTS, calls, rounds)
@@ -135,7 +139,7 @@ def main(smoke: bool = False, output_dir: Path | None = None) -> dict[str, Any]:
     # The success path of a retry without a deadline adds no cancel scope: it should
     # cost little beside the call. A deadline adds one cancel scope (trio's own cost).
     # The asyncio rows are reported as ratios only: a first measurement, no target yet.
-    goals = [report.goal("retry.call / direct", per_call["retry.call"] / per_call["direct"],
+    goals = [report.goal("retries.call / direct", per_call["retry.call"] / per_call["direct"],
                          "<=", 2.0)]
     parameters = {
         "calls_per_round": calls, "rounds": rounds,

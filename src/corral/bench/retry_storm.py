@@ -20,20 +20,15 @@ import msgspec
 import trio
 import trio.testing
 
-from corral.actors.retry import (
-    ActorBudget,
-    Budget,
-    JitterMode,
-    RetryActor,
-    RetryBudget,
-    RetryCounters,
-    RetryPolicy,
-    call,
-)
-from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
 from corral.bench import report
 from corral.config import RetryBudgetConfig
 from corral.protocol.errors import Code, EngineClientError
+from corral.resilience.budget import Budget, RetryBudget, RetryCounters
+from corral.resilience.retries import JitterMode, RetryPolicy, call
+from corral.runtime.retry_actor import ActorBudget, RetryActor
 
 MODES: Final = ("none", "proportional", "full", "equal", "decorrelated")
 """Jitter modes compared; "none" is proportional mode with jitter 0 (a plain backoff)."""
@@ -89,7 +84,7 @@ def attempt_bound(clients: int, successes: int, config: RetryBudgetConfig) -> fl
     successes refill (token_ratio each), so retries <= max_tokens/2 +
     token_ratio·successes, whatever the timing. Each request makes one first attempt.
     """
-    return clients + config.max_tokens / 2 + config.token_ratio * successes
+    return clients + config.max_retry_tokens / 2 + config.token_ratio * successes
 
 
 class _FlakyTarget:

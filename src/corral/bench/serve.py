@@ -21,18 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 from rich.progress import Progress, TaskID
 
@@ -49,24 +43,25 @@ from corral.bench.loadgen import (
 )
 from corral.bench.report import Goal, goal, print_table, write_result
 from corral.bench.runners import ReferenceThread, bench_model
+from corral.bench.servers import (
+    BASELINE,
+    COMPLETION_BATCH,
+    PREFILL_BATCH,
+    PREFILL_STEP,
+    ServerProcess,
+    corral_config,
+    corral_server,
+    mlx_lm_server,
+)
 
-__all__ = ["ServerProcess", "corral_server", "free_port", "main"]
+__all__ = ["main"]
 
-_ALIAS = "tiny"
-_READY_S = 120.0
-_STOP_S = 20.0
-BASELINE = "mlx_lm.server"
 RAW = "raw mlx_lm"
 DEFAULTS = "corral (defaults)"
 THREAD = "corral (thread)"
 RAY = "ray, 2 replicas"
 AS_STORED = "corral (as stored)"
 _AS_STORED = "  cpu_dequantize: 'off'\n  cpu_blas: reference\n"
-# The engine settings every target shares: mlx_lm.server's defaults (decode and prompt
-# concurrency, prefill step), which are also corral's.
-_COMPLETION_BATCH = 32
-_PREFILL_BATCH = 8
-_PREFILL_STEP = 2048
 
 _FULL: dict[str, Any] = {
     "loads": [Load("concurrency", 96, concurrency=1), Load("concurrency", 192, concurrency=4),
@@ -89,124 +84,6 @@ _REAL: dict[str, Any] = {
     "warmup_requests": 4, "slo": Slo(ttft_ms=5000.0, tpot_ms=500.0, e2e_ms=20000.0)}
 
 
-# -- server processes -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerProcess:
-    """An OpenAI-compatible server as a subprocess on 127.0.0.1, for one benchmark.
-
-    Its output goes to a log file: a pipe nobody reads would stall it once full.
-    `running()` starts it and always stops and reaps it on the way out.
-    """
-
-    def __init__(self, name: str, command: list[str], port: int, model: str | None,
-                 log_path: Path) -> None:
-        self.name = name
-        self.command = command
-        self.port = port
-        self.log_path = log_path
-        self.target = Target(name, f"http://127.0.0.1:{port}", model)
-        self.process: subprocess.Popen[bytes] | None = None
-        self.returncode: int | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[ServerProcess]:
-        env = {k: v for k, v in os.environ.items() if k != "CORRAL_ENV"}
-        env["HF_HUB_OFFLINE"] = "1"  # a local model path; never the network
-        env.setdefault("RAY_ADDRESS", "local")  # `--ray`: a Ray of its own, not a stray one
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield self
-        finally:
-            self.stop()
-
-    def wait_ready(self, timeout_s: float = _READY_S) -> None:
-        """Poll GET /v1/models until it answers 200.
-
-        Raises:
-            RuntimeError: the server exited, or did not answer within `timeout_s`.
-        """
-        assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}: "
-                                   f"{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.target.base_url}/v1/models", timeout=2.0).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:g} s: {self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after `_STOP_S`; the process is reaped either way."""
-        process = self.process
-        if process is None or self.returncode is not None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=_STOP_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        self.returncode = process.wait()
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def corral_server(name: str, model_path: str, directory: Path, config: str,
-                  options: Sequence[str] = ()) -> ServerProcess:
-    """`corral serve [options]` of the tiny model under `config` (YAML text) on a free
-    port."""
-    port = free_port()
-    config_path = directory / f"{name}.yaml"
-    config_path.write_text(config)
-    command = [sys.executable, "-m", "corral.cli", "serve", *options, "--model",
-               f"{_ALIAS}={model_path}", "--http", f"127.0.0.1:{port}",
-               "--config", str(config_path)]
-    return ServerProcess(name, command, port, _ALIAS, directory / f"{name}.log")
-
-
-def _corral_config(isolation: str, generation: str = "") -> str:
-    return (f"generation:\n  isolation: {isolation}\n{generation}"
-            f"  completion_batch_size: {_COMPLETION_BATCH}\n"
-            f"  prefill_batch_size: {_PREFILL_BATCH}\n"
-            f"  prefill_step_size: {_PREFILL_STEP}\n"
-            # As many streams at once as mlx_lm.server decodes; the rest queue.
-            f"stream_registry:\n  max_active_streams: {_COMPLETION_BATCH}\n"
-            "  max_queued: 4096\n"
-            "server:\n  drain_timeout_ms: 2000\n"
-            "logging:\n  format: json\n  level: warning\n")
-
-
-def _mlx_lm_server(model_path: str, directory: Path) -> ServerProcess:
-    port = free_port()
-    command = [sys.executable, "-m", "mlx_lm.server", "--model", model_path,
-               "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING",
-               "--decode-concurrency", str(_COMPLETION_BATCH),
-               "--prompt-concurrency", str(_PREFILL_BATCH),
-               "--prefill-step-size", str(_PREFILL_STEP)]
-    return ServerProcess(BASELINE, command, port, None, directory / "mlx_lm.server.log")
-
-
 # -- the ceiling: raw mlx_lm in this process ---------------------------------------------
 
 
@@ -221,8 +98,8 @@ def _raw_load(prompts: Sequence[str], load: Load, offsets: Sequence[float],
 
         generator = BatchGenerator(
             model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-            completion_batch_size=_COMPLETION_BATCH, prefill_batch_size=_PREFILL_BATCH,
-            prefill_step_size=_PREFILL_STEP, stream=stream)
+            completion_batch_size=COMPLETION_BATCH, prefill_batch_size=PREFILL_BATCH,
+            prefill_step_size=PREFILL_STEP, stream=stream)
         records = [Record(i) for i in range(load.requests)]
         live: dict[int, Record] = {}
         pending = 0
@@ -457,17 +334,17 @@ def main(smoke: bool = False, output_dir: Path | None = None,
     parameters: dict[str, Any] = dict(_SMOKE if smoke else _REAL if real else _FULL)
     with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory:
         work = Path(directory)
-        servers = [_mlx_lm_server(model_path, work),
+        servers = [mlx_lm_server(model_path, work),
                    # What a user runs: no config file at all, info logs included.
                    corral_server(DEFAULTS, model_path, work, ""),
-                   corral_server(THREAD, model_path, work, _corral_config("thread")),
+                   corral_server(THREAD, model_path, work, corral_config("thread")),
                    corral_server("corral (process)", model_path, work,
-                                 _corral_config("process"))]
+                                 corral_config("process"))]
         if real:
             # Like for like with mlx_lm.server: the weights as stored (quantized) and the
             # wheel's BLAS, so the difference is what corral's engine adds per step.
             servers.append(corral_server(AS_STORED, model_path, work,
-                                         _corral_config("thread", _AS_STORED)))
+                                         corral_config("thread", _AS_STORED)))
         results = _phase(servers, model_path, parameters, reference=not real,
                          one_at_a_time=real)
         hop: list[ServerProcess] = []
@@ -475,8 +352,8 @@ def main(smoke: bool = False, output_dir: Path | None = None,
             # The Ray hop's cost, in a phase of its own so that the Ray cluster's
             # processes never share the cores with the targets above: two replicas of
             # the thread target through the ingress, against one thread target.
-            hop = [corral_server(THREAD, model_path, work, _corral_config("thread")),
-                   corral_server(RAY, model_path, work, _corral_config("thread"),
+            hop = [corral_server(THREAD, model_path, work, corral_config("thread")),
+                   corral_server(RAY, model_path, work, corral_config("thread"),
                                  ["--ray", "--replicas", "2"])]
             results["ray_hop"] = _phase(hop, model_path, parameters, reference=False,
                                         baseline=THREAD)
@@ -500,9 +377,9 @@ def main(smoke: bool = False, output_dir: Path | None = None,
             {RAY: " ".join(hop[1].command[1:])} if hop else {}),
         "ray_hop": "a second phase, after the first's servers stopped: the Ray target "
                    "and one corral (thread), side by side (results.ray_hop, ray_ratio)",
-        "corral_config": {"defaults": "(none)", "thread": _corral_config("thread"),
-                          "process": _corral_config("process")} | (
-            {"as stored": _corral_config("thread", _AS_STORED)} if real else {}),
+        "corral_config": {"defaults": "(none)", "thread": corral_config("thread"),
+                          "process": corral_config("process")} | (
+            {"as stored": corral_config("thread", _AS_STORED)} if real else {}),
         "request": "POST /v1/completions, stream, stream_options.include_usage, "
                    "temperature 0, max_tokens as above",
         "order": "each load split into rounds; every round runs every target; the order "

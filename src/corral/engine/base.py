@@ -25,10 +25,10 @@ from corral.protocol.messages import (
     MAX_TOP_LOGPROBS,
     EngineSequence,
     EngineStep,
-    FaultKind,
     ModelInfo,
     PrefixCacheStatistics,
 )
+from corral.protocol.serving_messages import FaultKind
 from corral.protocol.worker import EngineSettings
 
 __all__ = ["EngineBase", "EngineOptions", "EngineSettings", "EngineStatistics", "FaultKind",

@@ -32,16 +32,14 @@ from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
 from corral.engine.sampling import sequence_sampler
 from corral.engine.text import StopText
 from corral.protocol.messages import (
-    CancelSequence,
     EngineSequence,
     EngineStep,
     FinishReason,
-    InjectFault,
     ModelInfo,
     PrefixCacheStatistics,
-    Submit,
     TokenOut,
 )
+from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 
 __all__ = ["STOP", "Command", "EngineCore", "GrammarCompiled", "Stop"]
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from corral.protocol.grammar import GRAMMAR_CACHE_SIZE
+from corral.engine.grammar import GRAMMAR_CACHE_SIZE
 from corral.protocol.messages import ToolCalling
 
 if TYPE_CHECKING:

@@ -34,15 +34,8 @@ from corral.engine.pipes import WorkerPipes
 from corral.engine.spawn import WorkerExitedError, WorkerStandby, describe_exit, worker_command
 from corral.protocol.codec import FrameError
 from corral.protocol.errors import Code, EngineClientError, error_from_info
-from corral.protocol.messages import (
-    CancelSequence,
-    EngineSequence,
-    EngineStep,
-    InjectFault,
-    ModelInfo,
-    PrefixCacheStatistics,
-    Submit,
-)
+from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo, PrefixCacheStatistics
+from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 from corral.protocol.worker import (
     PROTOCOL_VERSION,
     Call,

@@ -39,14 +39,8 @@ from corral.engine.base import (
 )
 from corral.engine.core import STOP, Command, EngineCore
 from corral.protocol.errors import Code, EngineClientError
-from corral.protocol.messages import (
-    CancelSequence,
-    EngineSequence,
-    EngineStep,
-    InjectFault,
-    ModelInfo,
-    Submit,
-)
+from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
+from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 
 __all__ = ["Engine"]
 

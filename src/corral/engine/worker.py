@@ -31,7 +31,8 @@ from corral.engine.thread import Engine
 from corral.logging import configure_logging
 from corral.protocol.codec import DecodeError, Decoder, FrameError, FrameReader, encode, frame
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.messages import CancelSequence, EngineStep, InjectFault, Submit
+from corral.protocol.messages import EngineStep
+from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 from corral.protocol.worker import (
     PROTOCOL_VERSION,
     Call,

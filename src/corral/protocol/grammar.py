@@ -2,32 +2,23 @@
 grammars they become.
 
 A grammar is llguidance's serialized form (a string), the one thing that crosses to an
-engine, in `SamplingParams.grammar`. `check_grammar` compiles one without a tokenizer and
-names what is wrong as GuidanceError; its verdicts are kept per grammar string in a
-bounded LRU. The runtime calls it in a worker thread before admission, never on an
-engine's step path. No MLX here; llguidance is imported on first use, so processes that
+engine, in `SamplingParams.grammar`; compiling one is `corral.engine.grammar`'s job.
+No MLX here; llguidance is imported on first use (to write a grammar), so processes that
 never constrain a request never load it.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Annotated, Any, Final
+from typing import Annotated, Any
 
 import msgspec
 
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.schema_refs import check_ref_cycles
 
-__all__ = ["GRAMMAR_CACHE_SIZE", "JsonObjectFormat", "JsonSchema", "JsonSchemaFormat",
-           "ResponseFormat", "TextFormat", "check_grammar", "compile_problem",
-           "json_object_grammar", "json_schema_grammar", "lark_grammar",
+__all__ = ["JsonObjectFormat", "JsonSchema", "JsonSchemaFormat", "ResponseFormat",
+           "TextFormat", "json_object_grammar", "json_schema_grammar", "lark_grammar",
            "response_format_grammar"]
-
-GRAMMAR_CACHE_SIZE: Final = 256
-"""Grammar strings whose verdict `check_grammar` remembers (and, engine side, compiled
-matchers per model)."""
-
 
 class TextFormat(msgspec.Struct, frozen=True, tag_field="type", tag="text",
                  forbid_unknown_fields=True):
@@ -94,7 +85,7 @@ def json_schema_grammar(schema: dict[str, Any], *, strict: bool = True) -> str:
         return LLMatcher.grammar_from_json_schema(
             schema, defaults={"whitespace_flexible": False, "lenient": not strict})
     except (ValueError, TypeError) as exc:
-        raise _guidance_error(f"response_format: json_schema: {exc}") from None
+        raise guidance_error(f"response_format: json_schema: {exc}") from None
 
 
 def json_object_grammar() -> str:
@@ -109,28 +100,6 @@ def lark_grammar(text: str) -> str:
     return LLMatcher.grammar_from_lark(text)
 
 
-def check_grammar(grammar: str, field: str = "response_format") -> None:
-    """Refuse a grammar llguidance cannot compile. Compiles on the first call for a
-    grammar string (up to a second for extreme grammars; call it off the event loop),
-    then answers from the cache.
-
-    Raises:
-        EngineClientError: GuidanceError naming the problem, as llguidance states it,
-            and `field`, the request field the grammar came from.
-    """
-    problem = compile_problem(grammar)
-    if problem:
-        raise _guidance_error(f"{field}: the grammar cannot be compiled: {problem}", field)
-
-
-@functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)
-def compile_problem(grammar: str) -> str:
-    """What llguidance finds wrong with a grammar, or "" when it compiles; remembered
-    for the last `GRAMMAR_CACHE_SIZE` grammar strings (`compile_problem.cache_info()`)."""
-    from llguidance import LLMatcher
-
-    return LLMatcher.validate_grammar(grammar).strip()
-
-
-def _guidance_error(message: str, field: str = "response_format") -> EngineClientError:
+def guidance_error(message: str, field: str = "response_format") -> EngineClientError:
+    """GuidanceError about the request field `field`."""
     return EngineClientError(Code.GUIDANCE_ERROR, message, {"field": field})

@@ -4,8 +4,8 @@ The server side parses a line into requests (`parse_message`), types their param
 (`params_as`) and encodes replies (`encode_result`, `encode_error`, `encode_batch`) and
 stream notifications (`encode_notification`); the client side encodes requests and turns
 replies back into values and typed errors (`parse_reply`, `error_from_response`);
-`decode_json` and `convert_params` read any JSON body the same way for every transport,
-naming the field of whatever they refuse. The params, results and notifications of
+Bodies are read with `corral.protocol.codec.decode_json` and `convert_params`, as every
+transport reads them. The params, results and notifications of
 corral's methods are Structs here too (`LoadModelParams`, `RuntimeInfo`,
 `StreamEndParams`, ...).
 Error numbers come from the error table in `errors.py` alone. Every failure on
@@ -17,13 +17,12 @@ them.
 from __future__ import annotations
 
 import enum
-import math
-import re
 from collections.abc import Sequence
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
+from corral.protocol.codec import convert_params, decode_json
 from corral.protocol.errors import (
     ERROR_TABLE,
     Code,
@@ -43,6 +42,7 @@ from corral.protocol.messages import (
     ToolCall,
 )
 from corral.protocol.openai import UsageInfo
+from corral.protocol.validation import describe
 
 RequestId: TypeAlias = str | int | None
 """A request id as the spec allows it here: a string, an integer or null."""
@@ -234,85 +234,7 @@ Reply: TypeAlias = Response | ErrorResponse | Request
 
 _VERSION: Final = "2.0"
 _request_decoder: Final = msgspec.json.Decoder(Request)
-# Only to find where a number beyond a float's range (1e999) is: as an infinity.
-_lenient_decoder: Final = msgspec.json.Decoder(float_hook=float)
 _encoder: Final = msgspec.json.Encoder()
-
-_AT_PATH: Final = re.compile(r"(?s)(?P<text>.*) - at `\$\.?(?P<path>.*)`")
-_NAMED_FIELD: Final = re.compile(r"Object (?P<what>missing required|contains unknown) field "
-                                 r"`(?P<field>.*)`")
-
-
-def _lower_first(text: str) -> str:
-    """msgspec's sentence as the rest of ours: "Expected" → "expected", "JSON" stays."""
-    return text if text[1:2].isupper() else text[:1].lower() + text[1:]
-
-
-def _explain(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """The field path and message of a validation error.
-
-    msgspec's "Expected `int` >= 1 - at `$.max_tokens`" becomes
-    ("max_tokens", "max_tokens: expected int >= 1").
-    """
-    text, path = str(exc), ""
-    if match := _AT_PATH.fullmatch(text):
-        text, path = match["text"], match["path"]
-    if match := _NAMED_FIELD.fullmatch(text):
-        field = match["field"]
-        path = f"{path}.{field}" if path else field
-        text = "required field missing" if match["what"] == "missing required" else "unknown field"
-    text = _lower_first(text.replace("`", ""))
-    return path, f"{path}: {text}" if path else text
-
-
-def _parse_error(reason: str) -> EngineClientError:
-    return EngineClientError(Code.PARSE_ERROR, f"invalid JSON: {reason}")
-
-
-def decode_json(data: bytes) -> Any:
-    """Any JSON text as builtins, for every interface that reads JSON.
-
-    Integers of any size decode as Python ints, left to the range checks of the Struct
-    they are converted to (`convert_params`), which name the field.
-
-    Raises:
-        EngineClientError: code ParseError when `data` is not JSON: invalid UTF-8,
-            nesting too deep to decode, or a number beyond a float's range (1e999),
-            which is named by its path in the message and `details["field"]`
-            (`temperature`, `params.stop_token_ids[2]`). Nothing else.
-    """
-    try:
-        return msgspec.json.decode(data)
-    except RecursionError:
-        raise _parse_error("nested too deeply") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # msgspec reports a number it cannot hold (1e400) as a ValidationError.
-        path = _out_of_range(data) if isinstance(exc, msgspec.ValidationError) else None
-        if path:
-            raise EngineClientError(
-                Code.PARSE_ERROR, f"invalid JSON: {path}: number out of range",
-                {"field": path}) from None
-        raise _parse_error(_lower_first(str(exc))) from None
-
-
-def _out_of_range(data: bytes) -> str | None:
-    """The path of the first number beyond a float's range in `data`, if any."""
-    try:
-        value = _lenient_decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return None
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:  # not recursive: the value may be nested as deeply as msgspec allows
-        path, item = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return path
-        if isinstance(item, dict):
-            stack.extend((f"{path}.{key}" if path else str(key), member)
-                         for key, member in reversed(item.items()))
-        elif isinstance(item, list):
-            stack.extend((f"{path}[{index}]", member)
-                         for index, member in reversed(list(enumerate(item))))
-    return None
 
 
 def _valid_id(value: Any) -> RequestId:
@@ -324,7 +246,8 @@ def _item(value: Any) -> ParsedItem:
         return msgspec.convert(value, Request)
     except msgspec.ValidationError as exc:
         rid = _valid_id(value.get("id")) if isinstance(value, dict) else None
-        return InvalidItem(EngineClientError(Code.INVALID_REQUEST, _explain(exc)[1]).info(), rid)
+        error = EngineClientError(Code.INVALID_REQUEST, describe(exc, root=Request))
+        return InvalidItem(error.info(), rid)
 
 
 def parse_message(data: bytes) -> ParsedItem | list[ParsedItem]:
@@ -368,7 +291,7 @@ def params_as(request: Request, type_: type[_S]) -> _S:
 
     Raises:
         EngineClientError: code InvalidParams, with a message naming the field
-            (`max_tokens: expected int >= 1`) and `details["field"]`, when the params
+            (`max_tokens: expected >= 1`) and `details["field"]`, when the params
             do not fit `type_`.
         TypeError: if `type_` is not a msgspec Struct type.
     """
@@ -382,23 +305,6 @@ def params_as(request: Request, type_: type[_S]) -> _S:
             )
         params = dict(zip(names, params, strict=False))  # trailing fields: defaults
     return convert_params({} if params is None else params, type_)
-
-
-def convert_params(params: Any, type_: type[_S]) -> _S:
-    """`params` (builtins: a dict, usually) as a `type_` Struct; for every interface.
-
-    Raises:
-        EngineClientError: code InvalidParams naming the field, as `params_as` does.
-    """
-    try:
-        # JSON object keys are strings: a token id may key a mapping (logit_bias).
-        return msgspec.convert(params, type_, str_keys=True)
-    except RecursionError:
-        raise EngineClientError(Code.INVALID_PARAMS, "params nested too deeply") from None
-    except msgspec.ValidationError as exc:
-        path, message = _explain(exc)
-        raise EngineClientError(Code.INVALID_PARAMS, message,
-                                {"field": path} if path else None) from None
 
 
 def encode_request(method: str, params: Any = None, *, id: RequestId) -> bytes:
@@ -476,7 +382,7 @@ def _reply(value: Any) -> Reply:
         return msgspec.convert(value, type_)
     except msgspec.ValidationError as exc:
         raise EngineClientError(Code.TRANSPORT_ERROR,
-                                f"malformed reply: {_explain(exc)[1]}") from None
+                                f"malformed reply: {describe(exc, root=type_)}") from None
 
 
 def parse_reply(data: bytes) -> Reply | list[Reply]:

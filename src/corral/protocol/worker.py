@@ -17,20 +17,13 @@ and holds no behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from corral.config import PrefixCacheConfig
 from corral.protocol.errors import ErrorInfo
-from corral.protocol.messages import (
-    CancelSequence,
-    EngineStep,
-    InjectFault,
-    ModelInfo,
-    PrefixCacheStatistics,
-    Submit,
-)
+from corral.protocol.messages import EngineStep, ModelInfo, PrefixCacheStatistics
+from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 
 __all__ = [
     "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "ChatTemplateArgs",
@@ -40,6 +33,22 @@ __all__ = [
 
 PROTOCOL_VERSION: Final = 5
 """Bumped on any change to these frames; a worker of another version is refused."""
+
+
+class PrefixCacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Reuse of the KV cache of shared prompt prefixes, in memory and optionally on disk.
+
+    `max_bytes: null` means one eighth of the machine's physical memory
+    (`corral.engine.prefix_cache.default_prefix_cache_bytes`). The key
+    `generation.prefix_cache` of the configuration, declared here because it crosses
+    to the worker inside `EngineSettings` as it is.
+    """
+
+    enabled: bool = True
+    max_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    disk_dir: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    disk_min_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256
+    disk_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 4 * 1024**3
 
 
 class EngineSettings(msgspec.Struct, frozen=True):

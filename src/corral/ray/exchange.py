@@ -23,12 +23,12 @@ import msgspec
 import trio
 from starlette.types import ASGIApp, Message
 
-from corral.actors.streams import StreamBuffer
+from corral.protocol.codec import decode_json
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import decode_json
 from corral.protocol.messages import Usage
 from corral.ray.messages import ProxiedRequest, ReplyPart, ResumeRequest
 from corral.runtime import Runtime
+from corral.runtime.stream_buffers import StreamBuffer
 from corral.server.openai import (
     chat_job,
     completion_job,

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from corral.protocol.jsonrpc import decode_json
+from corral.protocol.codec import decode_json
 from corral.ray.messages import ProxiedRequest, ResumeRequest
 
 __all__ = ["PrefixAffinityRouter", "affinity_key", "preferred_replica"]

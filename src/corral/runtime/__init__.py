@@ -18,25 +18,22 @@ from typing import Any, final
 import msgspec
 import structlog
 
-from corral.actors.breaker import BreakerActor, BreakerStatistics, CircuitBreaker
-from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.retry import GetRetryStats, RetryStatistics
-from corral.actors.streams import StreamTable
-from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.ref import ActorRef
+from corral.actors.root import open_supervisor
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.config import FallbackResponse, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
+from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import convert_params
-from corral.protocol.messages import (
-    Completion,
-    EngineStep,
-    GenerateParams,
-    GetRegistryState,
-    InjectFault,
-    PrefixCacheStatistics,
-    RegistryState,
-)
+from corral.protocol.messages import Completion, EngineStep, GenerateParams, PrefixCacheStatistics
+from corral.protocol.serving_messages import GetRegistryState, InjectFault, RegistryState
+from corral.resilience.breaker import CircuitBreaker
+from corral.resilience.breaker_types import BreakerStatistics
+from corral.resilience.budget import RetryStatistics
+from corral.runtime.breaker_actor import BreakerActor
 from corral.runtime.choices import ChoiceStreams, open_choices
 from corral.runtime.healing import Healer, Reloader
 from corral.runtime.health import (
@@ -50,6 +47,8 @@ from corral.runtime.health import (
 )
 from corral.runtime.models import Models
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
+from corral.runtime.retry_actor import GetRetryStats
+from corral.runtime.stream_buffers import StreamTable
 from corral.runtime.tree import REGISTRY, build_root, domain, model_path
 
 __all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "ModelState",
@@ -289,7 +288,7 @@ class Runtime:
 
     def resilience(self) -> ResilienceState:
         """Rolling error and success rates, latency percentiles, retries, fallbacks and
-        each model's breaker: the figures of `corral.rolling`, read now."""
+        each model's breaker: the figures of `corral.resilience.rolling`, read now."""
         rolling = self.requests.rolling
         fallbacks: dict[str, dict[str, int]] = {}
         for (model, kind), count in rolling.fallbacks_total.items():

@@ -24,10 +24,10 @@ from typing import final
 import msgspec
 import trio
 
-from corral.actors.streams import StreamChunk
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import Choice, Completion, GenerateParams, TokenLogprob, Usage
 from corral.runtime.requests import Requests, TokenStream
+from corral.runtime.stream_buffers import StreamChunk
 
 __all__ = ["ChoiceStreams", "choice_request", "open_choices"]
 

@@ -15,9 +15,10 @@ from typing import Final, final
 import msgspec
 
 from corral.config import FallbackResponse, ModelConfig
-from corral.protocol.errors import CLIENT_ERROR_CODES, Code, code_of
+from corral.protocol.errors import CLIENT_ERROR_CODES, Code
 from corral.protocol.messages import FinishReason, GenerateParams
 from corral.resilience import CachedFallback
+from corral.resilience.classify import code_of
 
 __all__ = ["FallbackAnswer", "ResponseFallbacks"]
 

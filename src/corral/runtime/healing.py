@@ -18,12 +18,12 @@ from typing import final
 import structlog
 import trio
 
-from corral.actors.core import Context
+from corral.actors.context import Context
 from corral.actors.supervisor import Supervisor
 from corral.config import RuntimeConfig
 from corral.engine.loaders import resolve_model, resolve_model_now
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import ExitReason
+from corral.protocol.lifecycle import ExitReason
 from corral.runtime.models import ModelRecord, Models
 from corral.runtime.tree import backoff_of
 

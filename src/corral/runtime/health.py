@@ -10,11 +10,12 @@ from typing import Any, Literal
 
 import msgspec
 
-from corral.actors.breaker import BreakerStatistics
-from corral.actors.core import ActorSystem
-from corral.actors.model import EngineProgress
-from corral.protocol.messages import ModelInfo, PrefixCacheStatistics, RegistryState
-from corral.rolling import RollingSnapshot
+from corral.actors.system import ActorSystem
+from corral.protocol.messages import ModelInfo, PrefixCacheStatistics
+from corral.protocol.serving_messages import RegistryState
+from corral.resilience.breaker_types import BreakerStatistics
+from corral.resilience.rolling import RollingSnapshot
+from corral.runtime.model import EngineProgress
 
 __all__ = ["DomainHealth", "Health", "ModelDescription", "ModelState", "RuntimeStatistics",
            "assess"]

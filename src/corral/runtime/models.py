@@ -17,10 +17,10 @@ from typing import Any
 import structlog
 import trio
 
-from corral.actors.breaker import BreakerActor
-from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.model import EngineProgress, ModelActor
-from corral.actors.supervisor import ChildSpec, Supervisor
+from corral.actors.child_spec import ChildSpec
+from corral.actors.ref import ActorRef
+from corral.actors.supervisor import Supervisor
+from corral.actors.system import ActorSystem
 from corral.config import FallbackResponse, ModelConfig, RuntimeConfig
 from corral.engine.api import (
     EngineStatistics,
@@ -30,15 +30,12 @@ from corral.engine.api import (
 )
 from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
-from corral.protocol.messages import (
-    ALIAS_PATTERN,
-    EngineStep,
-    ExitReason,
-    ModelDown,
-    ModelInfo,
-    WaitReady,
-)
+from corral.protocol.lifecycle import ExitReason
+from corral.protocol.messages import ALIAS_PATTERN, EngineStep, ModelInfo
+from corral.protocol.serving_messages import ModelDown, WaitReady
+from corral.runtime.breaker_actor import BreakerActor
 from corral.runtime.health import ModelDescription, ModelState
+from corral.runtime.model import EngineProgress, ModelActor
 from corral.runtime.tree import REGISTRY, model_path, model_subtree_spec
 
 __all__ = ["ModelRecord", "Models", "check_alias", "default_alias", "held_open"]

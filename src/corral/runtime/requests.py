@@ -17,12 +17,10 @@ from typing import Any, final
 import structlog
 import trio
 
-from corral.actors.breaker import CircuitBreaker, Outcome, Record, acquire_through
-from corral.actors.core import ActorRef, ActorSystem
-from corral.actors.retry import ActorBudget, RetryPolicy
-from corral.actors.retry import call as retry_call
-from corral.actors.streams import StreamBuffer, StreamTable
+from corral.actors.ref import ActorRef
+from corral.actors.system import ActorSystem
 from corral.config import RuntimeConfig
+from corral.engine.grammar import check_grammar
 from corral.protocol.errors import (
     ActorExitedError,
     CircuitBreakerOpenError,
@@ -30,27 +28,31 @@ from corral.protocol.errors import (
     CorralError,
     EngineClientError,
     TimeoutError,
-    code_of,
     model_unloaded,
 )
-from corral.protocol.grammar import check_grammar
-from corral.protocol.messages import (
+from corral.protocol.messages import GenerateParams, ModelInfo, SamplingParams
+from corral.protocol.serving_messages import (
     Admit,
     ApplyChatTemplate,
     CancelSequence,
     CloseStream,
     Detokenize,
-    GenerateParams,
-    ModelInfo,
-    SamplingParams,
     Submit,
     Tokenize,
 )
-from corral.rolling import RollingErrorMetrics
+from corral.resilience.breaker import CircuitBreaker
+from corral.resilience.breaker_types import Outcome
+from corral.resilience.classify import code_of
+from corral.resilience.retries import RetryPolicy
+from corral.resilience.retries import call as retry_call
+from corral.resilience.rolling import RollingErrorMetrics
+from corral.runtime.breaker_actor import Record, acquire_through
 from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models, held_open
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
+from corral.runtime.retry_actor import ActorBudget
+from corral.runtime.stream_buffers import StreamBuffer, StreamTable
 from corral.runtime.token_stream import TokenStream
 from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
 from corral.runtime.tree import REGISTRY

@@ -13,9 +13,9 @@ from typing import final
 import msgspec
 import trio
 
-from corral.actors.streams import StreamBuffer, StreamChunk
 from corral.protocol.errors import TimeoutError
 from corral.protocol.messages import FinishReason, ToolCall, Usage
+from corral.runtime.stream_buffers import StreamBuffer, StreamChunk
 from corral.runtime.tools import ToolCallReader
 
 __all__ = ["TokenStream"]

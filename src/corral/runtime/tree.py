@@ -16,24 +16,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from corral.actors.breaker import BreakerActor
-from corral.actors.core import ActorRef
-from corral.actors.model import ModelActor
-from corral.actors.retry import RetryActor
-from corral.actors.streams import StreamRegistry, StreamTable
-from corral.actors.supervisor import (
-    Backoff,
-    ChildSpec,
-    Intensity,
-    Restart,
-    Strategy,
-    Supervisor,
-    supervisor_spec,
-)
+from corral.actors.child_spec import Backoff, ChildSpec, Intensity, Restart, Strategy
+from corral.actors.ref import ActorRef
+from corral.actors.supervisor import Supervisor, supervisor_spec
 from corral.config import RuntimeConfig
 from corral.engine.api import WorkerStandby
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineStep, ModelInfo
+from corral.runtime.breaker_actor import BreakerActor
+from corral.runtime.model import ModelActor
+from corral.runtime.retry_actor import RetryActor
+from corral.runtime.stream_buffers import StreamTable
+from corral.runtime.streams import StreamRegistry
 
 __all__ = ["REGISTRY", "backoff_of", "build_root", "domain", "model_path",
            "model_subtree_spec"]

@@ -24,8 +24,9 @@ from typing import Final, NoReturn, final
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams, convert_params
+from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams
 from corral.protocol.openai import ModelDeleted
 from corral.runtime import Runtime
 from corral.server.routes import (

@@ -18,7 +18,7 @@ from typing import Any, Final, Protocol, TypeAlias, final
 import msgspec
 import trio
 
-from corral.actors.core import Context
+from corral.actors.context import Context
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
 from corral.protocol.jsonrpc import (
     InvalidItem,
@@ -31,7 +31,7 @@ from corral.protocol.jsonrpc import (
     encode_result,
     parse_message,
 )
-from corral.protocol.messages import innermost
+from corral.protocol.lifecycle import innermost
 
 __all__ = ["ANSWERED", "Answered", "Call", "Connection", "ConnectionLimits", "InlineCall",
            "Respond", "Session", "SessionFactory", "reply_id"]

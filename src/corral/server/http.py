@@ -44,7 +44,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from corral.actors.core import Context
+from corral.actors.context import Context
 from corral.config import ServerConfig
 from corral.logging import bind_request
 from corral.metrics import Metrics

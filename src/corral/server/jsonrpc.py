@@ -18,8 +18,8 @@ from typing import Any, final
 import msgspec
 import trio
 
-from corral.actors.core import Child, Context
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
+from corral.actors.context import Child, Context
 from corral.protocol.errors import Code, CorralError, EngineClientError, TimeoutError
 from corral.protocol.jsonrpc import (
     CancelParams,

@@ -24,8 +24,10 @@ import msgspec
 import structlog
 import trio
 
-from corral.actors.core import ActorRef, Child, Context
-from corral.actors.supervisor import ChildSpec, Restart, Strategy, Supervisor
+from corral.actors.child_spec import ChildSpec, Restart, Strategy
+from corral.actors.context import Child, Context
+from corral.actors.ref import ActorRef
+from corral.actors.supervisor import Supervisor
 from corral.protocol.errors import CorralError
 
 __all__ = ["HandlerFactory", "ListenAddress", "Listener", "ListenerStatistics", "parse_uri"]

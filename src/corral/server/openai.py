@@ -18,9 +18,8 @@ from typing import Any, Final, Literal, TypeAlias, final
 
 import msgspec
 
-from corral.actors.streams import StreamChunk
+from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.jsonrpc import convert_params
 from corral.protocol.messages import (
     ChatMessage,
     Completion,
@@ -51,6 +50,7 @@ from corral.protocol.openai import (
     ToolCallDelta,
     UsageInfo,
 )
+from corral.runtime.stream_buffers import StreamChunk
 
 __all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completion_job",
            "drain_wait_ms", "error_body", "error_headers", "explained", "finish_reason",

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics, RequestOutcome
+from corral.protocol.codec import decode_json
 from corral.protocol.errors import (
     Code,
     CorralError,
@@ -32,8 +33,7 @@ from corral.protocol.errors import (
     OverloadedError,
     TimeoutError,
 )
-from corral.protocol.jsonrpc import decode_json
-from corral.protocol.messages import innermost
+from corral.protocol.lifecycle import innermost
 from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.openai import (

@@ -33,7 +33,7 @@ import structlog
 import trio
 from rich.console import Console
 
-from corral.actors.supervisor import ChildSpec
+from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig
 from corral.engine.loaders.smollm2 import SMOLLM2_ALIAS, cached_smollm2
 from corral.metrics import Metrics

@@ -1,12 +1,13 @@
-"""Retry with backoff and jitter under one deadline, and a retry budget shared per target.
+"""Retry with backoff and jitter under one deadline: the policy and the loop.
 
 `call(policy, fn, *args)` runs a caller's own async function again after a retryable
-failure. The loop runs in the caller's task, never in an actor: one actor running every
-caller's loop would serialise them. What callers of one target share is the retry budget
-(a token bucket as in gRPC's retry throttling, so retries cannot multiply load in an
-outage) and the statistics; `RetryActor` owns both and `ActorBudget` lets `call` consult
-it. This module never retries a client error, never swallows a cancellation that came
-from outside the loop, and never sleeps past the deadline.
+failure (`call_sync` a synchronous one). The loop runs in the caller's task, never in an
+actor: one actor running every caller's loop would serialise them. What callers of one
+target share is the retry budget (a token bucket as in gRPC's retry throttling, so
+retries cannot multiply load in an outage) and the statistics: a `RetryBudget` used
+directly, or any `Budget`, such as the retry actor's (`corral.runtime.retry_actor`).
+This module never retries a client error, never swallows a cancellation that came from
+outside the loop, and never sleeps past the deadline.
 """
 
 from __future__ import annotations
@@ -17,52 +18,27 @@ import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Final, Literal, TypeVar, TypeVarTuple, final
+from typing import Any, Final, Literal, TypeVar, TypeVarTuple, final
 
 import anyio
 import msgspec
-import structlog
 import trio
 
-from corral.actors.backoff import STRATEGIES, Strategy, base_delay, spread
-from corral.actors.clock import current_time
-from corral.actors.core import Actor, ActorRef
-from corral.actors.retry_budget import (
-    Budget,
-    ReportOutcome,
-    RetryBudget,
-    RetryCounters,
-    RetryStatistics,
-)
-from corral.config import RetryBudgetConfig, RetryConfig
+from corral.config import RetryConfig
 from corral.protocol.errors import (
     CLIENT_ERROR_CODES,
     Code,
     CorralError,
     RetryAbortedError,
     TimeoutError,
-    code_of,
     resolve_error_name,
 )
+from corral.resilience.backoff import STRATEGIES, Strategy, base_delay, spread
+from corral.resilience.budget import Budget, ReportOutcome, RetryBudget, RetryCounters
+from corral.resilience.classify import code_of
+from corral.resilience.clock import current_time
 
-__all__ = [
-    "ActorBudget",
-    "Budget",
-    "GetRetryStats",
-    "JitterMode",
-    "ReportOutcome",
-    "RequestRetry",
-    "RetryActor",
-    "RetryBudget",
-    "RetryCounters",
-    "RetryGrant",
-    "RetryMessage",
-    "RetryPolicy",
-    "RetryStatistics",
-    "Strategy",
-    "call",
-    "call_sync",
-]
+__all__ = ["JitterMode", "OnRetry", "RetryPolicy", "call", "call_sync"]
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -73,7 +49,6 @@ _JITTER_MODES: Final = frozenset({"proportional", "full", "equal", "decorrelated
 _NEVER_RETRIED: Final[frozenset[Code]] = CLIENT_ERROR_CODES | {Code.CANCELLED}
 """Codes no policy retries, listed or not: the caller's fault, or the caller gave up."""
 
-_log = structlog.get_logger("corral.retry")
 _rng = random.Random()
 
 
@@ -177,10 +152,11 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         """Whether `error` may be retried under this policy.
 
         The rule, in order: a client error (InvalidParams, ...) or Cancelled is never
-        retried, listed or not; an error whose code (see `corral.protocol.errors.code_of`) is not in
-        `retryable_errors` is not retried; a listed corral error is retried when its own
-        `retryable` flag says so (the table's value unless the raising site decided, as
-        it does for the "by cause" codes); a listed error of any other type is retried.
+        retried, listed or not; an error whose code (see `corral.resilience.classify.
+        code_of`) is not in `retryable_errors` is not retried; a listed corral error is
+        retried when its own `retryable` flag says so (the table's value unless the
+        raising site decided, as it does for the "by cause" codes); a listed error of any
+        other type is retried.
         """
         code = code_of(error)
         if code in _NEVER_RETRIED or code not in _resolve(self.retryable_errors):
@@ -434,119 +410,3 @@ def call_sync(policy: RetryPolicy, fn: Callable[[*Ts], T], *args: *Ts,
         return loop.run_sync(fn, args, budget, abort or threading.Event())
     finally:
         loop.finish(budget)
-
-
-# -- the actor -----------------------------------------------------------------------
-
-
-class RetryGrant(msgspec.Struct, frozen=True):
-    """The answer to `RequestRetry`: whether to retry, and the tokens left (None when
-    the target has no budget)."""
-
-    allowed: bool
-    tokens: float | None
-
-
-class RequestRetry(msgspec.Struct, frozen=True, tag="retry.request_retry"):
-    """An attempt failed with a retryable error and its caller would retry: charge it
-    one token and answer whether it may."""
-
-    reply_type: ClassVar[type[RetryGrant]] = RetryGrant
-
-
-class GetRetryStats(msgspec.Struct, frozen=True, tag="retry.get_stats"):
-    """Ask for the target's `RetryStatistics`."""
-
-    reply_type: ClassVar[type[RetryStatistics]] = RetryStatistics
-
-
-RetryMessage = RequestRetry | ReportOutcome | GetRetryStats
-
-
-@final
-class RetryActor(Actor[RetryMessage]):
-    """Owns the retry budget and the retry statistics of one target (a model alias).
-
-    Callers run their retry loops in their own tasks and consult this actor through
-    `ActorBudget`; its mailbox serialises the bucket's updates, so every caller of the
-    target draws on one budget. Messages: `RequestRetry` (answered `RetryGrant`),
-    `ReportOutcome` (a tell) and `GetRetryStats` (answered `RetryStatistics`). With
-    the budget disabled in the config every retry is granted and only the statistics
-    are kept. Each incarnation starts with a full bucket and zeroed statistics, as a
-    fresh gRPC channel does. Its handlers never await.
-
-    Args:
-        config: the bucket's size and refill; the config's defaults when None.
-    """
-
-    Message: ClassVar[Any] = RetryMessage
-
-    def __init__(self, config: RetryBudgetConfig | None = None) -> None:
-        config = config or RetryBudgetConfig()
-        self._budget = RetryBudget.from_config(config) if config.enabled else None
-        self._counters = RetryCounters()
-        self._throttling = False
-
-    async def handle(self, message: RetryMessage) -> RetryGrant | RetryStatistics | None:
-        budget = self._budget
-        match message:
-            case RequestRetry():
-                if budget is None:
-                    return RetryGrant(True, None)
-                allowed = budget.request_retry()
-                if not allowed:
-                    self._counters.record_denied()
-                self._note_throttling(budget)
-                return RetryGrant(allowed, budget.tokens)
-            case ReportOutcome():
-                self._counters.record(message)
-                if budget is not None:
-                    budget.settle(message)
-                    self._note_throttling(budget)
-                return None
-            case GetRetryStats():
-                return self._counters.statistics()
-
-    def _note_throttling(self, budget: RetryBudget) -> None:
-        throttling = not budget.can_retry()
-        if throttling != self._throttling:
-            self._throttling = throttling
-            log = self.ctx.log.warning if throttling else self.ctx.log.info
-            log("retry.budget_exhausted" if throttling else "retry.budget_restored",
-                tokens=budget.tokens, max_tokens=budget.max_tokens)
-
-
-@final
-class ActorBudget:
-    """The `Budget` of a `RetryActor`, for `call(policy, fn, budget=ActorBudget(ref))`.
-
-    If the actor cannot answer (exited, overloaded, or silent for `timeout` seconds)
-    the retry is refused: without its budget a target gets no retries, never unbounded
-    ones. Reports are sent without waiting and dropped if the actor cannot take them,
-    so bookkeeping never delays or fails a call that has ended.
-    """
-
-    __slots__ = ("_ref", "_timeout")
-
-    def __init__(self, ref: ActorRef, *, timeout: float = 1.0) -> None:
-        self._ref = ref
-        self._timeout = timeout
-
-    async def request_retry(self) -> bool:
-        try:
-            grant: RetryGrant = await self._ref.ask(RequestRetry(), timeout=self._timeout)
-        except CorralError as exc:
-            _log.warning("retry.budget_unavailable", actor=self._ref.path, error=repr(exc))
-            return False
-        return grant.allowed
-
-    def report(self, outcome: ReportOutcome) -> None:
-        try:
-            self._ref.tell_nowait(outcome)
-        except CorralError as exc:
-            _log.debug("retry.report_dropped", actor=self._ref.path, error=repr(exc))
-
-    async def statistics(self) -> RetryStatistics:
-        """The target's statistics, asked of the actor."""
-        stats: RetryStatistics = await self._ref.ask(GetRetryStats(), timeout=self._timeout)
-        return stats

@@ -71,7 +71,7 @@ class RetryBudget:
 
     @classmethod
     def from_config(cls, config: RetryBudgetConfig) -> RetryBudget:
-        return cls(config.max_tokens, config.token_ratio)
+        return cls(config.max_retry_tokens, config.token_ratio)
 
     @property
     def tokens(self) -> float:

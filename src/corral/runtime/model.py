@@ -17,23 +17,23 @@ from typing import Any
 import msgspec
 import trio
 
-from corral.actors.core import Actor, ActorRef, Reply
+from corral.actors.actor import Actor
+from corral.actors.mailbox import Reply
+from corral.actors.ref import ActorRef
 from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.engine.api import EngineClient, EngineStatistics, WorkerStandby, make_engine
 from corral.engine.pacing import OVERRUN_FACTOR
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
-from corral.protocol.messages import (
+from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
+from corral.protocol.serving_messages import (
     Accepted,
     ApplyChatTemplate,
     CancelSequence,
     Detokenize,
     EngineFailed,
     EngineLoaded,
-    EngineSequence,
-    EngineStep,
     InjectFault,
     ListSequences,
-    ModelInfo,
     ModelOutput,
     Ready,
     Sequences,

@@ -1,7 +1,7 @@
 """Delay schedules: the one place that turns an attempt number into a wait.
 
-Retry policies (`corral.actors.retry.RetryPolicy`, the user's and the runtime's) and
-supervisors' restart backoff (`corral.actors.supervisor.Backoff`) both take their delays
+Retry policies (`corral.resilience.retries.RetryPolicy`, the user's and the runtime's) and
+supervisors' restart backoff (`corral.actors.child_spec.Backoff`) both take their delays
 from here, so a cap means the same thing everywhere: no delay, jitter included, is ever
 longer than it. Pure arithmetic: no clock, no sleeping, no randomness of its own (the
 caller passes a uniform draw).

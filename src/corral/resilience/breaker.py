@@ -1,38 +1,38 @@
-"""Circuit breakers: a pure state machine, and the actor that shares one between tasks.
+"""Circuit breakers: a pure state machine that decides from recorded outcomes and a clock.
 
 `CircuitBreaker` decides from recorded outcomes and an injected clock whether a call may
 go through. CLOSED admits calls and counts failures; OPEN rejects them until the recovery
 timeout passes; HALF_OPEN admits a few probes whose results close or reopen it; DISABLED
 always admits and FORCED_OPEN always rejects, and only an operator leaves either.
-`BreakerActor` owns one breaker behind a mailbox; `call_through` is the function API
-through it. This module never does I/O, never sleeps, never reads the wall clock behind
-its caller's back, and knows nothing of MLX or of what the calls it guards do.
+The actor that shares one breaker between tasks is `corral.runtime.breaker_actor`.
+This module never does I/O, never sleeps, never reads the wall clock behind its
+caller's back, and knows nothing of MLX or of what the calls it guards do.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar, TypeVarTuple, final
+from typing import TypeVar, TypeVarTuple, final
 
 import msgspec
 import structlog
 import trio
 
-from corral.actors.clock import checkpoint, current_time
-from corral.actors.core import Actor, ActorRef
 from corral.config import CircuitBreakerConfig
-from corral.protocol.errors import (
-    CLIENT_ERROR_CODES,
-    ActorExitedError,
-    CircuitBreakerOpenError,
-    Code,
-    CorralError,
-    OverloadedError,
+from corral.protocol.errors import CLIENT_ERROR_CODES, CircuitBreakerOpenError, Code, CorralError
+from corral.resilience.breaker_types import (
+    BreakerStatistics,
+    Outcome,
+    Permit,
+    Reason,
+    State,
+    StateChangeHook,
+    Transition,
 )
+from corral.resilience.clock import checkpoint, current_time
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -43,131 +43,6 @@ _log = structlog.get_logger("corral.breaker")
 # breaker (or by an incarnation of a BreakerActor that has since restarted) can never
 # pass for a permit of another.
 _generations = itertools.count(1)
-
-
-class State(enum.StrEnum):
-    """Where a breaker is. Only an operator (`disable`, `force_open`, `reset`) enters
-    or leaves DISABLED and FORCED_OPEN."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-    DISABLED = "disabled"
-    FORCED_OPEN = "forced_open"
-
-
-class Outcome(enum.StrEnum):
-    """What a guarded call says about the thing behind the breaker.
-
-    Ignored outcomes (client errors, cancellation) count neither way: they only give
-    their permit back.
-    """
-
-    SUCCESS = "success"
-    FAILURE = "failure"
-    IGNORED = "ignored"
-
-
-class Reason(enum.StrEnum):
-    """Why a transition happened."""
-
-    FAILURE_THRESHOLD = "failure_threshold"  # CLOSED -> OPEN: consecutive failures
-    FAILURE_RATE = "failure_rate"  # CLOSED -> OPEN: failure rate over the sliding window
-    SLOW_CALL_RATE = "slow_call_rate"  # CLOSED -> OPEN: slow-call rate over the window
-    RECOVERY_TIMEOUT = "recovery_timeout"  # OPEN -> HALF_OPEN
-    PROBE_FAILED = "probe_failed"  # HALF_OPEN -> OPEN
-    PROBE_SLOW = "probe_slow"  # HALF_OPEN -> OPEN: a probe succeeded, but slowly
-    PROBES_SUCCEEDED = "probes_succeeded"  # HALF_OPEN -> CLOSED
-    FORCE_OPEN = "force_open"  # operator: any -> FORCED_OPEN
-    DISABLE = "disable"  # operator: any -> DISABLED
-    RESET = "reset"  # operator: any -> CLOSED
-
-
-class Permit(msgspec.Struct, frozen=True):
-    """The right to make one call, to be given back through `record` or `release`.
-
-    Attributes:
-        circuit: the breaker's name.
-        generation: the state period it was issued in; a new one starts at every
-            transition, so the result of an old permit never moves a newer state.
-        id: unique among the breaker's permits.
-        state: the state it was issued in (closed, half_open or disabled).
-        issued_at: the breaker's clock when it was issued, in seconds.
-    """
-
-    circuit: str
-    generation: int
-    id: int
-    state: State
-    issued_at: float
-
-
-class Transition(msgspec.Struct, frozen=True):
-    """One state change, emitted exactly once to structlog and to `on_state_change`.
-
-    Attributes:
-        circuit: the breaker's name.
-        previous: the state left.
-        next: the state entered.
-        reason: why.
-        failure_count: the failures behind the move: consecutive failures for
-            failure_threshold, failures in the sliding window for failure_rate and
-            slow_call_rate, 1 for probe_failed; otherwise the consecutive failures
-            counted in the state left (0 outside CLOSED).
-        time: the breaker's clock when it happened, in seconds. For recovery_timeout
-            that is when the timeout ran out, even if the breaker noticed later.
-    """
-
-    circuit: str
-    previous: State
-    next: State
-    reason: Reason
-    failure_count: int
-    time: float
-
-
-class BreakerStatistics(msgspec.Struct, frozen=True):
-    """A snapshot of one breaker (the answer to `GetState` too).
-
-    Attributes:
-        circuit: the breaker's name.
-        state: the state now (an expired OPEN reads as HALF_OPEN).
-        failure_count: consecutive failures counting toward failure_threshold now.
-        window_calls: successes and failures in the sliding window now (0 when neither
-            rate-based nor slow-call trip is configured).
-        window_failures: failures among them.
-        window_slow_calls: slow calls among them.
-        successes, failures, ignored: outcomes recorded since the breaker was made,
-            late ones included.
-        slow_calls: recorded calls at or above slow_call_duration_ms.
-        late: records whose permit belonged to an older state period (or was already
-            given back); counted above, but without effect on the state.
-        rejected: acquisitions refused with CircuitBreakerOpenError.
-        half_open_permits: probe permits out now.
-        transitions: transitions so far.
-        last_transition: the latest one, if any.
-        time_open_s: seconds spent OPEN or FORCED_OPEN so far, the current spell too.
-    """
-
-    circuit: str
-    state: State
-    failure_count: int
-    window_calls: int
-    window_failures: int
-    window_slow_calls: int
-    successes: int
-    failures: int
-    ignored: int
-    slow_calls: int
-    late: int
-    rejected: int
-    half_open_permits: int
-    transitions: int
-    last_transition: Transition | None
-    time_open_s: float = 0.0
-
-
-StateChangeHook = Callable[[Transition], None]
 
 
 @final
@@ -531,154 +406,3 @@ class CircuitBreaker:
                   time=now)
         if self._on_state_change is not None:
             self._on_state_change(event)
-
-
-# -- the actor -------------------------------------------------------------------------
-
-
-class PermitGranted(msgspec.Struct, frozen=True):
-    permit: Permit
-
-
-class Acquire(msgspec.Struct, frozen=True, tag="breaker.acquire"):
-    """Ask for a permit: answered `PermitGranted`, or CircuitBreakerOpenError."""
-
-    reply_type: ClassVar[type[PermitGranted]] = PermitGranted
-
-
-class Record(msgspec.Struct, frozen=True, tag="breaker.record"):
-    """Give a permit back with its outcome (a tell; no answer)."""
-
-    permit: Permit
-    outcome: Outcome
-    duration_s: float | None = None
-
-
-class GetState(msgspec.Struct, frozen=True, tag="breaker.get_state"):
-    """Answered with the breaker's `BreakerStatistics`."""
-
-    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
-
-
-class ForceOpen(msgspec.Struct, frozen=True, tag="breaker.force_open"):
-    """Operator: `CircuitBreaker.force_open`; answered with the statistics after it."""
-
-    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
-
-
-class Disable(msgspec.Struct, frozen=True, tag="breaker.disable"):
-    """Operator: `CircuitBreaker.disable`; answered with the statistics after it."""
-
-    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
-
-
-class Reset(msgspec.Struct, frozen=True, tag="breaker.reset"):
-    """Operator: `CircuitBreaker.reset`; answered with the statistics after it."""
-
-    reply_type: ClassVar[type[BreakerStatistics]] = BreakerStatistics
-
-
-BreakerMessage = Acquire | Record | GetState | ForceOpen | Disable | Reset
-
-
-@final
-class BreakerActor(Actor[BreakerMessage]):
-    """One CircuitBreaker behind a mailbox, shared by every task that holds the ref.
-
-    The breaker lives and dies with the incarnation: a restart builds a fresh CLOSED
-    breaker, and permits of the old one count as late. Its handlers never await, and
-    only a raising `on_state_change` hook can crash them. In a model's rest_for_one
-    group (breaker, retry, model actor) the breaker comes first, so it is restarted
-    only when it crashes itself, which is rare; a crash of the model actor after it
-    leaves the breaker and its counts alone, which is what lets the breaker see the
-    model's failures at all.
-
-    Args:
-        name: the circuit's name.
-        config: the breaker's settings.
-        on_state_change: passed to the CircuitBreaker (metrics hook it here).
-    """
-
-    Message = BreakerMessage
-
-    def __init__(self, name: str, config: CircuitBreakerConfig = CircuitBreakerConfig(), *,
-                 on_state_change: StateChangeHook | None = None) -> None:
-        self.breaker = CircuitBreaker(name, config, on_state_change=on_state_change)
-
-    async def handle(self, message: BreakerMessage) -> Any:
-        breaker = self.breaker
-        match message:
-            case Acquire():
-                return PermitGranted(breaker.acquire())
-            case Record(permit=permit, outcome=outcome, duration_s=duration):
-                breaker.record(permit, outcome, duration)
-                return None
-            case GetState():
-                pass
-            case ForceOpen():
-                breaker.force_open()
-            case Disable():
-                breaker.disable()
-            case Reset():
-                breaker.reset()
-        return breaker.statistics()
-
-
-async def acquire_through(ref: ActorRef, *, timeout: float | None = None) -> Permit:
-    """A permit from the breaker actor at `ref`, for a caller that records the outcome
-    itself (`Record`). The wait is shielded (bounded by `timeout`), so a permit is never
-    granted to a caller that cancellation then stops from recording it: the caller
-    must follow with `checkpoint_if_cancelled` inside the block that records.
-
-    Raises:
-        CircuitBreakerOpenError: the breaker refused.
-        ActorExitedError, OverloadedError, TimeoutError: the breaker actor did not answer.
-    """
-    with trio.CancelScope(shield=True):
-        granted: PermitGranted = await ref.ask(Acquire(), timeout=timeout)
-    return granted.permit
-
-
-async def call_through(ref: ActorRef, fn: Callable[[*Ts], Awaitable[T]],
-                       *args: *Ts, timeout: float | None = None) -> T:
-    """`await fn(*args)` through the breaker actor at `ref`: the function API by messages.
-
-    Acquires a permit, runs `fn`, and tells the outcome (by `CircuitBreaker.outcome_of`,
-    with the duration on trio's clock). A permit is never lost to cancellation: the
-    wait for the permit is shielded (bounded by `timeout`) and a permit granted to a
-    caller cancelled meanwhile goes straight back as ignored, as does the permit of a
-    call cancelled while it runs.
-
-    Args:
-        timeout: seconds to wait for the permit; defaults to the system's ask timeout.
-
-    Raises:
-        CircuitBreakerOpenError: the breaker refused; `fn` was not called.
-        ActorExitedError, OverloadedError, TimeoutError: the breaker actor did not
-            answer; `fn` was not called.
-    """
-    permit = await acquire_through(ref, timeout=timeout)
-    started = trio.current_time()
-    try:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        result = await fn(*args)
-    except BaseException as exc:
-        await _report(ref, permit, CircuitBreaker.outcome_of(exc), trio.current_time() - started)
-        raise
-    await _report(ref, permit, Outcome.SUCCESS, trio.current_time() - started)
-    return result
-
-
-async def _report(ref: ActorRef, permit: Permit, outcome: Outcome, duration: float) -> None:
-    # Shielded without a deadline: tell waits only while the mailbox is full, and the
-    # breaker actor drains it without ever awaiting, so this cannot hang; an unshielded
-    # tell would lose a cancelled probe's permit and could wedge HALF_OPEN.
-    with trio.CancelScope(shield=True):
-        try:
-            await ref.tell(Record(permit, outcome, duration))
-        except (ActorExitedError, OverloadedError) as exc:
-            # The breaker is gone or restarting with a full stash; its successor has
-            # never seen this permit, so there is nothing to give back.
-            _log.warning("breaker.record_lost", circuit=permit.circuit,
-                         outcome=outcome.value, error=repr(exc))
-

@@ -19,7 +19,7 @@ from typing import Final, final
 import msgspec
 from hdrh.histogram import HdrHistogram
 
-from corral.actors.clock import current_time
+from corral.resilience.clock import current_time
 
 __all__ = ["ErrorRates", "LatencyPercentiles", "RollingErrorMetrics", "RollingSnapshot"]
 
