@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from corral.config import LoggingConfig
+from corral.engine.mlx_import import import_mlx_lm
 from corral.engine.thread import Engine
 from corral.logging import configure_logging
 from corral.protocol.codec import DecodeError, Decoder, FrameError, FrameReader, encode, frame
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _limit_address_space(args.memory_limit_mb)
     # Paid before Hello: a standby worker (see `WorkerStandby`) has it behind it when a
     # restart adopts it, and it is most of a worker's start.
-    import mlx_lm  # noqa: F401
+    import_mlx_lm()
     worker = _Worker(frames_fd, args.heartbeat_ms / 1000.0, parent_pid)
     code = trio.run(worker.run)
     sys.stderr.flush()
