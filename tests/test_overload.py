@@ -196,6 +196,10 @@ def test_a_low_open_file_limit_neither_fails_the_load_nor_is_lowered(
         server.wait_ready()
         served = trio.run(_one_stream, port)
         assert served.kind == "served", served
+        # 300 at once past the connection cap (128, half the limit): refused, not lost.
+        outcomes = trio.run(_round, port)
+        assert [o.detail for o in outcomes if o.kind == "lost"] == []
+        assert {o.detail for o in outcomes if o.kind == "served"} == {served.detail}
         limits = Path(f"/proc/{server.process.pid}/limits").read_text()
         assert re.search(r"Max open files\s+256\s+256", limits), limits
     finally:
