@@ -4,9 +4,9 @@
 `tree` (the supervision tree), `models` (the loaded models and their subtrees),
 `healing` (reloading models that failed for good), `requests` (the request pipeline
 and `TokenStream`), `choices` (the `n` choices of one request), `limits` (prompt and
-completion lengths) and `health` (what the runtime reports). The facade holds no
-state a restart would need except the table of open streams and the records of the
-loaded models, which the tree's factories read back.
+completion lengths) and `health` (what the runtime reports). `open_runtime` builds
+them once, in dependency order (`_assemble`); the facade keeps them private and holds
+no state of its own. Other modules use its methods, never its parts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from corral.actors.child_spec import ChildSpec
 from corral.actors.ref import ActorRef
 from corral.actors.root import open_supervisor
 from corral.actors.supervisor import Supervisor
-from corral.actors.system import ActorSystem
+from corral.actors.system import ActorSystem, Listener
 from corral.config import FallbackResponse, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
@@ -48,8 +48,8 @@ from corral.runtime.health import (
 from corral.runtime.models import Models
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
 from corral.runtime.retry_actor import GetRetryStats
-from corral.runtime.stream_buffers import StreamTable
-from corral.runtime.tree import REGISTRY, build_root, domain, model_path
+from corral.runtime.stream_buffers import StreamBuffer, StreamTable
+from corral.runtime.tree import REGISTRY, RunningRoot, build_root, model_path
 
 __all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "ModelState",
            "ResilienceState", "Runtime", "RuntimeStatistics", "TokenStream", "open_runtime",
@@ -58,33 +58,32 @@ __all__ = ["ChoiceStreams", "DomainHealth", "Health", "ModelDescription", "Model
 
 @final
 class Runtime:
-    """The embedded facade over one supervision tree. Made by `open_runtime`."""
+    """The embedded facade over one supervision tree. Made by `open_runtime`.
 
-    def __init__(self, config: RuntimeConfig, system: ActorSystem) -> None:
-        self.config = config
-        self.system = system
-        self.table = StreamTable()
-        self._transports: list[ChildSpec] = []
-        self._root: Supervisor | None = None
-        self.models = Models(config, system, generation=lambda: self.domain("generation"),
-                             on_failed=lambda model, reason: self._healer.failed(model, reason))
-        self._healer = Healer(config, self.models, lambda: self.root)
-        self.requests = Requests(config, system, self.models, self.table)
+    Only a facade: its parts (the models, the request pipeline, the table of open
+    streams, the actor system and the tree) are private, built once by `open_runtime`
+    in dependency order, and everything outside this package goes through the methods
+    below. `corral.aio.Runtime` offers the same methods to asyncio, generated from this
+    class's public ones (`tests/test_aio_parity.py` checks the two surfaces match).
+    """
 
-    def tree(self) -> Supervisor:
-        """The root supervisor to start (once, by `open_runtime`)."""
-        return build_root(self.config, self.table, self.models.ref,
-                          self.models.specs, self._transports,
-                          lambda: Reloader(self._healer))
-
-    def attach(self, root: Supervisor) -> None:
-        """The root supervisor `tree()` built is running (called once by `open_runtime`)."""
-        self._root = root
+    def __init__(self, config: RuntimeConfig, system: ActorSystem, running: RunningRoot,
+                 models: Models, requests: Requests, table: StreamTable,
+                 transports: list[ChildSpec]) -> None:
+        self._config = config
+        self._system = system
+        self._running = running
+        self._models = models
+        self._requests = requests
+        self._table = table
+        self._transports = transports
 
     @property
-    def root(self) -> Supervisor:
-        assert self._root is not None, "the runtime's tree is not running"
-        return self._root
+    def config(self) -> RuntimeConfig:
+        """The configuration the runtime runs with (read only)."""
+        return self._config
+
+    # -- the tree, for transports, operations and fault-injection tests ----------------
 
     def domain(self, name: str) -> Supervisor:
         """A failure domain's supervisor ("stream_registry" is an actor, not one).
@@ -92,7 +91,43 @@ class Runtime:
         Raises:
             EngineClientError: RuntimeError (retryable) while the domain restarts.
         """
-        return domain(self.root, name)
+        return self._running.domain(name)
+
+    def actor(self, path: str) -> ActorRef:
+        """The ref of the actor at `path` (``root/stream_registry``,
+        ``root/transport/http``, `corral.runtime.tree.model_path`...): stable across its
+        restarts, to read its `statistics()` or wait for its exit."""
+        return self._system.ref(path)
+
+    def kill(self, path: str) -> None:
+        """Kill the actor or supervisor at `path` at once, as an abnormal exit: its
+        supervisor restarts it or not by its spec, as after a crash (Erlang's
+        `exit(Pid, kill)`). For operators and fault-injection tests.
+
+        Raises:
+            EngineClientError: InvalidParams for a path outside the tree; RuntimeError
+                (retryable) while a supervisor on the path restarts.
+        """
+        names = path.split("/")
+        if len(names) < 2 or names[0] != "root":
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    f"path: {path!r} is not a child in the runtime's tree",
+                                    {"field": "path"})
+        parent = self._running.root()
+        for depth, name in enumerate(names[1:-1], start=1):
+            child = parent.child(name)
+            if not isinstance(child, Supervisor):
+                raise EngineClientError(
+                    Code.RUNTIME_ERROR, f"{'/'.join(names[:depth + 1])} is not running",
+                    {"path": path}, retryable=True)
+            parent = child
+        parent.kill_child(names[-1])
+
+    def add_lifecycle_listener(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with every lifecycle event of the tree (started, exited,
+        restarted...), in the trio thread. It must not block or raise. Returns a
+        function that removes it."""
+        return self._system.add_listener(listener)
 
     def circuit_breaker(self, alias: str) -> CircuitBreaker:
         """A model's live circuit breaker, to read (or, in tests and operations, to force
@@ -102,17 +137,13 @@ class Runtime:
             EngineClientError: ModelNotLoaded; RuntimeError (retryable) while the
                 breaker's actor restarts.
         """
-        self.models.require(alias, allow_failed=True)
-        actor = self.models.live(alias, "breaker")
+        self._models.require(alias, allow_failed=True)
+        actor = self._models.live(alias, "breaker")
         if not isinstance(actor, BreakerActor):
             raise EngineClientError(Code.RUNTIME_ERROR,
                                     f"the breaker of model {alias} is restarting",
                                     {"model": alias}, retryable=True)
         return actor.breaker
-
-    def model_ref(self, alias: str, child: str = "model") -> ActorRef:
-        """The ref of one child (breaker, retry, model) of a model's subtree."""
-        return self.system.ref(model_path(alias, child))
 
     async def start_transport(self, spec: ChildSpec) -> ActorRef:
         """Start a listener (HTTP, JSON-RPC) as a child of the transport supervisor.
@@ -151,7 +182,7 @@ class Runtime:
                 ModelLoadError when the path leads to no model or the engine cannot
                 load it.
         """
-        return await self.models.load(path, alias=alias, fallbacks=fallbacks,
+        return await self._models.load(path, alias=alias, fallbacks=fallbacks,
                                       chat_template=chat_template)
 
     async def unload_model(self, alias: str) -> None:
@@ -164,20 +195,20 @@ class Runtime:
         Raises:
             EngineClientError: ModelNotLoaded for an unknown alias.
         """
-        await self.models.unload(alias)
+        await self._models.unload(alias)
 
     def list_models(self) -> list[ModelDescription]:
-        return self.models.list()
+        return self._models.list()
 
     # -- requests ----------------------------------------------------------------------
 
     async def tokenize(self, model: str | None, text: str, *,
                        add_special_tokens: bool = True) -> list[int]:
-        return await self.requests.tokenize(model, text,
+        return await self._requests.tokenize(model, text,
                                             add_special_tokens=add_special_tokens)
 
     async def detokenize(self, model: str | None, ids: list[int]) -> str:
-        return await self.requests.detokenize(model, ids)
+        return await self._requests.detokenize(model, ids)
 
     @asynccontextmanager
     async def generate(self, model: str | None = None, prompt: str | list[int] | None = None,
@@ -202,13 +233,13 @@ class Runtime:
             TimeoutError: the deadline passed (from the block or from the loop).
         """
         request = convert_params({**params, "model": model, "prompt": prompt}, GenerateParams)
-        async with self.requests.open_stream(request) as stream:
+        async with self._requests.open_stream(request) as stream:
             yield stream
 
     def stream(self, request: GenerateParams) -> AbstractAsyncContextManager[TokenStream]:
         """`generate` for a request already typed: `async with rt.stream(params) as
         stream`."""
-        return self.requests.open_stream(request)
+        return self._requests.open_stream(request)
 
     @asynccontextmanager
     async def generate_choices(self, model: str | None = None,
@@ -219,13 +250,13 @@ class Runtime:
         the block, or one choice failing, ends them all. See `corral.runtime.choices`.
         """
         request = convert_params({**params, "model": model, "prompt": prompt}, GenerateParams)
-        async with open_choices(self.requests, request) as choices:
+        async with open_choices(self._requests, request) as choices:
             yield choices
 
     def choices(self, request: GenerateParams) -> AbstractAsyncContextManager[ChoiceStreams]:
         """`generate_choices` for a request already typed (what the transports build
         once): `async with rt.choices(params) as choices`."""
-        return open_choices(self.requests, request)
+        return open_choices(self._requests, request)
 
     async def complete(self, model: str | None = None, prompt: str | list[int] | None = None,
                        **params: Any) -> Completion:
@@ -238,12 +269,12 @@ class Runtime:
 
     async def run(self, request: GenerateParams) -> Completion:
         """`complete` for a request already typed; `n` choices in `choices`."""
-        async with open_choices(self.requests, request) as choices:
+        async with open_choices(self._requests, request) as choices:
             return await choices.completion()
 
     @property
     def draining(self) -> bool:
-        return self.requests.draining
+        return self._requests.draining
 
     async def drain(self, timeout: float) -> int:
         """Stop admitting, let open streams finish for up to `timeout` seconds, then end
@@ -252,36 +283,36 @@ class Runtime:
         Returns:
             How many streams were cut off at the timeout.
         """
-        return await self.requests.drain(timeout)
+        return await self._requests.drain(timeout)
 
     # -- health and statistics ---------------------------------------------------------
 
     def health(self) -> Health:
         models = self.list_models()
-        return assess(self.system, models, draining=self.draining,
-                      progress={m.alias: self.models.progress(m.alias) for m in models},
-                      active_streams=len(self.table.open_buffers()),
-                      restart_limit_s=(self.config.restarts.delay_max_ms
-                                       + self.config.python_runtime.startup_timeout_ms)
+        return assess(self._system, models, draining=self.draining,
+                      progress={m.alias: self._models.progress(m.alias) for m in models},
+                      active_streams=len(self._table.open_buffers()),
+                      restart_limit_s=(self._config.restarts.delay_max_ms
+                                       + self._config.python_runtime.startup_timeout_ms)
                       / 1000.0)
 
     async def registry_state(self, *, timeout: float | None = None) -> RegistryState:
         """Running and waiting streams, as the registry counts them."""
-        state: RegistryState = await self.system.ref(REGISTRY).ask(
+        state: RegistryState = await self._system.ref(REGISTRY).ask(
             GetRegistryState(), timeout=timeout)
         return state
 
     async def retry_statistics(self, alias: str, *,
                                timeout: float | None = None) -> RetryStatistics:
         """The retry statistics of one model (reset when its retry actor restarts)."""
-        self.models.require(alias)
-        stats: RetryStatistics = await self.model_ref(alias, "retry").ask(
+        self._models.require(alias)
+        stats: RetryStatistics = await self._model_ref(alias, "retry").ask(
             GetRetryStats(), timeout=timeout)
         return stats
 
     async def statistics(self) -> RuntimeStatistics:
-        actors = {path: msgspec.to_builtins(self.system.mailbox(path).statistics())
-                  for path in self.system.paths()}
+        actors = {path: msgspec.to_builtins(self._system.mailbox(path).statistics())
+                  for path in self._system.paths()}
         return RuntimeStatistics(actors=actors, registry=await self.registry_state(),
                                  prefix_cache=self.prefix_cache_statistics(),
                                  resilience=self.resilience())
@@ -289,7 +320,7 @@ class Runtime:
     def resilience(self) -> ResilienceState:
         """Rolling error and success rates, latency percentiles, retries, fallbacks and
         each model's breaker: the figures of `corral.resilience.rolling`, read now."""
-        rolling = self.requests.rolling
+        rolling = self._requests.rolling
         fallbacks: dict[str, dict[str, int]] = {}
         for (model, kind), count in rolling.fallbacks_total.items():
             fallbacks.setdefault(model, {})[kind] = count
@@ -299,7 +330,7 @@ class Runtime:
     def breaker_statistics(self) -> dict[str, BreakerStatistics]:
         """Each model's circuit breaker now; one whose actor restarts is left out."""
         breakers = {}
-        for alias in self.models.by_alias:
+        for alias in self._models.by_alias:
             try:
                 breakers[alias] = self.circuit_breaker(alias).statistics()
             except CorralError:
@@ -310,7 +341,7 @@ class Runtime:
         """Each model's prefix cache counters, from its live engine (a model whose actor
         is restarting is left out)."""
         found = {}
-        for alias in self.models.by_alias:
+        for alias in self._models.by_alias:
             stats = self.engine_statistics(alias)
             if stats is not None:
                 found[alias] = stats.prefix_cache
@@ -322,21 +353,52 @@ class Runtime:
         the trio thread, before the registry sees the step. It must not block or raise.
         Returns a function that removes it. For benchmarks and tests that count steps.
         """
-        listeners = self.models.require(alias).step_listeners
+        listeners = self._models.require(alias).step_listeners
         listeners.append(listener)
         return lambda: listeners.remove(listener)
 
     def engine_statistics(self, alias: str) -> EngineStatistics | None:
         """The live engine's statistics (with `pid` under process isolation), or None
         while the model actor restarts."""
-        return self.models.engine_statistics(alias)
+        return self._models.engine_statistics(alias)
+
+    def stream_buffers(self) -> list[StreamBuffer]:
+        """Every stream the runtime holds now, ended ones its reader has not closed
+        included: the buffers their output waits in. To read, never to write: for taps
+        that follow a request's tokens (the Ray exchange) and for tests."""
+        return self._table.buffers()
 
     async def inject_fault(self, model: str,
                            kind: FaultKind) -> None:
         """Test hook: make the model's engine fail (raise) or stall (hang) at its next
         step; with process isolation, end its worker (exit, segfault)."""
-        entry = self.models.require(model)
-        await self.model_ref(entry.alias).ask(InjectFault(kind))
+        entry = self._models.require(model)
+        await self._model_ref(entry.alias).ask(InjectFault(kind))
+
+    def _model_ref(self, alias: str, child: str = "model") -> ActorRef:
+        return self._system.ref(model_path(alias, child))
+
+
+def _assemble(config: RuntimeConfig,
+              system: ActorSystem) -> tuple[Runtime, RunningRoot, Supervisor, Models]:
+    """Every part of one runtime, each built after what it needs: the facade, the slot
+    its running root goes in, the root supervisor to start, and the models (whose
+    standby workers `open_runtime` closes last).
+
+    The parts that reach the tree (the models start subtrees in the generation
+    domain, the healer finds the reloader) get the `RunningRoot` slot, which exists
+    now and holds the root once it runs; nothing refers to a part built later.
+    """
+    running = RunningRoot()
+    table = StreamTable()
+    transports: list[ChildSpec] = []
+    healer = Healer(config, running.root)
+    models = Models(config, system, generation=running.generation, on_failed=healer.failed)
+    requests = Requests(config, system, models, table)
+    root = build_root(config, table, models.ref, models.specs, transports,
+                      lambda: Reloader(healer, models))
+    runtime = Runtime(config, system, running, models, requests, table, transports)
+    return runtime, running, root, models
 
 
 @asynccontextmanager
@@ -358,10 +420,10 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
     system = ActorSystem(mailbox_capacity=sup.mailbox_capacity, stash_limit=sup.stash_limit,
                          fairness_interval=sup.fairness_interval,
                          default_ask_timeout=config.calls.default_timeout_ms / 1000.0)
-    runtime = Runtime(config, system)
+    runtime, running, tree, loaded_models = _assemble(config, system)
     try:
-        async with open_supervisor(runtime.tree(), system=system) as root:
-            runtime.attach(root)
+        async with open_supervisor(tree, system=system) as root:
+            running.attach(root)
             for model in config.generation.models:
                 await runtime.load_model(model.path, alias=model.alias,
                                          fallbacks=model.fallbacks,
@@ -370,4 +432,4 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
                 await runtime.load_model(path, alias=alias)
             yield runtime
     finally:
-        await runtime.models.close_standbys()
+        await loaded_models.close_standbys()
