@@ -282,7 +282,41 @@ def _bench_command(name: str, summary: str) -> None:
 
 
 for _name, _summary in BENCHES.items():
-    _bench_command(_name, _summary)
+    if _name != "serve":  # its own command below: it takes the load too
+        _bench_command(_name, _summary)
+
+
+def _concurrency_list(value: str | None) -> list[int]:
+    if value is None:
+        return []
+    try:
+        levels = [int(part) for part in value.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter(f"expected positive integers separated by commas, such as "
+                                 f"1,4,16; got {value!r}")
+    return levels
+
+
+@bench_app.command("serve", help=BENCHES["serve"])
+def bench_serve(
+    smoke: SmokeOption = False, output_dir: OutputOption = None, model: ModelOption = None,
+    concurrency: Annotated[str | None, typer.Option(
+        help="Fixed-concurrency loads instead of the default ones, such as 1,4,16.")]
+    = None,
+    duration: Annotated[float | None, typer.Option(
+        help="Seconds each target runs each fixed-concurrency load (split over the "
+             "rounds), instead of a number of requests.", min=0.1)] = None,
+) -> None:
+    from corral.bench import serve as bench
+    from corral.config import LoggingConfig
+    from corral.logging import configure_logging
+
+    levels = _concurrency_list(concurrency)
+    configure_logging(LoggingConfig(level="error"))
+    bench.main(smoke=smoke, output_dir=output_dir, model=model, concurrency=levels,
+               duration_s=duration)
 
 
 @bench_app.command("blas")
