@@ -20,7 +20,7 @@ import msgspec.inspect
 import yaml
 
 from corral.protocol.errors import resolve_error_name
-from corral.protocol.messages import Alias
+from corral.protocol.messages import Alias, Duration
 
 __all__ = [
     "ALIASES",
@@ -220,15 +220,16 @@ class FallbackResponse(_Section, frozen=True):
 
 
 class ModelConfig(_Section, frozen=True):
-    """A model loaded at start: its alias (see `corral.protocol.messages.ALIAS_PATTERN`),
-    its path, and its fallbacks: other models' aliases, then optionally cached and
-    default response steps. `chat_template` replaces the model's own: a Jinja template,
-    or the path of a file holding one."""
+    """A model loaded at start: its alias (`corral.protocol.messages.ALIAS_PATTERN`), path,
+    fallbacks (other models' aliases, then optionally cached and default response steps),
+    `chat_template` (a Jinja template or a file holding one, replacing the model's own) and
+    `keep_alive`: idle time before it is unloaded, as Ollama's (`corral.runtime.keep_alive`)."""
 
     alias: Alias
     path: _Name
     fallbacks: tuple[Alias | FallbackResponse, ...] = ()
     chat_template: _Name | None = None
+    keep_alive: float | Duration | None = None  # seconds or "5m"; 0: after each request
 
     @property
     def fallback_aliases(self) -> tuple[str, ...]:

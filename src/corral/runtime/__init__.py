@@ -48,6 +48,7 @@ from corral.runtime.health import (
     RuntimeStatistics,
     assess,
 )
+from corral.runtime.keep_alive import IdleUnloader, KeepAlive
 from corral.runtime.models import Models
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
 from corral.runtime.tree import REGISTRY, build_root, domain, model_path
@@ -70,13 +71,18 @@ class Runtime:
         self.models = Models(config, system, generation=lambda: self.domain("generation"),
                              on_failed=lambda model, reason: self._healer.failed(model, reason))
         self._healer = Healer(config, self.models, lambda: self.root)
-        self.requests = Requests(config, system, self.models, self.table)
+        self.keep_alive = KeepAlive(config, self.models, self._streams_open)
+        self.requests = Requests(config, system, self.models, self.table, self.keep_alive)
 
     def tree(self) -> Supervisor:
         """The root supervisor to start (once, by `open_runtime`)."""
         return build_root(self.config, self.table, self.models.ref,
                           self.models.specs, self._transports,
-                          lambda: Reloader(self._healer))
+                          lambda: Reloader(self._healer),
+                          lambda: IdleUnloader(self.keep_alive))
+
+    def _streams_open(self, alias: str) -> bool:
+        return any(buffer.model == alias for buffer in self.table.open_buffers())
 
     def attach(self, root: Supervisor) -> None:
         """The root supervisor `tree()` built is running (called once by `open_runtime`)."""
@@ -152,8 +158,10 @@ class Runtime:
                 ModelLoadError when the path leads to no model or the engine cannot
                 load it.
         """
-        return await self.models.load(path, alias=alias, fallbacks=fallbacks,
-                                      chat_template=chat_template)
+        loaded = await self.models.load(path, alias=alias, fallbacks=fallbacks,
+                                        chat_template=chat_template)
+        self.keep_alive.changed()  # its keep-alive counts from now
+        return loaded
 
     async def unload_model(self, alias: str) -> None:
         """Stop a model's subtree and forget it. Its open streams end with
@@ -162,10 +170,14 @@ class Runtime:
         them over. Loads and unloads of one alias run one at a time: this waits for a
         load of the alias under way. Its worker processes are reaped before it returns.
 
+        A model unloaded this way no longer loads on demand (unless it is configured);
+        one unloaded for being idle does (`corral.runtime.keep_alive`).
+
         Raises:
             EngineClientError: ModelNotLoaded for an unknown alias.
         """
         await self.models.unload(alias)
+        self.keep_alive.forget(alias)
 
     def list_models(self) -> list[ModelDescription]:
         return self.models.list()
