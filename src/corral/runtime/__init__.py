@@ -23,7 +23,7 @@ from corral.actors.core import ActorRef, ActorSystem
 from corral.actors.retry import GetRetryStats, RetryStatistics
 from corral.actors.streams import StreamTable
 from corral.actors.supervisor import ChildSpec, Supervisor, open_supervisor
-from corral.config import FallbackResponse, RuntimeConfig
+from corral.config import FallbackResponse, ModelConfig, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
 from corral.protocol.errors import Code, CorralError, EngineClientError
@@ -181,6 +181,28 @@ class Runtime:
 
     def list_models(self) -> list[ModelDescription]:
         return self.models.list()
+
+    def loadable_models(self) -> list[ModelConfig]:
+        """The models not loaded now that a request naming them loads on demand: the
+        configured ones, and those unloaded for being idle."""
+        return self.keep_alive.known()
+
+    def model_expires_at(self, alias: str) -> float | None:
+        """When a loaded model is unloaded for being idle (trio's clock); None while a
+        request holds it, when it stays loaded for good, or when it is not loaded."""
+        return self.keep_alive.expires_at(alias)
+
+    async def keep_model(self, alias: str, keep_alive: float | None) -> None:
+        """Load `alias` on demand if it is not loaded (see `loadable_models`), then keep
+        it loaded for `keep_alive` seconds from now (0: unload it now, negative: for
+        good, None: its configured keep-alive).
+
+        Raises:
+            EngineClientError: ModelNotLoaded for a model neither loaded nor loadable;
+                what loading it raised.
+        """
+        async with self.keep_alive.hold(alias, keep_alive):
+            self.models.require(alias, allow_failed=True)
 
     # -- requests ----------------------------------------------------------------------
 

@@ -20,12 +20,25 @@ import trio
 from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics, RequestOutcome
-from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
+from corral.protocol.errors import (
+    Code,
+    CorralError,
+    EngineClientError,
+    OverloadedError,
+    TimeoutError,
+)
+from corral.protocol.messages import innermost
 from corral.runtime import ChoiceStreams
-from corral.server.openai import error_body, error_headers, status_of, with_drain_wait
+from corral.server.openai import (
+    error_body,
+    error_headers,
+    internal_error,
+    status_of,
+    with_drain_wait,
+)
 
 __all__ = ["LAST_WORDS_S", "NDJSON", "SSE", "ClientStreams", "Exchange", "Framing",
-           "client_address", "run_exchange"]
+           "client_address", "failure", "run_exchange"]
 
 _log = structlog.get_logger("corral.http")
 
@@ -212,6 +225,19 @@ class ClientStreams:
         self._open[client] -= 1
         if self._open[client] <= 0:
             del self._open[client]
+
+
+def failure(exc: Exception, method: str, request_id: str) -> CorralError:
+    """What a client is told of `exc`, raised while its request was served: a corral
+    error as it is (a Timeout naming `method`), anything else as an InternalError that
+    names only its type (and is logged whole: it is a bug)."""
+    error = innermost(exc)
+    if isinstance(error, TimeoutError):
+        return error.for_method(method)
+    if not isinstance(error, CorralError):
+        _log.error("http.generation_failed", request_id=request_id, exc_info=error)
+        return internal_error(error)
+    return error
 
 
 async def run_exchange(exchange: Exchange, receive: Receive, clients: ClientStreams,

@@ -16,7 +16,6 @@ import time
 from typing import Any, Literal, final
 
 import msgspec
-import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect, Request
@@ -24,9 +23,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics
-from corral.protocol.errors import Code, CorralError, EngineClientError, TimeoutError
+from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import decode_json
-from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.exchange import (
@@ -34,6 +32,7 @@ from corral.server.exchange import (
     ClientStreams,
     Exchange,
     client_address,
+    failure,
     run_exchange,
 )
 from corral.server.openai import (
@@ -45,7 +44,6 @@ from corral.server.openai import (
     error_headers,
     explained,
     finish_reason,
-    internal_error,
     retry_after,
     status_of,
 )
@@ -54,7 +52,6 @@ __all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error
            "json_response", "model_card", "read_body", "read_json"]
 
 _encode = msgspec.json.Encoder().encode
-_log = structlog.get_logger("corral.http")
 
 
 def error_response(error: CorralError, request_id: str) -> Response:
@@ -163,14 +160,7 @@ class GenerateEndpoint:
             else:
                 await self._whole(job, exchange)
         except Exception as exc:  # the client gets every failure as a reply
-            error = innermost(exc)
-            if isinstance(error, TimeoutError):
-                error = error.for_method(self._method)
-            elif not isinstance(error, CorralError):
-                _log.error("http.generation_failed", request_id=exchange.request_id,
-                           exc_info=error)
-                error = internal_error(error)
-            await exchange.fail(explained(error))
+            await exchange.fail(explained(failure(exc, self._method, exchange.request_id)))
 
     async def _stream(self, job: Job, exchange: Exchange) -> None:
         """SSE: each choice's chunks as they come (`index` names the choice), each
