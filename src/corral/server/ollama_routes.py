@@ -142,7 +142,7 @@ class OllamaGenerateEndpoint:
     def _has_work(request: _Request) -> bool:
         if isinstance(request, ChatRequest):
             return bool(request.messages)
-        return bool(request.prompt) or request.raw
+        return bool(request.prompt)
 
     async def _run(self, request: _Request, params: GenerateParams | None, reply: Reply,
                    exchange: Exchange) -> None:
