@@ -19,6 +19,12 @@ import trio
 
 from conftest import wait_until
 from corral.config import config_from_mapping
+from corral.protocol.durations import KEEP_FOREVER
+from corral.protocol.errors import EngineClientError
+from corral.protocol.grammar import JsonObjectFormat
+from corral.protocol.jsonrpc import convert_params
+from corral.protocol.messages import ChatMessage
+from corral.protocol.ollama import ChatRequest, GenerateRequest
 from corral.runtime import open_runtime
 from test_http import Served, registry_active, serve_http
 
@@ -267,3 +273,37 @@ async def _nothing_loaded(served: Served) -> bool:
 
 async def _nothing_active(served: Served) -> bool:
     return await registry_active(served.rt) == 0
+
+
+def test_a_request_converts_itself_to_generate_params() -> None:
+    request = convert_params({
+        "model": "tiny", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"function": {"name": "f", "arguments": {"x": 1}}}]},
+            {"role": "tool", "tool_name": "f", "content": "2"}],
+        "format": "json", "keep_alive": "5m", "stream": False,
+        "options": {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "seed": -1,
+                    "num_predict": 12, "stop": ["\n"], "repeat_penalty": 1.1,
+                    "num_ctx": 4096, "num_thread": 2, "repeat_last_n": 64,
+                    "mirostat": 0, "tfs_z": 1.0}}, ChatRequest)
+    params = request.to_generate_params("rid", "http:1.2.3.4")
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 40, None)
+    assert (params.max_tokens, params.stop, params.repetition_penalty) == (12, ["\n"], 1.1)
+    assert params.response_format == JsonObjectFormat() and params.keep_alive == 300.0
+    assert (params.request_id, params.client) == ("rid", "http:1.2.3.4")
+    assert params.messages is not None
+    [call] = params.messages[1].tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("f", {"x": 1})
+    assert params.messages[2].name == "f" and params.messages[1].content == ""
+    unlimited = convert_params({"model": "tiny", "prompt": "x", "keep_alive": -1,
+                                "options": {"num_predict": -1}}, GenerateRequest)
+    generate = unlimited.to_generate_params("rid", "c")
+    assert generate.max_tokens is None and generate.keep_alive == KEEP_FOREVER
+    assert generate.messages == [ChatMessage(role="user", content="x")]
+    with pytest.raises(EngineClientError, match=r"options\.num_predict"):
+        convert_params({"model": "tiny", "prompt": "x", "options": {"num_predict": 0}},
+                       GenerateRequest).to_generate_params("rid", "c")
+    with pytest.raises(EngineClientError, match="think: not supported"):
+        convert_params({"model": "tiny", "prompt": "x", "think": True},
+                       GenerateRequest).to_generate_params("rid", "c")

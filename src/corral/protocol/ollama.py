@@ -158,7 +158,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     answers; `thinking` (an earlier reply's reasoning) is dropped."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = None
     thinking: str | None = None
     images: list[str] | None = None
     tool_calls: list[ToolCallOut] | None = None
@@ -176,7 +176,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
         calls = [ToolCall(call.id or f"call_{index}_{position}",
                           FunctionCall(call.function.name, json.dumps(call.function.arguments)))
                  for position, call in enumerate(self.tool_calls or ())]
-        return ChatMessage(role=self.role, content=self.content, tool_calls=calls,
+        return ChatMessage(role=self.role, content=self.content or "", tool_calls=calls,
                            tool_call_id=self.tool_call_id, name=self.tool_name)
 
 
