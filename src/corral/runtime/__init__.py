@@ -2,7 +2,8 @@
 
 `Runtime` is a thin facade over the parts of this package, each with one job:
 `tree` (the supervision tree), `models` (the loaded models and their subtrees),
-`healing` (reloading models that failed for good), `requests` (the request pipeline
+`healing` (reloading models that failed for good), `keep_alive` (unloading idle models,
+loading them again on demand), `requests` (the request pipeline
 and `TokenStream`), `choices` (the `n` choices of one request), `limits` (prompt and
 completion lengths) and `health` (what the runtime reports). The facade holds no
 state a restart would need except the table of open streams and the records of the
