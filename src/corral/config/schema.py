@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 import msgspec
 
 from corral.protocol.errors import resolve_error_name
-from corral.protocol.messages import Alias
+from corral.protocol.messages import Alias, Duration
 from corral.protocol.validation import FieldError
 from corral.protocol.worker import PrefixCacheConfig
 
@@ -189,6 +189,11 @@ class ModelConfig(Section, frozen=True):
     path: _Name
     fallbacks: tuple[Alias | FallbackResponse, ...] = ()
     chat_template: _Name | None = None
+    keep_alive: float | Duration | None = None
+    """How long the model stays loaded while idle, as Ollama's `keep_alive`: seconds or
+    a duration ("5m", "1h"); 0 unloads it after each request, a negative value or null
+    keeps it loaded for good. Unloaded, it loads again on its next request
+    (`corral.runtime.keep_alive`)."""
 
     @property
     def fallback_aliases(self) -> tuple[str, ...]:

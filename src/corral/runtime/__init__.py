@@ -2,7 +2,8 @@
 
 `Runtime` is a thin facade over the parts of this package, each with one job:
 `tree` (the supervision tree), `models` (the loaded models and their subtrees),
-`healing` (reloading models that failed for good), `requests` (the request pipeline
+`healing` (reloading models that failed for good), `keep_alive` (unloading idle models,
+loading them again on demand), `requests` (the request pipeline
 and `TokenStream`), `choices` (the `n` choices of one request), `limits` (prompt and
 completion lengths) and `health` (what the runtime reports). The facade holds no
 state a restart would need except the table of open streams and the records of the
@@ -23,7 +24,7 @@ from corral.actors.ref import ActorRef
 from corral.actors.root import open_supervisor
 from corral.actors.supervisor import Supervisor
 from corral.actors.system import ActorSystem
-from corral.config import FallbackResponse, RuntimeConfig
+from corral.config import FallbackResponse, ModelConfig, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
 from corral.protocol.codec import convert_params
@@ -45,6 +46,7 @@ from corral.runtime.health import (
     RuntimeStatistics,
     assess,
 )
+from corral.runtime.keep_alive import IdleUnloader, KeepAlive
 from corral.runtime.models import Models
 from corral.runtime.requests import Requests, TokenStream, shutting_down_error
 from corral.runtime.retry_actor import GetRetryStats
@@ -69,13 +71,18 @@ class Runtime:
         self.models = Models(config, system, generation=lambda: self.domain("generation"),
                              on_failed=lambda model, reason: self._healer.failed(model, reason))
         self._healer = Healer(config, self.models, lambda: self.root)
-        self.requests = Requests(config, system, self.models, self.table)
+        self.keep_alive = KeepAlive(config, self.models, self._streams_open)
+        self.requests = Requests(config, system, self.models, self.table, self.keep_alive)
 
     def tree(self) -> Supervisor:
         """The root supervisor to start (once, by `open_runtime`)."""
         return build_root(self.config, self.table, self.models.ref,
                           self.models.specs, self._transports,
-                          lambda: Reloader(self._healer))
+                          lambda: Reloader(self._healer),
+                          lambda: IdleUnloader(self.keep_alive))
+
+    def _streams_open(self, alias: str) -> bool:
+        return any(buffer.model == alias for buffer in self.table.open_buffers())
 
     def attach(self, root: Supervisor) -> None:
         """The root supervisor `tree()` built is running (called once by `open_runtime`)."""
@@ -151,8 +158,10 @@ class Runtime:
                 ModelLoadError when the path leads to no model or the engine cannot
                 load it.
         """
-        return await self.models.load(path, alias=alias, fallbacks=fallbacks,
-                                      chat_template=chat_template)
+        loaded = await self.models.load(path, alias=alias, fallbacks=fallbacks,
+                                        chat_template=chat_template)
+        self.keep_alive.changed()  # its keep-alive counts from now
+        return loaded
 
     async def unload_model(self, alias: str) -> None:
         """Stop a model's subtree and forget it. Its open streams end with
@@ -161,13 +170,39 @@ class Runtime:
         them over. Loads and unloads of one alias run one at a time: this waits for a
         load of the alias under way. Its worker processes are reaped before it returns.
 
+        A model unloaded this way no longer loads on demand (unless it is configured);
+        one unloaded for being idle does (`corral.runtime.keep_alive`).
+
         Raises:
             EngineClientError: ModelNotLoaded for an unknown alias.
         """
         await self.models.unload(alias)
+        self.keep_alive.forget(alias)
 
     def list_models(self) -> list[ModelDescription]:
         return self.models.list()
+
+    def loadable_models(self) -> list[ModelConfig]:
+        """The models not loaded now that a request naming them loads on demand: the
+        configured ones, and those unloaded for being idle."""
+        return self.keep_alive.known()
+
+    def model_expires_at(self, alias: str) -> float | None:
+        """When a loaded model is unloaded for being idle (trio's clock); None while a
+        request holds it, when it stays loaded for good, or when it is not loaded."""
+        return self.keep_alive.expires_at(alias)
+
+    async def keep_model(self, alias: str, keep_alive: float | None) -> None:
+        """Load `alias` on demand if it is not loaded (see `loadable_models`), then keep
+        it loaded for `keep_alive` seconds from now (0: unload it now, negative: for
+        good, None: its configured keep-alive).
+
+        Raises:
+            EngineClientError: ModelNotLoaded for a model neither loaded nor loadable;
+                what loading it raised.
+        """
+        async with self.keep_alive.hold(alias, keep_alive):
+            self.models.require(alias, allow_failed=True)
 
     # -- requests ----------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from corral.resilience.retries import call as retry_call
 from corral.resilience.rolling import RollingErrorMetrics
 from corral.runtime.breaker_actor import Record, acquire_through
 from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
+from corral.runtime.keep_alive import KeepAlive
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models, held_open
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
@@ -71,12 +72,14 @@ class Requests:
         system: the actor system (refs to the registry and the models).
         models: the loaded models.
         table: the open streams, shared with the registry.
+        keep_alive: holds each request's model loaded, loading it on demand.
     """
 
     def __init__(self, config: RuntimeConfig, system: ActorSystem, models: Models,
-                 table: StreamTable) -> None:
+                 table: StreamTable, keep_alive: KeepAlive) -> None:
         self._config = config
         self._models = models
+        self._keep_alive = keep_alive
         self._table = table
         self._registry = system.ref(REGISTRY)
         self._policy = RetryPolicy.from_config(config.calls.retry)
@@ -110,8 +113,10 @@ class Requests:
             raise EngineClientError(Code.INVALID_PARAMS,
                                     "n: a TokenStream reads one choice; read n > 1 through "
                                     "Runtime.choices or generate_choices", {"field": "n"})
-        entry = self._models.require(request.model, allow_failed=True)
+        alias = request.model if request.model is not None else self._models.require(None).alias
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._keep_alive.hold(alias, request.keep_alive))
+            entry = self._models.require(alias, allow_failed=True)
             try:
                 stream = await stack.enter_async_context(self._model_stream(request, entry))
             except Exception as exc:

@@ -3,7 +3,8 @@ errors) and the supervised listener, served by Hypercorn's trio worker and Starl
 
 Routes (`routes.py`): POST /v1/completions and /v1/chat/completions (JSON, or SSE with
 `stream`), GET /v1/models[/{id}], GET /health, GET /metrics; with an admin API key
-(`admin.py`), POST /v1/models/load and /v1/models/unload. Every error leaves as
+(`admin.py`), POST /v1/models/load and /v1/models/unload; Ollama's API under /api
+(`ollama_routes.py`). Every error leaves as
 OpenAI's error body with corral's code name and the request id, its status from the
 error table (`openai.py`). This module never shapes a body or calls the runtime's
 request methods itself, and holds no state a restart of the HTTP server would lose.
@@ -52,6 +53,7 @@ from corral.protocol.errors import Code, EngineClientError, OverloadedError
 from corral.runtime import Runtime
 from corral.server.admin import AdminRoutes
 from corral.server.lingering import LingeringStream
+from corral.server.ollama_routes import ollama_routes
 from corral.server.openai import error_body, error_headers, internal_error
 from corral.server.routes import (
     LAST_WORDS_S,
@@ -211,6 +213,8 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
             Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
+            *ollama_routes(runtime, metrics, body_timeout_ms=limits.body_timeout_ms,
+                           clients=clients),
         ],
         middleware=[Middleware(_RequestContext)],
         exception_handlers={HTTPException: _http_exception})

@@ -12,30 +12,29 @@ of bodies and the status of errors to `openai.py`.
 
 from __future__ import annotations
 
-import collections
 import time
-from typing import Any, Final, Literal, final
+from typing import Any, Literal, final
 
 import msgspec
-import structlog
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from corral.metrics import Metrics, RequestOutcome
+from corral.metrics import Metrics
 from corral.protocol.codec import decode_json
-from corral.protocol.errors import (
-    Code,
-    CorralError,
-    EngineClientError,
-    OverloadedError,
-    TimeoutError,
-)
-from corral.protocol.lifecycle import innermost
+from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
+from corral.server.exchange import (
+    LAST_WORDS_S,
+    ClientStreams,
+    Exchange,
+    client_address,
+    failure,
+    run_exchange,
+)
 from corral.server.openai import (
     Job,
     chat_job,
@@ -45,23 +44,14 @@ from corral.server.openai import (
     error_headers,
     explained,
     finish_reason,
-    internal_error,
     retry_after,
     status_of,
-    with_drain_wait,
 )
 
 __all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error_response",
            "json_response", "model_card", "read_body", "read_json"]
 
-LAST_WORDS_S: Final = 1.0
-"""How long a server that is stopping, or refusing a connection, spends telling the
-client why."""
-_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream; charset=utf-8"),
-                       (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _encode = msgspec.json.Encoder().encode
-
-_log = structlog.get_logger("corral.http")
 
 
 def error_response(error: CorralError, request_id: str) -> Response:
@@ -118,155 +108,6 @@ def _too_large(limit: int, seen: str) -> EngineClientError:
         "server.max_body_bytes)", {"max_body_bytes": limit})
 
 
-# -- the exchange of one generation request -----------------------------------------------
-
-
-@final
-class _Exchange:
-    """The sending side of one generation request; reports how it ended to metrics,
-    once.
-
-    Until something is sent, an error can still be an HTTP status; after the SSE
-    headers it can only be the stream's last event.
-    """
-
-    def __init__(self, send: Send, request_id: str, metrics: Metrics,
-                 started_at: float, drain_ms: int) -> None:
-        self._send = send
-        self._metrics = metrics
-        self._started_at = started_at
-        self._drain_ms = drain_ms
-        self._observed = False
-        self.request_id = request_id
-        self.sse_started = False
-        self.disconnected = False
-        self.stream: ChoiceStreams | None = None
-
-    @property
-    def ended(self) -> bool:
-        """Whether the request's outcome is settled (a reply, or an error reported)."""
-        return self._observed
-
-    def _observe(self, outcome: RequestOutcome, code: str | None) -> None:
-        # Before the last bytes go out, so a client that has its reply sees it counted.
-        if not self._observed:
-            self._observed = True
-            self._metrics.observe_stream(self.stream, self._started_at, outcome, code)
-
-    def succeeded(self) -> None:
-        self._observe("success", None)
-
-    def failed(self, error: CorralError) -> None:
-        self._observe("error", error.code.value)
-
-    def abandoned(self) -> None:
-        """The request ended without a reply of its own: the client went away."""
-        self._observe("cancelled", Code.CANCELLED.value)
-
-    async def start_sse(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        self.sse_started = True
-        await self._send({"type": "http.response.start", "status": 200,
-                          "headers": [*_SSE_HEADERS, *(headers or [])]})
-
-    async def event(self, data: msgspec.Struct) -> None:
-        await self._send({"type": "http.response.body", "more_body": True,
-                          "body": b"data: " + _encode(data) + b"\n\n"})
-
-    async def end_sse(self, *, done: bool) -> None:
-        await self._send({"type": "http.response.body", "more_body": False,
-                          "body": b"data: [DONE]\n\n" if done else b""})
-
-    async def json(self, status: int, data: msgspec.Struct,
-                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        body = _encode(data)
-        await self._send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()), *(headers or [])]})
-        await self._send({"type": "http.response.body", "body": body, "more_body": False})
-
-    async def fail(self, error: CorralError) -> None:
-        """Report `error` the only way still open: a status, or the last SSE event."""
-        error = with_drain_wait(error, self._drain_ms)
-        self.failed(error)
-        if self.sse_started:
-            await self.event(error_body(error, self.request_id))
-            await self.end_sse(done=False)
-        else:
-            await self.json(status_of(error), error_body(error, self.request_id),
-                            error_headers(error))
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
-                                exchange: _Exchange) -> None:
-    """Cancel `scope` when the client goes away (the body was read already, so the next
-    ASGI message is the disconnect).
-
-    Once the outcome is settled, the disconnect is hypercorn ending the exchange as the
-    last bytes go out, and nothing is cancelled: hypercorn starts the connection's
-    keep-alive timer from inside that last send, and a cancel then would kill the timer,
-    leaving an idle connection open for good.
-    """
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if exchange.ended:
-        return
-    exchange.disconnected = True
-    scope.cancel()
-
-
-async def _last_words(exchange: _Exchange) -> None:
-    """Tell a client whose reply the stopping server cuts short, rather than drop it.
-
-    Runs shielded for at most `LAST_WORDS_S`: the server is being cancelled.
-    """
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + LAST_WORDS_S):
-        try:
-            await exchange.fail(EngineClientError(
-                Code.TRANSPORT_ERROR, "the HTTP server stopped before the reply was complete",
-                retryable=True))
-        except Exception as exc:  # the connection may be gone already
-            _log.info("http.last_words_undelivered", request_id=exchange.request_id,
-                      error=repr(exc))
-
-
-def _client_address(scope: Scope) -> str:
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
-@final
-class ClientStreams:
-    """Generation requests open per client address, shared by both endpoints.
-
-    Args:
-        limit: requests one address may have open at once; None: no limit.
-        retry_after_ms: the wait an Overloaded answer tells.
-    """
-
-    def __init__(self, limit: int | None, retry_after_ms: int) -> None:
-        self._limit = limit
-        self._retry_after_ms = retry_after_ms
-        self._open: collections.Counter[str] = collections.Counter()
-
-    def take(self, client: str) -> None:
-        """Count one more request of `client`; `give_back` it when it ends.
-
-        Raises:
-            OverloadedError: `client` has as many open as allowed.
-        """
-        if self._limit is not None and self._open[client] >= self._limit:
-            raise OverloadedError(
-                f"client {client} has {self._open[client]} generation requests open, "
-                "the most allowed", self._retry_after_ms,
-                {"max_streams_per_client": self._limit})
-        self._open[client] += 1
-
-    def give_back(self, client: str) -> None:
-        self._open[client] -= 1
-        if self._open[client] <= 0:
-            del self._open[client]
-
-
 @final
 class GenerateEndpoint:
     """POST /v1/completions or /v1/chat/completions, as a plain ASGI app.
@@ -296,51 +137,32 @@ class GenerateEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
-        client = _client_address(scope)
-        exchange = _Exchange(send, request_id, self._metrics, trio.current_time(),
-                             self._drain_ms)
+        client = client_address(scope)
+        exchange = Exchange(send, request_id, self._metrics, trio.current_time(),
+                            self._drain_ms)
         try:
             body = await read_json(Request(scope, receive), self._max_body,
                                     self._body_timeout_ms)
             job = self._make_job(body, request_id, f"http:{client}")
-            self._clients.take(client)
         except ClientDisconnect:
             exchange.abandoned()
             return
         except CorralError as exc:
             await exchange.fail(explained(exc))
             return
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope,
-                                   exchange)
-                try:
-                    await self._run(job, exchange)
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            self._clients.give_back(client)
-            if not exchange.ended and not exchange.disconnected:
-                await _last_words(exchange)
-            exchange.abandoned()
+        await run_exchange(exchange, receive, self._clients, client,
+                           lambda: self._run(job, exchange))
 
-    async def _run(self, job: Job, exchange: _Exchange) -> None:
+    async def _run(self, job: Job, exchange: Exchange) -> None:
         try:
             if job.stream:
                 await self._stream(job, exchange)
             else:
                 await self._whole(job, exchange)
         except Exception as exc:  # the client gets every failure as a reply
-            error = innermost(exc)
-            if isinstance(error, TimeoutError):
-                error = error.for_method(self._method)
-            elif not isinstance(error, CorralError):
-                _log.error("http.generation_failed", request_id=exchange.request_id,
-                           exc_info=error)
-                error = internal_error(error)
-            await exchange.fail(explained(error))
+            await exchange.fail(explained(failure(exc, self._method, exchange.request_id)))
 
-    async def _stream(self, job: Job, exchange: _Exchange) -> None:
+    async def _stream(self, job: Job, exchange: Exchange) -> None:
         """SSE: each choice's chunks as they come (`index` names the choice), each
         choice's finish reason as it ends, then the usage when asked."""
         shape = job.shape
@@ -364,7 +186,7 @@ class GenerateEndpoint:
                 await exchange.event(shape.usage(model, choices.usage))
         await exchange.end_sse(done=True)
 
-    async def _whole(self, job: Job, exchange: _Exchange) -> None:
+    async def _whole(self, job: Job, exchange: Exchange) -> None:
         async with self._runtime.choices(job.params) as choices:
             exchange.stream = choices
             body = job.shape.whole(await choices.completion())
