@@ -136,10 +136,14 @@ class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: Literal["function"] = "function"
 
 
+FunctionName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+"""The name of a function a model may call."""
+
+
 class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A function the model may call; `parameters` is its arguments' JSON schema."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -518,8 +522,10 @@ ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
 _Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
 _Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
-_Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-_Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+"""A sampling temperature: 0 is greedy."""
+Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+"""A probability mass above 0 (top_p)."""
 _Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
@@ -549,8 +555,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     prompt: str | list[TokenId] | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: TokenCount | None = None
-    temperature: _Temperature = 0.0
-    top_p: _Probability = 1.0
+    temperature: Temperature = 0.0
+    top_p: Probability = 1.0
     top_k: TopK = 0
     min_p: _Fraction = 0.0
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None

@@ -52,7 +52,8 @@ from corral.protocol.openai import (
     UsageInfo,
 )
 
-__all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completion_job",
+__all__ = ["OPENAI_ERRORS", "ChatShape", "CompletionShape", "Job", "OpenAIErrors", "Shape",
+           "chat_job", "completion_job",
            "drain_wait_ms", "error_body", "error_headers", "explained", "finish_reason",
            "internal_error", "retry_after", "status_of", "with_drain_wait"]
 
@@ -110,6 +111,26 @@ def error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
     if "body_timeout_ms" in error.details or "max_body_bytes" in error.details:
         headers.append((b"connection", b"close"))
     return headers
+
+
+@final
+class OpenAIErrors:
+    """corral's errors as the OpenAI API tells them (`status_of`, `error_body`,
+    `error_headers`); mid-stream, as a bare `data:` event."""
+
+    sse_event: Final = None
+
+    def status(self, error: CorralError) -> int:
+        return status_of(error)
+
+    def body(self, error: CorralError, request_id: str) -> ErrorBody:
+        return error_body(error, request_id)
+
+    def headers(self, error: CorralError) -> list[tuple[bytes, bytes]]:
+        return error_headers(error)
+
+
+OPENAI_ERRORS: Final = OpenAIErrors()
 
 
 def retry_after(ms: float) -> tuple[bytes, bytes]:

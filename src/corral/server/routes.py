@@ -1,20 +1,20 @@
-"""The HTTP API's endpoints as ASGI apps: POST /v1/completions and
-/v1/chat/completions (one exchange per request), and GET /v1/models[/{id}], /health and
-/metrics.
+"""The HTTP API's endpoints as ASGI apps: the generation endpoints (one exchange per
+request, whatever the API: OpenAI's POST /v1/completions and /v1/chat/completions here,
+others through an `Api`), and GET /v1/models[/{id}], /health and /metrics.
 
 A generation endpoint owns its whole exchange, so that a client that goes away cancels
 its generation, streaming or not, and an error after a stream has started is its last
 SSE event, never a dropped connection. Endpoints speak to the runtime facade only: this
 module never reaches into actors, holds no state a restart of the HTTP server would
 lose (per-client counts aside, which end with their requests), and leaves the shapes
-of bodies and the status of errors to `openai.py`.
+of bodies and the status of errors to each API's module (`openai.py`).
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, final
 
 import msgspec
 import structlog
@@ -37,22 +37,21 @@ from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.openai import (
+    OPENAI_ERRORS,
     Job,
     chat_job,
     completion_job,
     drain_wait_ms,
-    error_body,
-    error_headers,
     explained,
     finish_reason,
     internal_error,
     retry_after,
-    status_of,
     with_drain_wait,
 )
 
-__all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error_response",
-           "json_response", "model_card", "read_body", "read_json"]
+__all__ = ["LAST_WORDS_S", "Api", "ClientStreams", "ErrorShape", "Exchange", "GenerateEndpoint",
+           "OpenAIApi", "Routes", "error_response", "json_response", "model_card",
+           "read_body", "read_json"]
 
 LAST_WORDS_S: Final = 1.0
 """How long a server that is stopping, or refusing a connection, spends telling the
@@ -64,11 +63,27 @@ _encode = msgspec.json.Encoder().encode
 _log = structlog.get_logger("corral.http")
 
 
-def error_response(error: CorralError, request_id: str) -> Response:
-    """`error` as a whole response: its status, OpenAI's error body, its headers."""
-    response = Response(_encode(error_body(error, request_id)), status_of(error),
+class ErrorShape(Protocol):
+    """How one API tells a client of an error: the status, body and headers of a
+    response, and the name of the SSE event that ends a stream with it (None: a bare
+    `data:` line)."""
+
+    @property
+    def sse_event(self) -> str | None: ...
+
+    def status(self, error: CorralError) -> int: ...
+
+    def body(self, error: CorralError, request_id: str) -> msgspec.Struct: ...
+
+    def headers(self, error: CorralError) -> list[tuple[bytes, bytes]]: ...
+
+
+def error_response(error: CorralError, request_id: str,
+                   errors: ErrorShape = OPENAI_ERRORS) -> Response:
+    """`error` as a whole response: its status, its API's error body, its headers."""
+    response = Response(_encode(errors.body(error, request_id)), errors.status(error),
                         media_type="application/json")
-    response.raw_headers.extend(error_headers(error))
+    response.raw_headers.extend(errors.headers(error))
     return response
 
 
@@ -122,17 +137,18 @@ def _too_large(limit: int, seen: str) -> EngineClientError:
 
 
 @final
-class _Exchange:
+class Exchange:
     """The sending side of one generation request; reports how it ended to metrics,
     once.
 
     Until something is sent, an error can still be an HTTP status; after the SSE
-    headers it can only be the stream's last event.
+    headers it can only be the stream's last event. Errors take `errors`' shape.
     """
 
     def __init__(self, send: Send, request_id: str, metrics: Metrics,
-                 started_at: float, drain_ms: int) -> None:
+                 started_at: float, drain_ms: int, errors: ErrorShape) -> None:
         self._send = send
+        self._errors = errors
         self._metrics = metrics
         self._started_at = started_at
         self._drain_ms = drain_ms
@@ -168,9 +184,11 @@ class _Exchange:
         await self._send({"type": "http.response.start", "status": 200,
                           "headers": [*_SSE_HEADERS, *(headers or [])]})
 
-    async def event(self, data: msgspec.Struct) -> None:
+    async def event(self, data: msgspec.Struct, name: str | None = None) -> None:
+        """One SSE event: `data`, named `name` when given."""
+        head = b"event: " + name.encode() + b"\n" if name else b""
         await self._send({"type": "http.response.body", "more_body": True,
-                          "body": b"data: " + _encode(data) + b"\n\n"})
+                          "body": head + b"data: " + _encode(data) + b"\n\n"})
 
     async def end_sse(self, *, done: bool) -> None:
         await self._send({"type": "http.response.body", "more_body": False,
@@ -188,16 +206,16 @@ class _Exchange:
         """Report `error` the only way still open: a status, or the last SSE event."""
         error = with_drain_wait(error, self._drain_ms)
         self.failed(error)
+        body = self._errors.body(error, self.request_id)
         if self.sse_started:
-            await self.event(error_body(error, self.request_id))
+            await self.event(body, self._errors.sse_event)
             await self.end_sse(done=False)
         else:
-            await self.json(status_of(error), error_body(error, self.request_id),
-                            error_headers(error))
+            await self.json(self._errors.status(error), body, self._errors.headers(error))
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
-                                exchange: _Exchange) -> None:
+                                exchange: Exchange) -> None:
     """Cancel `scope` when the client goes away (the body was read already, so the next
     ASGI message is the disconnect).
 
@@ -214,7 +232,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
     scope.cancel()
 
 
-async def _last_words(exchange: _Exchange) -> None:
+async def _last_words(exchange: Exchange) -> None:
     """Tell a client whose reply the stopping server cuts short, rather than drop it.
 
     Runs shielded for at most `LAST_WORDS_S`: the server is being cancelled.
@@ -267,9 +285,48 @@ class ClientStreams:
             del self._open[client]
 
 
+_J = TypeVar("_J")
+
+
+class Api(Protocol[_J]):
+    """What one HTTP API brings to a `GenerateEndpoint`: its request bodies as jobs
+    (`_J`), its replies, and its errors.
+
+    Attributes:
+        method: names the request in a Timeout error ("chat.completions").
+        errors: how an error is told, before the reply starts or mid-stream.
+    """
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def errors(self) -> ErrorShape: ...
+
+    def job(self, body: Any, request_id: str, client: str) -> _J:
+        """A request body (builtins) as a job: validated, typed once.
+
+        Raises:
+            CorralError: the client's error, naming the field.
+        """
+        ...
+
+    async def reply(self, runtime: Runtime, job: _J, exchange: Exchange) -> None:
+        """Run `job` and send its reply through `exchange` (a whole body, or SSE).
+
+        Open the generation with `runtime.choices`, set `exchange.stream`, and call
+        `exchange.succeeded()` before the last bytes go out; close the generation
+        before a whole reply is sent, so its stream slot is free when the client has it.
+
+        Raises:
+            Exception: whatever ended the generation; the endpoint tells the client.
+        """
+        ...
+
+
 @final
-class GenerateEndpoint:
-    """POST /v1/completions or /v1/chat/completions, as a plain ASGI app.
+class GenerateEndpoint(Generic[_J]):
+    """A generation endpoint of one API (`api`), as a plain ASGI app.
 
     It owns the whole exchange, so that a disconnect cancels the generation whatever
     it is doing: waiting for admission, for tokens, or for the client to read. Errors
@@ -280,15 +337,14 @@ class GenerateEndpoint:
 
     Args:
         body_timeout_ms: a request's whole body must arrive within this.
-        clients: the per-address count both endpoints share.
+        clients: the per-address count all generation endpoints share.
     """
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "text"], *,
+    def __init__(self, runtime: Runtime, metrics: Metrics, api: Api[_J], *,
                  body_timeout_ms: int, clients: ClientStreams) -> None:
         self._runtime = runtime
         self._metrics = metrics
-        self._make_job = chat_job if kind == "chat" else completion_job
-        self._method = "chat.completions" if kind == "chat" else "completions"
+        self._api = api
         self._max_body = runtime.config.server.max_body_bytes
         self._drain_ms = runtime.config.server.drain_timeout_ms
         self._body_timeout_ms = body_timeout_ms
@@ -297,12 +353,12 @@ class GenerateEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
         client = _client_address(scope)
-        exchange = _Exchange(send, request_id, self._metrics, trio.current_time(),
-                             self._drain_ms)
+        exchange = Exchange(send, request_id, self._metrics, trio.current_time(),
+                            self._drain_ms, self._api.errors)
         try:
             body = await read_json(Request(scope, receive), self._max_body,
                                     self._body_timeout_ms)
-            job = self._make_job(body, request_id, f"http:{client}")
+            job = self._api.job(body, request_id, f"http:{client}")
             self._clients.take(client)
         except ClientDisconnect:
             exchange.abandoned()
@@ -324,27 +380,45 @@ class GenerateEndpoint:
                 await _last_words(exchange)
             exchange.abandoned()
 
-    async def _run(self, job: Job, exchange: _Exchange) -> None:
+    async def _run(self, job: _J, exchange: Exchange) -> None:
         try:
-            if job.stream:
-                await self._stream(job, exchange)
-            else:
-                await self._whole(job, exchange)
+            await self._api.reply(self._runtime, job, exchange)
         except Exception as exc:  # the client gets every failure as a reply
             error = innermost(exc)
             if isinstance(error, TimeoutError):
-                error = error.for_method(self._method)
+                error = error.for_method(self._api.method)
             elif not isinstance(error, CorralError):
                 _log.error("http.generation_failed", request_id=exchange.request_id,
                            exc_info=error)
                 error = internal_error(error)
             await exchange.fail(explained(error))
 
-    async def _stream(self, job: Job, exchange: _Exchange) -> None:
+
+@final
+class OpenAIApi:
+    """The OpenAI API's completions ("text") or chat completions ("chat"), as an `Api`."""
+
+    errors: Final = OPENAI_ERRORS
+
+    def __init__(self, kind: Literal["chat", "text"]) -> None:
+        self._make_job = chat_job if kind == "chat" else completion_job
+        self.method: Final = "chat.completions" if kind == "chat" else "completions"
+
+    def job(self, body: Any, request_id: str, client: str) -> Job:
+        return self._make_job(body, request_id, client)
+
+    async def reply(self, runtime: Runtime, job: Job, exchange: Exchange) -> None:
+        if job.stream:
+            await self._stream(runtime, job, exchange)
+        else:
+            await self._whole(runtime, job, exchange)
+
+    @staticmethod
+    async def _stream(runtime: Runtime, job: Job, exchange: Exchange) -> None:
         """SSE: each choice's chunks as they come (`index` names the choice), each
         choice's finish reason as it ends, then the usage when asked."""
         shape = job.shape
-        async with self._runtime.choices(job.params) as choices:
+        async with runtime.choices(job.params) as choices:
             exchange.stream = choices
             model = choices.model
             async for chunk in choices:
@@ -364,8 +438,9 @@ class GenerateEndpoint:
                 await exchange.event(shape.usage(model, choices.usage))
         await exchange.end_sse(done=True)
 
-    async def _whole(self, job: Job, exchange: _Exchange) -> None:
-        async with self._runtime.choices(job.params) as choices:
+    @staticmethod
+    async def _whole(runtime: Runtime, job: Job, exchange: Exchange) -> None:
+        async with runtime.choices(job.params) as choices:
             exchange.stream = choices
             body = job.shape.whole(await choices.completion())
         exchange.succeeded()
