@@ -16,12 +16,12 @@ import anthropic
 import httpx
 import pytest
 import trio
-from test_http import Served, _config, registry_active, serve_http
-from test_runtime import StepTap
 
 from conftest import wait_until
 from corral.protocol.errors import CorralError
 from corral.runtime import open_runtime
+from test_http import Served, _config, registry_active, serve_http
+from test_runtime import StepTap
 
 pytestmark = pytest.mark.slow
 
