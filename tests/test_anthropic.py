@@ -18,9 +18,10 @@ import pytest
 import trio
 
 from conftest import wait_until
+from corral.config import RuntimeConfig, config_from_mapping
 from corral.protocol.errors import CorralError
 from corral.runtime import open_runtime
-from test_http import Served, _config, registry_active, serve_http
+from test_http import Served, registry_active, serve_http
 from test_runtime import StepTap
 
 pytestmark = pytest.mark.slow
@@ -31,6 +32,18 @@ WEATHER: dict[str, Any] = {
     "input_schema": {"type": "object", "properties": {"city": {"type": "string",
                                                                 "maxLength": 12}},
                      "required": ["city"], "additionalProperties": False}}
+
+
+def config(**sections: dict[str, Any]) -> RuntimeConfig:
+    """test_http's test configuration, with `sections` merged in."""
+    base: dict[str, Any] = {
+        "stream_registry": {"max_active_streams": 16, "max_queued": 4},
+        "supervision": {"backoff": {"min_ms": 1, "max_ms": 10}},
+        "python_runtime": {"restart_delay_base_ms": 1, "restart_delay_max_ms": 10},
+        "server": {"drain_timeout_ms": 1000}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return config_from_mapping(base)
 
 
 def client_of(served: Served, **options: Any) -> anthropic.Anthropic:
@@ -57,7 +70,7 @@ async def served_after(served: Served) -> None:
 
 @pytest.fixture
 async def served(model_path: str) -> AsyncIterator[Served]:
-    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+    async with open_runtime(config(), models={"tiny": model_path}) as rt:
         server = await serve_http(rt)
         yield server
         server.metrics.close()
@@ -319,8 +332,8 @@ async def test_an_error_mid_stream_is_an_error_event(served: Served) -> None:
 
 
 async def test_a_disconnect_mid_stream_frees_the_only_slot(model_path: str) -> None:
-    config = _config(stream_registry={"max_active_streams": 1, "max_queued": 0})
-    async with open_runtime(config, models={"tiny": model_path}) as rt:
+    one_slot = config(stream_registry={"max_active_streams": 1, "max_queued": 0})
+    async with open_runtime(one_slot, models={"tiny": model_path}) as rt:
         served = await serve_http(rt)
         tap = StepTap(rt)
 

@@ -21,7 +21,8 @@ import trio
 
 from corral.config import ConfigError, config_from_mapping
 from corral.runtime import open_runtime
-from test_http import Served, _config, serve_http
+from test_anthropic import config
+from test_http import Served, serve_http
 from test_serve import Server, free_port
 
 pytestmark = pytest.mark.slow
@@ -47,9 +48,9 @@ ROUTES: list[tuple[str, str, Any, str]] = [
 
 @pytest.fixture
 async def keyed(model_path: str) -> AsyncIterator[Served]:
-    config = _config(server={"api_keys": [KEY, OTHER], "cors_origins": [ORIGIN],
-                             "drain_timeout_ms": 1000})
-    async with open_runtime(config, models={"tiny": model_path}) as rt:
+    keys = config(server={"api_keys": [KEY, OTHER], "cors_origins": [ORIGIN],
+                          "drain_timeout_ms": 1000})
+    async with open_runtime(keys, models={"tiny": model_path}) as rt:
         served = await serve_http(rt)
         yield served
         served.metrics.close()
@@ -201,7 +202,7 @@ async def test_a_cors_preflight_is_answered_for_an_allowed_origin(keyed: Served)
 
 
 async def test_without_keys_or_origins_the_api_is_open_and_has_no_cors(model_path: str) -> None:
-    async with open_runtime(_config(), models={"tiny": model_path}) as rt:
+    async with open_runtime(config(), models={"tiny": model_path}) as rt:
         served = await serve_http(rt)
         answered = await _request(served, "POST", "/v1/messages",
                                   {"model": "tiny", "messages": CHAT, "max_tokens": 2},
@@ -226,8 +227,8 @@ def test_keys_and_origins_are_checked_by_the_config() -> None:
     with pytest.raises(ConfigError) as origin:
         config_from_mapping({"server": {"cors_origins": ["app.example/path"]}})
     assert any(e.startswith("server.cors_origins[0]:") for e in origin.value.errors)
-    config = config_from_mapping({"server": {"api_keys": [KEY], "cors_origins": ["*"]}})
-    assert config.server.api_keys == (KEY,) and config.server.cors_origins == ("*",)
+    valid = config_from_mapping({"server": {"api_keys": [KEY], "cors_origins": ["*"]}})
+    assert valid.server.api_keys == (KEY,) and valid.server.cors_origins == ("*",)
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

@@ -61,12 +61,12 @@ from corral.server.anthropic_routes import AnthropicApi, CountTokens
 from corral.server.auth import ApiKeys
 from corral.server.lingering import LingeringStream
 from corral.server.openai import OPENAI_ERRORS, error_body, error_headers, internal_error
+from corral.server.openai_routes import OpenAIApi
 from corral.server.routes import (
     LAST_WORDS_S,
     ClientStreams,
     ErrorShape,
     GenerateEndpoint,
-    OpenAIApi,
     Routes,
     error_response,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar, final
+from typing import Any, Final, Generic, Protocol, TypeVar, final
 
 import msgspec
 import structlog
@@ -38,19 +38,15 @@ from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.openai import (
     OPENAI_ERRORS,
-    Job,
-    chat_job,
-    completion_job,
     drain_wait_ms,
     explained,
-    finish_reason,
     internal_error,
     retry_after,
     with_drain_wait,
 )
 
 __all__ = ["LAST_WORDS_S", "Api", "ClientStreams", "ErrorShape", "Exchange", "GenerateEndpoint",
-           "OpenAIApi", "Routes", "error_response", "json_response", "model_card",
+           "Routes", "error_response", "fallback_headers", "json_response", "model_card",
            "read_body", "read_json"]
 
 LAST_WORDS_S: Final = 1.0
@@ -392,59 +388,6 @@ class GenerateEndpoint(Generic[_J]):
                            exc_info=error)
                 error = internal_error(error)
             await exchange.fail(explained(error))
-
-
-@final
-class OpenAIApi:
-    """The OpenAI API's completions ("text") or chat completions ("chat"), as an `Api`."""
-
-    errors: Final = OPENAI_ERRORS
-
-    def __init__(self, kind: Literal["chat", "text"]) -> None:
-        self._make_job = chat_job if kind == "chat" else completion_job
-        self.method: Final = "chat.completions" if kind == "chat" else "completions"
-
-    def job(self, body: Any, request_id: str, client: str) -> Job:
-        return self._make_job(body, request_id, client)
-
-    async def reply(self, runtime: Runtime, job: Job, exchange: Exchange) -> None:
-        if job.stream:
-            await self._stream(runtime, job, exchange)
-        else:
-            await self._whole(runtime, job, exchange)
-
-    @staticmethod
-    async def _stream(runtime: Runtime, job: Job, exchange: Exchange) -> None:
-        """SSE: each choice's chunks as they come (`index` names the choice), each
-        choice's finish reason as it ends, then the usage when asked."""
-        shape = job.shape
-        async with runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            model = choices.model
-            async for chunk in choices:
-                if not exchange.sse_started:
-                    await exchange.start_sse(fallback_headers(choices))
-                    for opening in shape.opening(model, job.params.n):
-                        await exchange.event(opening)
-                event: msgspec.Struct | None
-                if chunk.finish_reason is not None:
-                    event = shape.ending(model, chunk.choice, finish_reason(chunk.finish_reason))
-                else:
-                    event = shape.chunk(model, chunk)
-                if event is not None:
-                    await exchange.event(event)
-            exchange.succeeded()
-            if job.include_usage:
-                await exchange.event(shape.usage(model, choices.usage))
-        await exchange.end_sse(done=True)
-
-    @staticmethod
-    async def _whole(runtime: Runtime, job: Job, exchange: Exchange) -> None:
-        async with runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            body = job.shape.whole(await choices.completion())
-        exchange.succeeded()
-        await exchange.json(200, body, fallback_headers(choices))
 
 
 def fallback_headers(stream: ChoiceStreams) -> list[tuple[bytes, bytes]]:
