@@ -1,13 +1,14 @@
-"""The HTTP API's endpoints as ASGI apps: the generation endpoints (one exchange per
-request, whatever the API: OpenAI's POST /v1/completions and /v1/chat/completions here,
-others through an `Api`), and GET /v1/models[/{id}], /health and /metrics.
+"""The HTTP API's endpoints as ASGI apps: the generation endpoint every API shares (one
+exchange per request; each API brings its jobs, replies and errors as an `Api`:
+OpenAI's in `openai_routes.py`, Anthropic's in `anthropic_routes.py`), and GET
+/v1/models[/{id}], /health and /metrics.
 
 A generation endpoint owns its whole exchange, so that a client that goes away cancels
 its generation, streaming or not, and an error after a stream has started is its last
 SSE event, never a dropped connection. Endpoints speak to the runtime facade only: this
 module never reaches into actors, holds no state a restart of the HTTP server would
 lose (per-client counts aside, which end with their requests), and leaves the shapes
-of bodies and the status of errors to each API's module (`openai.py`).
+of bodies and the status of errors to each API's module (`openai.py`, `anthropic.py`).
 """
 
 from __future__ import annotations
