@@ -68,10 +68,14 @@ class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: Literal["function"] = "function"
 
 
+FunctionName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+"""The name of a function a model may call."""
+
+
 class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A function the model may call; `parameters` is its arguments' JSON schema."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -284,7 +288,9 @@ ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
 _Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+"""A sampling temperature: 0 is greedy."""
 Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+"""A probability mass above 0 (top_p)."""
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 StopStrings = StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]

@@ -214,6 +214,15 @@ class Runtime:
     async def detokenize(self, model: str | None, ids: list[int]) -> str:
         return await self.requests.detokenize(model, ids)
 
+    async def count_prompt_tokens(self, request: GenerateParams) -> int:
+        """How many tokens `request`'s prompt is, as its generation would render it
+        (chat template and tools included), without generating.
+
+        Raises:
+            EngineClientError: InvalidParams (naming the field), ModelNotLoaded.
+        """
+        return await self.requests.prompt_tokens(request)
+
     @asynccontextmanager
     async def generate(self, model: str | None = None, prompt: str | list[int] | None = None,
                        **params: Any) -> AsyncIterator[TokenStream]:

@@ -100,6 +100,17 @@ class Requests:
         reply = await self.ask_model(entry.alias, Detokenize(list(ids)))
         return str(reply.text)
 
+    async def prompt_tokens(self, request: GenerateParams) -> int:
+        """The length in tokens of `request`'s prompt, rendered as its generation would
+        render it (chat template and tools included); nothing is admitted or generated."""
+        entry = self._models.require(request.model)
+        check_prompt_shape(request)
+        tools = tools_for(request, entry.alias, entry.info)
+        timeout_s = (request.timeout_ms
+                     or self._config.stream_registry.default_timeout_ms) / 1000.0
+        return len(await self._prompt_ids(entry.alias, request, tools,
+                                          trio.current_time() + timeout_s))
+
     @asynccontextmanager
     async def open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
         """See `Runtime.generate`, which this runs once the request is typed.

@@ -1,22 +1,28 @@
-"""The exchange of one generation request over HTTP, whatever its API: the sending
-side (`Exchange`: a whole JSON reply, or a stream framed as SSE or NDJSON, and the
-error as a status or as the stream's last event), cancellation when the client goes
-away, last words when the server stops, and the count of streams per client address.
+"""The exchange of one generation request over HTTP, whatever its API: `ExchangeEndpoint`,
+the ASGI app each generation endpoint subclasses with its `job` and `answer`, and
+`Exchange`, its sending side (a whole JSON reply, or a stream framed as SSE, with
+named events or not, or as NDJSON; an error as a status or as the stream's last event,
+in the API's `ErrorShape`).
 
-Shared by the OpenAI endpoints (`routes.py`) and the Ollama ones (`ollama_routes.py`);
-it never shapes a body of its own (the error body is the caller's) and never calls the
-runtime.
+The endpoint owns the whole exchange: a client that goes away cancels its generation,
+streaming or not; a server that stops tells the client why within `LAST_WORDS_S`; an
+address holds at most so many generation requests at once (`ClientStreams`). Each
+API's endpoints live beside their shapes (`openai_routes.py`, `anthropic_routes.py`,
+`ollama_routes.py`, `responses.py`); this module never shapes a body of its own and
+never calls the runtime.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
-from collections.abc import Awaitable, Callable
-from typing import Final, final
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, Generic, TypeVar, final
 
 import msgspec
 import structlog
 import trio
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics, RequestOutcome
@@ -28,17 +34,19 @@ from corral.protocol.errors import (
     TimeoutError,
 )
 from corral.protocol.lifecycle import innermost
-from corral.runtime import ChoiceStreams
-from corral.server.openai import (
-    error_body,
+from corral.runtime import ChoiceStreams, Runtime
+from corral.server.bodies import read_json
+from corral.server.errors import (
+    ErrorShape,
     error_headers,
     internal_error,
     status_of,
     with_drain_wait,
 )
+from corral.server.openai import OPENAI_ERRORS
 
-__all__ = ["LAST_WORDS_S", "NDJSON", "SSE", "ClientStreams", "Exchange", "Framing",
-           "client_address", "failure", "run_exchange"]
+__all__ = ["LAST_WORDS_S", "NDJSON", "SSE", "ClientStreams", "Exchange", "ExchangeEndpoint",
+           "Framing", "StreamFailure", "client_address", "fallback_headers"]
 
 _log = structlog.get_logger("corral.http")
 
@@ -46,25 +54,41 @@ LAST_WORDS_S: Final = 1.0
 """How long a server that is stopping, or refusing a connection, spends telling the
 client why."""
 _encode = msgspec.json.Encoder().encode
+_J = TypeVar("_J")
+
+StreamFailure = Callable[[CorralError], tuple[msgspec.Struct, str | None]]
+"""The last event of a stream that failed, and its SSE event name, when the API's
+`ErrorShape` cannot make it alone (Responses' `response.failed` names its response)."""
 
 
 class Framing(msgspec.Struct, frozen=True):
-    """How a streamed reply is framed: its headers, the bytes around each event, and
-    the bytes that end a stream that ended well."""
+    """How a streamed reply is framed.
+
+    Attributes:
+        headers: the stream's response headers.
+        sse: events are server-sent events (`event:` when named, then `data:`); else
+            one JSON object a line, names dropped.
+        done: the bytes that end a stream that ended well, when its API asks for them.
+    """
 
     headers: list[tuple[bytes, bytes]]
-    before: bytes
-    after: bytes
+    sse: bool
     done: bytes
 
+    def frame(self, data: bytes, name: str | None) -> bytes:
+        """One event's bytes: `data` (JSON), named `name` where the framing names."""
+        if not self.sse:
+            return data + b"\n"
+        head = b"event: " + name.encode() + b"\n" if name else b""
+        return head + b"data: " + data + b"\n\n"
 
-SSE: Final = Framing([(b"content-type", b"text/event-stream; charset=utf-8"),
-                      (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
-                     b"data: ", b"\n\n", b"data: [DONE]\n\n")
-"""Server-sent events, as OpenAI streams."""
-NDJSON: Final = Framing([(b"content-type", b"application/x-ndjson"),
-                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")],
-                        b"", b"\n", b"")
+
+_NO_BUFFERING: Final = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+SSE: Final = Framing([(b"content-type", b"text/event-stream; charset=utf-8"), *_NO_BUFFERING],
+                     sse=True, done=b"data: [DONE]\n\n")
+"""Server-sent events, as the OpenAI and Anthropic APIs stream."""
+NDJSON: Final = Framing([(b"content-type", b"application/x-ndjson"), *_NO_BUFFERING],
+                        sse=False, done=b"")
 """One JSON object a line, as Ollama streams."""
 
 
@@ -74,29 +98,30 @@ class Exchange:
     once.
 
     Until something is sent, an error can still be an HTTP status; after the stream's
-    headers it can only be the stream's last event.
+    headers it can only be the stream's last event: `errors`' body, or what
+    `stream_failure` (set by an API whose streams end otherwise) makes.
 
-    Args:
-        framing: how a streamed reply is framed (SSE by default).
-        error_body: the body of an error, and the last event of a stream that failed
-            (OpenAI's by default).
+    Attributes:
+        started_at: when the request arrived, on trio's clock.
+        streaming: whether the stream's headers went out.
+        disconnected: whether the client went away before the outcome was settled.
+        stream: the generation, once opened (for metrics).
     """
 
-    def __init__(self, send: Send, request_id: str, metrics: Metrics,
-                 started_at: float, drain_ms: int, *, framing: Framing = SSE,
-                 error_body: Callable[[CorralError, str], msgspec.Struct] = error_body
-                 ) -> None:
+    def __init__(self, send: Send, request_id: str, metrics: Metrics, started_at: float,
+                 drain_ms: int, *, errors: ErrorShape, framing: Framing) -> None:
         self._send = send
         self._metrics = metrics
-        self._started_at = started_at
         self._drain_ms = drain_ms
+        self._errors = errors
         self._framing = framing
-        self._error_body = error_body
         self._observed = False
         self.request_id = request_id
-        self.sse_started = False
+        self.started_at = started_at
+        self.streaming = False
         self.disconnected = False
         self.stream: ChoiceStreams | None = None
+        self.stream_failure: StreamFailure | None = None
 
     @property
     def ended(self) -> bool:
@@ -107,7 +132,7 @@ class Exchange:
         # Before the last bytes go out, so a client that has its reply sees it counted.
         if not self._observed:
             self._observed = True
-            self._metrics.observe_stream(self.stream, self._started_at, outcome, code)
+            self._metrics.observe_stream(self.stream, self.started_at, outcome, code)
 
     def succeeded(self) -> None:
         self._observe("success", None)
@@ -119,23 +144,25 @@ class Exchange:
         """The request ended without a reply of its own: the client went away."""
         self._observe("cancelled", Code.CANCELLED.value)
 
-    async def start_sse(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        """Start the streamed reply (in the exchange's framing, SSE or not)."""
-        self.sse_started = True
+    async def start_stream(self, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Send the streamed reply's status and headers (the framing's, then `headers`)."""
+        self.streaming = True
         await self._send({"type": "http.response.start", "status": 200,
                           "headers": [*self._framing.headers, *(headers or [])]})
 
-    async def event(self, data: msgspec.Struct) -> None:
-        framing = self._framing
+    async def event(self, data: msgspec.Struct, name: str | None = None) -> None:
+        """One event of the stream: `data`, named `name` (SSE's `event:`) when given."""
         await self._send({"type": "http.response.body", "more_body": True,
-                          "body": framing.before + _encode(data) + framing.after})
+                          "body": self._framing.frame(_encode(data), name)})
 
-    async def end_sse(self, *, done: bool) -> None:
+    async def end_stream(self, *, done: bool) -> None:
+        """End the stream; `done`: with the framing's end mark (`data: [DONE]`)."""
         await self._send({"type": "http.response.body", "more_body": False,
                           "body": self._framing.done if done else b""})
 
     async def json(self, status: int, data: msgspec.Struct,
                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """The whole reply: `data` as JSON."""
         body = _encode(data)
         await self._send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"),
@@ -143,15 +170,19 @@ class Exchange:
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def fail(self, error: CorralError) -> None:
-        """Report `error` the only way still open: a status, or the last SSE event."""
+        """Report `error` the only way still open: a status, or the stream's last event."""
         error = with_drain_wait(error, self._drain_ms)
         self.failed(error)
-        if self.sse_started:
-            await self.event(self._error_body(error, self.request_id))
-            await self.end_sse(done=False)
-        else:
-            await self.json(status_of(error), self._error_body(error, self.request_id),
+        if not self.streaming:
+            await self.json(status_of(error), self._errors.body(error, self.request_id),
                             error_headers(error))
+            return
+        if self.stream_failure is not None:
+            await self.event(*self.stream_failure(error))
+        else:
+            await self.event(self._errors.body(error, self.request_id),
+                             self._errors.sse_event)
+        await self.end_stream(done=False)
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
@@ -194,9 +225,16 @@ def client_address(scope: Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
+def fallback_headers(stream: ChoiceStreams) -> list[tuple[bytes, bytes]]:
+    """`X-Corral-Fallback: <what served it>` when a fallback served the request."""
+    if stream.fallback is None:
+        return []
+    return [(b"x-corral-fallback", stream.fallback.encode())]
+
+
 @final
 class ClientStreams:
-    """Generation requests open per client address, shared by both endpoints.
+    """Generation requests open per client address, shared by every generation endpoint.
 
     Args:
         limit: requests one address may have open at once; None: no limit.
@@ -227,42 +265,103 @@ class ClientStreams:
             del self._open[client]
 
 
-def failure(exc: Exception, method: str, request_id: str) -> CorralError:
-    """What a client is told of `exc`, raised while its request was served: a corral
-    error as it is (a Timeout naming `method`), anything else as an InternalError that
-    names only its type (and is logged whole: it is a bug)."""
-    error = innermost(exc)
-    if isinstance(error, TimeoutError):
-        return error.for_method(method)
-    if not isinstance(error, CorralError):
-        _log.error("http.generation_failed", request_id=request_id, exc_info=error)
-        return internal_error(error)
-    return error
+class ExchangeEndpoint(abc.ABC, Generic[_J]):
+    """A POST endpoint that generates, as a plain ASGI app; a subclass says how a body
+    becomes a job (`job`) and how a job is answered (`answer`), and sets its API's
+    `errors` and `framing`.
 
+    It owns the whole exchange, so that a disconnect cancels the generation whatever
+    it is doing: waiting for admission, for tokens, or for the client to read. Errors
+    before the first event get their HTTP status (the stream's headers wait for it).
+    The client's address is the `client` of its streams for the registry's fair
+    admission. Cancelled (the server stops), a reply cut short ends with a
+    TransportError the client is told within `LAST_WORDS_S`.
 
-async def run_exchange(exchange: Exchange, receive: Receive, clients: ClientStreams,
-                       client: str, run: Callable[[], Awaitable[None]]) -> None:
-    """Run one generation request's `run`, which answers through `exchange`, with a
-    stream of `client`'s counted in `clients` (or 429 when it has too many open).
-
-    The client going away cancels `run` whatever it is doing; cancelled (the server
-    stops) before the reply is complete, the client is told within `LAST_WORDS_S`.
+    Args:
+        method: names the request in a Timeout ("chat.completions").
+        body_timeout_ms: a request's whole body must arrive within this.
+        clients: the per-address count every generation endpoint shares.
     """
-    try:
-        clients.take(client)
-    except CorralError as exc:
-        await exchange.fail(exc)
-        return
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope,
-                               exchange)
-            try:
-                await run()
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        clients.give_back(client)
-        if not exchange.ended and not exchange.disconnected:
-            await _last_words(exchange)
-        exchange.abandoned()
+
+    errors: ClassVar[ErrorShape] = OPENAI_ERRORS
+    """How the API tells an error."""
+    framing: ClassVar[Framing] = SSE
+    """How the API frames a streamed reply."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, method: str, *,
+                 body_timeout_ms: int, clients: ClientStreams) -> None:
+        self._runtime = runtime
+        self._metrics = metrics
+        self._method = method
+        self._max_body = runtime.config.server.max_body_bytes
+        self._drain_ms = runtime.config.server.drain_timeout_ms
+        self._body_timeout_ms = body_timeout_ms
+        self._clients = clients
+
+    @abc.abstractmethod
+    def job(self, body: Any, request_id: str, client: str) -> _J:
+        """A request body (builtins) as a job for `answer`: validated, typed once.
+
+        Raises:
+            CorralError: what the client is answered with, as its HTTP status.
+        """
+
+    @abc.abstractmethod
+    async def answer(self, job: _J, exchange: Exchange) -> None:
+        """Run `job` and send its reply through `exchange`, whole or streamed.
+
+        Open the generation with `runtime.choices`, set `exchange.stream`, and call
+        `exchange.succeeded()` before the last bytes go out; close the generation
+        before a whole reply is sent, so its stream slot is free when the client has it.
+
+        Raises:
+            Exception: whatever ended the generation; the endpoint tells the client.
+        """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id: str = scope["state"]["request_id"]
+        client = client_address(scope)
+        exchange = Exchange(send, request_id, self._metrics, trio.current_time(),
+                            self._drain_ms, errors=self.errors, framing=self.framing)
+        try:
+            body = await read_json(Request(scope, receive), self._max_body,
+                                    self._body_timeout_ms)
+            job = self.job(body, request_id, f"http:{client}")
+            self._clients.take(client)
+        except ClientDisconnect:
+            exchange.abandoned()
+            return
+        except CorralError as exc:
+            await exchange.fail(exc)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope,
+                                   exchange)
+                try:
+                    await self._run(job, exchange)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._clients.give_back(client)
+            if not exchange.ended and not exchange.disconnected:
+                await _last_words(exchange)
+            exchange.abandoned()
+
+    async def _run(self, job: _J, exchange: Exchange) -> None:
+        try:
+            await self.answer(job, exchange)
+        except Exception as exc:  # the client gets every failure as a reply
+            await exchange.fail(self._failure(exc, exchange.request_id))
+
+    def _failure(self, exc: Exception, request_id: str) -> CorralError:
+        """What a client is told of `exc`: a corral error as it is (a Timeout naming
+        the method), anything else as an InternalError that names only its type (and
+        is logged whole: it is a bug)."""
+        error = innermost(exc)
+        if isinstance(error, TimeoutError):
+            return error.for_method(self._method)
+        if not isinstance(error, CorralError):
+            _log.error("http.generation_failed", request_id=request_id, exc_info=error)
+            return internal_error(error)
+        return error

@@ -2,8 +2,9 @@
 object), model listings and error bodies over `protocol/ollama.py`'s Structs.
 
 Pure functions and small objects: this module never does I/O, never knows of ASGI,
-and never calls the runtime. Errors keep the status `openai.status_of` gives them, so a
-client error is never a 5xx; only the body differs (`{"error": "..."}`).
+and never calls the runtime. Errors keep the status and headers every API gives them
+(`errors.py`), so a client error is never a 5xx; only the body differs
+(`{"error": "..."}`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from corral.protocol.ollama import (
 )
 from corral.runtime import ModelDescription
 from corral.runtime.stream_buffers import StreamChunk
+from corral.server.errors import ErrorShape
 from corral.server.openai import finish_reason
 
-__all__ = ["ModelFiles", "Reply", "error_body", "model_entry", "rfc3339", "running_model",
-           "show_response"]
+__all__ = ["OLLAMA_ERRORS", "ModelFiles", "Reply", "error_body", "model_entry", "rfc3339",
+           "running_model", "show_response"]
 
 _NS: Final = 1_000_000_000
 
@@ -42,6 +44,10 @@ _NS: Final = 1_000_000_000
 def error_body(error: CorralError, request_id: str) -> ErrorBody:
     """Ollama's error body: the message alone (the status tells the kind)."""
     return ErrorBody(error.message)
+
+
+OLLAMA_ERRORS: Final = ErrorShape(error_body)
+"""corral's errors as the Ollama API tells them, also as a stream's last line."""
 
 
 def rfc3339(unix_time: float) -> str:

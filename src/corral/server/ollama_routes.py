@@ -8,8 +8,8 @@ a client that goes away cancels its generation, and an error after the stream ha
 started is its last line, `{"error": "..."}`. A request naming a model that is not
 loaded but loads on demand waits for the load (`Runtime.keep_model`, the runtime's
 keep-alive); one with nothing to generate only loads the model, or with `keep_alive` 0
-unloads it, as Ollama's do. Bodies are shaped by `ollama.py`; the statuses are the
-OpenAI API's (`openai.status_of`), so a client error is never a 5xx.
+unloads it, as Ollama's do. Bodies are shaped by `ollama.py`; statuses and headers
+are every API's (`errors.py`), so a client error is never a 5xx.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import importlib.metadata
 import json
 import os
 import time
-from typing import Literal, final
+from typing import Any, ClassVar, Literal, final
 
+import msgspec
 import trio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from corral.metrics import Metrics
 from corral.protocol.codec import convert_params
@@ -40,32 +40,26 @@ from corral.protocol.ollama import (
     Version,
 )
 from corral.runtime import Runtime
+from corral.server.bodies import error_response, json_response, read_json
+from corral.server.errors import ErrorShape
 from corral.server.exchange import (
     NDJSON,
     ClientStreams,
     Exchange,
-    client_address,
-    failure,
-    run_exchange,
+    ExchangeEndpoint,
+    Framing,
+    fallback_headers,
 )
 from corral.server.ollama import (
+    OLLAMA_ERRORS,
     ModelFiles,
     Reply,
-    error_body,
     model_entry,
     running_model,
     show_response,
 )
-from corral.server.openai import status_of
-from corral.server.routes import fallback_headers, json_response, read_json
 
-__all__ = ["OllamaGenerateEndpoint", "OllamaRoutes", "ollama_routes"]
-
-_Request = ChatRequest | GenerateRequest
-
-
-def _error_response(error: CorralError) -> Response:
-    return json_response(error_body(error, ""), status_of(error))
+__all__ = ["OllamaGenerateEndpoint", "OllamaJob", "OllamaRoutes", "ollama_routes"]
 
 
 def _not_found(alias: str) -> EngineClientError:
@@ -96,68 +90,54 @@ def model_files(path: str) -> ModelFiles:
         return ModelFiles()
 
 
-@final
-class OllamaGenerateEndpoint:
-    """POST /api/chat or /api/generate, as a plain ASGI app (see the module).
+class OllamaJob(msgspec.Struct, frozen=True):
+    """One validated /api/chat or /api/generate request.
 
-    Args:
-        body_timeout_ms: a request's whole body must arrive within this.
-        clients: the per-address count every generation endpoint shares.
+    Attributes:
+        request: the request as sent.
+        params: what the runtime runs; None for a request with nothing to generate,
+            which only loads (or with `keep_alive` 0 unloads) its model.
     """
+
+    request: ChatRequest | GenerateRequest
+    params: GenerateParams | None
+
+
+@final
+class OllamaGenerateEndpoint(ExchangeEndpoint[OllamaJob]):
+    """POST /api/chat or /api/generate (see the module and `ExchangeEndpoint`): NDJSON,
+    errors in Ollama's shape."""
+
+    errors: ClassVar[ErrorShape] = OLLAMA_ERRORS
+    framing: ClassVar[Framing] = NDJSON
 
     def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "generate"],
                  *, body_timeout_ms: int, clients: ClientStreams) -> None:
-        self._runtime = runtime
-        self._metrics = metrics
+        super().__init__(runtime, metrics, f"api/{kind}", body_timeout_ms=body_timeout_ms,
+                         clients=clients)
         self._kind = kind
-        self._type: type[_Request] = ChatRequest if kind == "chat" else GenerateRequest
-        self._max_body = runtime.config.server.max_body_bytes
-        self._drain_ms = runtime.config.server.drain_timeout_ms
-        self._body_timeout_ms = body_timeout_ms
-        self._clients = clients
+        self._type: type[ChatRequest | GenerateRequest] = (
+            ChatRequest if kind == "chat" else GenerateRequest)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id: str = scope["state"]["request_id"]
-        client = client_address(scope)
-        started = trio.current_time()
-        exchange = Exchange(send, request_id, self._metrics, started, self._drain_ms,
-                            framing=NDJSON, error_body=error_body)
-        try:
-            body = await read_json(Request(scope, receive), self._max_body,
-                                    self._body_timeout_ms)
-            request = convert_params(body, self._type)
-            params = (request.to_generate_params(request_id, f"http:{client}")
-                      if self._has_work(request) else None)
-        except ClientDisconnect:
-            exchange.abandoned()
-            return
-        except CorralError as exc:
-            await exchange.fail(exc)
-            return
-        reply = Reply(self._kind, request.model, started)
-        await run_exchange(exchange, receive, self._clients, client,
-                           lambda: self._run(request, params, reply, exchange))
+    def job(self, body: Any, request_id: str, client: str) -> OllamaJob:
+        request = convert_params(body, self._type)
+        has_work = bool(request.messages if isinstance(request, ChatRequest)
+                        else request.prompt)
+        return OllamaJob(request, request.to_generate_params(request_id, client)
+                         if has_work else None)
 
-    @staticmethod
-    def _has_work(request: _Request) -> bool:
-        if isinstance(request, ChatRequest):
-            return bool(request.messages)
-        return bool(request.prompt)
-
-    async def _run(self, request: _Request, params: GenerateParams | None, reply: Reply,
-                   exchange: Exchange) -> None:
-        try:
-            if params is None:
-                await self._runtime.keep_model(request.model, request.keep_alive_s())
-                exchange.succeeded()
-                await exchange.json(200, reply.loaded(request.keep_alive_s() == 0.0,
-                                                      trio.current_time()))
-            elif request.stream:
-                await self._stream(params, reply, exchange)
-            else:
-                await self._whole(params, reply, exchange)
-        except Exception as exc:  # the client gets every failure as a reply
-            await exchange.fail(failure(exc, f"api/{self._kind}", exchange.request_id))
+    async def answer(self, job: OllamaJob, exchange: Exchange) -> None:
+        request, params = job.request, job.params
+        reply = Reply(self._kind, request.model, exchange.started_at)
+        if params is None:
+            await self._runtime.keep_model(request.model, request.keep_alive_s())
+            exchange.succeeded()
+            await exchange.json(200, reply.loaded(request.keep_alive_s() == 0.0,
+                                                  trio.current_time()))
+        elif request.stream:
+            await self._stream(params, reply, exchange)
+        else:
+            await self._whole(params, reply, exchange)
 
     async def _stream(self, params: GenerateParams, reply: Reply, exchange: Exchange) -> None:
         """NDJSON: a line per chunk with text or tool calls, then the done line."""
@@ -165,8 +145,8 @@ class OllamaGenerateEndpoint:
             exchange.stream = choices
             reply.opened(trio.current_time())
             async for chunk in choices:
-                if not exchange.sse_started:
-                    await exchange.start_sse(fallback_headers(choices))
+                if not exchange.streaming:
+                    await exchange.start_stream(fallback_headers(choices))
                 if chunk.finish_reason is not None:
                     last = reply.last(chunk.finish_reason, choices.usage, trio.current_time())
                     exchange.succeeded()
@@ -175,7 +155,7 @@ class OllamaGenerateEndpoint:
                 line = reply.line(chunk, trio.current_time())
                 if line is not None:
                     await exchange.event(line)
-        await exchange.end_sse(done=True)
+        await exchange.end_stream(done=True)
 
     async def _whole(self, params: GenerateParams, reply: Reply, exchange: Exchange) -> None:
         async with self._runtime.choices(params) as choices:
@@ -228,7 +208,7 @@ class OllamaRoutes:
                                    self._body_timeout_ms)
             alias = convert_params(body, ShowRequest).alias
         except CorralError as error:
-            return _error_response(error)
+            return error_response(error, request.state.request_id, OLLAMA_ERRORS)
         for model in self._runtime.list_models():
             if model.alias == alias:
                 path = model.info.path if model.info else model.path
@@ -237,7 +217,7 @@ class OllamaRoutes:
             if config.alias == alias:
                 return json_response(show_response(alias, None,
                                                    await self._files(config.path)))
-        return _error_response(_not_found(alias))
+        return error_response(_not_found(alias), request.state.request_id, OLLAMA_ERRORS)
 
     async def version(self, request: Request) -> Response:
         return json_response(Version(API_VERSION, importlib.metadata.version("corral")))
