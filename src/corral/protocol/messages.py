@@ -518,8 +518,12 @@ ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
 _Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
 _Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
-_Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-_Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+"""A sampling temperature (0 is greedy), in OpenAI's range."""
+Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+"""A probability mass that cannot be empty (top_p)."""
+MAX_TOOLS: Final = 128
+"""The most tools one request may give."""
 _Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
 
@@ -549,8 +553,8 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     prompt: str | list[TokenId] | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: TokenCount | None = None
-    temperature: _Temperature = 0.0
-    top_p: _Probability = 1.0
+    temperature: Temperature = 0.0
+    top_p: Probability = 1.0
     top_k: TopK = 0
     min_p: _Fraction = 0.0
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
@@ -562,7 +566,7 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
                                  msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[TokenId] = []
     logprobs: bool = False
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None

@@ -2,7 +2,9 @@
 errors) and the supervised listener, served by Hypercorn's trio worker and Starlette.
 
 Routes (`routes.py`): POST /v1/completions and /v1/chat/completions (JSON, or SSE with
-`stream`), GET /v1/models[/{id}], GET /health, GET /metrics; with an admin API key
+`stream`), GET /v1/models[/{id}], GET /health, GET /metrics; POST /v1/responses and
+GET/DELETE /v1/responses/{id} (`responses.py`); POST /tokenize and /detokenize
+(`tokenize.py`); with an admin API key
 (`admin.py`), POST /v1/models/load and /v1/models/unload. Every error leaves as
 OpenAI's error body with corral's code name and the request id, its status from the
 error table (`openai.py`). This module never shapes a body or calls the runtime's
@@ -53,6 +55,7 @@ from corral.runtime import Runtime
 from corral.server.admin import AdminRoutes
 from corral.server.lingering import LingeringStream
 from corral.server.openai import error_body, error_headers, internal_error
+from corral.server.responses import responses_routes
 from corral.server.routes import (
     LAST_WORDS_S,
     ClientStreams,
@@ -60,6 +63,7 @@ from corral.server.routes import (
     Routes,
     error_response,
 )
+from corral.server.tokenize import tokenize_routes
 
 __all__ = ["HttpLimits", "HttpServer", "build_app", "default_max_connections"]
 
@@ -211,6 +215,9 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
             Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
+            *responses_routes(runtime, metrics, body_timeout_ms=limits.body_timeout_ms,
+                              clients=clients),
+            *tokenize_routes(runtime, body_timeout_ms=limits.body_timeout_ms),
         ],
         middleware=[Middleware(_RequestContext)],
         exception_handlers={HTTPException: _http_exception})

@@ -1,6 +1,6 @@
 """The HTTP API's endpoints as ASGI apps: POST /v1/completions and
 /v1/chat/completions (one exchange per request), and GET /v1/models[/{id}], /health and
-/metrics.
+/metrics; `ExchangeEndpoint`, the exchange other generation APIs (`responses.py`) build on.
 
 A generation endpoint owns its whole exchange, so that a client that goes away cancels
 its generation, streaming or not, and an error after a stream has started is its last
@@ -12,9 +12,11 @@ of bodies and the status of errors to `openai.py`.
 
 from __future__ import annotations
 
+import abc
 import collections
 import time
-from typing import Any, Final, Literal, final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Generic, Literal, TypeVar, final
 
 import msgspec
 import structlog
@@ -51,8 +53,9 @@ from corral.server.openai import (
     with_drain_wait,
 )
 
-__all__ = ["LAST_WORDS_S", "ClientStreams", "GenerateEndpoint", "Routes", "error_response",
-           "json_response", "model_card", "read_body", "read_json"]
+__all__ = ["LAST_WORDS_S", "ClientStreams", "Exchange", "ExchangeEndpoint", "GenerateEndpoint",
+           "Routes", "error_response", "fallback_headers", "json_response", "model_card",
+           "read_body", "read_json"]
 
 LAST_WORDS_S: Final = 1.0
 """How long a server that is stopping, or refusing a connection, spends telling the
@@ -60,6 +63,7 @@ client why."""
 _SSE_HEADERS: Final = [(b"content-type", b"text/event-stream; charset=utf-8"),
                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _encode = msgspec.json.Encoder().encode
+_J = TypeVar("_J")
 
 _log = structlog.get_logger("corral.http")
 
@@ -122,12 +126,13 @@ def _too_large(limit: int, seen: str) -> EngineClientError:
 
 
 @final
-class _Exchange:
+class Exchange:
     """The sending side of one generation request; reports how it ended to metrics,
     once.
 
     Until something is sent, an error can still be an HTTP status; after the SSE
-    headers it can only be the stream's last event.
+    headers it can only be the stream's last event: OpenAI's error body, unless
+    `sse_failure` (set by an API whose streams end otherwise) sends it.
     """
 
     def __init__(self, send: Send, request_id: str, metrics: Metrics,
@@ -141,6 +146,7 @@ class _Exchange:
         self.sse_started = False
         self.disconnected = False
         self.stream: ChoiceStreams | None = None
+        self.sse_failure: Callable[[CorralError], Awaitable[None]] | None = None
 
     @property
     def ended(self) -> bool:
@@ -168,9 +174,11 @@ class _Exchange:
         await self._send({"type": "http.response.start", "status": 200,
                           "headers": [*_SSE_HEADERS, *(headers or [])]})
 
-    async def event(self, data: msgspec.Struct) -> None:
+    async def event(self, data: msgspec.Struct, name: str | None = None) -> None:
+        """One SSE event; `name`, its `event:` field (none by default)."""
+        head = b"" if name is None else b"event: " + name.encode() + b"\n"
         await self._send({"type": "http.response.body", "more_body": True,
-                          "body": b"data: " + _encode(data) + b"\n\n"})
+                          "body": head + b"data: " + _encode(data) + b"\n\n"})
 
     async def end_sse(self, *, done: bool) -> None:
         await self._send({"type": "http.response.body", "more_body": False,
@@ -189,7 +197,10 @@ class _Exchange:
         error = with_drain_wait(error, self._drain_ms)
         self.failed(error)
         if self.sse_started:
-            await self.event(error_body(error, self.request_id))
+            if self.sse_failure is not None:
+                await self.sse_failure(error)
+            else:
+                await self.event(error_body(error, self.request_id))
             await self.end_sse(done=False)
         else:
             await self.json(status_of(error), error_body(error, self.request_id),
@@ -197,7 +208,7 @@ class _Exchange:
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
-                                exchange: _Exchange) -> None:
+                                exchange: Exchange) -> None:
     """Cancel `scope` when the client goes away (the body was read already, so the next
     ASGI message is the disconnect).
 
@@ -214,7 +225,7 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope,
     scope.cancel()
 
 
-async def _last_words(exchange: _Exchange) -> None:
+async def _last_words(exchange: Exchange) -> None:
     """Tell a client whose reply the stopping server cuts short, rather than drop it.
 
     Runs shielded for at most `LAST_WORDS_S`: the server is being cancelled.
@@ -236,7 +247,7 @@ def _client_address(scope: Scope) -> str:
 
 @final
 class ClientStreams:
-    """Generation requests open per client address, shared by both endpoints.
+    """Generation requests open per client address, shared by every generation endpoint.
 
     Args:
         limit: requests one address may have open at once; None: no limit.
@@ -267,9 +278,9 @@ class ClientStreams:
             del self._open[client]
 
 
-@final
-class GenerateEndpoint:
-    """POST /v1/completions or /v1/chat/completions, as a plain ASGI app.
+class ExchangeEndpoint(abc.ABC, Generic[_J]):
+    """A POST endpoint that generates, as a plain ASGI app; a subclass says how a body
+    becomes a job (`job`) and how a job is answered (`answer`).
 
     It owns the whole exchange, so that a disconnect cancels the generation whatever
     it is doing: waiting for admission, for tokens, or for the client to read. Errors
@@ -279,16 +290,16 @@ class GenerateEndpoint:
     client is told within `LAST_WORDS_S`.
 
     Args:
+        method: names the request in a Timeout.
         body_timeout_ms: a request's whole body must arrive within this.
-        clients: the per-address count both endpoints share.
+        clients: the per-address count every generation endpoint shares.
     """
 
-    def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "text"], *,
+    def __init__(self, runtime: Runtime, metrics: Metrics, method: str, *,
                  body_timeout_ms: int, clients: ClientStreams) -> None:
         self._runtime = runtime
         self._metrics = metrics
-        self._make_job = chat_job if kind == "chat" else completion_job
-        self._method = "chat.completions" if kind == "chat" else "completions"
+        self._method = method
         self._max_body = runtime.config.server.max_body_bytes
         self._drain_ms = runtime.config.server.drain_timeout_ms
         self._body_timeout_ms = body_timeout_ms
@@ -297,12 +308,12 @@ class GenerateEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]
         client = _client_address(scope)
-        exchange = _Exchange(send, request_id, self._metrics, trio.current_time(),
-                             self._drain_ms)
+        exchange = Exchange(send, request_id, self._metrics, trio.current_time(),
+                            self._drain_ms)
         try:
             body = await read_json(Request(scope, receive), self._max_body,
                                     self._body_timeout_ms)
-            job = self._make_job(body, request_id, f"http:{client}")
+            job = self.job(body, request_id, f"http:{client}")
             self._clients.take(client)
         except ClientDisconnect:
             exchange.abandoned()
@@ -324,12 +335,21 @@ class GenerateEndpoint:
                 await _last_words(exchange)
             exchange.abandoned()
 
-    async def _run(self, job: Job, exchange: _Exchange) -> None:
+    @abc.abstractmethod
+    def job(self, body: Any, request_id: str, client: str) -> _J:
+        """A request body (builtins) as a job for `answer`.
+
+        Raises:
+            CorralError: what the client is answered with, as its HTTP status.
+        """
+
+    @abc.abstractmethod
+    async def answer(self, job: _J, exchange: Exchange) -> None:
+        """Run `job` and send its reply; an exception raised is the client's error."""
+
+    async def _run(self, job: _J, exchange: Exchange) -> None:
         try:
-            if job.stream:
-                await self._stream(job, exchange)
-            else:
-                await self._whole(job, exchange)
+            await self.answer(job, exchange)
         except Exception as exc:  # the client gets every failure as a reply
             error = innermost(exc)
             if isinstance(error, TimeoutError):
@@ -340,7 +360,27 @@ class GenerateEndpoint:
                 error = internal_error(error)
             await exchange.fail(explained(error))
 
-    async def _stream(self, job: Job, exchange: _Exchange) -> None:
+
+@final
+class GenerateEndpoint(ExchangeEndpoint[Job]):
+    """POST /v1/completions or /v1/chat/completions (see `ExchangeEndpoint`)."""
+
+    def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "text"], *,
+                 body_timeout_ms: int, clients: ClientStreams) -> None:
+        super().__init__(runtime, metrics, "chat.completions" if kind == "chat"
+                         else "completions", body_timeout_ms=body_timeout_ms, clients=clients)
+        self._make_job = chat_job if kind == "chat" else completion_job
+
+    def job(self, body: Any, request_id: str, client: str) -> Job:
+        return self._make_job(body, request_id, client)
+
+    async def answer(self, job: Job, exchange: Exchange) -> None:
+        if job.stream:
+            await self._stream(job, exchange)
+        else:
+            await self._whole(job, exchange)
+
+    async def _stream(self, job: Job, exchange: Exchange) -> None:
         """SSE: each choice's chunks as they come (`index` names the choice), each
         choice's finish reason as it ends, then the usage when asked."""
         shape = job.shape
@@ -364,7 +404,7 @@ class GenerateEndpoint:
                 await exchange.event(shape.usage(model, choices.usage))
         await exchange.end_sse(done=True)
 
-    async def _whole(self, job: Job, exchange: _Exchange) -> None:
+    async def _whole(self, job: Job, exchange: Exchange) -> None:
         async with self._runtime.choices(job.params) as choices:
             exchange.stream = choices
             body = job.shape.whole(await choices.completion())
