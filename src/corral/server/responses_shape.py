@@ -158,8 +158,7 @@ class ResponseShape:
 
     def failed(self, error: CorralError) -> ResponseEvent:
         """The last event of a stream that failed."""
-        if self._open is not None:
-            self._close_message("incomplete")
+        self._settle_message("incomplete")
         return self._lifecycle("response.failed", self.response("failed", error=error))
 
     def _text(self, text: str) -> list[ResponsesEvent]:
@@ -181,14 +180,24 @@ class ResponseShape:
                                           delta=text, sequence_number=self._next()))
         return events
 
-    def _close_message(self, status: ItemStatus) -> list[ResponsesEvent]:
+    def _settle_message(self, status: ItemStatus) -> tuple[int, OutputMessage] | None:
+        """The open message, whole, with `status`, and its index (None when none is
+        open)."""
         if self._open is None:
-            return []
+            return None
         item_id, index, parts = self._open
         self._open = None
-        part = OutputText(text="".join(parts))
-        item = OutputMessage(id=item_id, status=status, content=[part])
+        item = OutputMessage(id=item_id, status=status,
+                             content=[OutputText(text="".join(parts))])
         self.output[index] = item
+        return index, item
+
+    def _close_message(self, status: ItemStatus) -> list[ResponsesEvent]:
+        settled = self._settle_message(status)
+        if settled is None:
+            return []
+        index, item = settled
+        item_id, part = item.id, item.content[0]
         return [OutputTextDone(item_id=item_id, output_index=index, content_index=0,
                                text=part.text, sequence_number=self._next()),
                 ContentPartEvent(type="response.content_part.done", item_id=item_id,
