@@ -24,11 +24,20 @@ from openai.types.responses import (
 )
 
 from conftest import wait_until
+from corral.config import config_from_mapping
 from corral.protocol.errors import CorralError
 from corral.protocol.responses import InputItem, TextConfig
 from corral.protocol.responses_output import ResponseObject
+from corral.runtime import open_runtime
 from corral.server.responses import ResponseStore, StoredResponse
-from test_http import CHAT, PROMPT, Served, registry_active, served  # noqa: F401  (the fixture)
+from test_http import (  # noqa: F401  (`served` is a fixture)
+    CHAT,
+    PROMPT,
+    Served,
+    registry_active,
+    serve_http,
+    served,
+)
 from test_runtime import StepTap, engine_steps
 
 ASK = "What is the weather in Paris?"
@@ -394,3 +403,20 @@ async def test_tokenize_and_detokenize_round_trip(served: Served) -> None:
 @pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
 async def test_tokenize_routes_take_post_only(served: Served, path: str) -> None:
     assert (await served.get(path)).status_code == 405
+
+
+async def test_server_responses_max_stored_bounds_the_store(model_path: str) -> None:
+    config = config_from_mapping({"server": {"responses_max_stored": 1}})
+    async with open_runtime(config, models={"tiny": model_path}) as rt:
+        server = await serve_http(rt)
+
+        def run(client: openai.OpenAI) -> tuple[str, str]:
+            first = client.responses.create(model="tiny", input="Hi.", max_output_tokens=2)
+            second = client.responses.create(model="tiny", input="Hi.", max_output_tokens=2)
+            with pytest.raises(openai.NotFoundError):
+                client.responses.retrieve(first.id)
+            return second.id, client.responses.retrieve(second.id).id
+
+        second, retrieved = await server.sync(run)
+        assert retrieved == second
+        server.metrics.close()

@@ -34,7 +34,6 @@ __all__ = [
     "ModelConfig",
     "PrefixCacheConfig",
     "PythonRuntimeConfig",
-    "ResponsesConfig",
     "RestartsConfig",
     "RetryBudgetConfig",
     "RetryConfig",
@@ -294,14 +293,6 @@ class GenerationConfig(_Section, frozen=True):
                     )
 
 
-class ResponsesConfig(_Section, frozen=True):
-    """The Responses API (POST /v1/responses): `max_stored` responses are kept in memory
-    for `previous_response_id` and GET /v1/responses/{id}, the least recently used
-    dropped first; 0 keeps none."""
-
-    max_stored: _NonNegativeInt = 1000
-
-
 class ServerConfig(_Section, frozen=True):
     """Where `corral serve` listens and how long it drains on shutdown."""
 
@@ -315,7 +306,7 @@ class ServerConfig(_Section, frozen=True):
     max_connections: _PositiveInt | None = None
     max_streams_per_client: _PositiveInt | None = None
     admin_api_key: Annotated[str, msgspec.Meta(min_length=16)] | None = None
-    responses: ResponsesConfig = ResponsesConfig()
+    responses_max_stored: _NonNegativeInt = 1000  # for previous_response_id; LRU, 0: none
 
     def __post_init__(self) -> None:
         for index, uri in enumerate(self.jsonrpc):

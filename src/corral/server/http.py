@@ -1,14 +1,14 @@
 """The HTTP transport: ASGI plumbing (the app, its middleware and Starlette's own
 errors) and the supervised listener, served by Hypercorn's trio worker and Starlette.
 
-Routes (`routes.py`): POST /v1/completions and /v1/chat/completions (JSON, or SSE with
-`stream`), GET /v1/models[/{id}], GET /health, GET /metrics; POST /v1/responses and
-GET/DELETE /v1/responses/{id} (`responses.py`); POST /tokenize and /detokenize
-(`tokenize.py`); with an admin API key
-(`admin.py`), POST /v1/models/load and /v1/models/unload. Every error leaves as
-OpenAI's error body with corral's code name and the request id, its status from the
-error table (`openai.py`). This module never shapes a body or calls the runtime's
-request methods itself, and holds no state a restart of the HTTP server would lose.
+Routes: POST /v1/completions and /v1/chat/completions (JSON, or SSE with `stream`;
+`completions.py`); GET /v1/models[/{id}], GET /health, GET /metrics (`routes.py`); POST
+/v1/responses and GET/DELETE /v1/responses/{id} (`responses.py`); POST /tokenize and
+/detokenize (`tokenize.py`); with an admin API key (`admin.py`), POST /v1/models/load
+and /v1/models/unload. Every error leaves as OpenAI's error body with corral's code name
+and the request id, its status from the error table (`openai.py`). This module never
+shapes a body or calls the runtime's request methods itself, and holds no state a
+restart of the HTTP server would lose.
 
 What one client can hold is bounded (`HttpLimits`): a request body has a deadline, a
 connection with no request in progress closes after the keep-alive timeout, open
@@ -53,13 +53,13 @@ from corral.metrics import Metrics
 from corral.protocol.errors import Code, EngineClientError, OverloadedError
 from corral.runtime import Runtime
 from corral.server.admin import AdminRoutes
+from corral.server.completions import GenerateEndpoint
 from corral.server.lingering import LingeringStream
 from corral.server.openai import error_body, error_headers, internal_error
 from corral.server.responses import responses_routes
 from corral.server.routes import (
     LAST_WORDS_S,
     ClientStreams,
-    GenerateEndpoint,
     Routes,
     error_response,
 )

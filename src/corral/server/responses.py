@@ -7,7 +7,7 @@ HTTP status in OpenAI's error shape, and one after it is the stream's last event
 `response.failed`. A finished response (completed or incomplete) is stored unless the
 request says `store: false`, so that `previous_response_id` can continue it: the
 store keeps each response's conversation (input and output items, never
-`instructions`) in memory, bounded by `server.responses.max_stored`. The store belongs
+`instructions`) in memory, bounded by `server.responses_max_stored`. The store belongs
 to the runtime, not to the HTTP server, so a restarted HTTP server still finds it.
 """
 
@@ -95,10 +95,10 @@ _STORES: weakref.WeakKeyDictionary[Runtime, ResponseStore] = weakref.WeakKeyDict
 
 def store_of(runtime: Runtime) -> ResponseStore:
     """The response store of `runtime` (made on first use, sized by
-    `server.responses.max_stored`); it lives as long as the runtime."""
+    `server.responses_max_stored`); it lives as long as the runtime."""
     store = _STORES.get(runtime)
     if store is None:
-        store = _STORES[runtime] = ResponseStore(runtime.config.server.responses.max_stored)
+        store = _STORES[runtime] = ResponseStore(runtime.config.server.responses_max_stored)
     return store
 
 

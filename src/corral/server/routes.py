@@ -1,6 +1,6 @@
-"""The HTTP API's endpoints as ASGI apps: POST /v1/completions and
-/v1/chat/completions (one exchange per request), and GET /v1/models[/{id}], /health and
-/metrics; `ExchangeEndpoint`, the exchange other generation APIs (`responses.py`) build on.
+"""The HTTP API's endpoints as ASGI apps: `ExchangeEndpoint`, the exchange of one
+generation request that every generation API builds on (`completions.py`,
+`responses.py`), and GET /v1/models[/{id}], /health and /metrics.
 
 A generation endpoint owns its whole exchange, so that a client that goes away cancels
 its generation, streaming or not, and an error after a stream has started is its last
@@ -16,7 +16,7 @@ import abc
 import collections
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Generic, Literal, TypeVar, final
+from typing import Any, Final, Generic, TypeVar, final
 
 import msgspec
 import structlog
@@ -39,23 +39,19 @@ from corral.protocol.messages import innermost
 from corral.protocol.openai import ModelCard, ModelList
 from corral.runtime import ChoiceStreams, ModelDescription, Runtime
 from corral.server.openai import (
-    Job,
-    chat_job,
-    completion_job,
     drain_wait_ms,
     error_body,
     error_headers,
     explained,
-    finish_reason,
     internal_error,
     retry_after,
     status_of,
     with_drain_wait,
 )
 
-__all__ = ["LAST_WORDS_S", "ClientStreams", "Exchange", "ExchangeEndpoint", "GenerateEndpoint",
-           "Routes", "error_response", "fallback_headers", "json_response", "model_card",
-           "read_body", "read_json"]
+__all__ = ["LAST_WORDS_S", "ClientStreams", "Exchange", "ExchangeEndpoint", "Routes",
+           "error_response", "fallback_headers", "json_response", "model_card", "read_body",
+           "read_json"]
 
 LAST_WORDS_S: Final = 1.0
 """How long a server that is stopping, or refusing a connection, spends telling the
@@ -359,57 +355,6 @@ class ExchangeEndpoint(abc.ABC, Generic[_J]):
                            exc_info=error)
                 error = internal_error(error)
             await exchange.fail(explained(error))
-
-
-@final
-class GenerateEndpoint(ExchangeEndpoint[Job]):
-    """POST /v1/completions or /v1/chat/completions (see `ExchangeEndpoint`)."""
-
-    def __init__(self, runtime: Runtime, metrics: Metrics, kind: Literal["chat", "text"], *,
-                 body_timeout_ms: int, clients: ClientStreams) -> None:
-        super().__init__(runtime, metrics, "chat.completions" if kind == "chat"
-                         else "completions", body_timeout_ms=body_timeout_ms, clients=clients)
-        self._make_job = chat_job if kind == "chat" else completion_job
-
-    def job(self, body: Any, request_id: str, client: str) -> Job:
-        return self._make_job(body, request_id, client)
-
-    async def answer(self, job: Job, exchange: Exchange) -> None:
-        if job.stream:
-            await self._stream(job, exchange)
-        else:
-            await self._whole(job, exchange)
-
-    async def _stream(self, job: Job, exchange: Exchange) -> None:
-        """SSE: each choice's chunks as they come (`index` names the choice), each
-        choice's finish reason as it ends, then the usage when asked."""
-        shape = job.shape
-        async with self._runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            model = choices.model
-            async for chunk in choices:
-                if not exchange.sse_started:
-                    await exchange.start_sse(fallback_headers(choices))
-                    for opening in shape.opening(model, job.params.n):
-                        await exchange.event(opening)
-                event: msgspec.Struct | None
-                if chunk.finish_reason is not None:
-                    event = shape.ending(model, chunk.choice, finish_reason(chunk.finish_reason))
-                else:
-                    event = shape.chunk(model, chunk)
-                if event is not None:
-                    await exchange.event(event)
-            exchange.succeeded()
-            if job.include_usage:
-                await exchange.event(shape.usage(model, choices.usage))
-        await exchange.end_sse(done=True)
-
-    async def _whole(self, job: Job, exchange: Exchange) -> None:
-        async with self._runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            body = job.shape.whole(await choices.completion())
-        exchange.succeeded()
-        await exchange.json(200, body, fallback_headers(choices))
 
 
 def fallback_headers(stream: ChoiceStreams) -> list[tuple[bytes, bytes]]:
