@@ -39,6 +39,7 @@ from test_http import (  # noqa: F401  (`served` is a fixture)
     served,
 )
 from test_runtime import StepTap, engine_steps
+from test_serve import serve_process
 
 ASK = "What is the weather in Paris?"
 WEATHER: dict[str, Any] = {
@@ -420,3 +421,23 @@ async def test_server_responses_max_stored_bounds_the_store(model_path: str) -> 
         second, retrieved = await server.sync(run)
         assert retrieved == second
         server.metrics.close()
+
+
+@pytest.mark.slow
+def test_a_conversation_against_corral_serve(model_path: str) -> None:
+    """A real `corral serve` process: a tool call, its output continued through
+    `previous_response_id`, streamed."""
+    with serve_process(model_path) as client:
+        first = client.responses.create(model="tiny", input=ASK, tools=[WEATHER],
+                                        tool_choice="required", parallel_tool_calls=False,
+                                        max_output_tokens=100)
+        [call] = first.output
+        assert isinstance(call, ResponseFunctionToolCall)
+        events = list(client.responses.create(
+            model="tiny", previous_response_id=first.id, tools=[WEATHER], stream=True,
+            input=[{"type": "function_call_output", "call_id": call.call_id,
+                    "output": "Sunny, 21 C."}], max_output_tokens=8))
+    assert events[-1].type in _LIFECYCLE_END
+    _finished(events[-1].response)
+    assert first.usage is not None and events[-1].response.usage is not None
+    assert events[-1].response.usage.input_tokens > first.usage.input_tokens
