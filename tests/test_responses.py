@@ -292,6 +292,7 @@ async def test_errors_are_openai_errors_and_the_next_request_is_served(served: S
             {"model": "tiny", "input": "Hi.", "extra_body": {"bogus": 1}},
             {"model": "tiny", "input": "Hi.", "tools": [{"type": "web_search"}]},
             {"model": "tiny", "input": [{"type": "function_call", "name": "f"}]},
+            {"model": "tiny", "input": [], "instructions": "Be brief."},
         ]
         for attempt in attempts:
             with pytest.raises(openai.APIStatusError) as caught:
@@ -301,9 +302,9 @@ async def test_errors_are_openai_errors_and_the_next_request_is_served(served: S
 
     errors, served_after = await served.sync(run)
     assert [type(e) for e in errors] == [openai.NotFoundError] * 2 + [
-        openai.BadRequestError] * 4
+        openai.BadRequestError] * 5
     assert [e.body["param"] for e in errors[2:]] == [
-        "temperature", "bogus", "tools[0].type", "input[0].call_id"]
+        "temperature", "bogus", "tools[0].type", "input[0].call_id", "input"]
     assert errors[0].body["code"] == "ModelNotLoaded"
     _finished(served_after)
 

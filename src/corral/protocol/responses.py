@@ -191,15 +191,17 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         `previous` (the items a stored response holds; none for a new one).
 
         Raises:
-            EngineClientError: InvalidParams naming the input item that lacks a field
-                its type needs.
+            EngineClientError: InvalidParams for an empty conversation, or naming the
+                input item that lacks a field its type needs.
         """
+        turns = conversation_turns([*previous, *self.input_items()], len(previous))
+        if not turns:
+            raise EngineClientError(Code.INVALID_PARAMS, "input: expected at least one item",
+                                    {"field": "input"})
         system = [] if self.instructions is None else [ChatMessage("system",
                                                                    self.instructions)]
         params = GenerateParams(
-            model=self.model,
-            messages=[*system, *conversation_turns([*previous, *self.input_items()],
-                                                   len(previous))],
+            model=self.model, messages=[*system, *turns],
             max_tokens=self.max_output_tokens,
             tools=None if self.tools is None else [tool.tool() for tool in self.tools],
             tool_choice=self._tool_choice(),
