@@ -1,10 +1,12 @@
 """Inference API keys and CORS (issue 23, part 4): with `server.api_keys`, every route
-but /health, /metrics and the admin routes needs a key, OpenAI's and Anthropic's alike,
-and a refusal is a 401 in the route's API's own error shape that leaves the connection
-usable; with `server.cors_origins`, a browser's preflight is answered.
+but /health, /metrics and the admin routes needs a key, OpenAI's (Responses and
+/tokenize included), Anthropic's and Ollama's alike, and a refusal is a 401 in the
+route's API's own error shape that leaves the connection usable; with
+`server.cors_origins`, a browser's preflight is answered.
 
 The real HTTP server on 127.0.0.1 (and a `corral serve` process for the command line),
-driven by the official `openai` and `anthropic` clients, httpx and a raw socket.
+driven by the official `openai`, `anthropic` and `ollama` clients, httpx and a raw
+socket.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import ollama
 import openai
 import pytest
 import trio
@@ -32,17 +35,36 @@ OTHER = "sk-corral-test-key-0002"
 CHAT: list[Any] = [{"role": "user", "content": "Hi"}]
 ORIGIN = "https://app.example"
 
-ROUTES: list[tuple[str, str, Any, str]] = [
-    # method, path, JSON body, the API whose error shape the refusal takes
+ROUTES: list[tuple[str, str, Any, str, int]] = [
+    # method, path, JSON body, the API whose error shape the refusal takes, the status
+    # with a good key
     ("POST", "/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 2},
-     "openai"),
-    ("POST", "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2}, "openai"),
-    ("GET", "/v1/models", None, "openai"),
-    ("GET", "/v1/models/tiny", None, "openai"),
+     "openai", 200),
+    ("POST", "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 2}, "openai",
+     200),
+    ("GET", "/v1/models", None, "openai", 200),
+    ("GET", "/v1/models/tiny", None, "openai", 200),
+    ("POST", "/v1/responses", {"model": "tiny", "input": "Hi", "max_output_tokens": 2},
+     "openai", 200),
+    ("GET", "/v1/responses/resp_unknown", None, "openai", 404),
+    ("DELETE", "/v1/responses/resp_unknown", None, "openai", 404),
+    ("POST", "/tokenize", {"model": "tiny", "prompt": "Hi"}, "openai", 200),
+    ("POST", "/detokenize", {"model": "tiny", "tokens": [1, 2]}, "openai", 200),
     ("POST", "/v1/messages", {"model": "tiny", "messages": CHAT, "max_tokens": 2},
-     "anthropic"),
-    ("POST", "/v1/messages/count_tokens", {"model": "tiny", "messages": CHAT}, "anthropic"),
-    ("POST", "/v1/embeddings", {"model": "tiny", "input": "Hi"}, "openai"),  # no such route
+     "anthropic", 200),
+    ("POST", "/v1/messages/count_tokens", {"model": "tiny", "messages": CHAT}, "anthropic",
+     200),
+    ("POST", "/api/chat", {"model": "tiny", "messages": CHAT, "stream": False,
+                           "options": {"num_predict": 2}}, "ollama", 200),
+    ("POST", "/api/generate", {"model": "tiny", "prompt": "Hi", "stream": False,
+                               "options": {"num_predict": 2}}, "ollama", 200),
+    ("GET", "/api/tags", None, "ollama", 200),
+    ("POST", "/api/show", {"model": "tiny"}, "ollama", 200),
+    ("GET", "/api/ps", None, "ollama", 200),
+    ("GET", "/api/version", None, "ollama", 200),
+    ("GET", "/", None, "ollama", 200),
+    ("POST", "/api/embed", {"model": "tiny", "input": "Hi"}, "ollama", 404),  # no such route
+    ("POST", "/v1/embeddings", {"model": "tiny", "input": "Hi"}, "openai", 404),  # nor here
 ]
 
 
@@ -69,6 +91,9 @@ def _check_refusal(response: httpx.Response, api: str) -> None:
         assert body["type"] == "error"
         assert body["error"]["type"] == "authentication_error"
         message = body["error"]["message"]
+    elif api == "ollama":
+        assert list(body) == ["error"]
+        message = body["error"]
     else:
         assert body["error"]["type"] == "authentication_error"
         assert body["error"]["code"] == "InvalidRequest"
@@ -79,13 +104,13 @@ def _check_refusal(response: httpx.Response, api: str) -> None:
 
 async def test_every_inference_route_needs_a_key_in_its_apis_error_shape(
         keyed: Served) -> None:
-    for method, path, body, api in ROUTES:
+    for method, path, body, api, status in ROUTES:
         for headers in [None, {"authorization": "Bearer wrong-key-0123456789"},
                         {"x-api-key": KEY[:-1]}, {"authorization": KEY}]:
             _check_refusal(await _request(keyed, method, path, body, headers), api)
         for headers in [{"authorization": f"Bearer {KEY}"}, {"x-api-key": OTHER}]:
             answered = await _request(keyed, method, path, body, headers)
-            assert answered.status_code == (404 if "embeddings" in path else 200), answered.text
+            assert answered.status_code == status, (path, answered.text)
     for path in ["/health", "/metrics"]:
         assert (await _request(keyed, "GET", path)).status_code == 200
 
@@ -128,6 +153,38 @@ async def test_the_official_clients_are_refused_without_the_key_and_served_with_
     assert models == ["tiny"]
     assert message.stop_reason == "max_tokens"
     assert counted.input_tokens > 0
+
+
+async def test_the_responses_and_ollama_clients_are_refused_without_the_key(
+        keyed: Served) -> None:
+    def run() -> list[Any]:
+        seen: list[Any] = []
+        with openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key="wrong-key",
+                           max_retries=0) as wrong:
+            with pytest.raises(openai.AuthenticationError) as caught:
+                wrong.responses.create(model="tiny", input="Hi", max_output_tokens=2)
+            seen.append(caught.value)
+        with openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=KEY,
+                           max_retries=0) as right:
+            seen.append(right.responses.create(model="tiny", input="Hi", max_output_tokens=2))
+        with pytest.raises(ollama.ResponseError) as refused:
+            ollama.Client(host=keyed.base_url).chat(
+                model="tiny", messages=CHAT, options={"num_predict": 2})
+        seen.append(refused.value)
+        keyed_client = ollama.Client(host=keyed.base_url,
+                                     headers={"Authorization": f"Bearer {KEY}"})
+        seen.append(keyed_client.chat(model="tiny", messages=CHAT,
+                                      options={"num_predict": 2}))
+        seen.append([part.done for part in keyed_client.generate(
+            model="tiny", prompt="Hi", stream=True, options={"num_predict": 2})])
+        return seen
+
+    refused, response, refused_ollama, chat, parts = await trio.to_thread.run_sync(run)
+    assert refused.status_code == 401 and refused.body["code"] == "InvalidRequest"
+    assert response.status == "incomplete"
+    assert refused_ollama.status_code == 401 and "API key" in refused_ollama.error
+    assert chat.done and chat.done_reason == "length"
+    assert parts[-1] is True
 
 
 async def _exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, bytes]:

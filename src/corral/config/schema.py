@@ -245,6 +245,14 @@ class GenerationConfig(Section, frozen=True):
                     )
 
 
+class ResponsesConfig(Section, frozen=True):
+    """The Responses API's store (`corral.server.responses`)."""
+
+    max_stored: _NonNegativeInt = 1000
+    """How many finished responses are kept in memory, for `previous_response_id` and
+    GET /v1/responses/{id}; the least recently used is dropped first. 0 keeps none."""
+
+
 class ServerConfig(Section, frozen=True):
     """Where `corral serve` listens and how long it drains on shutdown."""
 
@@ -269,6 +277,7 @@ class ServerConfig(Section, frozen=True):
     """The browser origins (`https://app.example`, or `*` for any) allowed to call the
     API across origins (CORS); empty: no CORS headers, so browsers of other origins
     are refused."""
+    responses: ResponsesConfig = ResponsesConfig()
 
     def __post_init__(self) -> None:
         for index, uri in enumerate(self.jsonrpc):

@@ -291,10 +291,12 @@ Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 """A sampling temperature: 0 is greedy."""
 Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 """A probability mass above 0 (top_p)."""
+MAX_TOOLS: Final = 128
+"""The most tools one request may give."""
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
 StopStrings = StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
-Tools = Annotated[list[Tool], msgspec.Meta(max_length=128)]
+Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
 
 
 class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

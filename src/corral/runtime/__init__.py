@@ -29,7 +29,13 @@ from corral.engine.api import EngineStatistics, FaultKind
 from corral.logging import configure_logging
 from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
-from corral.protocol.messages import Completion, EngineStep, GenerateParams, PrefixCacheStatistics
+from corral.protocol.messages import (
+    ChatMessage,
+    Completion,
+    EngineStep,
+    GenerateParams,
+    PrefixCacheStatistics,
+)
 from corral.protocol.serving_messages import GetRegistryState, InjectFault, RegistryState
 from corral.resilience.breaker import CircuitBreaker
 from corral.resilience.breaker_types import BreakerStatistics
@@ -210,6 +216,16 @@ class Runtime:
                        add_special_tokens: bool = True) -> list[int]:
         return await self.requests.tokenize(model, text,
                                             add_special_tokens=add_special_tokens)
+
+    async def tokenize_chat(self, model: str | None, messages: list[ChatMessage]) -> list[int]:
+        """The token ids of chat turns as a chat request's prompt has them: rendered
+        with the model's chat template (and its generation prompt), then encoded.
+
+        Raises:
+            EngineClientError: InvalidParams (no turns, NUL bytes), ModelNotLoaded,
+                TokenizerError (no chat template, or it refuses the turns).
+        """
+        return await self.requests.tokenize_chat(model, messages)
 
     async def detokenize(self, model: str | None, ids: list[int]) -> str:
         return await self.requests.detokenize(model, ids)

@@ -30,7 +30,7 @@ from corral.protocol.errors import (
     TimeoutError,
     model_unloaded,
 )
-from corral.protocol.messages import GenerateParams, ModelInfo, SamplingParams
+from corral.protocol.messages import ChatMessage, GenerateParams, ModelInfo, SamplingParams
 from corral.protocol.serving_messages import (
     Admit,
     ApplyChatTemplate,
@@ -93,6 +93,16 @@ class Requests:
         entry = self._models.require(model)
         check_text("text", text)
         reply = await self.ask_model(entry.alias, Tokenize(text, add_special_tokens))
+        return list(reply.ids)
+
+    async def tokenize_chat(self, model: str | None, messages: list[ChatMessage]) -> list[int]:
+        entry = self._models.require(model)
+        if not messages:
+            raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                    {"field": "messages"})
+        for index, message in enumerate(messages):
+            check_text(f"messages[{index}].content", message.content)
+        reply = await self.ask_model(entry.alias, ApplyChatTemplate(template_turns(messages)))
         return list(reply.ids)
 
     async def detokenize(self, model: str | None, ids: list[int]) -> str:

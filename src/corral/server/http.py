@@ -2,7 +2,9 @@
 errors) and the supervised listener, served by Hypercorn's trio worker and Starlette.
 
 The APIs it serves (the README lists them): OpenAI's POST /v1/completions and
-/v1/chat/completions (`openai_routes.py`); Anthropic's POST /v1/messages and
+/v1/chat/completions (`openai_routes.py`) and its Responses API, POST /v1/responses and
+GET/DELETE /v1/responses/{id} (`responses.py`); vLLM's POST /tokenize and /detokenize
+(`tokenize.py`); Anthropic's POST /v1/messages and
 /v1/messages/count_tokens (`anthropic_routes.py`); Ollama's under /api
 (`ollama_routes.py`); GET /v1/models[/{id}], /health and /metrics (`routes.py`); with
 an admin API key (`admin.py`), POST /v1/models/load and /v1/models/unload. Every error
@@ -68,7 +70,9 @@ from corral.server.ollama import OLLAMA_ERRORS
 from corral.server.ollama_routes import ollama_routes
 from corral.server.openai import OPENAI_ERRORS, error_body
 from corral.server.openai_routes import openai_routes
+from corral.server.responses import responses_routes
 from corral.server.routes import Routes
+from corral.server.tokenize import tokenize_routes
 
 __all__ = ["HttpLimits", "HttpServer", "build_app", "default_max_connections"]
 
@@ -227,7 +231,8 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
         middleware.append(Middleware(ApiKeys, keys=server.api_keys, errors_for=_errors_for,
                                      max_body=server.max_body_bytes,
                                      body_timeout_ms=limits.body_timeout_ms))
-    apis = [route for api_routes in (openai_routes, anthropic_routes, ollama_routes)
+    apis = [route for api_routes in (openai_routes, responses_routes, anthropic_routes,
+                                     ollama_routes)
             for route in api_routes(runtime, metrics, body_timeout_ms=limits.body_timeout_ms,
                                     clients=clients)]
     return Starlette(
@@ -239,6 +244,7 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
             Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
+            *tokenize_routes(runtime, body_timeout_ms=limits.body_timeout_ms),
         ],
         middleware=middleware,
         exception_handlers={HTTPException: _http_exception})

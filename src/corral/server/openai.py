@@ -37,6 +37,7 @@ from corral.protocol.openai import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    ChatMessageIn,
     ChatMessageOut,
     ChatTokenLogprob,
     ChatTopLogprob,
@@ -54,7 +55,7 @@ from corral.runtime.stream_buffers import StreamChunk
 from corral.server.errors import ErrorShape, status_of
 
 __all__ = ["OPENAI_ERRORS", "ChatShape", "CompletionShape", "Job", "Shape", "chat_job",
-           "completion_job", "error_body", "explained", "finish_reason"]
+           "chat_messages", "completion_job", "error_body", "explained", "finish_reason"]
 
 _ERROR_TYPES: Final[dict[int, str]] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -146,6 +147,14 @@ def _prompt(prompt: str | list[str | int]) -> str | list[int]:
     return ids
 
 
+def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+    """OpenAI's chat messages as the runtime's turns (`ChatMessageIn` says how)."""
+    return [ChatMessage(role="system" if m.role == "developer" else m.role,
+                        content=_text(m.content), tool_calls=m.tool_calls or [],
+                        tool_call_id=m.tool_call_id, name=m.name)
+            for m in messages]
+
+
 class Job(msgspec.Struct, frozen=True):
     """One validated generation request: the runtime's params and the reply's shape.
 
@@ -174,10 +183,7 @@ def chat_job(body: Any, request_id: str, client: str) -> Job:
         raise EngineClientError(Code.INVALID_PARAMS,
                                 "top_logprobs: needs logprobs to be true",
                                 {"field": "top_logprobs"})
-    messages = [ChatMessage(role="system" if m.role == "developer" else m.role,
-                            content=_text(m.content), tool_calls=m.tool_calls or [],
-                            tool_call_id=m.tool_call_id, name=m.name)
-                for m in request.messages]
+    messages = chat_messages(request.messages)
     params = _sampling(request, request.max_completion_tokens or request.max_tokens)
     tools = {"tools": request.tools, "tool_choice": request.tool_choice,
              "parallel_tool_calls": request.parallel_tool_calls}
