@@ -126,6 +126,8 @@ async def test_the_official_clients_are_refused_without_the_key_and_served_with_
             seen.append(caught.value)
             with pytest.raises(openai.AuthenticationError):
                 wrong.models.list()
+            with pytest.raises(openai.AuthenticationError):
+                wrong.responses.create(model="tiny", input="Hi", max_output_tokens=2)
         with anthropic.Anthropic(base_url=keyed.base_url, api_key="wrong-key",
                                  max_retries=0) as wrong_anthropic:
             with pytest.raises(anthropic.AuthenticationError) as refused:
@@ -136,16 +138,26 @@ async def test_the_official_clients_are_refused_without_the_key_and_served_with_
             seen.append(right.chat.completions.create(model="tiny", messages=CHAT,
                                                       max_tokens=2))
             seen.append([m.id for m in right.models.list()])
+            seen.append(right.responses.create(model="tiny", input="Hi", max_output_tokens=2))
         with anthropic.Anthropic(base_url=keyed.base_url, api_key=OTHER,
                                  max_retries=0) as by_header:
             seen.append(by_header.messages.create(model="tiny", messages=CHAT, max_tokens=2))
         with anthropic.Anthropic(base_url=keyed.base_url, auth_token=KEY,
                                  max_retries=0) as by_bearer:
             seen.append(by_bearer.messages.count_tokens(model="tiny", messages=CHAT))
+        with pytest.raises(ollama.ResponseError) as refused_ollama:
+            ollama.Client(host=keyed.base_url).chat(model="tiny", messages=CHAT,
+                                                    options={"num_predict": 2})
+        seen.append(refused_ollama.value)
+        keyed_ollama = ollama.Client(host=keyed.base_url,
+                                     headers={"Authorization": f"Bearer {KEY}"})
+        seen.append(keyed_ollama.chat(model="tiny", messages=CHAT, options={"num_predict": 2}))
+        seen.append([part.done for part in keyed_ollama.generate(
+            model="tiny", prompt="Hi", stream=True, options={"num_predict": 2})])
         return seen
 
-    refused, refused_anthropic, chat, models, message, counted = (
-        await trio.to_thread.run_sync(run))
+    (refused, refused_anthropic, chat, models, response, message, counted, refused_ollama,
+     ollama_chat, ollama_parts) = await trio.to_thread.run_sync(run)
     assert refused.status_code == 401 and refused.body["code"] == "InvalidRequest"
     assert refused_anthropic.status_code == 401
     assert refused_anthropic.body["error"]["type"] == "authentication_error"
@@ -153,38 +165,10 @@ async def test_the_official_clients_are_refused_without_the_key_and_served_with_
     assert models == ["tiny"]
     assert message.stop_reason == "max_tokens"
     assert counted.input_tokens > 0
-
-
-async def test_the_responses_and_ollama_clients_are_refused_without_the_key(
-        keyed: Served) -> None:
-    def run() -> list[Any]:
-        seen: list[Any] = []
-        with openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key="wrong-key",
-                           max_retries=0) as wrong:
-            with pytest.raises(openai.AuthenticationError) as caught:
-                wrong.responses.create(model="tiny", input="Hi", max_output_tokens=2)
-            seen.append(caught.value)
-        with openai.OpenAI(base_url=f"{keyed.base_url}/v1", api_key=KEY,
-                           max_retries=0) as right:
-            seen.append(right.responses.create(model="tiny", input="Hi", max_output_tokens=2))
-        with pytest.raises(ollama.ResponseError) as refused:
-            ollama.Client(host=keyed.base_url).chat(
-                model="tiny", messages=CHAT, options={"num_predict": 2})
-        seen.append(refused.value)
-        keyed_client = ollama.Client(host=keyed.base_url,
-                                     headers={"Authorization": f"Bearer {KEY}"})
-        seen.append(keyed_client.chat(model="tiny", messages=CHAT,
-                                      options={"num_predict": 2}))
-        seen.append([part.done for part in keyed_client.generate(
-            model="tiny", prompt="Hi", stream=True, options={"num_predict": 2})])
-        return seen
-
-    refused, response, refused_ollama, chat, parts = await trio.to_thread.run_sync(run)
-    assert refused.status_code == 401 and refused.body["code"] == "InvalidRequest"
     assert response.status == "incomplete"
     assert refused_ollama.status_code == 401 and "API key" in refused_ollama.error
-    assert chat.done and chat.done_reason == "length"
-    assert parts[-1] is True
+    assert ollama_chat.done and ollama_chat.done_reason == "length"
+    assert ollama_parts[-1] is True
 
 
 async def _exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, bytes]:

@@ -41,6 +41,7 @@ from corral.protocol.codec import convert_params
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import FinishReason, GenerateParams, ToolCall, Usage
 from corral.runtime.stream_buffers import StreamChunk
+from corral.runtime.tools import arguments_object
 from corral.server.errors import ErrorShape, status_of
 from corral.server.openai import finish_reason
 
@@ -121,15 +122,8 @@ def usage_of(usage: Usage) -> MessagesUsage:
 
 
 def _tool_use(call: ToolCall) -> ToolUseBlock:
-    """A call as a block; arguments that are not a JSON object (a model's slip the
-    parser let through) are kept whole, as `{"arguments": <text>}`."""
-    try:
-        arguments = json.loads(call.function.arguments)
-    except ValueError:
-        arguments = None
-    if not isinstance(arguments, dict):
-        arguments = {"arguments": call.function.arguments}
-    return ToolUseBlock(call.id, call.function.name, arguments)
+    """A call as a block (`arguments_object` says what its input is)."""
+    return ToolUseBlock(call.id, call.function.name, arguments_object(call))
 
 
 def event_name(event: StreamEvent | ErrorResponse) -> str:

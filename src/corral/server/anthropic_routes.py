@@ -98,16 +98,12 @@ class MessagesEndpoint(ExchangeEndpoint[MessagesJob]):
         await exchange.end_stream(done=False)
 
     async def _whole(self, job: MessagesJob, exchange: Exchange) -> None:
-        async with self._runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            completion = await choices.completion()
+        completion, headers = await self.complete(job.params, exchange)
         stop = await _stop_sequence(self._runtime, completion.model, completion.token_ids,
                                     completion.finish_reason, job.stop_sequences)
-        body = MessagesShape(job.message_id).whole(
+        await exchange.reply(MessagesShape(job.message_id).whole(
             completion.model, completion.text, completion.tool_calls,
-            stop_reason(completion.finish_reason, stop), stop, completion.usage)
-        exchange.succeeded()
-        await exchange.json(200, body, fallback_headers(choices))
+            stop_reason(completion.finish_reason, stop), stop, completion.usage), headers)
 
 
 @final

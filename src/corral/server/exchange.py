@@ -34,6 +34,7 @@ from corral.protocol.errors import (
     TimeoutError,
 )
 from corral.protocol.lifecycle import innermost
+from corral.protocol.messages import Completion, GenerateParams
 from corral.runtime import ChoiceStreams, Runtime
 from corral.server.bodies import read_json
 from corral.server.errors import (
@@ -168,6 +169,12 @@ class Exchange:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()), *(headers or [])]})
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def reply(self, data: msgspec.Struct,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """The whole reply of a request that succeeded: counted, then sent (200)."""
+        self.succeeded()
+        await self.json(200, data, headers)
 
     async def fail(self, error: CorralError) -> None:
         """Report `error` the only way still open: a status, or the stream's last event."""
@@ -310,13 +317,23 @@ class ExchangeEndpoint(abc.ABC, Generic[_J]):
     async def answer(self, job: _J, exchange: Exchange) -> None:
         """Run `job` and send its reply through `exchange`, whole or streamed.
 
-        Open the generation with `runtime.choices`, set `exchange.stream`, and call
-        `exchange.succeeded()` before the last bytes go out; close the generation
-        before a whole reply is sent, so its stream slot is free when the client has it.
+        A whole reply is `complete` then `exchange.reply`. A stream opens the
+        generation with `runtime.choices`, sets `exchange.stream`, and calls
+        `exchange.succeeded()` before the last bytes go out.
 
         Raises:
             Exception: whatever ended the generation; the endpoint tells the client.
         """
+
+    async def complete(self, params: GenerateParams, exchange: Exchange
+                       ) -> tuple[Completion, list[tuple[bytes, bytes]]]:
+        """Run `params` to its end for a whole reply: the completion, and the headers
+        its reply carries (`fallback_headers`). The generation is closed before this
+        returns, so its stream slot is free when the client has the reply."""
+        async with self._runtime.choices(params) as choices:
+            exchange.stream = choices
+            completion = await choices.completion()
+        return completion, fallback_headers(choices)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id: str = scope["state"]["request_id"]

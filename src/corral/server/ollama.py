@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 from typing import Any, Final, Literal, final
 
 import msgspec
@@ -32,6 +31,7 @@ from corral.protocol.ollama import (
 )
 from corral.runtime import ModelDescription
 from corral.runtime.stream_buffers import StreamChunk
+from corral.runtime.tools import arguments_object
 from corral.server.errors import ErrorShape
 from corral.server.openai import finish_reason
 
@@ -67,17 +67,10 @@ def _done_reason(reason: FinishReason | None) -> str:
 
 
 def _calls(calls: list[ToolCall], first_index: int) -> list[ToolCallOut]:
-    out = []
-    for offset, call in enumerate(calls):
-        try:
-            arguments = json.loads(call.function.arguments)
-        except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict):  # the parser makes objects; keep any other whole
-            arguments = {"arguments": call.function.arguments}
-        out.append(ToolCallOut(id=call.id, function=FunctionCallOut(
-            name=call.function.name, arguments=arguments, index=first_index + offset)))
-    return out
+    return [ToolCallOut(id=call.id, function=FunctionCallOut(
+                name=call.function.name, arguments=arguments_object(call),
+                index=first_index + offset))
+            for offset, call in enumerate(calls)]
 
 
 @final

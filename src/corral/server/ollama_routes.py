@@ -131,9 +131,8 @@ class OllamaGenerateEndpoint(ExchangeEndpoint[OllamaJob]):
         reply = Reply(self._kind, request.model, exchange.started_at)
         if params is None:
             await self._runtime.keep_model(request.model, request.keep_alive_s())
-            exchange.succeeded()
-            await exchange.json(200, reply.loaded(request.keep_alive_s() == 0.0,
-                                                  trio.current_time()))
+            await exchange.reply(reply.loaded(request.keep_alive_s() == 0.0,
+                                              trio.current_time()))
         elif request.stream:
             await self._stream(params, reply, exchange)
         else:
@@ -166,8 +165,7 @@ class OllamaGenerateEndpoint(ExchangeEndpoint[OllamaJob]):
             stream = choices.streams[0]
             body = reply.last(stream.finish_reason, choices.usage, trio.current_time(),
                               stream.text, stream.tool_calls)
-        exchange.succeeded()
-        await exchange.json(200, body, fallback_headers(choices))
+        await exchange.reply(body, fallback_headers(choices))
 
 
 @final

@@ -72,11 +72,8 @@ class GenerateEndpoint(ExchangeEndpoint[Job]):
         await exchange.end_stream(done=True)
 
     async def _whole(self, job: Job, exchange: Exchange) -> None:
-        async with self._runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            body = job.shape.whole(await choices.completion())
-        exchange.succeeded()
-        await exchange.json(200, body, fallback_headers(choices))
+        completion, headers = await self.complete(job.params, exchange)
+        await exchange.reply(job.shape.whole(completion), headers)
 
 
 def openai_routes(runtime: Runtime, metrics: Metrics, *, body_timeout_ms: int,

@@ -167,12 +167,10 @@ class ResponsesEndpoint(ExchangeEndpoint[_Job]):
         await exchange.end_stream(done=False)
 
     async def _whole(self, job: _Job, exchange: Exchange) -> None:
-        async with self._runtime.choices(job.params) as choices:
-            exchange.stream = choices
-            response = job.shape.whole(await choices.completion())
-        exchange.succeeded()
+        completion, headers = await self.complete(job.params, exchange)
+        response = job.shape.whole(completion)
         self._keep(job, response)
-        await exchange.json(200, response, fallback_headers(choices))
+        await exchange.reply(response, headers)
 
     def _keep(self, job: _Job, response: ResponseObject) -> None:
         if job.request.store:
