@@ -33,7 +33,13 @@ from corral.server.anthropic import (
 )
 from corral.server.bodies import error_response, json_response, read_json
 from corral.server.errors import ErrorShape
-from corral.server.exchange import ClientStreams, Exchange, ExchangeEndpoint, fallback_headers
+from corral.server.exchange import (
+    ClientStreams,
+    Exchange,
+    ExchangeEndpoint,
+    client_address,
+    fallback_headers,
+)
 
 __all__ = ["CountTokens", "MessagesEndpoint", "anthropic_routes"]
 
@@ -121,9 +127,8 @@ class CountTokens:
         request_id: str = request.state.request_id
         try:
             body = await read_json(request, self._max_body, self._body_timeout_ms)
-            client = request.client.host if request.client else "unknown"
             params = convert_params(body, CountTokensRequest).to_generate_params(
-                request_id=request_id, client=f"http:{client}")
+                request_id=request_id, client=f"http:{client_address(request.scope)}")
             count = await self._runtime.count_prompt_tokens(params)
         except CorralError as error:
             return error_response(error, request_id, ANTHROPIC_ERRORS)
