@@ -15,16 +15,21 @@ import trio
 
 from corral.actors.system import ActorSystem
 from corral.protocol.lifecycle import LifecycleEvent
+from corral.runtime import Runtime
 from corral.tiny import make_tiny_model
 
 
 class EventLog:
-    """Every lifecycle event of one ActorSystem, in order, with a way to wait for one."""
+    """Every lifecycle event of one ActorSystem or runtime, in order, with a way to wait
+    for one."""
 
-    def __init__(self, system: ActorSystem) -> None:
+    def __init__(self, source: ActorSystem | Runtime) -> None:
         self.events: list[LifecycleEvent] = []
         self._changed = trio.Event()
-        system.add_listener(self._record)
+        if isinstance(source, Runtime):
+            source.add_lifecycle_listener(self._record)
+        else:
+            source.add_listener(self._record)
 
     def _record(self, event: LifecycleEvent) -> None:
         self.events.append(event)
@@ -48,8 +53,8 @@ class EventLog:
 
 
 @pytest.fixture
-def record_events() -> Callable[[ActorSystem], EventLog]:
-    """`record_events(system)` starts recording that system's lifecycle events."""
+def record_events() -> Callable[[ActorSystem | Runtime], EventLog]:
+    """`record_events(system_or_runtime)` starts recording its lifecycle events."""
     return EventLog
 
 

@@ -372,7 +372,7 @@ def test_a_failed_runtime_raises_its_escalation_from_calls_and_the_block(
             async with aio.open_runtime(_config(supervision={"max_restarts": 0}),
                                         models={"tiny": model_path}) as rt:
                 async def kill_registry(trio_rt: Runtime) -> None:
-                    trio_rt.root.kill_child("stream_registry")
+                    trio_rt.kill("root/stream_registry")
 
                 await rt.run_in_trio(kill_registry)
                 called: CorralError | None = None
@@ -436,7 +436,7 @@ def test_leaving_the_context_with_streams_open_stops_the_runtime_cleanly(
                 await asyncio.sleep(0.001)
         resume.set()
         await asyncio.gather(*tasks)
-        assert not trio_rt.table.open_buffers()
+        assert not trio_rt.stream_buffers()
         assert not trio.lowlevel.in_trio_run()
         with pytest.raises(EngineClientError) as late:
             await rt.complete("tiny", PROMPT)
@@ -481,7 +481,7 @@ def test_the_runtime_stops_cleanly_when_asyncio_run_ends_with_it_open(
 
     asyncio.run(main())
     assert isinstance(seen["exit"], asyncio.CancelledError)
-    assert not seen["trio_rt"].table.open_buffers()
+    assert not seen["trio_rt"].stream_buffers()
     assert not trio.lowlevel.in_trio_run()
     for thread in engine_threads():
         thread.join(timeout=5)

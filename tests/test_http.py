@@ -519,15 +519,15 @@ async def test_metrics_parse_and_count_what_happened(served: Served) -> None:
         return [whole.usage, stream[-1].usage]
 
     usages = await served.sync(run)
-    registry = rt.system.ref("root/stream_registry")
+    registry = rt.actor("root/stream_registry")
     restarted = trio.Event()
 
     def on_event(event: LifecycleEvent) -> None:
         if event.kind == "restarted" and event.path == "root/stream_registry":
             restarted.set()
 
-    rt.system.add_listener(on_event)
-    rt.root.kill_child("stream_registry")
+    rt.add_lifecycle_listener(on_event)
+    rt.kill("root/stream_registry")
     await registry.wait_exit()
     with trio.fail_after(5):
         await restarted.wait()
@@ -564,7 +564,7 @@ async def test_a_crashed_http_server_restarts_and_serves_again(served: Served) -
         if event.kind == "restarted" and event.path == "root/transport/http":
             restarted.set()
 
-    rt.system.add_listener(on_event)
+    rt.add_lifecycle_listener(on_event)
     before = await served.sync(lambda c: c.completions.create(model="tiny", prompt=PROMPT,
                                                               max_tokens=4))
     async with rt.generate("tiny", PROMPT, max_tokens=40) as in_process:
@@ -578,7 +578,7 @@ async def test_a_crashed_http_server_restarts_and_serves_again(served: Served) -
     after = await served.sync(lambda c: c.completions.create(model="tiny", prompt=PROMPT,
                                                              max_tokens=4))
     assert after.choices[0].text == before.choices[0].text
-    assert rt.system.ref("root/transport/http").statistics().restarts == 1
+    assert rt.actor("root/transport/http").statistics().restarts == 1
     assert (await served.get("/health")).status_code == 200
 
 

@@ -161,8 +161,8 @@ def assert_typed_errors(message: Any) -> None:
 
 
 def assert_nothing_restarted(rt: Runtime) -> None:
-    assert rt.system.mailbox("root/transport").statistics().restarts == 0
-    assert rt.system.mailbox("root/transport/jsonrpc").statistics().restarts == 0
+    assert rt.actor("root/transport").statistics().restarts == 0
+    assert rt.actor("root/transport/jsonrpc").statistics().restarts == 0
     transport = rt.domain("transport")
     assert transport is not None
     assert transport.statistics().total_restarts == 0
@@ -505,7 +505,7 @@ async def test_killing_another_transport_child_leaves_a_stream_alone(
         model_path: str, record_events: Any) -> None:
     with trio.fail_after(30):
         async with serve(model_path) as (rt, listener):
-            events = record_events(rt.system)
+            events = record_events(rt)
             other = JsonRpcListener(rt, "tcp://127.0.0.1:0")
             await rt.start_transport(other.spec("jsonrpc-b"))
             bystander = await Client.connect(other)
@@ -528,9 +528,9 @@ async def test_killing_another_transport_child_leaves_a_stream_alone(
             assert [c["index"] for c in chunks] == list(
                 itertools.accumulate([0] + [len(c["token_ids"]) for c in chunks[:-1]]))
 
-            assert rt.system.mailbox("root/transport/jsonrpc").statistics().restarts == 0
-            assert rt.system.mailbox("root/transport/jsonrpc-b").statistics().restarts == 1
-            assert rt.system.mailbox("root/transport").statistics().restarts == 0
+            assert rt.actor("root/transport/jsonrpc").statistics().restarts == 0
+            assert rt.actor("root/transport/jsonrpc-b").statistics().restarts == 1
+            assert rt.actor("root/transport").statistics().restarts == 0
             again = await Client.connect(other)  # restarted, on a port of its own
             assert (await again.result("health"))["ok"]
             assert (await client.result("health"))["ok"]

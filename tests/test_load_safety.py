@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,9 @@ async def test_a_load_past_the_worker_memory_limit_fails_alone_with_a_model_load
             await rt.load_model(str(bloated), alias="bloated")
         assert raised.value.code is Code.MODEL_LOAD_ERROR
         assert "bloated" in raised.value.message
+        if sys.platform == "linux":  # the only platform that enforces the limit
+            assert ("may map at most 1536 MiB: python_runtime.worker_memory_limit_mb"
+                    in raised.value.message), raised.value.message
         assert [m.alias for m in rt.list_models()] == ["tiny"]
         completion = await rt.complete("tiny", "Hi", max_tokens=4)
         assert completion.choices[0].finish_reason in ("length", "stop")

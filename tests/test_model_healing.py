@@ -117,7 +117,7 @@ async def test_a_missing_directory_is_refused_before_any_actor_starts(
         "empty": "empty has no config.json: it is not a model directory",
     }
     async with open_runtime(_config(), models={"tiny": model_path}) as rt:
-        events = record_events(rt.system)
+        events = record_events(rt)
         for path, message in refusals.items():
             with pytest.raises(EngineClientError) as caught:
                 await rt.load_model(path, alias="other")
@@ -154,7 +154,7 @@ async def test_a_model_that_cannot_load_answers_without_a_restart(
         model_path: str, tmp_path: Path, record_events: Any, isolation: str) -> None:
     broken = _without_weights(model_path, tmp_path / "broken")
     async with open_runtime(_config(isolation), models={"tiny": model_path}) as rt:
-        events = record_events(rt.system)
+        events = record_events(rt)
         with trio.fail_after(60), pytest.raises(EngineClientError) as caught:
             await rt.load_model(broken, alias="broken")
         assert caught.value.code is Code.MODEL_LOAD_ERROR
@@ -173,7 +173,7 @@ async def test_json_rpc_load_model_with_a_bad_path_answers_model_load_error(
         model_path: str, tmp_path: Path, record_events: Any) -> None:
     broken = _without_weights(model_path, tmp_path / "broken")
     async with open_runtime(_config(), models={"tiny": model_path}) as rt:
-        events = record_events(rt.system)
+        events = record_events(rt)
         listener = JsonRpcListener(rt, "tcp://127.0.0.1:0")
         await rt.start_transport(listener.spec("jsonrpc"))
         assert listener.port is not None
@@ -253,7 +253,7 @@ async def test_reloads_come_after_doubling_delays_up_to_the_maximum_and_retry_af
     mock_clock.rate = 1.0  # MLX loads and steps in real time
     async with open_runtime(_config(max_restarts=0, recovery_ms=int(recovery_s * 1000)),
                             models={"tiny": str(source)}) as rt:
-        events = record_events(rt.system)
+        events = record_events(rt)
         source.rename(tmp_path / "moved")  # from now on every reload fails at once
         await _fail_for_good(rt)
         failed = _model(rt)
@@ -318,7 +318,7 @@ async def test_closing_the_runtime_during_a_reload_stops_everything(
     with trio.fail_after(120):  # the jump below counts for 60 s of it
         async with open_runtime(_config(max_restarts=0, recovery_ms=60000),
                                 models={"tiny": model_path}) as rt:
-            events = record_events(rt.system)
+            events = record_events(rt)
             await _fail_for_good(rt)
             started = len(events.of("started", "root/generation/model:tiny/model"))
             reload_in = _model(rt).reload_in_s
@@ -334,7 +334,7 @@ async def test_a_model_failed_by_worker_kills_reloads_and_serves_again(
         model_path: str, record_events: Any) -> None:
     config = _config("process", max_restarts=1, recovery_ms=2000)
     async with open_runtime(config, models={"tiny": model_path}) as rt:
-        events = record_events(rt.system)
+        events = record_events(rt)
         first_pid = None
         for _ in range(2):  # the first kill restarts; the second exceeds max_restarts=1
             stats = rt.engine_statistics("tiny")

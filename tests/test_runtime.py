@@ -259,9 +259,9 @@ async def test_an_engine_fault_restarts_the_model_and_ends_unseeded_streams_with
 
 async def test_crashing_the_stream_registry_keeps_models_and_serves_new_streams(
         rt: Runtime) -> None:
-    ref = rt.system.ref("root/stream_registry")
+    ref = rt.actor("root/stream_registry")
     before = ref.statistics().restarts
-    rt.root.kill_child("stream_registry")
+    rt.kill("root/stream_registry")
     reason = await ref.wait_exit()
     assert reason.abnormal
     result = await rt.complete("tiny", PROMPT, max_tokens=6)
@@ -324,13 +324,13 @@ async def test_the_watchdog_restarts_a_hung_engine_and_the_stream_resumes(
 
 async def test_a_stream_survives_a_registry_crash_mid_stream(rt: Runtime) -> None:
     fault_free = (await rt.complete("tiny", PROMPT, max_tokens=60)).text
-    ref = rt.system.ref("root/stream_registry")
+    ref = rt.actor("root/stream_registry")
     async with rt.generate("tiny", PROMPT, max_tokens=60) as stream:
         killed = False
         async for _ in stream:
             if len(stream.token_ids) >= 5 and not killed:
                 killed = True
-                rt.root.kill_child("stream_registry")
+                rt.kill("root/stream_registry")
     assert killed and ref.statistics().restarts == 1
     assert stream.finish_reason == "length"
     assert stream.text == fault_free
@@ -370,7 +370,7 @@ async def test_a_stream_keeps_every_token_when_the_registry_dies_with_output_que
         nonlocal steps
         steps += 1
         if steps == 8:  # the step's output is queued in the registry's mailbox right now
-            rt.root.kill_child("stream_registry")
+            rt.kill("root/stream_registry")
 
     remove = rt.add_step_listener("tiny", kill_on_eighth_step)
     async with rt.generate("tiny", PROMPT, max_tokens=40) as stream:
@@ -378,7 +378,7 @@ async def test_a_stream_keeps_every_token_when_the_registry_dies_with_output_que
             async for _ in stream:
                 pass
     remove()
-    assert rt.system.ref("root/stream_registry").statistics().restarts == 1
+    assert rt.actor("root/stream_registry").statistics().restarts == 1
     assert stream.token_ids == expected
 
 
@@ -423,18 +423,18 @@ async def _probe_given_back(rt: Runtime) -> None:
 
 async def test_monitors_follow_the_model_through_reloads_and_domain_restarts(
         rt: Runtime, model_path: str) -> None:
-    model_box = rt.system.mailbox("root/generation/model:tiny/model")
+    model_box = rt.actor("root/generation/model:tiny/model")
     assert model_box.statistics().monitors == 1
     await rt.unload_model("tiny")
     await rt.load_model(model_path, alias="tiny")
-    assert rt.system.mailbox("root/generation/model:tiny/model").statistics().monitors == 1
-    rt.root.kill_child("generation")
+    assert rt.actor("root/generation/model:tiny/model").statistics().monitors == 1
+    rt.kill("root/generation")
     with trio.fail_after(20):
-        while (rt.system.mailbox("root/generation").statistics().restarts == 0
+        while (rt.actor("root/generation").statistics().restarts == 0
                or [m.state for m in rt.list_models()] != ["ready"] or not rt.health().ok):
             await trio.sleep(0.02)
-    assert rt.system.mailbox("root/generation/model:tiny").statistics().monitors == 1
-    assert rt.system.mailbox("root/generation/model:tiny/model").statistics().monitors == 1
+    assert rt.actor("root/generation/model:tiny").statistics().monitors == 1
+    assert rt.actor("root/generation/model:tiny/model").statistics().monitors == 1
     assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
 
 
@@ -450,4 +450,4 @@ async def test_a_caller_cancelled_while_queued_for_admission_frees_its_place(
         assert (await rt.complete("tiny", PROMPT, max_tokens=3)).finish_reason == "length"
         state = await rt.registry_state()
         assert (state.active, state.queued) == (0, 0)
-        assert len(rt.table) == 0
+        assert not rt.stream_buffers()

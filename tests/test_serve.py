@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,15 @@ class Server:
     """A `corral serve` subprocess; stderr is collected line by line."""
 
     def __init__(self, args: list[str], config: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         command = [sys.executable, "-m", "corral.cli", "serve", *args]
         if config is not None:
             command += ["--config", str(config)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env={**os.environ, **(env or {})})
+                                        text=True, env={**os.environ, **(env or {})},
+                                        preexec_fn=preexec_fn)
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()

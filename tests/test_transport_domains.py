@@ -60,7 +60,7 @@ async def test_the_http_server_crashes_and_restarts_while_a_jsonrpc_stream_strea
                         ended.update(message)
 
         transport = rt.domain("transport")
-        http_ref = rt.system.ref("root/transport/http")
+        http_ref = rt.actor("root/transport/http")
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read_stream)
@@ -80,5 +80,5 @@ async def test_the_http_server_crashes_and_restarts_while_a_jsonrpc_stream_strea
         assert ended["params"]["finish_reason"] == "length"
         assert "".join(text) == expected
         assert http_ref.statistics().restarts == 1
-        assert rt.system.ref("root/transport/jsonrpc").statistics().restarts == 0
+        assert rt.actor("root/transport/jsonrpc").statistics().restarts == 0
         await stream.aclose()

@@ -94,7 +94,7 @@ class Metrics:
             ["actor"], registry=registry)
         self._collector = _RuntimeCollector(runtime)
         registry.register(self._collector)
-        self._unlisten = runtime.system.add_listener(self._on_lifecycle)
+        self._unlisten = runtime.add_lifecycle_listener(self._on_lifecycle)
 
     def close(self) -> None:
         """Stop listening to the runtime's lifecycle events. Idempotent."""
@@ -212,8 +212,9 @@ class _RuntimeCollector(Collector):
             "corral_fallbacks", "Requests served by a fallback, by the model asked for and "
             "what served them (another model's alias, cached or default).",
             labels=["model", "fallback"])
-        for (alias, kind), count in self._runtime.requests.rolling.fallbacks_total.items():
-            fallbacks.add_metric([alias, kind], float(count))
+        for alias, served in self._runtime.resilience().fallbacks_total.items():
+            for kind, count in served.items():
+                fallbacks.add_metric([alias, kind], float(count))
         yield fallbacks
 
 

@@ -2,7 +2,8 @@
 
 `async with corral.aio.open_runtime(config) as rt` starts trio in guest mode
 (`trio.lowlevel.start_guest_run`) on the asyncio loop's own thread, opens the trio facade
-(`corral.runtime.open_runtime`) in it, and offers its operations as asyncio coroutines.
+(`corral.runtime.open_runtime`) in it, and offers every method of the trio facade,
+generated from it: coroutines, and asyncio streams for the methods that open one.
 The two loops take turns on one thread, so nothing crosses a thread per call or per
 token: asyncio hands trio a callback (`TrioToken.run_sync_soon`), and trio completes an
 asyncio future directly. Errors cross as the very exception objects trio raised;
@@ -14,6 +15,7 @@ thread), never blocks the loop, and never does again what the trio facade does.
 
 from corral.aio.runtime import Runtime as Runtime
 from corral.aio.runtime import open_runtime as open_runtime
+from corral.aio.stream import ChoiceStreams as ChoiceStreams
 from corral.aio.stream import TokenStream as TokenStream
 
-__all__ = ["Runtime", "TokenStream", "open_runtime"]
+__all__ = ["ChoiceStreams", "Runtime", "TokenStream", "open_runtime"]

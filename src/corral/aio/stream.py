@@ -1,5 +1,5 @@
-"""One generation read from asyncio: the trio stream pumped into a buffer of its own,
-read by asyncio chunk by chunk.
+"""A stream read from asyncio: the trio stream (one generation, or the `n` choices of
+one request) handed over chunk by chunk, at most a chunk or two ahead of the reader.
 
 Output waiting for a slow reader coalesces in the runtime, as with the trio facade; the
 stream never blocks the loop.
@@ -8,87 +8,61 @@ stream never blocks the loop.
 from __future__ import annotations
 
 import asyncio
-import math
+from collections import deque
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, NoReturn, final
+from typing import Any, Generic, NoReturn, Self, TypeVar, final
 
 import trio
 
 from corral.aio.bridge import CLOSED, OUTPUT, Bridge, TrioTask, complete, resolve
-from corral.protocol.messages import FinishReason, TokenOut, Usage
+from corral.protocol.messages import FinishReason, GenerateParams, ToolCall, Usage
+from corral.runtime import ChoiceStreams as TrioChoiceStreams
 from corral.runtime import Runtime as TrioRuntime
 from corral.runtime import TokenStream as TrioTokenStream
-from corral.runtime.stream_buffers import StreamBuffer, StreamChunk
+from corral.runtime.stream_buffers import StreamChunk
+
+__all__ = ["ChoiceStreams", "TokenStream"]
+
+S = TypeVar("S", TrioTokenStream, TrioChoiceStreams)
 
 
-@final
-class TokenStream:
-    """One generation, read from asyncio: `async with rt.generate(...) as stream:
-    async for chunk in stream`.
+class _Stream(Generic[S]):
+    """What both streams share: opening the trio stream in a trio task, handing its
+    chunks to asyncio, closing it. `open` opens the trio stream (a method of the trio
+    facade, bound to its arguments).
 
-    After the loop, `finish_reason`, `usage`, `text` and `token_ids` describe the whole
-    completion. Reading raises what the trio stream raises (TimeoutError,
-    GenerationError with the partial text, Cancelled for an idle reader...). One task
-    reads a stream at a time.
+    Reading raises what the trio stream raises (TimeoutError, GenerationError with the
+    partial text, Cancelled for an idle reader...). One task reads a stream at a time.
 
-    The trio side reads the runtime's stream into a `StreamBuffer` of its own, at most
-    one chunk ahead of this reader, and then waits for it, so output waiting for a slow
-    reader coalesces in the runtime (nothing lost, memory bounded by max_tokens) and an
-    idle reader is noticed there, as with the trio facade, one chunk later at most.
+    The trio side reads the runtime's stream and holds what it read in a queue of its
+    own until this reader takes it: when a read is waiting it hands the chunk over and
+    reads on, else it waits for the reader to empty the queue. So output waiting for a
+    slow reader coalesces in the runtime (nothing lost, memory bounded by max_tokens),
+    and an idle reader is noticed there, as with the trio facade, a chunk later at most.
     """
 
-    def __init__(self, bridge: Bridge, model: str | None, prompt: str | list[int] | None,
-                 params: dict[str, Any]) -> None:
+    def __init__(self, bridge: Bridge,
+                 open_stream: Callable[[TrioRuntime], AbstractAsyncContextManager[S]]) -> None:
         self._bridge = bridge
-        self._request = (model, prompt, params)
+        self._open_stream: Callable[[TrioRuntime], AbstractAsyncContextManager[S]] = open_stream
         self._task: TrioTask | None = None
-        self._stream: TrioTokenStream | None = None
+        self._stream: S | None = None
         self._read: asyncio.Future[Any] | None = None  # the pending read, if any
-        # Output the trio side read and asyncio has not taken yet (from the first chunk on).
-        self._ahead: StreamBuffer | None = None
+        self._ahead: deque[StreamChunk] = deque()  # read by trio, not taken by asyncio
         self._taken: trio.Event | None = None  # the trio side waits for output to go
         self._ended = False
         self._error: BaseException | object | None = None
 
-    # -- the completion so far (plain reads of the trio stream: same thread) ------------
-
-    def _opened(self) -> TrioTokenStream:
+    def _opened(self) -> S:
         if self._stream is None:
             raise RuntimeError("the stream is not open: use `async with rt.generate(...)`")
         return self._stream
 
-    @property
-    def stream_id(self) -> int:
-        return self._opened().stream_id
-
-    @property
-    def model(self) -> str:
-        return self._opened().model
-
-    @property
-    def text(self) -> str:
-        return self._opened().text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self._opened().token_ids
-
-    @property
-    def finish_reason(self) -> FinishReason | None:
-        return self._opened().finish_reason
-
-    @property
-    def usage(self) -> Usage:
-        return self._opened().usage
-
-    @property
-    def token_times(self) -> list[float]:
-        """trio time at which each token reached the stream (for TTFT and ITL)."""
-        return self._opened().token_times
-
     # -- opening and closing -----------------------------------------------------------
 
-    async def __aenter__(self) -> TokenStream:
+    async def __aenter__(self) -> Self:
         """Admit the request and submit it to the model.
 
         Raises:
@@ -98,7 +72,7 @@ class TokenStream:
             TimeoutError: the deadline passed while waiting for admission.
         """
         if self._task is not None:
-            raise RuntimeError("a TokenStream is opened once")
+            raise RuntimeError("a stream is opened once")
         task = self._task = self._bridge.spawn(self._serve)
         try:
             value = await asyncio.shield(task.result)
@@ -118,14 +92,14 @@ class TokenStream:
 
     # -- reading -----------------------------------------------------------------------
 
-    def __aiter__(self) -> TokenStream:
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> StreamChunk:
-        """The output since the last read, as one chunk.
+        """The next chunk, as the trio stream gave it.
 
-        Cancellation loses nothing: output that arrives for a cancelled read waits in
-        the buffer for the next one.
+        Cancellation loses nothing: output that arrives for a cancelled read waits for
+        the next one.
         """
         self._opened()
         if self._read is not None:
@@ -138,7 +112,7 @@ class TokenStream:
         read = self._read = self._bridge.loop.create_future()
         try:
             # Cancelled after the trio side announced output, the read leaves that
-            # output in the buffer for the next one.
+            # output queued for the next one.
             answer = await read
         finally:
             self._read = None
@@ -148,11 +122,13 @@ class TokenStream:
         return chunk
 
     def _take(self) -> StreamChunk | None:
-        """Everything the trio side read and asyncio has not taken, as one chunk (the
-        buffer coalesces, as the runtime's does); the trio side may read on."""
-        chunk = self._ahead.take() if self._ahead is not None else None
+        """The oldest chunk the trio side read and asyncio has not taken; once none is
+        left, the trio side may read on."""
+        if not self._ahead:
+            return None
+        chunk = self._ahead.popleft()
         taken = self._taken
-        if chunk is not None and taken is not None and not taken.is_set():
+        if not self._ahead and taken is not None and not taken.is_set():
             self._bridge.run_sync_soon(taken.set)
         return chunk
 
@@ -171,9 +147,8 @@ class TokenStream:
     # -- trio side ---------------------------------------------------------------------
 
     async def _serve(self, runtime: TrioRuntime, task: TrioTask) -> None:
-        model, prompt, params = self._request
         try:
-            async with runtime.generate(model, prompt, **params) as stream:
+            async with self._open_stream(runtime) as stream:
                 self._stream = stream
                 resolve(task.result, None)
                 await self._pump(stream)
@@ -182,8 +157,8 @@ class TokenStream:
                 # Closed by its own block (an end, as in trio), or by the runtime stopping.
                 self._finish(None if task.scope.cancel_called else CLOSED)
 
-    async def _pump(self, stream: TrioTokenStream) -> None:
-        """Hand the trio stream's chunks to asyncio until it ends, one chunk ahead.
+    async def _pump(self, stream: S) -> None:
+        """Hand the trio stream's chunks to asyncio until it ends.
 
         A reader that keeps up has its next read waiting when the chunk comes, so it
         hears of it in the same trio tick, and asking costs it no wakeup of trio (which
@@ -199,30 +174,14 @@ class TokenStream:
             except Exception as exc:  # the asyncio reader raises it
                 self._finish(exc)
                 return
-            ahead = self._hold(stream, chunk)
+            self._ahead.append(chunk)
             read = self._read
             if read is not None and not read.done():
                 read.set_result(OUTPUT)  # the reader takes it, and whatever follows it
                 continue
-            while ahead.has_unread:
+            while self._ahead:
                 self._taken = trio.Event()
                 await self._taken.wait()
-
-    def _hold(self, stream: TrioTokenStream, chunk: StreamChunk) -> StreamBuffer:
-        """Add a chunk of the trio stream to the buffer, token by token; return it."""
-        ahead = self._ahead
-        if ahead is None:
-            ahead = self._ahead = StreamBuffer(
-                stream.stream_id, stream.model, request_id=None, timeout_s=math.inf,
-                deadline=math.inf, prompt_tokens=0, logprobs=chunk.logprobs is not None,
-                alternatives=chunk.top_logprobs is not None)
-        for i, token in enumerate(chunk.token_ids):
-            logprob = chunk.logprobs[i] if chunk.logprobs is not None else None
-            ahead.push(TokenOut(
-                stream.stream_id, token, chunk.text if i == 0 else "", logprob, None,
-                piece=chunk.tokens[i] if chunk.tokens is not None else None,
-                top_logprobs=chunk.top_logprobs[i] if chunk.top_logprobs is not None else None))
-        return ahead
 
     def _finish(self, error: BaseException | object | None) -> None:
         """The end: None for a normal one, an error, or `CLOSED` (the runtime stopped)."""
@@ -231,3 +190,87 @@ class TokenStream:
         read = self._read
         if read is not None and not read.done():
             complete(read, error)
+
+
+@final
+class TokenStream(_Stream[TrioTokenStream]):
+    """One generation, read from asyncio: `async with rt.generate(...) as stream:
+    async for chunk in stream`.
+
+    After the loop, `finish_reason`, `usage`, `text` and `token_ids` describe the whole
+    completion (plain reads of the trio stream: the loops share a thread).
+    """
+
+    @property
+    def stream_id(self) -> int:
+        return self._opened().stream_id
+
+    @property
+    def model(self) -> str:
+        return self._opened().model
+
+    @property
+    def fallback(self) -> str | None:
+        """What served the request in place of the model asked for, if anything."""
+        return self._opened().fallback
+
+    @property
+    def text(self) -> str:
+        return self._opened().text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._opened().token_ids
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return self._opened().tool_calls
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self._opened().finish_reason
+
+    @property
+    def usage(self) -> Usage:
+        return self._opened().usage
+
+    @property
+    def token_times(self) -> list[float]:
+        """trio time at which each token reached the stream (for TTFT and ITL)."""
+        return self._opened().token_times
+
+
+@final
+class ChoiceStreams(_Stream[TrioChoiceStreams]):
+    """The `n` choices of one request, read from asyncio: `async with
+    rt.generate_choices(..., n=3) as choices: async for chunk in choices`. Each chunk
+    names its `choice`; the last chunk of each choice has no tokens and its
+    `finish_reason` (see `corral.runtime.ChoiceStreams`).
+
+    `streams` are the choices' own trio streams, to read (text, finish reason, usage of
+    each) from this loop's thread, never to iterate.
+    """
+
+    @property
+    def request(self) -> GenerateParams:
+        return self._opened().request
+
+    @property
+    def streams(self) -> list[TrioTokenStream]:
+        return self._opened().streams
+
+    @property
+    def stream_id(self) -> int:
+        return self._opened().stream_id
+
+    @property
+    def model(self) -> str:
+        return self._opened().model
+
+    @property
+    def fallback(self) -> str | None:
+        return self._opened().fallback
+
+    @property
+    def usage(self) -> Usage:
+        return self._opened().usage

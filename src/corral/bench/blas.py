@@ -31,6 +31,7 @@ import msgspec
 
 from corral.bench.report import print_table, write_result
 from corral.engine.blas import reference_blas, shim_path, worker_environment
+from corral.engine.mlx_import import import_mlx_lm
 
 __all__ = ["main"]
 
@@ -116,6 +117,8 @@ def _measure(probe: _Probe) -> dict[str, float]:
 
 def _measure_model(path: str, prompt_tokens: int, decode_tokens: int) -> dict[str, float]:
     import mlx.core as mx
+
+    import_mlx_lm()
     from mlx_lm import load
     from mlx_lm.generate import generate_step
     from mlx_lm.models.cache import make_prompt_cache

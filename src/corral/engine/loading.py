@@ -15,7 +15,6 @@ slower. GPUs keep the weights as stored. Engine thread only; it never touches tr
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -23,11 +22,10 @@ from typing import Any, Final, cast
 import structlog
 
 from corral.engine.base import EngineSettings
+from corral.engine.mlx_import import import_mlx_lm
 from corral.engine.model_files import check_model_files, check_text_file
 
 __all__ = ["LoadedWeights", "load_weights"]
-
-_FIRST_IMPORT = threading.Lock()
 
 _log = structlog.get_logger("corral.engine")
 
@@ -72,13 +70,8 @@ def load_weights(settings: EngineSettings) -> LoadedWeights:
     """
     import mlx.core as mx
 
-    with _FIRST_IMPORT:
-        # Two threads importing mlx_lm at once (engine threads of two models, a
-        # benchmark's reference thread) can find it half-initialized: "cannot import
-        # name ... (most likely due to a circular import)". Every engine imports it here
-        # first, whole, one at a time.
-        import mlx_lm
-        import mlx_lm.generate
+    import_mlx_lm()
+    import mlx_lm
 
     began = time.monotonic()
     check_model_files(settings.path)

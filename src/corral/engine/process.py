@@ -205,7 +205,8 @@ class ProcessEngine(EngineBase):
         assert self._pipes is not None
         if self._pipes.kill_cause is not None:
             return self._pipes.kill_cause[1]
-        return f"the worker {describe_exit(self._pipes.process.returncode)} while starting"
+        return (f"the worker {describe_exit(self._pipes.process.returncode)} while starting"
+                + self._command.memory_note())
 
     async def close(self) -> None:
         """Stop the worker and wait until it has exited and is reaped. Idempotent.

@@ -22,7 +22,8 @@ from corral.engine.blas import CpuBlas, worker_environment
 from corral.protocol.errors import Code, CorralError
 
 __all__ = ["ExitCause", "WorkerCommand", "WorkerExitedError", "WorkerStandby",
-           "describe_exit", "kill", "kill_and_reap", "reap_in_background", "worker_command"]
+           "describe_exit", "kill", "kill_and_reap", "memory_limit_note",
+           "reap_in_background", "worker_command"]
 
 _log = structlog.get_logger("corral.process_engine")
 
@@ -80,10 +81,19 @@ class WorkerCommand(msgspec.Struct, frozen=True):
     Attributes:
         argv: the command line.
         cpu_blas: the ``generation.cpu_blas`` setting (see `corral.engine.blas`).
+        memory_limit_mb: the address space the worker may map (Linux only).
     """
 
     argv: tuple[str, ...]
     cpu_blas: CpuBlas = "auto"
+    memory_limit_mb: int | None = None
+
+    def memory_note(self) -> str:
+        """What to add to a worker's death while loading, which its memory limit may
+        explain; "" where no limit holds."""
+        if self.memory_limit_mb is None or sys.platform != "linux":
+            return ""
+        return memory_limit_note(self.memory_limit_mb)
 
     async def open(self) -> trio.Process:
         """Start a worker process with pipes on its stdin and stdout, in the environment
@@ -101,6 +111,11 @@ class WorkerCommand(msgspec.Struct, frozen=True):
                                                 stdout=subprocess.PIPE, env=env)
 
 
+def memory_limit_note(limit_mb: int) -> str:
+    """The words added to a load failure the worker's memory limit explains."""
+    return f" (the worker may map at most {limit_mb} MiB: python_runtime.worker_memory_limit_mb)"
+
+
 def worker_command(python_executable: str | None, heartbeat_interval_ms: int,
                    cpu_blas: CpuBlas = "auto",
                    memory_limit_mb: int | None = None) -> WorkerCommand:
@@ -112,7 +127,7 @@ def worker_command(python_executable: str | None, heartbeat_interval_ms: int,
         (python_executable or sys.executable, "-m", "corral.engine.worker",
          "--heartbeat-ms", str(heartbeat_interval_ms), "--parent-pid", str(os.getpid()),
          "--memory-limit-mb", str(memory_limit_mb)),
-        cpu_blas)
+        cpu_blas, memory_limit_mb)
 
 
 def _physical_memory_mb() -> int:

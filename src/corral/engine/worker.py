@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Final, NoReturn
 
@@ -27,6 +28,8 @@ import structlog
 import trio
 
 from corral.config import LoggingConfig
+from corral.engine.mlx_import import import_mlx_lm
+from corral.engine.spawn import memory_limit_note
 from corral.engine.thread import Engine
 from corral.logging import configure_logging
 from corral.protocol.codec import DecodeError, Decoder, FrameError, FrameReader, encode, frame
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _limit_address_space(args.memory_limit_mb)
     # Paid before Hello: a standby worker (see `WorkerStandby`) has it behind it when a
     # restart adopts it, and it is most of a worker's start.
-    import mlx_lm  # noqa: F401
+    import_mlx_lm()
     worker = _Worker(frames_fd, args.heartbeat_ms / 1000.0, parent_pid)
     code = trio.run(worker.run)
     sys.stderr.flush()
@@ -129,6 +132,36 @@ def _limit_address_space(limit_mb: int) -> None:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     _log.info("worker.memory_limited", limit_mb=limit >> 20)
+
+
+def _memory_limit_explains(path: str, error: CorralError) -> str:
+    """`memory_limit_note` when this worker's address-space limit explains a failed
+    load: a MemoryError, or what it had mapped at its peak plus the model's weights
+    come to the limit (MLX then fails a read or an allocation in its own words).
+    "" otherwise, and where no limit holds."""
+    if sys.platform != "linux":
+        return ""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit == resource.RLIM_INFINITY:
+        return ""
+    weights = sum(file.stat().st_size for file in Path(path).glob("*.safetensors"))
+    if "MemoryError" in error.message or _peak_mapped_bytes() + weights >= limit:
+        return memory_limit_note(limit >> 20)
+    return ""
+
+
+def _peak_mapped_bytes() -> int:
+    """The most address space this process has mapped (VmPeak), 0 if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmPeak:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -263,6 +296,9 @@ class _Worker:
         try:
             info = await self._engine.start()
         except CorralError as exc:
+            note = _memory_limit_explains(load.path, exc)
+            if note:
+                exc = EngineClientError(exc.code, exc.message + note, exc.details)
             self._emit(LoadFailed(exc.info()))
             return
         self._emit(Loaded(info))

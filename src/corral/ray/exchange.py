@@ -110,8 +110,8 @@ class _TokenTap:
 
     def _find(self) -> StreamBuffer | None:
         if self._buffer is None:
-            mine = [b for b in self._runtime.table.open_buffers()
-                    if b.request_id == self._request_id]
+            mine = [b for b in self._runtime.stream_buffers()
+                    if not b.ended and b.request_id == self._request_id]
             self._buffer = max(mine, key=lambda b: b.stream_id) if mine else None
         return self._buffer
 

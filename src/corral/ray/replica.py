@@ -110,7 +110,7 @@ class CorralReplica:
     async def inject_fault(self, model: str, kind: FaultKind) -> str:
         """The runtime's test hook (`Runtime.inject_fault`), reached through Serve;
         returns this replica's id, since Serve chose the replica."""
-        await self._runtime.run_in_trio(_inject_fault, model, kind)
+        await self._runtime.inject_fault(model, kind)
         return self._id
 
     async def __del__(self) -> None:
@@ -118,16 +118,8 @@ class CorralReplica:
         after `server.drain_timeout_ms` end with a retryable ServerError."""
         timeout = self._config.server.drain_timeout_ms / 1000.0
         try:
-            await self._runtime.run_in_trio(_drain, timeout)
+            await self._runtime.drain(timeout)
         finally:
             if self._metrics is not None:
                 self._metrics.close()
             await self._stack.aclose()
-
-
-async def _drain(runtime: TrioRuntime, timeout: float) -> int:
-    return await runtime.drain(timeout)
-
-
-async def _inject_fault(runtime: TrioRuntime, model: str, kind: FaultKind) -> None:
-    await runtime.inject_fault(model, kind)

@@ -36,15 +36,16 @@ _log = structlog.get_logger("corral.runtime")
 class Healer:
     """Decides when each failed model is reloaded, and reloads it.
 
+    It holds no models: `failed` is handed the one that failed, and the `Reloader`
+    (which knows the models) hands `reload` the models to load it into. So it can be
+    built before the models, which report failures to it.
+
     Args:
         config: the runtime's configuration.
-        models: the runtime's models.
         root: the root supervisor, now (its `reloader` child runs the reloads).
     """
 
-    def __init__(self, config: RuntimeConfig, models: Models,
-                 root: Callable[[], Supervisor]) -> None:
-        self._models = models
+    def __init__(self, config: RuntimeConfig, root: Callable[[], Supervisor]) -> None:
         self._root = root
         self._backoff = backoff_of(config.calls.circuit_breaker.recovery_timeout_ms,
                                    config.restarts.reload_delay_max_ms,
@@ -64,9 +65,6 @@ class Healer:
         if isinstance(reloader, Reloader):  # else it restarts, and takes this one up
             reloader.reload(model)
 
-    def failed_models(self) -> list[ModelRecord]:
-        return [m for m in self._models.by_alias.values() if m.state == "failed"]
-
     def _schedule(self, model: ModelRecord) -> float:
         """Set the time of the model's next reload; returns the delay until then."""
         delay = self._backoff.delay(model.reload_streak, self._rng)
@@ -74,14 +72,13 @@ class Healer:
         model.reload_at = trio.current_time() + delay
         return delay
 
-    async def reload(self, model: ModelRecord) -> None:
+    async def reload(self, models: Models, model: ModelRecord) -> None:
         """Reload a failed model, each time after its delay, until it serves again or
         is unloaded. Each reload is a trial (half-open): one load, whose failure
         doubles the next delay, up to `restarts.reload_delay_max_ms`.
 
         On cancellation (the reloader stops) a trial in progress is cut short; the
         next reloader takes the model up again."""
-        models = self._models
         alias = model.alias
         if model.reload_at is None:  # a trial was cut short (its reloader restarted)
             self._schedule(model)
@@ -135,20 +132,21 @@ class Reloader:
     incarnation started after a crash takes them all up.
     """
 
-    def __init__(self, healer: Healer) -> None:
+    def __init__(self, healer: Healer, models: Models) -> None:
         self._healer = healer
+        self._models = models
         self._nursery: trio.Nursery | None = None
 
     def reload(self, model: ModelRecord) -> None:
         """Reload `model`, failed, at its `reload_at`, until it serves or is unloaded."""
         assert self._nursery is not None
-        self._nursery.start_soon(self._healer.reload, model)
+        self._nursery.start_soon(self._healer.reload, self._models, model)
 
     async def run(self, ctx: Context, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for model in self._healer.failed_models():
+            for model in [m for m in self._models.by_alias.values() if m.state == "failed"]:
                 self.reload(model)
             task_status.started()
             await ctx.wait_stop_requested()

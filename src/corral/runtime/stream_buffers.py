@@ -187,6 +187,10 @@ class StreamTable:
     def remove(self, stream_id: int) -> None:
         self._buffers.pop(stream_id, None)
 
+    def buffers(self) -> list[StreamBuffer]:
+        """Every buffer held, ended ones not yet removed included."""
+        return list(self._buffers.values())
+
     def open_buffers(self) -> list[StreamBuffer]:
         return [b for b in self._buffers.values() if not b.ended]
 

@@ -24,6 +24,7 @@ from typing import Any, Final, final
 
 import msgspec
 
+from corral.engine.mlx_import import import_mlx_lm
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.grammar import lark_grammar
 from corral.protocol.messages import (
@@ -172,6 +173,7 @@ def tool_choice_grammar(request: GenerateParams, model: str,
                              f"tools[{index}].function.parameters")
     options = {"whitespace_flexible": False,
                "lenient": not all(tool.function.strict for tool in request.tools)}
+    import_mlx_lm()
     module = importlib.import_module(f"mlx_lm.tool_parsers.{calling.parser}")
     start, end = module.tool_call_start, module.tool_call_end
     if calling.marker_tokens:  # llguidance names an added token as <tool_call>
@@ -297,6 +299,7 @@ class ToolCallReader:
 
     def __init__(self, parser: str, tools: list[dict[str, Any]], *,
                  first_only: bool = False) -> None:
+        import_mlx_lm()
         from mlx_lm.generate import TextStateMachine
 
         module = importlib.import_module(f"mlx_lm.tool_parsers.{parser}")

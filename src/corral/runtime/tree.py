@@ -15,7 +15,7 @@ sends an actor work.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, final
 
 from corral.actors.child_spec import Backoff, ChildSpec, Intensity, Restart, Strategy
 from corral.actors.ref import ActorRef
@@ -30,7 +30,7 @@ from corral.runtime.retry_actor import RetryActor
 from corral.runtime.stream_buffers import StreamTable
 from corral.runtime.streams import StreamRegistry
 
-__all__ = ["REGISTRY", "backoff_of", "build_root", "domain", "model_path",
+__all__ = ["REGISTRY", "RunningRoot", "backoff_of", "build_root", "domain", "model_path",
            "model_subtree_spec"]
 
 REGISTRY = "root/stream_registry"
@@ -108,6 +108,41 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
         ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff)
 
     return supervisor_spec(f"model:{alias}", subtree, restart=Restart.TEMPORARY)
+
+
+@final
+class RunningRoot:
+    """The root supervisor once it runs: how the parts built before the tree (the
+    models, the healer, the facade) reach it. Made empty, set once by `open_runtime`
+    when the tree has started.
+    """
+
+    def __init__(self) -> None:
+        self._root: Supervisor | None = None
+
+    def attach(self, root: Supervisor) -> None:
+        """The root is running (called once, right after it started)."""
+        assert self._root is None, "a runtime's tree starts once"
+        self._root = root
+
+    def root(self) -> Supervisor:
+        """The running root.
+
+        Raises:
+            EngineClientError: RuntimeError (retryable) before the tree has started.
+        """
+        if self._root is None:
+            raise EngineClientError(Code.RUNTIME_ERROR, "the runtime's tree is not running",
+                                    retryable=True)
+        return self._root
+
+    def domain(self, name: str) -> Supervisor:
+        """A failure domain's supervisor; see `domain`."""
+        return domain(self.root(), name)
+
+    def generation(self) -> Supervisor:
+        """The generation domain's supervisor; see `domain`."""
+        return domain(self.root(), "generation")
 
 
 def domain(root: Supervisor, name: str) -> Supervisor:

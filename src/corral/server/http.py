@@ -253,6 +253,18 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
 # -- the supervised listener ------------------------------------------------------------
 
 
+class _TcpServer(TCPServer):
+    """Hypercorn 0.18's connection server, closing a connection as soon as its client
+    has closed it. Hypercorn's own keeps it open until `keep_alive_timeout`: its reader
+    ends at the client's EOF, but the idle-timeout task it started after the last reply
+    holds the connection's task group open, so a server whose clients open and close
+    connections quickly runs at its connection cap with sockets nobody can use."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()  # the client sent EOF: no request can follow
+
+
 @final
 class HttpServer:
     """The HTTP listener as a supervised child (of the transport domain).
@@ -370,7 +382,7 @@ class HttpServer:
         try:
             # Hypercorn's annotation names its TLS stream; its trio worker passes plain
             # socket streams as well.
-            await TCPServer(app, config, context, state, wire).run()  # type: ignore[arg-type]
+            await _TcpServer(app, config, context, state, wire).run()  # type: ignore[arg-type]
         finally:
             await wire.linger_and_close()
             self._open -= 1
