@@ -48,6 +48,10 @@ def serve(
         help="debug, info, warning, error or critical (default: logging.level).")] = None,
     env: Annotated[str | None, typer.Option(
         help="Environment overlay; defaults to $CORRAL_ENV.")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", envvar="CORRAL_API_KEY",
+        help="A key the inference API accepts; repeatable. Replaces server.api_keys. "
+             "Default: $CORRAL_API_KEY (keys separated by spaces).")] = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Serve replicas on Ray Serve (corral[ray]): on the cluster at "
                       "$RAY_ADDRESS, else on a local Ray.")] = False,
@@ -64,6 +68,8 @@ def serve(
     overrides: dict[str, Any] = {}
     if log_level is not None:
         overrides["logging"] = {"level": log_level}
+    if api_key:
+        overrides["server"] = {"api_keys": list(api_key)}
     try:
         runtime_config = load_config(config, env=env, overrides=overrides)
     except ConfigError as exc:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from corral.protocol.durations import DURATION_PATTERN, MAX_KEEP_ALIVE_S
 from corral.protocol.grammar import ResponseFormat, response_format_grammar
 
 # -- generation: what a client asks for and what it gets back ------------------------
@@ -67,10 +68,14 @@ class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: Literal["function"] = "function"
 
 
+FunctionName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+"""The name of a function a model may call."""
+
+
 class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A function the model may call; `parameters` is its arguments' JSON schema."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -257,6 +262,10 @@ TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeoutMs = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
 """A deadline in milliseconds, up to about 24 days."""
+KeepAliveSeconds = Annotated[float, msgspec.Meta(ge=-MAX_KEEP_ALIVE_S, le=MAX_KEEP_ALIVE_S)]
+"""How long a model stays loaded once idle: 0 unloads it right after, negative never."""
+Duration = Annotated[str, msgspec.Meta(pattern=DURATION_PATTERN)]
+"""A duration as Ollama (and Go) writes it: "5m", "1h30m", "250ms", "-1s", "0"."""
 StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 ALIAS_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z"  # \Z: no newline after
@@ -273,11 +282,21 @@ MAX_CHOICES: Final = 8
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
-_Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
+# The ranges of the sampling fields, public so that a transport's request Struct can
+# type its own fields with them: it then decodes to values `GenerateParams` takes as
+# they are, with the error naming the field as that transport's client sent it.
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
 _Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
-_Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-_Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-_Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+"""A sampling temperature: 0 is greedy."""
+Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+"""A probability mass above 0 (top_p)."""
+MAX_TOOLS: Final = 128
+"""The most tools one request may give."""
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
+StopStrings = StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)]
+Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
 
 
 class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -300,26 +319,28 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     text, a seeded sampler's draws, penalties and a grammar pick up where they stopped;
     they count toward `max_tokens` and are not sent again. Prompt only, one choice, no
     tools.
+    `keep_alive` (seconds; 0: unload right after, negative: for good) is how long the
+    model stays loaded once idle after this request; None leaves the model's own
+    (`generation.models[].keep_alive`). See `corral.runtime.keep_alive`.
     """
 
     model: Name | None = None
     prompt: str | list[TokenId] | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: TokenCount | None = None
-    temperature: _Temperature = 0.0
-    top_p: _Probability = 1.0
+    temperature: Temperature = 0.0
+    top_p: Probability = 1.0
     top_k: TopK = 0
-    min_p: _Fraction = 0.0
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    presence_penalty: _Penalty | None = None
-    frequency_penalty: _Penalty | None = None
+    min_p: Fraction = 0.0
+    repetition_penalty: RepetitionPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logit_bias: Annotated[dict[TokenId, _Bias], msgspec.Meta(max_length=1024)] = {}
     seed: Seed | None = None
-    stop: StopString | Annotated[list[StopString],
-                                 msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: StopStrings | None = None
     stop_token_ids: list[TokenId] = []
     logprobs: bool = False
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
@@ -329,6 +350,7 @@ class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     request_id: Name | None = None
     client: Name | None = None
     generated: list[TokenId] = []
+    keep_alive: KeepAliveSeconds | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -30,7 +30,7 @@ from corral.protocol.errors import (
     TimeoutError,
     model_unloaded,
 )
-from corral.protocol.messages import GenerateParams, ModelInfo, SamplingParams
+from corral.protocol.messages import ChatMessage, GenerateParams, ModelInfo, SamplingParams
 from corral.protocol.serving_messages import (
     Admit,
     ApplyChatTemplate,
@@ -48,6 +48,7 @@ from corral.resilience.retries import call as retry_call
 from corral.resilience.rolling import RollingErrorMetrics
 from corral.runtime.breaker_actor import Record, acquire_through
 from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
+from corral.runtime.keep_alive import KeepAlive
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models, held_open
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
@@ -71,12 +72,14 @@ class Requests:
         system: the actor system (refs to the registry and the models).
         models: the loaded models.
         table: the open streams, shared with the registry.
+        keep_alive: holds each request's model loaded, loading it on demand.
     """
 
     def __init__(self, config: RuntimeConfig, system: ActorSystem, models: Models,
-                 table: StreamTable) -> None:
+                 table: StreamTable, keep_alive: KeepAlive) -> None:
         self._config = config
         self._models = models
+        self._keep_alive = keep_alive
         self._table = table
         self._registry = system.ref(REGISTRY)
         self._policy = RetryPolicy.from_config(config.calls.retry)
@@ -92,10 +95,31 @@ class Requests:
         reply = await self.ask_model(entry.alias, Tokenize(text, add_special_tokens))
         return list(reply.ids)
 
+    async def tokenize_chat(self, model: str | None, messages: list[ChatMessage]) -> list[int]:
+        entry = self._models.require(model)
+        if not messages:
+            raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                    {"field": "messages"})
+        for index, message in enumerate(messages):
+            check_text(f"messages[{index}].content", message.content)
+        reply = await self.ask_model(entry.alias, ApplyChatTemplate(template_turns(messages)))
+        return list(reply.ids)
+
     async def detokenize(self, model: str | None, ids: list[int]) -> str:
         entry = self._models.require(model)
         reply = await self.ask_model(entry.alias, Detokenize(list(ids)))
         return str(reply.text)
+
+    async def prompt_tokens(self, request: GenerateParams) -> int:
+        """The length in tokens of `request`'s prompt, rendered as its generation would
+        render it (chat template and tools included); nothing is admitted or generated."""
+        entry = self._models.require(request.model)
+        check_prompt_shape(request)
+        tools = tools_for(request, entry.alias, entry.info)
+        timeout_s = (request.timeout_ms
+                     or self._config.stream_registry.default_timeout_ms) / 1000.0
+        return len(await self._prompt_ids(entry.alias, request, tools,
+                                          trio.current_time() + timeout_s))
 
     @asynccontextmanager
     async def open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
@@ -110,8 +134,10 @@ class Requests:
             raise EngineClientError(Code.INVALID_PARAMS,
                                     "n: a TokenStream reads one choice; read n > 1 through "
                                     "Runtime.choices or generate_choices", {"field": "n"})
-        entry = self._models.require(request.model, allow_failed=True)
+        alias = request.model if request.model is not None else self._models.require(None).alias
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._keep_alive.hold(alias, request.keep_alive))
+            entry = self._models.require(alias, allow_failed=True)
             try:
                 stream = await stack.enter_async_context(self._model_stream(request, entry))
             except Exception as exc:

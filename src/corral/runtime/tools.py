@@ -45,10 +45,23 @@ from corral.protocol.schema_refs import (
     resolve_pointer,
 )
 
-__all__ = ["ToolCallReader", "constrained", "template_turns", "tool_choice_grammar",
-           "tools_for"]
+__all__ = ["ToolCallReader", "arguments_object", "constrained", "template_turns",
+           "tool_choice_grammar", "tools_for"]
 
 _NEWLINE: Final = "\n"
+
+
+def arguments_object(call: ToolCall) -> dict[str, Any]:
+    """A call's arguments as an object, for the APIs that send them as one (Anthropic's
+    `input`, Ollama's `arguments`): the parser makes JSON objects, and anything else (a
+    model's slip the parser let through) is kept whole, as `{"arguments": <text>}`."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        return {"arguments": call.function.arguments}
+    return arguments
 
 
 def template_turns(messages: list[ChatMessage]) -> list[dict[str, Any]]:

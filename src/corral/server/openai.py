@@ -1,6 +1,6 @@
 """The OpenAI API's side of the HTTP transport: jobs (a request body as one typed
-`GenerateParams`), response shapes (bodies and SSE chunks), and the mapping from
-corral's errors to HTTP statuses, error bodies and headers.
+`GenerateParams`), response shapes (bodies and SSE chunks), and OpenAI's error body
+(statuses and headers are every API's, `errors.py`).
 
 Pure functions and small objects over `protocol/openai.py`'s Structs: this module never
 does I/O, never knows of ASGI or Starlette, and never calls the runtime (a shape only
@@ -37,6 +37,7 @@ from corral.protocol.openai import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    ChatMessageIn,
     ChatMessageOut,
     ChatTokenLogprob,
     ChatTopLogprob,
@@ -51,10 +52,10 @@ from corral.protocol.openai import (
     UsageInfo,
 )
 from corral.runtime.stream_buffers import StreamChunk
+from corral.server.errors import ErrorShape, status_of
 
-__all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completion_job",
-           "drain_wait_ms", "error_body", "error_headers", "explained", "finish_reason",
-           "internal_error", "retry_after", "status_of", "with_drain_wait"]
+__all__ = ["OPENAI_ERRORS", "ChatShape", "CompletionShape", "Job", "Shape", "chat_job",
+           "chat_messages", "completion_job", "error_body", "explained", "finish_reason"]
 
 _ERROR_TYPES: Final[dict[int, str]] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -64,27 +65,6 @@ _ERROR_TYPES: Final[dict[int, str]] = {
 
 
 # -- errors ---------------------------------------------------------------------------
-
-
-def status_of(error: CorralError) -> int:
-    """The HTTP status of an error: the table's, except 503 while the server shuts down
-    (the table has no code of its own for that; the error is a retryable ServerError),
-    408 for a request body that did not arrive in time (the client's Timeout), 413 for
-    one over `server.max_body_bytes` (InvalidRequest), 401 for an admin request without
-    the right key (InvalidRequest, `details.unauthorized`), and 400 for a model load
-    that retrying cannot fix (a path that leads to no model, or a model the engine
-    cannot load): the caller's choice of model, not a server fault."""
-    if error.details.get("shutting_down"):
-        return 503
-    if "body_timeout_ms" in error.details:
-        return 408
-    if "max_body_bytes" in error.details:
-        return 413
-    if error.details.get("unauthorized"):
-        return 401
-    if error.code is Code.MODEL_LOAD_ERROR and error.retryable is False:
-        return 400
-    return error.spec.http
 
 
 def error_body(error: CorralError, request_id: str) -> ErrorBody:
@@ -98,45 +78,8 @@ def error_body(error: CorralError, request_id: str) -> ErrorBody:
         request_id=request_id, retryable=error.retryable))
 
 
-def error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
-    """Retry-After (whole seconds, rounded up) for the errors that carry a wait;
-    Connection: close after a body that did not arrive in time or was too large (its
-    rest may follow, unread)."""
-    headers = []
-    retry_after_ms = error.details.get("retry_after_ms")
-    if (error.code in (Code.OVERLOADED, Code.CIRCUIT_OPEN) or error.details.get(
-            "shutting_down")) and isinstance(retry_after_ms, int | float):
-        headers.append(retry_after(retry_after_ms))
-    if "body_timeout_ms" in error.details or "max_body_bytes" in error.details:
-        headers.append((b"connection", b"close"))
-    return headers
-
-
-def retry_after(ms: float) -> tuple[bytes, bytes]:
-    """The Retry-After header for a wait of `ms`: whole seconds, rounded up."""
-    return (b"retry-after", str(max(0, math.ceil(ms / 1000.0))).encode())
-
-
-def drain_wait_ms(drain_ms: int) -> int:
-    """The wait a draining server's 503 tells: the drain's length (at least a second),
-    the earliest a restarted server could answer at this address."""
-    return max(drain_ms, 1000)
-
-
-def with_drain_wait(error: CorralError, drain_ms: int) -> CorralError:
-    """A shutting-down error with the wait its 503 tells the client; any other error
-    as it is."""
-    if not error.details.get("shutting_down") or "retry_after_ms" in error.details:
-        return error
-    return EngineClientError(error.code, error.message,
-                             {**error.details, "retry_after_ms": drain_wait_ms(drain_ms)},
-                             retryable=error.retryable)
-
-
-def internal_error(exc: BaseException) -> CorralError:
-    """What a client is told of a bug in the HTTP server: its type only."""
-    return EngineClientError(Code.INTERNAL_ERROR,
-                             f"internal error in the HTTP server: {type(exc).__name__}")
+OPENAI_ERRORS: Final = ErrorShape(error_body)
+"""corral's errors as the OpenAI API tells them; mid-stream, as a bare `data:` event."""
 
 
 def explained(error: CorralError) -> CorralError:
@@ -204,6 +147,14 @@ def _prompt(prompt: str | list[str | int]) -> str | list[int]:
     return ids
 
 
+def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
+    """OpenAI's chat messages as the runtime's turns (`ChatMessageIn` says how)."""
+    return [ChatMessage(role="system" if m.role == "developer" else m.role,
+                        content=_text(m.content), tool_calls=m.tool_calls or [],
+                        tool_call_id=m.tool_call_id, name=m.name)
+            for m in messages]
+
+
 class Job(msgspec.Struct, frozen=True):
     """One validated generation request: the runtime's params and the reply's shape.
 
@@ -232,10 +183,7 @@ def chat_job(body: Any, request_id: str, client: str) -> Job:
         raise EngineClientError(Code.INVALID_PARAMS,
                                 "top_logprobs: needs logprobs to be true",
                                 {"field": "top_logprobs"})
-    messages = [ChatMessage(role="system" if m.role == "developer" else m.role,
-                            content=_text(m.content), tool_calls=m.tool_calls or [],
-                            tool_call_id=m.tool_call_id, name=m.name)
-                for m in request.messages]
+    messages = chat_messages(request.messages)
     params = _sampling(request, request.max_completion_tokens or request.max_tokens)
     tools = {"tools": request.tools, "tool_choice": request.tool_choice,
              "parallel_tool_calls": request.parallel_tool_calls}
