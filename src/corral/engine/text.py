@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.protocol.sampling import SamplingParams
+
 __all__ = ["StopText"]
 
 
@@ -22,12 +24,12 @@ class StopText:
 
     Args:
         detokenizer: a fresh streaming detokenizer of the model's tokenizer.
-        stops: the stop strings; empty ones are ignored.
+        sampling: the sequence's; its stop strings (empty ones are ignored).
     """
 
-    def __init__(self, detokenizer: Any, stops: list[str]) -> None:
+    def __init__(self, detokenizer: Any, sampling: SamplingParams) -> None:
         self._detokenizer = detokenizer
-        self._stops = [s for s in stops if s]
+        self._stops = [s for s in sampling.stop_strings if s]
         self._emitted = 0
 
     def push(self, token: int) -> tuple[str, bool]:
