@@ -78,8 +78,9 @@ def sequence_sampler(sampling: SamplingParams, seed: int, start: int,
 
 def stop_token_ids(sampling: SamplingParams, eos_token_ids: list[int]) -> list[int]:
     """The tokens that end the sequence (not part of its text), sorted: the model's EOS
-    tokens and the request's `stop_token_ids`."""
-    return sorted({*eos_token_ids, *sampling.stop_token_ids})
+    tokens (unless `ignore_eos`) and the request's `stop_token_ids`."""
+    eos = [] if sampling.ignore_eos else eos_token_ids
+    return sorted({*eos, *sampling.stop_token_ids})
 
 
 def logits_processors(sampling: SamplingParams, start: int,
