@@ -95,4 +95,25 @@ def logits_processors(sampling: SamplingParams, start: int,
         repetition_penalty=sampling.repetition_penalty,
         presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty)
+    if sampling.min_tokens > start and stop_ids:
+        processors.append(_no_stop_before(sampling.min_tokens, start, stop_ids))
     return processors
+
+
+def _no_stop_before(min_tokens: int, start: int, stop_ids: list[int]) -> LogitsProcessor:
+    """A processor that takes the stop tokens out of the draw of the tokens before
+    index `min_tokens`: vLLM's `min_tokens`, as an mlx_lm logits processor (called once
+    per token, the first time for token index `start`)."""
+    import mlx.core as mx
+
+    banned = mx.array(stop_ids)
+    index = start
+
+    def no_stop(tokens: Any, logits: Any) -> Any:
+        nonlocal index
+        drawn, index = index, index + 1
+        if drawn >= min_tokens:
+            return logits
+        return logits.at[:, banned].add(-mx.inf)
+
+    return no_stop

@@ -96,6 +96,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Stop strings: the text ends before the first one found (see `stop_strings`)."""
     stop_token_ids: list[TokenId] = []
     """Tokens that end the sequence as its EOS tokens do (not part of the text)."""
+    min_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)] = 0
+    """No stop (an EOS or stop token, a stop string) ends the sequence before this many
+    tokens (vLLM's); `max_tokens` still ends it."""
     ignore_eos: bool = False
     """The model's EOS tokens do not end the sequence (vLLM's): it runs to `max_tokens`,
     a stop token or a stop string."""
