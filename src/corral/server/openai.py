@@ -1,6 +1,7 @@
 """The OpenAI API's side of the HTTP transport: jobs (a request body as one typed
-`GenerateParams`), response shapes (bodies and SSE chunks), and OpenAI's error body
-(statuses and headers are every API's, `errors.py`).
+`GenerateParams`, which the request Struct converts itself to), response shapes
+(bodies and SSE chunks), and OpenAI's error body (statuses and headers are every
+API's, `errors.py`).
 
 Pure functions and small objects over `protocol/openai.py`'s Structs: this module never
 does I/O, never knows of ASGI or Starlette, and never calls the runtime (a shape only
@@ -21,7 +22,6 @@ import msgspec
 from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.messages import (
-    ChatMessage,
     Completion,
     FinishReason,
     GenerateParams,
@@ -37,7 +37,6 @@ from corral.protocol.openai import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
-    ChatMessageIn,
     ChatMessageOut,
     ChatTokenLogprob,
     ChatTopLogprob,
@@ -47,15 +46,15 @@ from corral.protocol.openai import (
     CompletionResponse,
     ErrorBody,
     ErrorDetail,
-    TextPart,
     ToolCallDelta,
     UsageInfo,
+    without_nulls,
 )
 from corral.runtime.stream_buffers import StreamChunk
 from corral.server.errors import ErrorShape, status_of
 
 __all__ = ["OPENAI_ERRORS", "ChatShape", "CompletionShape", "Job", "Shape", "chat_job",
-           "chat_messages", "completion_job", "error_body", "explained", "finish_reason"]
+           "completion_job", "error_body", "explained", "finish_reason"]
 
 _ERROR_TYPES: Final[dict[int, str]] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -95,66 +94,6 @@ def explained(error: CorralError) -> CorralError:
 # -- jobs -----------------------------------------------------------------------------
 
 
-def _sampling(request: ChatCompletionRequest | CompletionRequest,
-              max_tokens: int | None) -> dict[str, Any]:
-    """The `GenerateParams` fields that both APIs share, as the client sent them;
-    `GenerateParams` checks their ranges and names the field."""
-    params = {"model": request.model, "max_tokens": max_tokens,
-              "temperature": request.temperature, "top_p": request.top_p,
-              "top_k": request.top_k, "min_p": request.min_p,
-              "repetition_penalty": request.repetition_penalty,
-              "presence_penalty": request.presence_penalty,
-              "frequency_penalty": request.frequency_penalty,
-              "logit_bias": _logit_bias(request.logit_bias), "seed": request.seed,
-              "n": request.n,
-              "stop": request.stop, "stop_token_ids": request.stop_token_ids,
-              "response_format": request.response_format, "timeout_ms": request.timeout_ms}
-    return {key: value for key, value in params.items() if value is not None}
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """OpenAI's `logit_bias` (token ids as JSON object keys) keyed by token id.
-
-    Raises:
-        EngineClientError: InvalidParams when a key is not a token id.
-    """
-    if bias is None:
-        return None
-    try:
-        return {int(token): value for token, value in bias.items()}
-    except ValueError:
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "logit_bias: keys must be token ids, as decimal strings",
-                                {"field": "logit_bias"}) from None
-
-
-def _text(content: str | list[TextPart] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.text for part in content)
-
-
-def _prompt(prompt: str | list[str | int]) -> str | list[int]:
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    ids = [item for item in prompt if isinstance(item, int)]
-    if len(ids) != len(prompt):
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "prompt: batched prompts are not supported; send one string "
-                                "or one list of token ids per request", {"field": "prompt"})
-    return ids
-
-
-def chat_messages(messages: list[ChatMessageIn]) -> list[ChatMessage]:
-    """OpenAI's chat messages as the runtime's turns (`ChatMessageIn` says how)."""
-    return [ChatMessage(role="system" if m.role == "developer" else m.role,
-                        content=_text(m.content), tool_calls=m.tool_calls or [],
-                        tool_call_id=m.tool_call_id, name=m.name)
-            for m in messages]
-
-
 class Job(msgspec.Struct, frozen=True):
     """One validated generation request: the runtime's params and the reply's shape.
 
@@ -178,20 +117,9 @@ def chat_job(body: Any, request_id: str, client: str) -> Job:
         EngineClientError: InvalidParams naming the field (`top_logprobs` without
             `logprobs` included, as OpenAI refuses it).
     """
-    request = convert_params(body, ChatCompletionRequest)
-    if request.top_logprobs and not request.logprobs:
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "top_logprobs: needs logprobs to be true",
-                                {"field": "top_logprobs"})
-    messages = chat_messages(request.messages)
-    params = _sampling(request, request.max_completion_tokens or request.max_tokens)
-    tools = {"tools": request.tools, "tool_choice": request.tool_choice,
-             "parallel_tool_calls": request.parallel_tool_calls}
-    params.update({key: value for key, value in tools.items() if value is not None})
+    request = convert_params(without_nulls(body), ChatCompletionRequest)
     options = request.stream_options
-    return Job(convert_params({**params, "messages": messages, "logprobs": request.logprobs,
-                               "top_logprobs": request.top_logprobs or 0,
-                               "request_id": request_id, "client": client}, GenerateParams),
+    return Job(request.to_generate_params(request_id=request_id, client=client),
                ChatShape(f"chatcmpl-{request_id}", int(time.time())), request.stream,
                bool(options and options.include_usage))
 
@@ -202,13 +130,9 @@ def completion_job(body: Any, request_id: str, client: str) -> Job:
     Raises:
         EngineClientError: InvalidParams naming the field (batched prompts included).
     """
-    request = convert_params(body, CompletionRequest)
-    params = _sampling(request, request.max_tokens)
+    request = convert_params(without_nulls(body), CompletionRequest)
     options = request.stream_options
-    return Job(convert_params({**params, "prompt": _prompt(request.prompt),
-                               "logprobs": request.logprobs is not None,
-                               "top_logprobs": request.logprobs or 0,
-                               "request_id": request_id, "client": client}, GenerateParams),
+    return Job(request.to_generate_params(request_id=request_id, client=client),
                CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
                bool(options and options.include_usage))
 

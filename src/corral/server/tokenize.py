@@ -24,7 +24,6 @@ from corral.protocol.tokenize import (
 )
 from corral.runtime import Runtime
 from corral.server.bodies import error_response, json_response, read_json
-from corral.server.openai import chat_messages
 
 __all__ = ["TokenizeRoutes", "tokenize_routes"]
 
@@ -56,8 +55,8 @@ class TokenizeRoutes:
                                         "prompt: give exactly one of prompt and messages",
                                         {"field": "prompt"})
             if body.messages is not None:
-                ids = await self._runtime.tokenize_chat(body.model,
-                                                        chat_messages(body.messages))
+                ids = await self._runtime.tokenize_chat(
+                    body.model, [message.to_message() for message in body.messages])
             else:
                 assert body.prompt is not None
                 ids = await self._runtime.tokenize(body.model, body.prompt,
