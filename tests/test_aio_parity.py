@@ -99,7 +99,7 @@ def test_the_streams_are_the_asyncio_streams() -> None:
 
 
 def test_the_typed_declarations_match_the_trio_facade() -> None:
-    trio_members = _functions(_class_body(SRC / "runtime" / "__init__.py", "Runtime"))
+    trio_members = _functions(_class_body(SRC / "runtime" / "facade.py", "Runtime"))
     declared = _aio_declarations()
     expected = {name: _expected(node) for name, node in trio_members.items()}
     missing = sorted(set(expected) - set(declared))

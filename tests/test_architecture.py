@@ -23,10 +23,6 @@ AT_MOST = 500
 STANDARD_PRIVATE = frozenset({"os._exit", "sys._getframe"})  # public API, private names
 SERVING = ("corral.runtime", "corral.engine", "corral.server")
 PROTOCOL_THIRD_PARTY = frozenset({"msgspec"})
-PROTOCOL_EXCEPTIONS = {"protocol/grammar.py": frozenset({"llguidance"})}
-"""protocol/grammar.py writes response_format grammars with llguidance (imported on first
-use) because `GenerateParams.sampling()` writes the grammar; it leaves protocol/ with
-the request-type work of issue 22 that moves the conversion to the edge."""
 
 
 def _modules() -> list[Path]:
@@ -73,7 +69,7 @@ def test_every_module_says_what_it_is_for(path: Path) -> None:
 def test_protocol_imports_only_protocol(path: Path) -> None:
     """Data and codecs: the protocol itself, the standard library and msgspec, and
     never the configuration."""
-    allowed = PROTOCOL_THIRD_PARTY | PROTOCOL_EXCEPTIONS.get(_name(path), frozenset())
+    allowed = PROTOCOL_THIRD_PARTY
     wrong = [module for module in _imports(path)
              if not module.startswith("corral.protocol")
              and (module == "corral" or module.startswith("corral.")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx_lm
+import msgspec
 import pytest
 import trio
 from mlx_lm.sample_utils import make_sampler
@@ -148,8 +149,12 @@ async def open_engine(path: str, recorder: Recorder, **kwargs: Any) -> AsyncIter
 
 
 def seq(seq_id: int, prompt: list[int], max_tokens: int = MAX_TOKENS,
-        sampling: SamplingParams = GREEDY, generated: list[int] | None = None) -> EngineSequence:
-    return EngineSequence(seq_id, prompt, sampling, max_tokens, generated or [])
+        sampling: SamplingParams = GREEDY, generated: list[int] | None = None,
+        grammar: str | None = None) -> EngineSequence:
+    """A sequence that generates `max_tokens` more tokens after `generated`."""
+    generated = generated or []
+    sampling = msgspec.structs.replace(sampling, max_tokens=max_tokens + len(generated))
+    return EngineSequence(seq_id, prompt, sampling, grammar, generated)
 
 
 async def test_model_info_and_tokenizer(model_path: str, reference: dict[str, Any]) -> None:

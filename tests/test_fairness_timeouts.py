@@ -116,7 +116,7 @@ async def registry(max_active: int, max_queued: int) -> AsyncIterator[ActorRef]:
 
 async def admit(ref: ActorRef, client: str, stream_id: int) -> Any:
     return await ref.ask(Admit(stream_id=stream_id, model="m", timeout_s=60.0, prompt=[1],
-                               sampling=SamplingParams(), max_tokens=1, client=client))
+                               sampling=SamplingParams(max_tokens=1), client=client))
 
 
 async def test_the_registry_admits_the_client_with_the_fewest_streams_first() -> None:

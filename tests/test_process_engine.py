@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -110,7 +111,8 @@ class Recorder:
 
 def seq(seq_id: int, prompt: list[int], max_tokens: int = MAX_TOKENS,
         sampling: SamplingParams | None = None) -> EngineSequence:
-    return EngineSequence(seq_id, prompt, sampling or SamplingParams(), max_tokens)
+    sampling = msgspec.structs.replace(sampling or SamplingParams(), max_tokens=max_tokens)
+    return EngineSequence(seq_id, prompt, sampling)
 
 
 @asynccontextmanager

@@ -5,10 +5,11 @@
   replaced by the tiny model's directory (the only change; aliases and fallbacks stay as
   written, so a model listed before its fallback must serve).
 - Every fenced `python` block compiles. The ones that need no server and no model but
-  the tiny one run, each in its own interpreter. The OpenAI-client ones run in document
-  order, in one interpreter (later ones use the earlier ones' `client`), against a
-  `corral serve` that serves the tiny model under the alias they name (`smollm2`), with
-  only the port of their base URL changed; a block that names another model (a
+  the tiny one run, each in its own interpreter. The client ones (OpenAI, Anthropic,
+  Ollama) run against a `corral serve` that serves the tiny model under the alias they
+  name (`smollm2`), with only the port of their address changed: each block that makes
+  its `client` in an interpreter of its own, and the blocks that only use `client`
+  after the first OpenAI one, in document order. A block that names another model (a
   `qwen` with tools) is compiled only.
 """
 
@@ -30,7 +31,7 @@ from test_serve import Server, free_port
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _FENCE = re.compile(r"^( *)```(\w+)\n(.*?)^\1```$", re.MULTILINE | re.DOTALL)
-_BASE_URL = "http://127.0.0.1:8000/v1"
+_SERVER = "127.0.0.1:8000"
 
 
 class Snippet:
@@ -114,20 +115,34 @@ def _runs_offline(snippet: Snippet) -> bool:
     return set(re.findall(r'model="([^"]+)"', snippet.text)) <= {"smollm2"}
 
 
+def _makes_a_client(snippet: Snippet) -> bool:
+    return re.search(r"^client = ", snippet.text, re.MULTILINE) is not None
+
+
+def client_scripts() -> list[tuple[list[Snippet], str]]:
+    """The client blocks as scripts: each block that makes its `client` alone, except
+    the first (the OpenAI client of Serving), which the blocks that only use `client`
+    follow, as they do in the text."""
+    runnable = [s for s in CLIENT if _runs_offline(s)]
+    makers = [s for s in runnable if _makes_a_client(s)]
+    scripts = [[makers[0], *(s for s in runnable if not _makes_a_client(s))],
+               *([maker] for maker in makers[1:])]
+    return [(blocks, "\n".join(s.text for s in blocks)) for blocks in scripts]
+
+
 @pytest.mark.slow
 def test_client_python_runs_against_corral_serve(model_path: str) -> None:
-    runnable = [s for s in CLIENT if _runs_offline(s)]
-    assert len(runnable) >= 5
-    assert all(_BASE_URL in s.text for s in runnable if "OpenAI(" in s.text)
+    scripts = client_scripts()
+    assert "OpenAI(" in scripts[0][1] and len(scripts[0][0]) >= 4
+    assert all(_SERVER in script for _, script in scripts)
     port = free_port()
     server = Server(["--model", f"smollm2={model_path}", "--http", f"127.0.0.1:{port}"])
     try:
         server.wait_ready()
-        script = "\n".join(s.text for s in runnable).replace(
-            _BASE_URL, f"http://127.0.0.1:{port}/v1")
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, (runnable, done.stderr[-3000:])
+        for blocks, script in scripts:
+            done = subprocess.run(
+                [sys.executable, "-c", script.replace(_SERVER, f"127.0.0.1:{port}")],
+                capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, (blocks, done.stderr[-3000:])
     finally:
         server.stop()
-

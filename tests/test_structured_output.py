@@ -21,17 +21,17 @@ import trio
 
 from corral.config import config_from_mapping
 from corral.engine.base import validate_sequence
-from corral.engine.grammar import GRAMMAR_CACHE_SIZE, check_grammar, compile_problem
-from corral.protocol.errors import Code, EngineClientError
-from corral.protocol.grammar import (
-    JsonSchema,
-    JsonSchemaFormat,
-    TextFormat,
+from corral.engine.grammar import (
+    GRAMMAR_CACHE_SIZE,
+    check_grammar,
+    compile_problem,
     json_object_grammar,
     json_schema_grammar,
     lark_grammar,
     response_format_grammar,
 )
+from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.grammar import JsonSchema, JsonSchemaFormat, TextFormat
 from corral.protocol.messages import EngineStep, SamplingParams
 from corral.runtime import open_runtime
 from test_engine import Recorder, open_engine, seq
@@ -280,14 +280,15 @@ async def test_the_engine_masks_resumes_and_ends_where_the_grammar_accepts(
     import mlx_lm
 
     grammar = json_schema_grammar(SCHEMA)
-    sampling = SamplingParams(temperature=1.0, seed=21, grammar=grammar)
+    sampling = SamplingParams(temperature=1.0, seed=21)
     recorder = Recorder()
     async with open_engine(model_path, recorder) as engine:
         prompt = await engine.tokenize("A record:")
-        engine.submit(seq(1, prompt, MAX_TOKENS, sampling))
+        engine.submit(seq(1, prompt, MAX_TOKENS, sampling, grammar=grammar))
         await recorder.wait_finished(1)
         tokens = recorder.tokens[1]
-        engine.submit(seq(2, prompt, MAX_TOKENS - 9, sampling, generated=tokens[:9]))
+        engine.submit(seq(2, prompt, MAX_TOKENS - 9, sampling, generated=tokens[:9],
+                          grammar=grammar))
         engine.submit(seq(3, prompt, MAX_TOKENS))  # unconstrained, alongside
         await recorder.wait_finished(2, 3)
     assert recorder.finish[1] == "stop" and recorder.finish[2] == "stop"
@@ -301,7 +302,7 @@ async def test_the_engine_masks_resumes_and_ends_where_the_grammar_accepts(
 
 
 def test_a_grammar_for_a_model_that_cannot_take_one_is_refused() -> None:
-    sequence = seq(1, [5, 6], 4, SamplingParams(grammar=json_object_grammar()))
+    sequence = seq(1, [5, 6], 4, SamplingParams(), grammar=json_object_grammar())
     validate_sequence(sequence, 592)
     with pytest.raises(EngineClientError, match="grammar"):
         validate_sequence(sequence, 592, structured_output=False)

@@ -56,6 +56,10 @@ def serve(
         help="debug, info, warning, error or critical (default: logging.level).")] = None,
     env: Annotated[str | None, typer.Option(
         help="Environment overlay; defaults to $CORRAL_ENV.")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", envvar="CORRAL_API_KEY",
+        help="A key the inference API accepts; repeatable. Replaces server.api_keys. "
+             "Default: $CORRAL_API_KEY (keys separated by spaces).")] = None,
     ray: Annotated[bool, typer.Option(
         "--ray", help="Serve replicas on Ray Serve (corral[ray]): on the cluster at "
                       "$RAY_ADDRESS, else on a local Ray.")] = False,
@@ -93,7 +97,7 @@ def serve(
         typer.echo(f"corral: {'--replicas' if replicas is not None else '--autoscale'} "
                    f"needs --ray: without it corral serves one process", err=True)
         raise typer.Exit(2)
-    overrides = _serve_overrides(log_level=log_level, admin_key=admin_key,
+    overrides = _serve_overrides(log_level=log_level, api_keys=api_key, admin_key=admin_key,
                                  isolation=isolation, prefix_cache_dir=prefix_cache_dir,
                                  max_active_streams=max_active_streams,
                                  max_queued=max_queued)
@@ -128,12 +132,14 @@ def serve(
     main(runtime_config, options)
 
 
-def _serve_overrides(*, log_level: str | None, admin_key: str | None,
+def _serve_overrides(*, log_level: str | None, api_keys: list[str] | None,
+                     admin_key: str | None,
                      isolation: Isolation | None, prefix_cache_dir: Path | None,
                      max_active_streams: int | None, max_queued: int | None) -> dict[str, Any]:
     """The config keys `corral serve`'s options set, shaped like a file; None: not given."""
     keys: dict[tuple[str, ...], Any] = {
         ("logging", "level"): log_level,
+        ("server", "api_keys"): list(api_keys) if api_keys else None,
         ("server", "admin_api_key"): admin_key,
         ("generation", "isolation"): None if isolation is None else isolation.value,
         ("generation", "prefix_cache", "disk_dir"):

@@ -67,7 +67,7 @@ async def _round(engine: Engine | ProcessEngine, counter: _Counter, prompts: lis
     counter.reset(len(prompts))
     began = time.perf_counter()
     for i, ids in enumerate(prompts):
-        engine.submit(EngineSequence(first_id + i, ids, SamplingParams(), max_tokens))
+        engine.submit(EngineSequence(first_id + i, ids, SamplingParams(max_tokens=max_tokens)))
     with trio.fail_after(_GUARD_S):
         await counter.done.wait()
     elapsed = time.perf_counter() - began

@@ -21,6 +21,7 @@ from corral.config.schema import JsonRpcConfig as JsonRpcConfig
 from corral.config.schema import LoggingConfig as LoggingConfig
 from corral.config.schema import ModelConfig as ModelConfig
 from corral.config.schema import PythonRuntimeConfig as PythonRuntimeConfig
+from corral.config.schema import ResponsesConfig as ResponsesConfig
 from corral.config.schema import RestartsConfig as RestartsConfig
 from corral.config.schema import RetryBudgetConfig as RetryBudgetConfig
 from corral.config.schema import RetryConfig as RetryConfig
@@ -43,6 +44,7 @@ __all__ = [
     "ModelConfig",
     "PrefixCacheConfig",
     "PythonRuntimeConfig",
+    "ResponsesConfig",
     "RestartsConfig",
     "RetryBudgetConfig",
     "RetryConfig",

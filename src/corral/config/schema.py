@@ -15,7 +15,7 @@ import msgspec
 
 from corral.config.environment import builtin_environments
 from corral.protocol.errors import resolve_error_name
-from corral.protocol.messages import Alias
+from corral.protocol.messages import Alias, Duration
 from corral.protocol.validation import FieldError
 from corral.protocol.worker import PrefixCacheConfig
 
@@ -27,6 +27,7 @@ _Name: TypeAlias = Annotated[str, msgspec.Meta(min_length=1)]
 _Port: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 _API_KEY: Final = re.compile(r"[\x21-\x7e]{16,}")
+_ORIGIN: Final = re.compile(r"\*|https?://[^/\s]+")
 _LISTEN_URI: Final = re.compile(r"stdio|tcp://(?:\[[^\]\s]+\]|[^/\s:\[\]]+):\d{1,5}|unix://\S+")
 
 
@@ -190,6 +191,11 @@ class ModelConfig(Section, frozen=True):
     path: _Name
     fallbacks: tuple[Alias | FallbackResponse, ...] = ()
     chat_template: _Name | None = None
+    keep_alive: float | Duration | None = None
+    """How long the model stays loaded while idle, as Ollama's `keep_alive`: seconds or
+    a duration ("5m", "1h"); 0 unloads it after each request, a negative value or null
+    keeps it loaded for good. Unloaded, it loads again on its next request
+    (`corral.runtime.keep_alive`)."""
 
     @property
     def fallback_aliases(self) -> tuple[str, ...]:
@@ -276,6 +282,14 @@ def _load_order(models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
     return tuple(ordered.values())
 
 
+class ResponsesConfig(Section, frozen=True):
+    """The Responses API's store (`corral.server.responses`)."""
+
+    max_stored: _NonNegativeInt = 1000
+    """How many finished responses are kept in memory, for `previous_response_id` and
+    GET /v1/responses/{id}; the least recently used is dropped first. 0 keeps none."""
+
+
 class ServerConfig(Section, frozen=True):
     """Where `corral serve` listens and how long it drains on shutdown."""
 
@@ -288,18 +302,38 @@ class ServerConfig(Section, frozen=True):
     keep_alive_timeout_ms: _PositiveInt = 5000
     max_connections: _PositiveInt | None = None
     max_streams_per_client: _PositiveInt | None = None
-    admin_api_key: Annotated[str, msgspec.Meta(min_length=16)] | None = None
+    admin_api_key: str | None = None
+    """The key the admin routes (POST /v1/models/load and /v1/models/unload,
+    `corral.server.admin`) require; null turns them off."""
+    api_keys: tuple[str, ...] = ()
+    """The keys the inference API accepts (`corral.server.auth`), in `Authorization:
+    Bearer <key>` or `x-api-key: <key>`; every route but /health, /metrics and the
+    admin routes then needs one. Empty: the API is open. `corral serve --api-key` and
+    `CORRAL_API_KEY` replace them."""
+    cors_origins: tuple[str, ...] = ()
+    """The browser origins (`https://app.example`, or `*` for any) allowed to call the
+    API across origins (CORS); empty: no CORS headers, so browsers of other origins
+    are refused."""
+    responses: ResponsesConfig = ResponsesConfig()
 
     def __post_init__(self) -> None:
         for index, uri in enumerate(self.jsonrpc):
             if not _LISTEN_URI.fullmatch(uri):
                 raise FieldError(f"jsonrpc[{index}]", "expected 'stdio', 'tcp://HOST:PORT' "
                                   f"or 'unix://PATH', got {uri!r}")
-        if self.admin_api_key is not None and not _API_KEY.fullmatch(self.admin_api_key):
-            # A client sends the key in an Authorization header, whose value loses its
-            # outer spaces and is read as Latin-1: a key no client could send is refused.
-            raise FieldError("admin_api_key", "expected 16 or more visible ASCII characters "
-                              "(no spaces, control or non-ASCII characters)")
+        keys = [("admin_api_key", self.admin_api_key)] if self.admin_api_key is not None else []
+        keys += [(f"api_keys[{index}]", key) for index, key in enumerate(self.api_keys)]
+        for field, key in keys:
+            if not _API_KEY.fullmatch(key):
+                # A client sends a key in a header, whose value loses its outer spaces
+                # and is read as Latin-1: a key no client could send is refused.
+                raise FieldError(field, "expected 16 or more visible ASCII characters "
+                                  "(no spaces, control or non-ASCII characters)")
+        for index, origin in enumerate(self.cors_origins):
+            if not _ORIGIN.fullmatch(origin):
+                raise FieldError(f"cors_origins[{index}]", "expected '*' or an origin like "
+                                  f"'https://app.example' (scheme and host, no path), got "
+                                  f"{origin!r}")
 
 
 class LoggingConfig(Section, frozen=True):

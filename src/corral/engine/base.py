@@ -22,7 +22,6 @@ import trio
 from corral.config import PrefixCacheConfig
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import (
-    MAX_TOP_LOGPROBS,
     EngineSequence,
     EngineStep,
     ModelInfo,
@@ -117,40 +116,30 @@ def validate_sequence(seq: EngineSequence, vocab_size: int, *,
     """Refuse, in the caller's thread, what would otherwise fail inside a step
     (`structured_output`: whether the model can take a grammar, `ModelInfo`'s flag).
 
+    The sampling's ranges are its type's (`SamplingParams.validate`, for a sequence
+    built in Python rather than decoded); what is checked here depends on the model.
+
     Raises:
-        EngineClientError: InvalidParams naming every problem found.
+        EngineClientError: InvalidParams naming the first range refused, or every
+            problem with the model found.
     """
     s = seq.sampling
+    s.validate()
     problems = []
     if not seq.prompt and not seq.generated:
         problems.append("the sequence has no tokens")
-    if seq.max_tokens < 1:
-        problems.append(f"max_tokens must be >= 1, got {seq.max_tokens}")
+    if s.max_tokens is None:
+        problems.append("max_tokens must be set for the engine")
+    elif seq.remaining < 1:
+        problems.append(f"max_tokens {s.max_tokens} leaves no token to generate after "
+                        f"the {len(seq.generated)} generated")
     bad = [t for t in (*seq.prompt, *seq.generated) if not 0 <= t < vocab_size]
     if bad:
         problems.append(f"token ids out of range [0, {vocab_size}): {bad[:8]}")
-    if not s.temperature >= 0.0:
-        problems.append(f"temperature must be >= 0, got {s.temperature}")
-    if not 0.0 < s.top_p <= 1.0:
-        problems.append(f"top_p must be in (0, 1], got {s.top_p}")
-    if not 0.0 <= s.min_p <= 1.0:
-        problems.append(f"min_p must be in [0, 1], got {s.min_p}")
-    if s.top_k < 0:
-        problems.append(f"top_k must be >= 0, got {s.top_k}")
-    if not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
-        problems.append(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs}")
-    if s.repetition_penalty is not None and not s.repetition_penalty >= 0.0:
-        problems.append(f"repetition_penalty must be >= 0, got {s.repetition_penalty}")
-    for name, penalty in (("presence_penalty", s.presence_penalty),
-                          ("frequency_penalty", s.frequency_penalty)):
-        if penalty is not None and not -2.0 <= penalty <= 2.0:
-            problems.append(f"{name} must be in [-2, 2], got {penalty}")
     bad_bias = [t for t in s.logit_bias if not 0 <= t < vocab_size]
     if bad_bias:
         problems.append(f"logit_bias: token ids out of range [0, {vocab_size}): {bad_bias[:8]}")
-    if not all(-100.0 <= b <= 100.0 for b in s.logit_bias.values()):
-        problems.append("logit_bias: values must be in [-100, 100]")
-    if s.grammar is not None and not structured_output:
+    if seq.grammar is not None and not structured_output:
         problems.append("grammar: this model's tokenizer cannot drive structured output")
     if problems:
         raise EngineClientError(

@@ -29,7 +29,7 @@ from corral.engine.logprobs import token_logprobs
 from corral.engine.pacing import StepPacer
 from corral.engine.prefill_sharing import PrefillSharing
 from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
-from corral.engine.sampling import sequence_sampler
+from corral.engine.sampling import logits_processors, sequence_sampler, stop_token_ids
 from corral.engine.text import StopText
 from corral.protocol.messages import (
     EngineSequence,
@@ -112,6 +112,7 @@ class EngineCore:
         self._tokenizer: Any = None
         self._generator: Any = None
         self._vocab_size = 0
+        self._eos: list[int] = []
         self._default_stops: Any = None
         self._by_uid: dict[int, _Sequence] = {}
         self._uid_of: dict[int, int] = {}
@@ -168,7 +169,7 @@ class EngineCore:
         model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
         self._model, self._tokenizer = model, tokenizer
         self._vocab_size = int(config.get("vocab_size") or len(tokenizer))
-        eos = sorted(int(t) for t in tokenizer.eos_token_ids)
+        eos = self._eos = sorted(int(t) for t in tokenizer.eos_token_ids)
         self._default_stops = StopSequences([(t,) for t in eos])
         settings = self.settings
         self._generator = BatchGenerator(
@@ -249,7 +250,7 @@ class EngineCore:
             self._remove(command.seq_id)
         elif isinstance(command, GrammarCompiled):
             for seq in [s for s in self._compiling.values()
-                        if s.sampling.grammar == command.grammar]:
+                        if s.grammar == command.grammar]:
                 del self._compiling[seq.seq_id]
                 self._place(seq)
         else:
@@ -259,7 +260,7 @@ class EngineCore:
 
     def _insert(self, seq: EngineSequence) -> None:
         self._remove(seq.seq_id)
-        grammar = seq.sampling.grammar
+        grammar = seq.grammar
         if grammar is not None and self._guidance is not None and not self._guidance.ready(
                 grammar):
             # Compiled off the step path; the batch steps on meanwhile.
@@ -279,38 +280,32 @@ class EngineCore:
 
     def _start(self, seq: EngineSequence, tokens: list[int]) -> None:
         from mlx_lm.generate import StopSequences
-        from mlx_lm.sample_utils import make_logits_processors
 
         sampling = seq.sampling
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8))
         start = len(seq.generated)
-        stops = self._default_stops
-        if sampling.stop_token_ids:
-            ids = set(self._tokenizer.eos_token_ids) | set(sampling.stop_token_ids)
-            stops = StopSequences([(t,) for t in sorted(ids)])
-        processors = make_logits_processors(
-            logit_bias=sampling.logit_bias or None,
-            repetition_penalty=sampling.repetition_penalty,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty)
-        if sampling.grammar is not None and self._guidance is not None:
+        stop_ids = stop_token_ids(sampling, self._eos)
+        stops = (self._default_stops if stop_ids == self._eos
+                 else StopSequences([(t,) for t in stop_ids]))
+        processors = logits_processors(sampling, start, stop_ids)
+        if seq.grammar is not None and self._guidance is not None:
             # Last, so no bias or penalty can give a token the grammar refuses a chance.
-            processors.append(self._guidance.processor(sampling.grammar, seq.generated))
+            processors.append(self._guidance.processor(seq.grammar, seq.generated))
         hit = self._prefix.lookup(tokens) if self._prefix is not None else None
         cached = hit.tokens if hit is not None else 0
         (uid,) = self._generator.insert(
             [tokens[cached:]],
-            max_tokens=[seq.max_tokens],
+            max_tokens=[seq.remaining],
             caches=[hit.cache] if hit is not None and hit.cache is not None else None,
             all_tokens=[tokens[:cached]],
             samplers=[sequence_sampler(sampling, seed, start, self._vocab_size)],
             logits_processors=[processors],
             stop_sequences=[stops],
         )
-        text = StopText(self._tokenizer.detokenizer, sampling.stop)
+        text = StopText(self._tokenizer.detokenizer, sampling)
         for token in seq.generated:
             text.push(token)
-        alternatives = sampling.top_logprobs if sampling.logprobs else None
+        alternatives = sampling.top_logprobs if sampling.reports_logprobs else None
         self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, alternatives, tokens, cached,
                                       len(tokens) - cached)
         self._uid_of[seq.seq_id] = uid

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from corral.protocol.sampling import SamplingParams
+
 __all__ = ["StopText"]
 
 
@@ -18,21 +20,29 @@ class StopText:
     suffix of the text that could begin a stop string is held back until the next
     token decides it. What is held back is a function of the tokens alone, so feeding a
     resumed sequence's generated tokens through `push` reproduces exactly the state of
-    the uninterrupted run.
+    the uninterrupted run. Stop strings are looked for once more than `min_tokens`
+    tokens were pushed (as vLLM does); the text of the first ones is released whole.
 
     Args:
         detokenizer: a fresh streaming detokenizer of the model's tokenizer.
-        stops: the stop strings; empty ones are ignored.
+        sampling: the sequence's; its stop strings (empty ones are ignored) and
+            `min_tokens`.
     """
 
-    def __init__(self, detokenizer: Any, stops: list[str]) -> None:
+    def __init__(self, detokenizer: Any, sampling: SamplingParams) -> None:
         self._detokenizer = detokenizer
-        self._stops = [s for s in stops if s]
+        self._all_stops = [s for s in sampling.stop_strings if s]
+        self._stops: list[str] = []
+        self._min_tokens = sampling.min_tokens
+        self._pushed = 0
         self._emitted = 0
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add one token; return the newly releasable text and whether a stop matched."""
         self._detokenizer.add_token(token)
+        self._pushed += 1
+        if self._pushed > self._min_tokens:
+            self._stops = self._all_stops
         return self._release(final=False)
 
     def finish(self) -> tuple[str, bool]:

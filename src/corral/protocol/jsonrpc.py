@@ -287,7 +287,8 @@ def params_as(request: Request, type_: type[_S]) -> _S:
     """The request's params as a `type_` Struct.
 
     An object fills fields by name; an array fills them by position, in the Struct's
-    field order. Absent params fill nothing, so only the defaults apply.
+    field order (or the order its `positional_fields` class variable gives first, then
+    the rest). Absent params fill nothing, so only the defaults apply.
 
     Raises:
         EngineClientError: code InvalidParams, with a message naming the field
@@ -297,7 +298,9 @@ def params_as(request: Request, type_: type[_S]) -> _S:
     """
     params: Any = request.params
     if isinstance(params, list):
-        names = [field.encode_name for field in msgspec.structs.fields(type_)]
+        declared = [field.encode_name for field in msgspec.structs.fields(type_)]
+        first: tuple[str, ...] = getattr(type_, "positional_fields", ())
+        names = [*first, *(name for name in declared if name not in first)]
         if len(params) > len(names):
             raise EngineClientError(
                 Code.INVALID_PARAMS,

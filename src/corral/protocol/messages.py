@@ -8,48 +8,36 @@ exchange are in `serving_messages`, the kernel's lifecycle in `lifecycle`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
-from corral.protocol.grammar import ResponseFormat, response_format_grammar
+from corral.protocol.durations import DURATION_PATTERN, MAX_KEEP_ALIVE_S
+from corral.protocol.grammar import ResponseFormat
+from corral.protocol.sampling import MAX_INT32 as MAX_INT32
+from corral.protocol.sampling import MAX_STOP_CHARS as MAX_STOP_CHARS
+from corral.protocol.sampling import MAX_STOP_STRINGS as MAX_STOP_STRINGS
+from corral.protocol.sampling import MAX_TOP_LOGPROBS as MAX_TOP_LOGPROBS
+from corral.protocol.sampling import Bias as Bias
+from corral.protocol.sampling import Fraction as Fraction
+from corral.protocol.sampling import Penalty as Penalty
+from corral.protocol.sampling import Probability as Probability
+from corral.protocol.sampling import RepetitionPenalty as RepetitionPenalty
+from corral.protocol.sampling import SamplingParams as SamplingParams
+from corral.protocol.sampling import Seed as Seed
+from corral.protocol.sampling import StopString as StopString
+from corral.protocol.sampling import StopStrings as StopStrings
+from corral.protocol.sampling import Temperature as Temperature
+from corral.protocol.sampling import TokenCount as TokenCount
+from corral.protocol.sampling import TokenId as TokenId
+from corral.protocol.sampling import TopK as TopK
+from corral.protocol.sampling import TopLogprobs as TopLogprobs
 
 # -- generation: what a client asks for and what it gets back ------------------------
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout", "error", "tool_calls"]
 """How a sequence ended; "tool_calls" is only ever the runtime's reading of a "stop"
 after which the model's text held tool calls."""
-
-
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Per-request sampling. Temperature 0 is greedy; a seed makes sampling repeatable.
-
-    Randomness depends only on (seed, token index), never on global RNG state or on the
-    other requests in the batch. `grammar`, a serialized llguidance grammar (see
-    `corral.protocol.grammar`), constrains the tokens sampled: the sequence ends (on an
-    EOS token) only where the grammar accepts.
-    """
-
-    max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[int, float] = {}
-    seed: int | None = None
-    stop: list[str] = []
-    stop_token_ids: list[int] = []
-    logprobs: bool = False
-    grammar: str | None = None
-    top_logprobs: int = 0  # alternatives reported per token (with `logprobs`)
-
-    @property
-    def deterministic(self) -> bool:
-        """Greedy or seeded: a re-run (or a resume after a crash) gives the same tokens."""
-        return self.temperature == 0.0 or self.seed is not None
 
 
 class FunctionCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,10 +55,14 @@ class ToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     type: Literal["function"] = "function"
 
 
+FunctionName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+"""The name of a function a model may call."""
+
+
 class ToolFunction(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A function the model may call; `parameters` is its arguments' JSON schema."""
 
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -126,16 +118,24 @@ class Usage(msgspec.Struct, frozen=True):
 class EngineSequence(msgspec.Struct, frozen=True, tag=True):
     """One sequence handed to an engine: prompt token ids and how to continue them.
 
-    `seq_id` is the engine-local id (the stream id); `generated` holds tokens already
-    delivered to the client before a crash, so a resumed sequence re-prefills
-    prompt + generated and continues at token index len(generated).
+    `seq_id` is the engine-local id (the stream id); `sampling` is the request's, as
+    the client sent it, with `max_tokens` set; `grammar`, a serialized llguidance
+    grammar (`corral.engine.grammar` writes them), constrains the tokens sampled: the
+    sequence ends (on an EOS token) only where the grammar accepts. `generated` holds
+    tokens already delivered to the client before a crash, so a resumed sequence
+    re-prefills prompt + generated and continues at token index len(generated).
     """
 
     seq_id: int
     prompt: list[int]
     sampling: SamplingParams
-    max_tokens: int
+    grammar: str | None = None
     generated: list[int] = []
+
+    @property
+    def remaining(self) -> int:
+        """Tokens left to generate: `max_tokens` less those already `generated`."""
+        return (self.sampling.max_tokens or 0) - len(self.generated)
 
 
 class TokenLogprob(msgspec.Struct, frozen=True):
@@ -240,23 +240,18 @@ class ModelInfo(msgspec.Struct, frozen=True):
 
 
 # -- the public generate call, as every interface receives it -----------------------------
-# Every value here crosses into msgpack (64-bit integers at most) and into MLX (token ids
-# are int32), so each is range-checked where it enters: out of range is InvalidParams
-# naming the field, never an OverflowError deep inside a request.
+# Ranges are declared once, in `corral.protocol.sampling` (re-exported here); what the
+# request adds is bounded below.
 
-MAX_INT32: Final = 2**31 - 1
-MAX_STOP_STRINGS: Final = 16
-MAX_STOP_CHARS: Final = 256  # the engine checks every stop string at every step
 MAX_NAME_CHARS: Final = 256  # model aliases, request ids and client names
+MAX_TOOLS: Final = 128
 
-TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)]
-"""A token id, as MLX holds it (int32); the runtime also checks it against the vocabulary."""
-TokenCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
-"""A positive number of tokens (max_tokens); the runtime applies the configured limit."""
-TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT32)]
-Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 TimeoutMs = Annotated[int, msgspec.Meta(ge=1, le=MAX_INT32)]
 """A deadline in milliseconds, up to about 24 days."""
+KeepAliveSeconds = Annotated[float, msgspec.Meta(ge=-MAX_KEEP_ALIVE_S, le=MAX_KEEP_ALIVE_S)]
+"""How long a model stays loaded once idle: 0 unloads it right after, negative never."""
+Duration = Annotated[str, msgspec.Meta(pattern=DURATION_PATTERN)]
+"""A duration as Ollama (and Go) writes it: "5m", "1h30m", "250ms", "-1s", "0"."""
 StreamId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 ALIAS_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z"  # \Z: no newline after
@@ -266,80 +261,62 @@ and no space: an alias names a subtree of actors, and a ``/`` in it would addres
 inside another model's subtree."""
 Alias = Annotated[str, msgspec.Meta(pattern=ALIAS_PATTERN)]
 """A model alias as a client gives it to load or unload a model (see `ALIAS_PATTERN`)."""
-StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
+Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
 
-MAX_TOP_LOGPROBS: Final = 20  # OpenAI's bound
 MAX_CHOICES: Final = 8
-TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
-_Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]  # OpenAI's range
-_Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]  # OpenAI's range
-_Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
-_Probability = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
-_Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 
-
-class GenerateParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A generate or complete call. Decoding this struct is the input validation: an
-    out-of-range value (nan and infinities included) or unknown field is an
-    InvalidParams error naming the field.
+class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A generate or complete call: the `SamplingParams` fields (flat, as OpenAI's and
+    JSON-RPC's bodies have them) and what to generate from. Decoding this struct is the
+    input validation: an out-of-range value (nan and infinities included) or unknown
+    field is an InvalidParams error naming the field. A transport whose request Struct
+    is its own builds one with keyword arguments from values its Struct has already
+    checked (see `corral.protocol.openai`).
 
     Exactly one of `prompt` (text or token ids) and `messages` (chat turns) is given.
     `tools`, `tool_choice` and `parallel_tool_calls` go with `messages`, as OpenAI's
     function calling has them (`runtime/tools.py`).
     `client` names who asks, for fair admission (see `Admit`); a transport sets it to
     the connection or address the request came from, whatever the request said.
-    `response_format` (OpenAI's shapes) constrains the output; `sampling` turns it into
-    the grammar the engine enforces, and the runtime checks that grammar compiles
-    (GuidanceError otherwise) before admission.
-    `top_logprobs` > 0 implies `logprobs`. `n` choices run as `n` sequences (and take
-    `n` stream slots); see `corral.runtime.choices`.
+    `response_format` (OpenAI's shapes) constrains the output; the runtime writes the
+    grammar the engine enforces and checks that it compiles (GuidanceError otherwise)
+    before admission.
+    `n` choices run as `n` sequences (and take `n` stream slots); see
+    `corral.runtime.choices`.
     `generated` continues a generation another server lost (the ids it already sent,
     after the prompt): the engine starts after them as a worker restart does, so the
     text, a seeded sampler's draws, penalties and a grammar pick up where they stopped;
     they count toward `max_tokens` and are not sent again. Prompt only, one choice, no
     tools.
+    `keep_alive` (seconds; 0: unload right after, negative: for good) is how long the
+    model stays loaded once idle after this request; None leaves the model's own
+    (`generation.models[].keep_alive`). See `corral.runtime.keep_alive`.
     """
 
     model: Name | None = None
     prompt: str | list[TokenId] | None = None
     messages: list[ChatMessage] | None = None
-    max_tokens: TokenCount | None = None
-    temperature: _Temperature = 0.0
-    top_p: _Probability = 1.0
-    top_k: TopK = 0
-    min_p: _Fraction = 0.0
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    presence_penalty: _Penalty | None = None
-    frequency_penalty: _Penalty | None = None
-    logit_bias: Annotated[dict[TokenId, _Bias], msgspec.Meta(max_length=1024)] = {}
-    seed: Seed | None = None
-    stop: StopString | Annotated[list[StopString],
-                                 msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
-    stop_token_ids: list[TokenId] = []
-    logprobs: bool = False
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=128)] | None = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    top_logprobs: TopLogprobs = 0
     n: ChoiceCount = 1
     timeout_ms: TimeoutMs | None = None
     request_id: Name | None = None
     client: Name | None = None
-    generated: list[TokenId] = []
+    generated: list[TokenId] = msgspec.field(default_factory=list)
+    keep_alive: KeepAliveSeconds | None = None
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=dict(self.logit_bias), seed=self.seed, stop=stop,
-            stop_token_ids=list(self.stop_token_ids),
-            logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs,
-            grammar=response_format_grammar(self.response_format))
+    positional_fields: ClassVar[tuple[str, ...]] = (
+        "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
+        "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+        "logit_bias", "seed", "stop", "stop_token_ids", "logprobs", "tools",
+        "tool_choice", "parallel_tool_calls", "response_format", "top_logprobs", "n",
+        "timeout_ms", "request_id", "client", "generated", "keep_alive")
+    """The order JSON-RPC's positional params fill fields in: the order of the first
+    release, kept; fields added since follow, in declaration order (`params_as`)."""
 
 
 class Choice(msgspec.Struct, frozen=True):

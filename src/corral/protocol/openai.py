@@ -4,34 +4,41 @@ Requests decode into these Structs, and decoding is the validation: an unknown f
 is InvalidParams naming it. Fields that OpenAI clients send with neutral values by
 default (`best_of`, `echo`, `user`, `stream_options`) are accepted; any value
 other than the neutral one fails validation, since corral would silently ignore it.
-`presence_penalty`, `frequency_penalty`, `logit_bias`, `n` (1 to 8), chat
-`top_logprobs`, completions `logprobs` (0 to 20) and `response_format` (json_object
-and json_schema, by constrained decoding) are applied. `top_k`, `min_p`,
-`repetition_penalty` and `stop_token_ids` are accepted as extensions, as vLLM does, and
-`timeout_ms`, the request's deadline.
-Ranges of sampling values are checked once, by `GenerateParams`, which names the same
-fields; only the token counts are bounded here too, so that `max_completion_tokens` is
-named as the client sent it. This module holds data only; `server/openai.py` maps it
-to and from the runtime.
+The sampling fields are `SamplingParams`'s, inherited with their ranges (so a knob
+added there is accepted here with the same bounds): `presence_penalty`,
+`frequency_penalty`, `logit_bias`, `n` (1 to 8), chat `top_logprobs`, completions
+`logprobs` (0 to 20) and `response_format` (json_object and json_schema, by
+constrained decoding) as OpenAI has them, and `top_k`, `min_p`, `repetition_penalty`
+and `stop_token_ids` as extensions, as vLLM accepts them, and `timeout_ms`, the
+request's deadline. A null top-level sampling field is taken as absent, as OpenAI
+takes it (`without_nulls`). Each request converts itself (`to_generate_params`); this
+module holds data only, and `server/openai.py` maps replies.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.grammar import ResponseFormat
 from corral.protocol.messages import (
+    ChatMessage,
     ChoiceCount,
     FunctionCall,
+    GenerateParams,
+    Name,
+    TimeoutMs,
     TokenCount,
-    Tool,
+    TokenId,
     ToolCall,
     ToolChoice,
+    Tools,
     TopLogprobs,
     Usage,
 )
+from corral.protocol.sampling import SamplingParams
 
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
 
@@ -47,29 +54,32 @@ class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What completions and chat completions share."""
+def without_nulls(body: Any) -> Any:
+    """A request body with its null sampling fields left out: OpenAI takes a null
+    optional parameter as absent, and clients send them so."""
+    if not isinstance(body, dict):
+        return body
+    return {key: value for key, value in body.items()
+            if value is not None or key not in SamplingParams.__struct_fields__}
 
-    model: str | None = None
-    max_tokens: TokenCount | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+
+class _Request(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What completions and chat completions share: the sampling fields, and these."""
+
+    model: Name | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: ChoiceCount = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias
     response_format: ResponseFormat | None = None
     user: str | None = None  # neutral: accepted, not used
-    # Extensions, as vLLM accepts them.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
-    timeout_ms: int | None = None
+    timeout_ms: TimeoutMs | None = None  # an extension: the request's deadline
+
+    def _generate_params(self, request_id: str, client: str, **fields: Any) -> GenerateParams:
+        """The runtime's request: this request's sampling, with `fields` over it."""
+        return GenerateParams(
+            **{**self.sampling_fields(), **fields},
+            model=self.model, n=self.n, response_format=self.response_format,
+            timeout_ms=self.timeout_ms, request_id=request_id, client=client)
 
 
 class CompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,14 +87,26 @@ class CompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fiel
 
     `prompt` is a string or token ids (a list of one string is taken as that string);
     batched prompts are refused. `logprobs` N: the sampled tokens' log-probabilities and
-    the N most likely alternatives of each (0: none).
+    the N most likely alternatives of each (0: none); `top_logprobs` is chat's, refused
+    here.
     """
 
-    prompt: str | list[str | int]
-    logprobs: TopLogprobs | None = None
+    prompt: str | list[str | TokenId]
+    logprobs: TopLogprobs | None = None  # type: ignore[assignment]
+    top_logprobs: None = None  # type: ignore[assignment]
     echo: Literal[False] = False
     best_of: _One | None = None
     suffix: None = None
+
+    def to_generate_params(self, *, request_id: str, client: str) -> GenerateParams:
+        """The runtime's request, with the request's id and the client's address.
+
+        Raises:
+            EngineClientError: InvalidParams for batched prompts.
+        """
+        return self._generate_params(
+            request_id, client, prompt=_prompt(self.prompt),
+            logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0)
 
 
 class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -102,6 +124,11 @@ class ChatMessageIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tool_call_id: str | None = None
     name: str | None = None
 
+    def to_message(self) -> ChatMessage:
+        return ChatMessage(role="system" if self.role == "developer" else self.role,
+                           content=_text(self.content), tool_calls=self.tool_calls or [],
+                           tool_call_id=self.tool_call_id, name=self.name)
+
 
 class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/chat/completions. `max_completion_tokens` wins over `max_tokens`;
@@ -109,11 +136,46 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
 
     messages: list[ChatMessageIn]
     max_completion_tokens: TokenCount | None = None
-    tools: list[Tool] | None = None
+    tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    logprobs: bool = False
-    top_logprobs: TopLogprobs | None = None
+
+    def to_generate_params(self, *, request_id: str, client: str) -> GenerateParams:
+        """The runtime's request, with the request's id and the client's address.
+
+        Raises:
+            EngineClientError: InvalidParams for `top_logprobs` without `logprobs`, as
+                OpenAI refuses it.
+        """
+        if self.top_logprobs and not self.logprobs:
+            raise EngineClientError(Code.INVALID_PARAMS,
+                                    "top_logprobs: needs logprobs to be true",
+                                    {"field": "top_logprobs"})
+        return self._generate_params(
+            request_id, client, messages=[m.to_message() for m in self.messages],
+            max_tokens=self.max_completion_tokens or self.max_tokens, tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=(True if self.parallel_tool_calls is None
+                                 else self.parallel_tool_calls))
+
+
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part.text for part in content)
+
+
+def _prompt(prompt: str | list[str | int]) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    ids = [item for item in prompt if isinstance(item, int)]
+    if len(ids) != len(prompt):
+        raise EngineClientError(Code.INVALID_PARAMS,
+                                "prompt: batched prompts are not supported; send one string "
+                                "or one list of token ids per request", {"field": "prompt"})
+    return ids
 
 
 # -- responses ---------------------------------------------------------------------------

@@ -134,8 +134,9 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     `client` names who asked (a connection, an address), for fair admission: a freed
     slot goes to the waiting client with the fewest streams running, and a full queue
     makes room by refusing the newest waiter of the client that holds the most. None
-    is one anonymous client. `generated`: ids a lost run already sent (see
-    `GenerateParams`); `max_tokens` is what is left after them.
+    is one anonymous client. `sampling` and `grammar` go on into the `EngineSequence`
+    as they are (`sampling.max_tokens` set); `generated`: ids a lost run already sent
+    (see `GenerateParams`), which count toward it.
     """
 
     stream_id: int
@@ -143,7 +144,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     timeout_s: float
     prompt: list[int]
     sampling: SamplingParams
-    max_tokens: int
+    grammar: str | None = None
     request_id: str | None = None
     client: str | None = None
     generated: list[int] = []

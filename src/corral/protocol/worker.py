@@ -31,7 +31,7 @@ __all__ = [
     "LoadFailed", "Loaded", "Shutdown", "Step", "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 

@@ -32,8 +32,8 @@ from starlette.responses import Response, StreamingResponse
 from corral.protocol.errors import Code, EngineClientError
 from corral.ray.messages import ProxiedRequest, ReplyPart, ResumeRequest
 from corral.ray.routing import affinity_key
+from corral.server.bodies import error_response
 from corral.server.openai import error_body
-from corral.server.routes import error_response
 
 __all__ = ["CorralIngress", "ReplicaLostError"]
 

@@ -160,6 +160,20 @@ class Models:
         async with self.exclusive(alias):
             return await self._load(path, alias, fallbacks, chat_template)
 
+    async def ensure(self, config: ModelConfig) -> None:
+        """Load the model `config` describes unless its alias is loaded (or a load of
+        it, waited for here, loads it): how a request loads a model on demand.
+
+        Raises:
+            EngineClientError: as `load` does.
+        """
+        if config.alias in self.by_alias:
+            return
+        alias = check_alias(config.alias)
+        async with self.exclusive(alias):
+            if alias not in self.by_alias:
+                await self._load(config.path, alias, config.fallbacks, config.chat_template)
+
     async def _load(self, path: str, alias: str,
                     fallbacks: tuple[str | FallbackResponse, ...],
                     chat_template: str | None) -> ModelDescription:
@@ -244,14 +258,24 @@ class Models:
         model.monitors.append(self._system.mailbox(
             f"root/generation/model:{alias}").add_monitor(subtree_exited))
 
-    async def unload(self, alias: str) -> None:
+    async def unload(self, alias: str, *, unless: Callable[[], bool] | None = None) -> bool:
         """See `Runtime.unload_model`. Waits for a load or reload of the alias under
         way; its streams end with ModelNotLoaded (`model_unloaded`) before the subtree
         stops, and its worker and standby are reaped before this returns. Once it has
-        begun, cancellation does not cut it short."""
+        begun, cancellation does not cut it short.
+
+        Args:
+            unless: asked once the alias's lock is held; true leaves the model loaded
+                (the keep-alive's "not idle after all").
+
+        Returns:
+            Whether the model was unloaded.
+        """
         self.require(alias, allow_failed=True)
         async with self.exclusive(alias):
             model = self.require(alias, allow_failed=True)  # another unload may have won
+            if unless is not None and unless():
+                return False
             with trio.CancelScope(shield=True):
                 del self.by_alias[alias]
                 model.unwatch()  # its exit below is no crash: nothing resumes elsewhere
@@ -263,6 +287,7 @@ class Models:
                                  error=repr(exc))
                 await self.stop(alias)
                 await self.close_standbys(alias)
+        return True
 
     async def stop(self, alias: str) -> None:
         """Stop the model's subtree if it runs."""

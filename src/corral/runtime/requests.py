@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import Any, final
 
+import msgspec
 import structlog
 import trio
 
 from corral.actors.ref import ActorRef
 from corral.actors.system import ActorSystem
 from corral.config import RuntimeConfig
-from corral.engine.grammar import check_grammar
 from corral.protocol.errors import (
     ActorExitedError,
     CircuitBreakerOpenError,
@@ -30,7 +30,7 @@ from corral.protocol.errors import (
     TimeoutError,
     model_unloaded,
 )
-from corral.protocol.messages import GenerateParams, ModelInfo, SamplingParams
+from corral.protocol.messages import ChatMessage, GenerateParams
 from corral.protocol.serving_messages import (
     Admit,
     ApplyChatTemplate,
@@ -48,16 +48,18 @@ from corral.resilience.retries import call as retry_call
 from corral.resilience.rolling import RollingErrorMetrics
 from corral.runtime.breaker_actor import Record, acquire_through
 from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
+from corral.runtime.guidance import guided_grammar
+from corral.runtime.keep_alive import KeepAlive
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models, held_open
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
 from corral.runtime.retry_actor import ActorBudget
 from corral.runtime.stream_buffers import StreamBuffer, StreamTable
 from corral.runtime.token_stream import TokenStream
-from corral.runtime.tools import ToolCallReader, constrained, template_turns, tools_for
+from corral.runtime.tools import ToolCallReader, template_turns, tools_for
 from corral.runtime.tree import REGISTRY
 
-__all__ = ["Requests", "TokenStream", "guided_sampling", "shutting_down_error"]
+__all__ = ["Requests", "TokenStream", "shutting_down_error"]
 
 _log = structlog.get_logger("corral.runtime")
 
@@ -71,12 +73,14 @@ class Requests:
         system: the actor system (refs to the registry and the models).
         models: the loaded models.
         table: the open streams, shared with the registry.
+        keep_alive: holds each request's model loaded, loading it on demand.
     """
 
     def __init__(self, config: RuntimeConfig, system: ActorSystem, models: Models,
-                 table: StreamTable) -> None:
+                 table: StreamTable, keep_alive: KeepAlive) -> None:
         self._config = config
         self._models = models
+        self._keep_alive = keep_alive
         self._table = table
         self._registry = system.ref(REGISTRY)
         self._policy = RetryPolicy.from_config(config.calls.retry)
@@ -92,10 +96,31 @@ class Requests:
         reply = await self.ask_model(entry.alias, Tokenize(text, add_special_tokens))
         return list(reply.ids)
 
+    async def tokenize_chat(self, model: str | None, messages: list[ChatMessage]) -> list[int]:
+        entry = self._models.require(model)
+        if not messages:
+            raise EngineClientError(Code.INVALID_PARAMS, "messages: expected at least one",
+                                    {"field": "messages"})
+        for index, message in enumerate(messages):
+            check_text(f"messages[{index}].content", message.content)
+        reply = await self.ask_model(entry.alias, ApplyChatTemplate(template_turns(messages)))
+        return list(reply.ids)
+
     async def detokenize(self, model: str | None, ids: list[int]) -> str:
         entry = self._models.require(model)
         reply = await self.ask_model(entry.alias, Detokenize(list(ids)))
         return str(reply.text)
+
+    async def prompt_tokens(self, request: GenerateParams) -> int:
+        """The length in tokens of `request`'s prompt, rendered as its generation would
+        render it (chat template and tools included); nothing is admitted or generated."""
+        entry = self._models.require(request.model)
+        check_prompt_shape(request)
+        tools = tools_for(request, entry.alias, entry.info)
+        timeout_s = (request.timeout_ms
+                     or self._config.stream_registry.default_timeout_ms) / 1000.0
+        return len(await self._prompt_ids(entry.alias, request, tools,
+                                          trio.current_time() + timeout_s))
 
     @asynccontextmanager
     async def open_stream(self, request: GenerateParams) -> AsyncIterator[TokenStream]:
@@ -110,8 +135,10 @@ class Requests:
             raise EngineClientError(Code.INVALID_PARAMS,
                                     "n: a TokenStream reads one choice; read n > 1 through "
                                     "Runtime.choices or generate_choices", {"field": "n"})
-        entry = self._models.require(request.model, allow_failed=True)
+        alias = request.model if request.model is not None else self._models.require(None).alias
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self._keep_alive.hold(alias, request.keep_alive))
+            entry = self._models.require(alias, allow_failed=True)
             try:
                 stream = await stack.enter_async_context(self._model_stream(request, entry))
             except Exception as exc:
@@ -163,15 +190,18 @@ class Requests:
             with _as_request_timeout(request, timeout_s, started):
                 prompt_ids = await self._prompt_ids(alias, request, tools, deadline)
             check_token_ids("generated", request.generated, serving.info)
-            max_tokens = max_tokens_for(self._config.generation, request.max_tokens,
-                                        len(prompt_ids), serving.info, len(request.generated))
-            sampling = await guided_sampling(request, max_tokens, alias, serving.info, tools)
+            max_tokens = len(request.generated) + max_tokens_for(
+                self._config.generation, request.max_tokens, len(prompt_ids), serving.info,
+                len(request.generated))
+            sampling = msgspec.structs.replace(request.sampling_params(),
+                                               max_tokens=max_tokens)
+            grammar = await guided_grammar(request, alias, serving.info, tools)
             try:
                 with _as_request_timeout(request, timeout_s, started):
                     await self._registry.ask(
                         Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
-                              prompt=prompt_ids, sampling=sampling,
-                              max_tokens=max_tokens, request_id=request.request_id,
+                              prompt=prompt_ids, sampling=sampling, grammar=grammar,
+                              request_id=request.request_id,
                               client=request.client, generated=list(request.generated)),
                         timeout=max(deadline - trio.current_time(), 0.0),
                         request_id=request.request_id)
@@ -357,37 +387,6 @@ def shutting_down_error(why: str) -> EngineClientError:
     """What a request gets while `corral serve` shuts down: retry elsewhere or later."""
     return EngineClientError(Code.SERVER_ERROR, f"the server is shutting down: {why}",
                              {"shutting_down": True}, retryable=True)
-
-
-async def guided_sampling(request: GenerateParams, max_tokens: int, alias: str,
-                          info: ModelInfo | None, tools: list[dict[str, Any]] | None
-                          ) -> SamplingParams:
-    """The request's sampling, with the grammar its `response_format` or `tool_choice`
-    asks for, written and compiled once (then cached) in a worker thread: a schema of a
-    megabyte takes a fraction of a second to write and up to a second to compile, which
-    on the event loop would stall every stream. A request with neither stays on the
-    loop. On cancellation the caller waits for the thread (a second at most).
-
-    Raises:
-        EngineClientError: GuidanceError when the model cannot follow a grammar or
-            llguidance cannot compile it; InvalidParams as `constrained` says.
-    """
-    if request.response_format is None and not tools:
-        return request.sampling(max_tokens)
-    return await trio.to_thread.run_sync(_guided, request, max_tokens, alias, info, tools)
-
-
-def _guided(request: GenerateParams, max_tokens: int, alias: str, info: ModelInfo | None,
-            tools: list[dict[str, Any]] | None) -> SamplingParams:
-    sampling, field = constrained(request.sampling(max_tokens), request, alias, info, tools)
-    if sampling.grammar is None:
-        return sampling
-    if info is not None and not info.structured_output:
-        raise EngineClientError(
-            Code.GUIDANCE_ERROR, f"model {alias}: its tokenizer cannot drive structured "
-            "output (llguidance needs a fast tokenizer)", {"model": alias})
-    check_grammar(sampling.grammar, field)
-    return sampling
 
 
 def _outcome(request: GenerateParams, error: BaseException | None,

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
+import msgspec
 import trio
 
 from corral.actors.actor import Actor
@@ -201,11 +202,11 @@ class StreamRegistry(Actor[RegistryMessage]):
         buffer = StreamBuffer(entry.stream_id, entry.model, request_id=entry.request_id,
                               timeout_s=entry.timeout_s, deadline=entry.deadline,
                               prompt_tokens=len(admit.prompt),
-                              logprobs=admit.sampling.logprobs,
+                              logprobs=admit.sampling.reports_logprobs,
                               alternatives=admit.sampling.top_logprobs > 0,
                               client=entry.client)
         buffer.sequence = EngineSequence(entry.stream_id, admit.prompt, admit.sampling,
-                                         admit.max_tokens, generated=list(admit.generated))
+                                         admit.grammar, list(admit.generated))
         self._table.add(buffer)
         entry.admit = None
         self._active[entry.stream_id] = entry
@@ -295,7 +296,7 @@ class StreamRegistry(Actor[RegistryMessage]):
 
         Resumed (the client sees one unbroken stream): sequences with deterministic
         sampling, and any sequence that had produced nothing yet. They are re-submitted
-        as prompt + tokens already delivered with max_tokens reduced; a submit to a
+        as prompt + tokens already delivered, which count toward max_tokens; a submit to a
         restarting model waits in its stash. Others end with a retryable
         GenerationError carrying `partial_text`. A stream whose engine `stalled` a third
         time since it started ends with a GenerationError that is not retryable: the
@@ -318,12 +319,10 @@ class StreamRegistry(Actor[RegistryMessage]):
         seq = buffer.sequence
         if (seq is not None and (not buffer.tokens or seq.sampling.deterministic)
                 and buffer.resumes < self._max_resumes):
-            remaining = seq.max_tokens - len(buffer.tokens)
-            if remaining <= 0:
+            resumed = msgspec.structs.replace(seq, generated=[*seq.generated, *buffer.tokens])
+            if resumed.remaining <= 0:
                 await self._close(entry.stream_id, "length", None, cancel_sequence=False)
                 return
-            resumed = EngineSequence(seq.seq_id, seq.prompt, seq.sampling, remaining,
-                                     generated=[*seq.generated, *buffer.tokens])
             try:
                 self._model_ref(entry.model).tell_nowait(Submit(resumed))
             except CorralError as exc:

@@ -24,16 +24,15 @@ from typing import Any, Final, final
 
 import msgspec
 
+from corral.engine.grammar import lark_grammar
 from corral.engine.mlx_import import import_mlx_lm
 from corral.protocol.errors import Code, EngineClientError
-from corral.protocol.grammar import lark_grammar
 from corral.protocol.messages import (
     ChatMessage,
     FunctionCall,
     GenerateParams,
     ModelInfo,
     NamedToolChoice,
-    SamplingParams,
     ToolCall,
     ToolCalling,
     ToolFunction,
@@ -45,10 +44,23 @@ from corral.protocol.schema_refs import (
     resolve_pointer,
 )
 
-__all__ = ["ToolCallReader", "constrained", "template_turns", "tool_choice_grammar",
-           "tools_for"]
+__all__ = ["ToolCallReader", "arguments_object", "constrained", "template_turns",
+           "tool_choice_grammar", "tools_for"]
 
 _NEWLINE: Final = "\n"
+
+
+def arguments_object(call: ToolCall) -> dict[str, Any]:
+    """A call's arguments as an object, for the APIs that send them as one (Anthropic's
+    `input`, Ollama's `arguments`): the parser makes JSON objects, and anything else (a
+    model's slip the parser let through) is kept whole, as `{"arguments": <text>}`."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        return {"arguments": call.function.arguments}
+    return arguments
 
 
 def template_turns(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -250,26 +262,27 @@ _CALLS: Final[dict[str, Callable[[list[ToolFunction], dict[str, Any]], str]]] = 
 `mlx_lm.tool_parsers` module that reads them."""
 
 
-def constrained(sampling: SamplingParams, request: GenerateParams, model: str,
+def constrained(grammar: str | None, request: GenerateParams, model: str,
                 info: ModelInfo | None, tools: list[dict[str, Any]] | None,
-                ) -> tuple[SamplingParams, str]:
-    """`sampling` with the grammar of a required or named tool call when the request
-    asks for one, and the request field its grammar comes from (for errors).
+                ) -> tuple[str | None, str]:
+    """The grammar of a required or named tool call when the request asks for one,
+    else `grammar` (its `response_format`'s), and the request field the grammar comes
+    from (for errors).
 
     Raises:
         EngineClientError: InvalidParams for a required call with a response_format;
             GuidanceError as `tool_choice_grammar` says.
     """
     if not tools or info is None or info.tool_calling is None:
-        return sampling, "response_format"
+        return grammar, "response_format"
     calls = tool_choice_grammar(request, model, info.tool_calling)
     if calls is None:
-        return sampling, "response_format"
-    if sampling.grammar is not None:
+        return grammar, "response_format"
+    if grammar is not None:
         raise EngineClientError(Code.INVALID_PARAMS, "tool_choice: a required or named tool "
                                 "call cannot be combined with a response_format",
                                 {"field": "tool_choice"})
-    return msgspec.structs.replace(sampling, grammar=calls), "tool_choice"
+    return calls, "tool_choice"
 
 
 @final

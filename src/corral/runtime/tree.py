@@ -5,7 +5,8 @@
     ├── generation (dynamic)
     │   └── model:<alias> (rest_for_one): breaker, retry, model     temporary
     ├── transport (one_for_one)         filled by `corral serve`
-    └── reloader                        permanent: reloads the models that failed for good
+    ├── reloader                        permanent: reloads the models that failed for good
+    └── keep_alive                      permanent: unloads the models idle past their keep-alive
 
 This module only builds specs and finds children by path; it holds no state and never
 sends an actor work.
@@ -50,7 +51,7 @@ def backoff_of(min_ms: float, max_ms: float, random_factor: float, reset_ms: flo
 def build_root(config: RuntimeConfig, table: StreamTable,
                model_ref: Callable[[str], ActorRef],
                generation: Callable[[], list[ChildSpec]], transports: list[ChildSpec],
-               reloader: Callable[[], Any]) -> Supervisor:
+               reloader: Callable[[], Any], idle_unloader: Callable[[], Any]) -> Supervisor:
     """The root supervisor. `generation()` gives the model subtrees to start (called
     again at each restart of the domain); `transports` is read at each restart too."""
     sup = config.supervision
@@ -69,6 +70,8 @@ def build_root(config: RuntimeConfig, table: StreamTable,
         # Last, so stopped first: a reload it cuts short stops the model it started
         # through the generation domain, which must still be running then.
         ChildSpec(name="reloader", factory=reloader, shutdown="brutal"),
+        # After the generation domain too: an unload it cuts short stops the model there.
+        ChildSpec(name="keep_alive", factory=idle_unloader, shutdown="brutal"),
     ], strategy=Strategy.ONE_FOR_ONE, intensity=intensity, backoff=backoff)
 
 

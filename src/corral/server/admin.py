@@ -1,11 +1,11 @@
 """Models over HTTP: POST /v1/models/load and /v1/models/unload, behind an API key.
 
 Off unless `server.admin_api_key` is set: then a request must carry
-`Authorization: Bearer <key>`. A missing or wrong key is a 401 (InvalidRequest, with
-`details.unauthorized`) and changes nothing; with no key configured the routes answer
-404 saying how to turn them on. A refused request's body is read and dropped before
-the refusal (within the bounds of any body), so the client always gets the refusal
-and keeps its connection. The bodies are
+`Authorization: Bearer <key>` (or `x-api-key: <key>`). A missing or wrong key is a 401
+(InvalidRequest, with `details.unauthorized`) and changes nothing; with no key
+configured the routes answer 404 saying how to turn them on. A refused request's body
+is read and dropped before the refusal (within the bounds of any body), so the client
+always gets the refusal and keeps its connection. The bodies are
 JSON-RPC's `load_model` / `unload_model` params, decoded by the same Structs, so both
 transports take the same fields and refuse the same values.
 
@@ -16,12 +16,10 @@ Cancelled (the server stopping), the half-loaded model is stopped and forgotten,
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import time
-from typing import Final, NoReturn, final
+from typing import NoReturn, final
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from corral.protocol.codec import convert_params
@@ -29,17 +27,11 @@ from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.jsonrpc import LoadModelParams, UnloadModelParams
 from corral.protocol.openai import ModelDeleted
 from corral.runtime import Runtime
-from corral.server.routes import (
-    error_response,
-    json_response,
-    model_card,
-    read_body,
-    read_json,
-)
+from corral.server.auth import drain_body, key_matches, presented_key
+from corral.server.bodies import error_response, json_response, read_json
+from corral.server.routes import model_card
 
 __all__ = ["AdminRoutes"]
-
-_BEARER: Final = "bearer "
 
 
 @final
@@ -95,9 +87,7 @@ class AdminRoutes:
             await self._refuse(request, EngineClientError(
                 Code.METHOD_NOT_FOUND,
                 f"{request.url.path}: the admin API is off; set server.admin_api_key"))
-        header = request.headers.get("authorization", "")
-        given = header[len(_BEARER):] if header.lower().startswith(_BEARER) else ""
-        if not hmac.compare_digest(given.encode(), self._api_key.encode()):
+        if not key_matches(presented_key(request.headers), [self._api_key]):
             await self._refuse(request, EngineClientError(
                 Code.INVALID_REQUEST, "a valid admin API key is required: "
                 "send 'Authorization: Bearer <server.admin_api_key>'", {"unauthorized": True}))
@@ -105,6 +95,5 @@ class AdminRoutes:
 
     async def _refuse(self, request: Request, error: EngineClientError) -> NoReturn:
         """Raise `error` once the body is read and dropped (see `_authorized_body`)."""
-        with contextlib.suppress(ClientDisconnect):  # nobody is left to answer
-            await read_body(request, self._max_body, self._body_timeout_ms)
+        await drain_body(request, self._max_body, self._body_timeout_ms)
         raise error

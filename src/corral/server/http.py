@@ -1,12 +1,19 @@
 """The HTTP transport: ASGI plumbing (the app, its middleware and Starlette's own
 errors) and the supervised listener, served by Hypercorn's trio worker and Starlette.
 
-Routes (`routes.py`): POST /v1/completions and /v1/chat/completions (JSON, or SSE with
-`stream`), GET /v1/models[/{id}], GET /health, GET /metrics; with an admin API key
-(`admin.py`), POST /v1/models/load and /v1/models/unload. Every error leaves as
-OpenAI's error body with corral's code name and the request id, its status from the
-error table (`openai.py`). This module never shapes a body or calls the runtime's
-request methods itself, and holds no state a restart of the HTTP server would lose.
+The APIs it serves (the README lists them): OpenAI's POST /v1/completions and
+/v1/chat/completions (`openai_routes.py`) and its Responses API, POST /v1/responses and
+GET/DELETE /v1/responses/{id} (`responses.py`); vLLM's POST /tokenize and /detokenize
+(`tokenize.py`); Anthropic's POST /v1/messages and
+/v1/messages/count_tokens (`anthropic_routes.py`); Ollama's under /api
+(`ollama_routes.py`); GET /v1/models[/{id}], /health and /metrics (`routes.py`); with
+an admin API key (`admin.py`), POST /v1/models/load and /v1/models/unload. Every error
+leaves in its API's error shape with corral's code name and the request id, its
+status from the error table (`errors.py`). With `server.api_keys`, every route but the
+probes and the admin routes needs a key (`auth.py`); with `server.cors_origins`,
+browsers of those origins may call the API. This module never shapes a body or calls
+the runtime's request methods itself, and holds no state a restart of the HTTP server
+would lose.
 
 What one client can hold is bounded (`HttpLimits`): a request body has a deadline, a
 connection with no request in progress closes after the keep-alive timeout, open
@@ -26,7 +33,7 @@ import resource
 import socket
 import time
 import uuid
-from typing import Any, Final, Literal, final
+from typing import Any, Final, final
 
 import msgspec
 import structlog
@@ -39,6 +46,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -51,15 +59,20 @@ from corral.metrics import Metrics
 from corral.protocol.errors import Code, EngineClientError, OverloadedError
 from corral.runtime import Runtime
 from corral.server.admin import AdminRoutes
+from corral.server.anthropic import ANTHROPIC_ERRORS
+from corral.server.anthropic_routes import anthropic_routes
+from corral.server.auth import ApiKeys
+from corral.server.bodies import error_response
+from corral.server.errors import ErrorShape, error_headers, internal_error
+from corral.server.exchange import LAST_WORDS_S, ClientStreams
 from corral.server.lingering import LingeringStream
-from corral.server.openai import error_body, error_headers, internal_error
-from corral.server.routes import (
-    LAST_WORDS_S,
-    ClientStreams,
-    GenerateEndpoint,
-    Routes,
-    error_response,
-)
+from corral.server.ollama import OLLAMA_ERRORS
+from corral.server.ollama_routes import ollama_routes
+from corral.server.openai import OPENAI_ERRORS, error_body
+from corral.server.openai_routes import openai_routes
+from corral.server.responses import responses_routes
+from corral.server.routes import Routes
+from corral.server.tokenize import tokenize_routes
 
 __all__ = ["HttpLimits", "HttpServer", "build_app", "default_max_connections"]
 
@@ -113,12 +126,23 @@ class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
                    max_streams_per_client=server.max_streams_per_client)
 
 
+def _errors_for(path: str) -> ErrorShape:
+    """The error shape of the API `path` belongs to: Anthropic's under /v1/messages,
+    Ollama's under /api (and its probe, /), else OpenAI's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return ANTHROPIC_ERRORS
+    if path == "/" or path.startswith("/api/"):
+        return OLLAMA_ERRORS
+    return OPENAI_ERRORS
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's own errors (no route, wrong method) in OpenAI's error shape."""
+    """Starlette's own errors (no route, wrong method) in the path's API's error shape."""
     assert isinstance(exc, HTTPException)
     code = Code.METHOD_NOT_FOUND if exc.status_code == 404 else Code.INVALID_REQUEST
     error = EngineClientError(code, f"{request.method} {request.url.path}: {exc.detail}")
-    response = Response(_encode(error_body(error, request.state.request_id)),
+    errors = _errors_for(request.url.path)
+    response = Response(_encode(errors.body(error, request.state.request_id)),
                         exc.status_code, media_type="application/json")
     response.headers.update(exc.headers or {})
     return response
@@ -197,22 +221,32 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
     clients = ClientStreams(limits.max_streams_per_client,
                             runtime.config.stream_registry.overloaded_retry_after_ms)
 
-    def generate(kind: Literal["chat", "text"]) -> GenerateEndpoint:
-        return GenerateEndpoint(runtime, metrics, kind, body_timeout_ms=limits.body_timeout_ms,
-                                clients=clients)
-
+    server = runtime.config.server
+    middleware = [Middleware(_RequestContext)]
+    if server.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(server.cors_origins),
+                                     allow_methods=["*"], allow_headers=["*"],
+                                     expose_headers=["x-request-id", "retry-after"]))
+    if server.api_keys:
+        middleware.append(Middleware(ApiKeys, keys=server.api_keys, errors_for=_errors_for,
+                                     max_body=server.max_body_bytes,
+                                     body_timeout_ms=limits.body_timeout_ms))
+    apis = [route for api_routes in (openai_routes, responses_routes, anthropic_routes,
+                                     ollama_routes)
+            for route in api_routes(runtime, metrics, body_timeout_ms=limits.body_timeout_ms,
+                                    clients=clients)]
     return Starlette(
         routes=[
-            Route("/v1/completions", generate("text"), methods=["POST"]),
-            Route("/v1/chat/completions", generate("chat"), methods=["POST"]),
+            *apis,
             Route("/v1/models/load", admin.load, methods=["POST"]),
             Route("/v1/models/unload", admin.unload, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/v1/models/{model:path}", routes.model, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
+            *tokenize_routes(runtime, body_timeout_ms=limits.body_timeout_ms),
         ],
-        middleware=[Middleware(_RequestContext)],
+        middleware=middleware,
         exception_handlers={HTTPException: _http_exception})
 
 

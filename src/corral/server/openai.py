@@ -1,6 +1,7 @@
 """The OpenAI API's side of the HTTP transport: jobs (a request body as one typed
-`GenerateParams`), response shapes (bodies and SSE chunks), and the mapping from
-corral's errors to HTTP statuses, error bodies and headers.
+`GenerateParams`, which the request Struct converts itself to), response shapes
+(bodies and SSE chunks), and OpenAI's error body (statuses and headers are every
+API's, `errors.py`).
 
 Pure functions and small objects over `protocol/openai.py`'s Structs: this module never
 does I/O, never knows of ASGI or Starlette, and never calls the runtime (a shape only
@@ -21,7 +22,6 @@ import msgspec
 from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
 from corral.protocol.messages import (
-    ChatMessage,
     Completion,
     FinishReason,
     GenerateParams,
@@ -46,15 +46,15 @@ from corral.protocol.openai import (
     CompletionResponse,
     ErrorBody,
     ErrorDetail,
-    TextPart,
     ToolCallDelta,
     UsageInfo,
+    without_nulls,
 )
 from corral.runtime.stream_buffers import StreamChunk
+from corral.server.errors import ErrorShape, status_of
 
-__all__ = ["ChatShape", "CompletionShape", "Job", "Shape", "chat_job", "completion_job",
-           "drain_wait_ms", "error_body", "error_headers", "explained", "finish_reason",
-           "internal_error", "retry_after", "status_of", "with_drain_wait"]
+__all__ = ["OPENAI_ERRORS", "ChatShape", "CompletionShape", "Job", "Shape", "chat_job",
+           "completion_job", "error_body", "explained", "finish_reason"]
 
 _ERROR_TYPES: Final[dict[int, str]] = {
     400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -64,27 +64,6 @@ _ERROR_TYPES: Final[dict[int, str]] = {
 
 
 # -- errors ---------------------------------------------------------------------------
-
-
-def status_of(error: CorralError) -> int:
-    """The HTTP status of an error: the table's, except 503 while the server shuts down
-    (the table has no code of its own for that; the error is a retryable ServerError),
-    408 for a request body that did not arrive in time (the client's Timeout), 413 for
-    one over `server.max_body_bytes` (InvalidRequest), 401 for an admin request without
-    the right key (InvalidRequest, `details.unauthorized`), and 400 for a model load
-    that retrying cannot fix (a path that leads to no model, or a model the engine
-    cannot load): the caller's choice of model, not a server fault."""
-    if error.details.get("shutting_down"):
-        return 503
-    if "body_timeout_ms" in error.details:
-        return 408
-    if "max_body_bytes" in error.details:
-        return 413
-    if error.details.get("unauthorized"):
-        return 401
-    if error.code is Code.MODEL_LOAD_ERROR and error.retryable is False:
-        return 400
-    return error.spec.http
 
 
 def error_body(error: CorralError, request_id: str) -> ErrorBody:
@@ -98,45 +77,8 @@ def error_body(error: CorralError, request_id: str) -> ErrorBody:
         request_id=request_id, retryable=error.retryable))
 
 
-def error_headers(error: CorralError) -> list[tuple[bytes, bytes]]:
-    """Retry-After (whole seconds, rounded up) for the errors that carry a wait;
-    Connection: close after a body that did not arrive in time or was too large (its
-    rest may follow, unread)."""
-    headers = []
-    retry_after_ms = error.details.get("retry_after_ms")
-    if (error.code in (Code.OVERLOADED, Code.CIRCUIT_OPEN) or error.details.get(
-            "shutting_down")) and isinstance(retry_after_ms, int | float):
-        headers.append(retry_after(retry_after_ms))
-    if "body_timeout_ms" in error.details or "max_body_bytes" in error.details:
-        headers.append((b"connection", b"close"))
-    return headers
-
-
-def retry_after(ms: float) -> tuple[bytes, bytes]:
-    """The Retry-After header for a wait of `ms`: whole seconds, rounded up."""
-    return (b"retry-after", str(max(0, math.ceil(ms / 1000.0))).encode())
-
-
-def drain_wait_ms(drain_ms: int) -> int:
-    """The wait a draining server's 503 tells: the drain's length (at least a second),
-    the earliest a restarted server could answer at this address."""
-    return max(drain_ms, 1000)
-
-
-def with_drain_wait(error: CorralError, drain_ms: int) -> CorralError:
-    """A shutting-down error with the wait its 503 tells the client; any other error
-    as it is."""
-    if not error.details.get("shutting_down") or "retry_after_ms" in error.details:
-        return error
-    return EngineClientError(error.code, error.message,
-                             {**error.details, "retry_after_ms": drain_wait_ms(drain_ms)},
-                             retryable=error.retryable)
-
-
-def internal_error(exc: BaseException) -> CorralError:
-    """What a client is told of a bug in the HTTP server: its type only."""
-    return EngineClientError(Code.INTERNAL_ERROR,
-                             f"internal error in the HTTP server: {type(exc).__name__}")
+OPENAI_ERRORS: Final = ErrorShape(error_body)
+"""corral's errors as the OpenAI API tells them; mid-stream, as a bare `data:` event."""
 
 
 def explained(error: CorralError) -> CorralError:
@@ -150,58 +92,6 @@ def explained(error: CorralError) -> CorralError:
 
 
 # -- jobs -----------------------------------------------------------------------------
-
-
-def _sampling(request: ChatCompletionRequest | CompletionRequest,
-              max_tokens: int | None) -> dict[str, Any]:
-    """The `GenerateParams` fields that both APIs share, as the client sent them;
-    `GenerateParams` checks their ranges and names the field."""
-    params = {"model": request.model, "max_tokens": max_tokens,
-              "temperature": request.temperature, "top_p": request.top_p,
-              "top_k": request.top_k, "min_p": request.min_p,
-              "repetition_penalty": request.repetition_penalty,
-              "presence_penalty": request.presence_penalty,
-              "frequency_penalty": request.frequency_penalty,
-              "logit_bias": _logit_bias(request.logit_bias), "seed": request.seed,
-              "n": request.n,
-              "stop": request.stop, "stop_token_ids": request.stop_token_ids,
-              "response_format": request.response_format, "timeout_ms": request.timeout_ms}
-    return {key: value for key, value in params.items() if value is not None}
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """OpenAI's `logit_bias` (token ids as JSON object keys) keyed by token id.
-
-    Raises:
-        EngineClientError: InvalidParams when a key is not a token id.
-    """
-    if bias is None:
-        return None
-    try:
-        return {int(token): value for token, value in bias.items()}
-    except ValueError:
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "logit_bias: keys must be token ids, as decimal strings",
-                                {"field": "logit_bias"}) from None
-
-
-def _text(content: str | list[TextPart] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "".join(part.text for part in content)
-
-
-def _prompt(prompt: str | list[str | int]) -> str | list[int]:
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    ids = [item for item in prompt if isinstance(item, int)]
-    if len(ids) != len(prompt):
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "prompt: batched prompts are not supported; send one string "
-                                "or one list of token ids per request", {"field": "prompt"})
-    return ids
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -227,23 +117,9 @@ def chat_job(body: Any, request_id: str, client: str) -> Job:
         EngineClientError: InvalidParams naming the field (`top_logprobs` without
             `logprobs` included, as OpenAI refuses it).
     """
-    request = convert_params(body, ChatCompletionRequest)
-    if request.top_logprobs and not request.logprobs:
-        raise EngineClientError(Code.INVALID_PARAMS,
-                                "top_logprobs: needs logprobs to be true",
-                                {"field": "top_logprobs"})
-    messages = [ChatMessage(role="system" if m.role == "developer" else m.role,
-                            content=_text(m.content), tool_calls=m.tool_calls or [],
-                            tool_call_id=m.tool_call_id, name=m.name)
-                for m in request.messages]
-    params = _sampling(request, request.max_completion_tokens or request.max_tokens)
-    tools = {"tools": request.tools, "tool_choice": request.tool_choice,
-             "parallel_tool_calls": request.parallel_tool_calls}
-    params.update({key: value for key, value in tools.items() if value is not None})
+    request = convert_params(without_nulls(body), ChatCompletionRequest)
     options = request.stream_options
-    return Job(convert_params({**params, "messages": messages, "logprobs": request.logprobs,
-                               "top_logprobs": request.top_logprobs or 0,
-                               "request_id": request_id, "client": client}, GenerateParams),
+    return Job(request.to_generate_params(request_id=request_id, client=client),
                ChatShape(f"chatcmpl-{request_id}", int(time.time())), request.stream,
                bool(options and options.include_usage))
 
@@ -254,13 +130,9 @@ def completion_job(body: Any, request_id: str, client: str) -> Job:
     Raises:
         EngineClientError: InvalidParams naming the field (batched prompts included).
     """
-    request = convert_params(body, CompletionRequest)
-    params = _sampling(request, request.max_tokens)
+    request = convert_params(without_nulls(body), CompletionRequest)
     options = request.stream_options
-    return Job(convert_params({**params, "prompt": _prompt(request.prompt),
-                               "logprobs": request.logprobs is not None,
-                               "top_logprobs": request.logprobs or 0,
-                               "request_id": request_id, "client": client}, GenerateParams),
+    return Job(request.to_generate_params(request_id=request_id, client=client),
                CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
                bool(options and options.include_usage))
 
