@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import msgspec
 import pytest
+import yaml
 
 from corral.config import (
     ALIASES,
@@ -21,6 +21,7 @@ from corral.config import (
     load_config,
     render_config,
 )
+from corral.config.environment import BUILTIN_ENVIRONMENTS
 from corral.protocol.errors import Code, resolve_error_name
 
 RUNTIME_YAML = Path(__file__).resolve().parent.parent / "config" / "runtime.yaml"
@@ -45,8 +46,11 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_runtime_yaml_matches_struct_defaults() -> None:
     cfg = load_config(RUNTIME_YAML)
-    assert msgspec.structs.replace(cfg, environments={}) == RuntimeConfig()
+    assert cfg == RuntimeConfig()
     assert set(cfg.environments) == {"development", "production", "test"}
+    # The file's overlays are the built-in ones, which CORRAL_ENV finds without a file.
+    written = yaml.safe_load(RUNTIME_YAML.read_text(encoding="utf-8"))["environments"]
+    assert written == BUILTIN_ENVIRONMENTS
 
 
 def test_every_overlay_in_runtime_yaml_loads() -> None:

@@ -6,6 +6,7 @@ of its own. A bad configuration exits non-zero with the errors, one per line.
 
 from __future__ import annotations
 
+import enum
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +19,13 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, measured side by
 app.add_typer(bench_app, name="bench")
 docs_app = typer.Typer(no_args_is_help=True, help="The generated parts of the docs.")
 app.add_typer(docs_app, name="docs")
+
+class Isolation(enum.StrEnum):
+    """`generation.isolation`, as `corral serve --isolation` takes it."""
+
+    THREAD = "thread"
+    PROCESS = "process"
+
 
 SmokeOption = Annotated[bool, typer.Option("--smoke", help="A handful of iterations.")]
 ModelOption = Annotated[str | None, typer.Option(
@@ -55,21 +63,44 @@ def serve(
     ray: Annotated[bool, typer.Option(
         "--ray", help="Serve replicas on Ray Serve (corral[ray]): on the cluster at "
                       "$RAY_ADDRESS, else on a local Ray.")] = False,
-    replicas: Annotated[int, typer.Option(help="With --ray: how many replicas.", min=1)] = 1,
+    replicas: Annotated[int | None, typer.Option(
+        help="With --ray: how many replicas (default 1).", min=1)] = None,
     autoscale: Annotated[str | None, typer.Option(
         help="With --ray: MIN:MAX replicas, scaled on running plus waiting streams.")
     ] = None,
+    admin_key: Annotated[str | None, typer.Option(
+        envvar="CORRAL_ADMIN_KEY", show_envvar=True,
+        help="Turns on POST /v1/models/load|unload for this bearer key (16+ visible "
+             "ASCII characters; default: server.admin_api_key).")] = None,
+    isolation: Annotated[Isolation | None, typer.Option(
+        help="Engine in a thread or a worker process per model (default: "
+             "generation.isolation, thread).")] = None,
+    prefix_cache_dir: Annotated[Path | None, typer.Option(
+        help="The prefix cache's disk tier (default: generation.prefix_cache.disk_dir, "
+             "none).")] = None,
+    max_active_streams: Annotated[int | None, typer.Option(
+        help="Streams generating at once (default: stream_registry.max_active_streams, "
+             "32).", min=1)] = None,
+    max_queued: Annotated[int | None, typer.Option(
+        help="Admitted streams waiting to start; beyond, Overloaded (default: "
+             "stream_registry.max_queued, 64).", min=0)] = None,
 ) -> None:
-    """Run corral as a standalone supervisor process until SIGTERM or SIGINT."""
+    """Run corral as a standalone supervisor process until SIGTERM or SIGINT.
+
+    Settings come from the built-in defaults, then --config, then the $CORRAL_ENV
+    overlay, then CORRAL_<SECTION>__<KEY> variables, then these options."""
     from corral.config import ConfigError, load_config
     from corral.engine.blas import load_in_process
     from corral.logging import configure_logging
 
-    overrides: dict[str, Any] = {}
-    if log_level is not None:
-        overrides["logging"] = {"level": log_level}
-    if api_key:
-        overrides["server"] = {"api_keys": list(api_key)}
+    if not ray and (replicas is not None or autoscale is not None):
+        typer.echo(f"corral: {'--replicas' if replicas is not None else '--autoscale'} "
+                   f"needs --ray: without it corral serves one process", err=True)
+        raise typer.Exit(2)
+    overrides = _serve_overrides(log_level=log_level, api_keys=api_key, admin_key=admin_key,
+                                 isolation=isolation, prefix_cache_dir=prefix_cache_dir,
+                                 max_active_streams=max_active_streams,
+                                 max_queued=max_queued)
     try:
         runtime_config = load_config(config, env=env, overrides=overrides)
     except ConfigError as exc:
@@ -95,10 +126,35 @@ def serve(
     if ray:
         from corral.ray.deploy import main as serve_on_ray
 
-        raise typer.Exit(serve_on_ray(runtime_config, tuple(model or ()), http, replicas,
-                                      autoscale))
+        raise typer.Exit(serve_on_ray(runtime_config, tuple(model or ()), http,
+                                      replicas or 1, autoscale))
     options = ServeOptions(models=tuple(model or ()), http=http, jsonrpc=tuple(jsonrpc or ()))
     main(runtime_config, options)
+
+
+def _serve_overrides(*, log_level: str | None, api_keys: list[str] | None,
+                     admin_key: str | None,
+                     isolation: Isolation | None, prefix_cache_dir: Path | None,
+                     max_active_streams: int | None, max_queued: int | None) -> dict[str, Any]:
+    """The config keys `corral serve`'s options set, shaped like a file; None: not given."""
+    keys: dict[tuple[str, ...], Any] = {
+        ("logging", "level"): log_level,
+        ("server", "api_keys"): list(api_keys) if api_keys else None,
+        ("server", "admin_api_key"): admin_key,
+        ("generation", "isolation"): None if isolation is None else isolation.value,
+        ("generation", "prefix_cache", "disk_dir"):
+            None if prefix_cache_dir is None else str(prefix_cache_dir),
+        ("stream_registry", "max_active_streams"): max_active_streams,
+        ("stream_registry", "max_queued"): max_queued,
+    }
+    overrides: dict[str, Any] = {}
+    for path, value in keys.items():
+        if value is not None:
+            node = overrides
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+    return overrides
 
 
 def _version(value: bool) -> None:
@@ -232,7 +288,41 @@ def _bench_command(name: str, summary: str) -> None:
 
 
 for _name, _summary in BENCHES.items():
-    _bench_command(_name, _summary)
+    if _name != "serve":  # its own command below: it takes the load too
+        _bench_command(_name, _summary)
+
+
+def _concurrency_list(value: str | None) -> list[int]:
+    if value is None:
+        return []
+    try:
+        levels = [int(part) for part in value.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise typer.BadParameter(f"expected positive integers separated by commas, such as "
+                                 f"1,4,16; got {value!r}")
+    return levels
+
+
+@bench_app.command("serve", help=BENCHES["serve"])
+def bench_serve(
+    smoke: SmokeOption = False, output_dir: OutputOption = None, model: ModelOption = None,
+    concurrency: Annotated[str | None, typer.Option(
+        help="Fixed-concurrency loads instead of the default ones, such as 1,4,16.")]
+    = None,
+    duration: Annotated[float | None, typer.Option(
+        help="Seconds each target runs each fixed-concurrency load (split over the "
+             "rounds), instead of a number of requests.", min=0.1)] = None,
+) -> None:
+    from corral.bench import serve as bench
+    from corral.config import LoggingConfig
+    from corral.logging import configure_logging
+
+    levels = _concurrency_list(concurrency)
+    configure_logging(LoggingConfig(level="error"))
+    bench.main(smoke=smoke, output_dir=output_dir, model=model, concurrency=levels,
+               duration_s=duration)
 
 
 @bench_app.command("blas")

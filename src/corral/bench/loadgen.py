@@ -61,12 +61,22 @@ class Target(msgspec.Struct, frozen=True):
 class Load(msgspec.Struct, frozen=True):
     """Fixed concurrency (`concurrency` requests in flight, a new one as one ends) or
     Poisson arrivals at `rate` requests/s with no cap on concurrency, as vLLM's
-    `--max-concurrency` and `--request-rate`."""
+    `--max-concurrency` and `--request-rate`. A fixed-concurrency load with a
+    `duration_s` starts requests until that many seconds have passed, however many
+    (`requests` is then only the number of distinct prompts)."""
 
     kind: Literal["concurrency", "poisson"]
     requests: int
     concurrency: int = 0
     rate: float = 0.0
+    duration_s: float | None = None
+
+    def sends_more(self, started: float, now: float, sent: int) -> bool:
+        """Whether a load that started at `started` and has `sent` requests sends
+        another at `now`."""
+        if self.duration_s is not None and self.kind == "concurrency":
+            return now < started + self.duration_s
+        return sent < self.requests
 
     @property
     def label(self) -> str:
@@ -242,14 +252,16 @@ def _ended(record: Record) -> None:
 async def run_load(target: Target, prompts: Sequence[str], load: Load, *, max_tokens: int,
                    timeout_s: float, seed: int = 0,
                    on_done: Callable[[Record], None] = lambda record: None) -> LoadRun:
-    """Run `load` against `target` with `prompts[i]` as request i; return the records.
+    """Run `load` against `target` with `prompts[i % len(prompts)]` as request i; return
+    the records. A load with a `duration_s` sends requests until its time is up.
 
     A request not ended `timeout_s` after it was sent is cancelled and counted as hung;
     its connection is closed. Every request gets a record, so none goes uncounted.
     `on_done` is called as each request ends (for a progress bar).
     """
     offsets = arrival_offsets(load, seed=seed)
-    records = [Record(i) for i in range(load.requests)]
+    timed = load.duration_s is not None and load.kind == "concurrency"
+    records = [] if timed else [Record(i) for i in range(load.requests)]
     connections = load.concurrency if load.kind == "concurrency" else load.requests
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     # No read timeout of httpx's own: the request's deadline alone decides a hang.
@@ -270,13 +282,18 @@ async def run_load(target: Target, prompts: Sequence[str], load: Load, *, max_to
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client, \
             trio.open_nursery() as nursery:
         if load.kind == "concurrency":
-            queue = iter(range(load.requests))
+            sent = 0
 
             async def worker() -> None:
-                for i in queue:
+                nonlocal sent
+                while load.sends_more(started, time.perf_counter(), sent):
+                    i, sent = sent, sent + 1
+                    if timed:
+                        records.append(Record(i))
                     await one(client, i)
 
-            for _ in range(min(load.concurrency, load.requests)):
+            for _ in range(load.concurrency if timed
+                           else min(load.concurrency, load.requests)):
                 nursery.start_soon(worker)
         else:
             for i, offset in enumerate(offsets):

@@ -33,6 +33,9 @@ PROMPTS = (
 """Sixteen distinct prompts (the tiny model's corpus's first words), shared by the
 benches so that no two concurrent streams are alike."""
 
+_UNBOUNDED = 10_000
+"""Columns of a console writing to a file or a pipe: wider than any table."""
+
 _PACKAGES = ("corral", "trio", "msgspec", "mlx", "mlx-lm", "numpy")
 
 
@@ -110,7 +113,10 @@ def write_result(name: str, parameters: Mapping[str, Any], results: Mapping[str,
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
                 goals: Iterable[Goal] = (), console: Console | None = None) -> None:
-    console = console or Console()
+    """Print a table, then each goal, met or not. On a terminal the table fits its
+    width; piped or redirected (and `COLUMNS` unset), it is as wide as its cells, so no
+    cell is cut or wrapped."""
+    console = console or report_console()
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
@@ -120,6 +126,14 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]
     for g in goals:
         mark = "[green]met[/]" if g.met else "[red]not met[/]"
         console.print(f"goal {g.name}: {g.value:.3g} {g.op} {g.target:g}: {mark}")
+
+
+def report_console() -> Console:
+    """A console for stdout that never cuts a table when stdout is not a terminal."""
+    console = Console()
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(width=_UNBOUNDED)
 
 
 def _cell(value: Any) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 from rich.progress import Progress, TaskID
 
@@ -54,7 +55,7 @@ from corral.bench.servers import (
     mlx_lm_server,
 )
 
-__all__ = ["main"]
+__all__ = ["main", "serve_loads"]
 
 RAW = "raw mlx_lm"
 DEFAULTS = "corral (defaults)"
@@ -100,28 +101,31 @@ def _raw_load(prompts: Sequence[str], load: Load, offsets: Sequence[float],
             model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
             completion_batch_size=COMPLETION_BATCH, prefill_batch_size=PREFILL_BATCH,
             prefill_step_size=PREFILL_STEP, stream=stream)
-        records = [Record(i) for i in range(load.requests)]
+        records: list[Record] = []
         live: dict[int, Record] = {}
-        pending = 0
         cpu = time.process_time()
         started = time.perf_counter()
         try:
-            while pending < len(records) or live:
+            while load.sends_more(started, time.perf_counter(), len(records)) or live:
                 now = time.perf_counter()
                 batch: list[tuple[Record, list[int]]] = []
-                while pending < len(records) and (
-                        started + offsets[pending] <= now if load.kind == "poisson"
+                while load.sends_more(started, now, len(records)) and (
+                        started + offsets[len(records)] <= now if load.kind == "poisson"
                         else len(live) + len(batch) < load.concurrency):
-                    record = records[pending]
-                    record.sent = started + offsets[pending] if load.kind == "poisson" else now
-                    batch.append((record, tokenizer.encode(prompts[pending])))
-                    pending += 1
+                    record = Record(len(records))
+                    records.append(record)
+                    record.sent = started + offsets[record.index] if load.kind == "poisson" \
+                        else now
+                    batch.append((record, tokenizer.encode(prompts[record.index
+                                                                   % len(prompts)])))
                 if batch:
                     uids = generator.insert([ids for _, ids in batch],
                                             max_tokens=[max_tokens] * len(batch))
                     live.update(zip(uids, (record for record, _ in batch), strict=True))
                 if not live:
-                    time.sleep(max(0.0, started + offsets[pending] - time.perf_counter()))
+                    if load.kind == "poisson":
+                        time.sleep(max(0.0, started + offsets[len(records)]
+                                       - time.perf_counter()))
                     continue
                 _, responses = generator.next()
                 now = time.perf_counter()
@@ -193,12 +197,15 @@ class _Runner:
         rounds = self.p["rounds"]
         size = load.requests // rounds
         runs: dict[str, list[LoadRun]] = {name: [] for name in self.names}
-        task = self.progress.add_task(f"{load.label}", total=size * rounds * len(self.names))
+        timed = load.duration_s is not None
+        task = self.progress.add_task(
+            f"{load.label}", total=None if timed else size * rounds * len(self.names))
         for r in range(rounds):
             seed = 1000 * (index + 1) + r
             prompts = random_prompts(size, seed=seed, min_words=self.p["min_words"],
                                      max_words=self.p["max_words"])
-            part = Load(load.kind, size, load.concurrency, load.rate)
+            part = Load(load.kind, size, load.concurrency, load.rate,
+                        None if load.duration_s is None else load.duration_s / rounds)
             order = self.names[r % len(self.names):] + self.names[:r % len(self.names)]
             for name in order if r % 2 == 0 else order[::-1]:
                 runs[name].append(await self.one(name, prompts, part, seed, task))
@@ -325,13 +332,31 @@ def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, 
         return trio.run(_run, servers, runner, parameters, baseline)
 
 
+def serve_loads(preset: Sequence[Load], concurrency: Sequence[int] = (),
+                duration_s: float | None = None) -> list[Load]:
+    """The loads of a run: `preset`'s, or one fixed-concurrency load per `concurrency`
+    (as many requests as the preset's load of the nearest concurrency), each run for
+    `duration_s` seconds per target when it is given (Poisson loads keep their count)."""
+    fixed = [load for load in preset if load.kind == "concurrency"]
+    loads = list(preset) if not concurrency else [
+        Load("concurrency", min(fixed, key=lambda ld: abs(ld.concurrency - c)).requests,
+             concurrency=c) for c in concurrency]
+    return [msgspec.structs.replace(load, duration_s=duration_s)
+            if duration_s is not None and load.kind == "concurrency" else load
+            for load in loads]
+
+
 def main(smoke: bool = False, output_dir: Path | None = None,
-         model: str | None = None) -> dict[str, Any]:
+         model: str | None = None, concurrency: Sequence[int] = (),
+         duration_s: float | None = None) -> dict[str, Any]:
     """Run the serving benchmark on the tiny model (or `model`), print its table and
-    write ``serve.json`` (``serve-<model>.json``)."""
+    write ``serve.json`` (``serve-<model>.json``). `concurrency` replaces the loads by
+    fixed-concurrency ones; `duration_s` runs each fixed-concurrency load that many
+    seconds per target (see `serve_loads`)."""
     model_path, suffix = bench_model(model)
     real = model is not None
     parameters: dict[str, Any] = dict(_SMOKE if smoke else _REAL if real else _FULL)
+    parameters["loads"] = serve_loads(parameters["loads"], concurrency, duration_s)
     with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory:
         work = Path(directory)
         servers = [mlx_lm_server(model_path, work),

@@ -1,5 +1,6 @@
 """Loading the configuration: a YAML file, an `environments.<name>` overlay chosen by
-`CORRAL_ENV`, and caller overrides, merged and decoded into a `RuntimeConfig`.
+`CORRAL_ENV`, `CORRAL_<SECTION>__<KEY>` variables, and caller overrides, merged in that
+order and decoded into a `RuntimeConfig`.
 
 Every other module receives a `RuntimeConfig`, never a dict. A bad key or value is a
 `ConfigError` naming its path. This module reads one file and never starts anything,
@@ -16,6 +17,7 @@ import msgspec
 import yaml
 
 from corral.config.aliases import as_written, dealias
+from corral.config.environment import builtin_environments, name_variables, variable_overrides
 from corral.config.errors import ConfigError, describe_kind, every_error, translate
 from corral.config.schema import RuntimeConfig
 
@@ -41,7 +43,8 @@ def config_from_mapping(data: Mapping[str, Any]) -> RuntimeConfig:
 
     No environment overlay is applied, but each overlay under `environments` is checked
     by decoding it on top of the rest of `data`; its problems are reported with the
-    prefix `environments.<name>.`.
+    prefix `environments.<name>.`. The built-in overlays (`BUILTIN_ENVIRONMENTS`) are
+    kept beside the file's, and checked only when one is chosen.
 
     Raises:
         ConfigError: listing every problem found, each named by its path.
@@ -54,44 +57,56 @@ def load_config(
     *,
     env: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> RuntimeConfig:
     """Read, merge and validate the runtime configuration.
 
-    The file is validated as written (overlays included), then the overlay
-    `environments[env]` is deep-merged into it, then `overrides`, and the result is
-    decoded.
+    The file is validated as written (its overlays included), then the overlay
+    `environments[env]` (the file's, else the built-in one of that name) is deep-merged
+    into it, then the keys set by `CORRAL_<SECTION>__<KEY>` variables, then `overrides`,
+    and the result is decoded.
 
     Args:
         path: a YAML file; None uses the Struct defaults alone.
         env: the overlay to apply; None reads `CORRAL_ENV`, and an empty string (or an
             unset variable) applies none.
         overrides: values merged last, shaped like the file (nested mappings).
+        environ: the variables to read `CORRAL_ENV` and keys from; None is `os.environ`.
 
     Returns:
-        The resolved configuration, with the file's overlays kept in `environments`.
+        The resolved configuration, with the overlays kept in `environments`.
 
     Raises:
         ConfigError: the file cannot be read or parsed, the environment is not defined,
+            a variable names no key or holds a bad value (the error names the variable),
             or a key or value is invalid.
     """
+    environ = os.environ if environ is None else environ
     data = _read_yaml(path) if path is not None else {}
     config = config_from_mapping(data)
     source = ""
     if env is None:
-        env, source = os.environ.get("CORRAL_ENV"), " (set by CORRAL_ENV)"
-    if not env and not overrides:
+        env, source = environ.get("CORRAL_ENV"), " (set by CORRAL_ENV)"
+    variables, paths, errors = variable_overrides(environ)
+    if errors:
+        raise ConfigError(errors)
+    if not env and not variables and not overrides:
         return config
     if env:
         if env not in config.environments:
             known = ", ".join(sorted(config.environments)) or "none"
             raise ConfigError([f"environments.{env}: unknown environment{source}; known: {known}"])
         data = deep_merge(dealias(data)[0], dealias(config.environments[env])[0])
-    if overrides:
+    for layer in (variables, overrides):
         # Aliases name the same keys: merged under one name, or they would clash.
-        data = deep_merge(dealias(data)[0], dealias(overrides)[0])
+        if layer:
+            data = deep_merge(dealias(data)[0], dealias(layer)[0])
     # The overlays were checked against the file as written; checking them again on top
     # of the chosen one would blame them for combinations nobody configured.
-    return _validate(data, check_overlays=False)
+    try:
+        return _validate(data, check_overlays=False)
+    except ConfigError as exc:
+        raise ConfigError(name_variables(exc.errors, paths)) from None
 
 
 def config_warnings(cfg: RuntimeConfig) -> list[str]:
@@ -147,7 +162,7 @@ def _validate(data: Mapping[str, Any], *, check_overlays: bool) -> RuntimeConfig
                       if error not in base_errors)
     if errors or config is None:
         raise ConfigError(errors)
-    return msgspec.structs.replace(config, environments=environments)
+    return msgspec.structs.replace(config, environments=builtin_environments() | environments)
 
 
 def _check_environments(raw: Any, errors: list[str]) -> dict[str, dict[str, Any]]:

