@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from corral.config import (
     ALIASES,
     ConfigError,
+    GenerationConfig,
     LoggingConfig,
     RetryConfig,
     RuntimeConfig,
@@ -23,6 +25,7 @@ from corral.config import (
 )
 from corral.config.environment import BUILTIN_ENVIRONMENTS
 from corral.protocol.errors import Code, resolve_error_name
+from corral.protocol.worker import EngineSettings, EngineTuning, Load, ToWorker
 
 RUNTIME_YAML = Path(__file__).resolve().parent.parent / "config" / "runtime.yaml"
 
@@ -302,6 +305,29 @@ def test_every_error_of_a_file_is_reported_in_one_run(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "corral.cli", "check-config", str(good)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "max_active_streams: 8" in result.stdout
+
+
+def test_the_engine_keys_are_one_declaration_from_config_to_worker() -> None:
+    """`generation`'s engine keys and `EngineSettings` both inherit `EngineTuning`'s
+    fields and re-declare none, so each key's type, range and default is written once;
+    every key set in the file reaches the settings the worker's Load frame carries."""
+    tuning = msgspec.structs.fields(EngineTuning)
+    for holder in (GenerationConfig, EngineSettings):
+        assert issubclass(holder, EngineTuning)
+        assert not set(inspect.get_annotations(holder)) & set(EngineTuning.__struct_fields__)
+        own = {f.name: f for f in msgspec.structs.fields(holder)}
+        assert all(own[f.name] == f for f in tuning), holder
+
+    generation = config_from_mapping({"generation": {
+        "prefill_batch_size": 3, "completion_batch_size": 5, "prefill_step_size": 7,
+        "prefill_step_target_ms": 11, "cpu_dequantize": "off",
+        "prefix_cache": {"enabled": False}}}).generation
+    settings = EngineSettings.of(generation, "/models/m", "{{ messages }}")
+    assert (settings.path, settings.chat_template) == ("/models/m", "{{ messages }}")
+    for field in tuning:
+        assert getattr(settings, field.name) == getattr(generation, field.name) != field.default
+    frame = msgspec.msgpack.encode(Load(settings))
+    assert msgspec.msgpack.decode(frame, type=ToWorker) == Load(settings)
 
 
 def test_an_admission_limit_unlike_the_batch_size_is_warned_about() -> None:

@@ -20,6 +20,7 @@ import trio
 from mlx_lm.sample_utils import make_sampler
 
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
+from corral.engine.api import EngineSettings
 from corral.engine.thread import Engine
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineSequence, EngineStep, SamplingParams
@@ -137,8 +138,10 @@ def engine_threads() -> list[threading.Thread]:
 
 
 @asynccontextmanager
-async def open_engine(path: str, recorder: Recorder, **kwargs: Any) -> AsyncIterator[Engine]:
-    engine = Engine(path, on_step=recorder.on_step, on_failure=recorder.on_failure, **kwargs)
+async def open_engine(path: str, recorder: Recorder, **settings: Any) -> AsyncIterator[Engine]:
+    """A started Engine of the model at `path` with these `EngineSettings`; closed after."""
+    engine = Engine(EngineSettings(path, **settings), on_step=recorder.on_step,
+                    on_failure=recorder.on_failure)
     with trio.fail_after(GUARD_S):
         await engine.start()
     try:
@@ -191,7 +194,8 @@ async def test_model_info_and_tokenizer(model_path: str, reference: dict[str, An
 
 
 async def _start_info(model_path: str) -> Any:
-    engine = Engine(model_path, on_step=lambda s: None, on_failure=lambda e: None)
+    engine = Engine(EngineSettings(model_path), on_step=lambda s: None,
+                    on_failure=lambda e: None)
     try:
         return await engine.start()
     finally:
@@ -439,7 +443,8 @@ async def test_injected_fault_calls_on_failure(
 async def test_injected_hang_stops_stepping_until_close(
         model_path: str, reference: dict[str, Any]) -> None:
     recorder = Recorder()
-    engine = Engine(model_path, on_step=recorder.on_step, on_failure=recorder.on_failure)
+    engine = Engine(EngineSettings(model_path), on_step=recorder.on_step,
+                    on_failure=recorder.on_failure)
     await engine.start()
     engine.submit(seq(1, reference["prompt"][PROMPTS[0]], max_tokens=1000))
     await recorder.wait_for(lambda: len(recorder.tokens[1]) >= 2)
@@ -462,7 +467,8 @@ async def test_injected_hang_stops_stepping_until_close(
 
 
 async def test_load_failure(tmp_path: Path) -> None:
-    engine = Engine(str(tmp_path), on_step=lambda s: None, on_failure=lambda e: None)
+    engine = Engine(EngineSettings(str(tmp_path)), on_step=lambda s: None,
+                    on_failure=lambda e: None)
     with pytest.raises(EngineClientError) as failed:
         await engine.start()
     assert failed.value.code is Code.MODEL_LOAD_ERROR
@@ -489,10 +495,12 @@ async def test_invalid_sequences_are_refused(model_path: str) -> None:
 
 async def test_close_is_idempotent_and_leaves_no_thread(
         model_path: str, reference: dict[str, Any]) -> None:
-    never_started = Engine(model_path, on_step=lambda s: None, on_failure=lambda e: None)
+    never_started = Engine(EngineSettings(model_path), on_step=lambda s: None,
+                           on_failure=lambda e: None)
     await never_started.close()
     recorder = Recorder()
-    engine = Engine(model_path, on_step=recorder.on_step, on_failure=recorder.on_failure)
+    engine = Engine(EngineSettings(model_path), on_step=recorder.on_step,
+                    on_failure=recorder.on_failure)
     await engine.start()
     assert len(engine_threads()) == 1
     engine.submit(seq(1, reference["prompt"][PROMPTS[0]], max_tokens=1000))

@@ -27,6 +27,7 @@ import trio
 
 from conftest import wait_until
 from corral.bench.report import PROMPTS as BENCH_PROMPTS
+from corral.engine.api import EngineSettings
 from corral.engine.process import ProcessEngine
 from corral.engine.spawn import WorkerExitedError
 from corral.engine.thread import Engine
@@ -51,7 +52,8 @@ def reference(model_path: str) -> dict[str, Any]:
 
     async def run() -> dict[str, Any]:
         recorder = Recorder()
-        engine = Engine(model_path, on_step=recorder.on_step, on_failure=recorder.on_failure)
+        engine = Engine(EngineSettings(model_path), on_step=recorder.on_step,
+                        on_failure=recorder.on_failure)
         await engine.start()
         try:
             prompts = [await engine.tokenize(p) for p in PROMPTS]
@@ -121,8 +123,9 @@ async def open_process_engine(path: str, recorder: Recorder,
     """A started ProcessEngine whose reader runs in a nursery of this block; closed after."""
     kwargs.setdefault("heartbeat_interval_ms", HEARTBEAT_MS)
     async with trio.open_nursery() as nursery:
-        engine = ProcessEngine(path, on_step=recorder.on_step, on_failure=recorder.on_failure,
-                               start_soon=nursery.start_soon, **kwargs)
+        engine = ProcessEngine(EngineSettings(path), on_step=recorder.on_step,
+                               on_failure=recorder.on_failure, start_soon=nursery.start_soon,
+                               **kwargs)
         with trio.fail_after(GUARD_S):
             await engine.start()
         try:
@@ -311,7 +314,7 @@ async def test_close_and_close_nowait_leave_no_process(
         model_path: str, reference: dict[str, Any]) -> None:
     recorder = Recorder()
     async with trio.open_nursery() as nursery:
-        never_started = ProcessEngine(model_path, on_step=recorder.on_step,
+        never_started = ProcessEngine(EngineSettings(model_path), on_step=recorder.on_step,
                                       on_failure=recorder.on_failure,
                                       start_soon=nursery.start_soon)
         await never_started.close()
@@ -333,7 +336,7 @@ async def test_close_and_close_nowait_leave_no_process(
         assert refused.value.code is Code.MODEL_NOT_LOADED
 
     async with trio.open_nursery() as nursery:
-        engine = ProcessEngine(model_path, on_step=recorder.on_step,
+        engine = ProcessEngine(EngineSettings(model_path), on_step=recorder.on_step,
                                on_failure=recorder.on_failure, start_soon=nursery.start_soon,
                                heartbeat_interval_ms=HEARTBEAT_MS)
         with trio.fail_after(GUARD_S):
@@ -351,7 +354,7 @@ async def test_a_cancelled_owner_kills_and_reaps_its_worker(model_path: str) -> 
     recorder = Recorder()
     with trio.move_on_after(GUARD_S):
         async with trio.open_nursery() as nursery:
-            engine = ProcessEngine(model_path, on_step=recorder.on_step,
+            engine = ProcessEngine(EngineSettings(model_path), on_step=recorder.on_step,
                                    on_failure=recorder.on_failure,
                                    start_soon=nursery.start_soon)
             await engine.start()
@@ -361,7 +364,7 @@ async def test_a_cancelled_owner_kills_and_reaps_its_worker(model_path: str) -> 
     assert is_reaped(pid)
 
     async with trio.open_nursery() as nursery:
-        loading = ProcessEngine(model_path, on_step=recorder.on_step,
+        loading = ProcessEngine(EngineSettings(model_path), on_step=recorder.on_step,
                                 on_failure=recorder.on_failure, start_soon=nursery.start_soon)
         with trio.move_on_after(0.5) as scope:  # before the worker has loaded the model
             await loading.start()
@@ -381,7 +384,7 @@ async def test_startup_failures_are_model_load_errors(tmp_path: Path) -> None:
     ]
     async with trio.open_nursery() as nursery:
         for kwargs, text in cases:
-            engine = ProcessEngine(str(tmp_path), on_step=recorder.on_step,
+            engine = ProcessEngine(EngineSettings(str(tmp_path)), on_step=recorder.on_step,
                                    on_failure=recorder.on_failure,
                                    start_soon=nursery.start_soon, **kwargs)
             with trio.fail_after(GUARD_S), pytest.raises(EngineClientError) as failed:
@@ -431,7 +434,7 @@ async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin(
     try:
         await until(lambda: len(frames) >= 1)
         assert frames[0] == Hello(worker.pid, PROTOCOL_VERSION)
-        worker.stdin.write(frame(encode(Load(model_path, 8, 32, 2048))))
+        worker.stdin.write(frame(encode(Load(EngineSettings(model_path)))))
         worker.stdin.flush()
         # The thread's exit signalled the worker when it started; it is still here.
         await until(lambda: sum(isinstance(f, Heartbeat) for f in frames) >= 3)
@@ -448,11 +451,12 @@ async def test_worker_outlives_its_spawning_thread_and_exits_at_end_of_stdin(
 
 _PARENT = textwrap.dedent("""
     import sys, trio
+    from corral.engine.api import EngineSettings
     from corral.engine.process import ProcessEngine
 
     async def main():
         async with trio.open_nursery() as nursery:
-            engine = ProcessEngine(sys.argv[1], on_step=lambda s: None,
+            engine = ProcessEngine(EngineSettings(sys.argv[1]), on_step=lambda s: None,
                                    on_failure=lambda e: None, start_soon=nursery.start_soon)
             await engine.start()
             print(engine.pid, flush=True)

@@ -25,6 +25,7 @@ import trio
 from rich.progress import Progress
 
 from corral.bench.report import PROMPTS, goal, percentile, print_table, write_result
+from corral.engine.api import EngineSettings
 from corral.engine.process import ProcessEngine
 from corral.engine.thread import Engine
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo, SamplingParams
@@ -84,9 +85,9 @@ async def _throughput(path: str, concurrency: int, max_tokens: int, rounds: int,
     tokens_per_round: set[int] = set()
     task = progress.add_task("decode rounds (thread / process)", total=rounds)
     async with trio.open_nursery() as nursery:
-        thread = Engine(path, on_step=thread_counter.on_step,
+        thread = Engine(EngineSettings(path), on_step=thread_counter.on_step,
                         on_failure=thread_counter.on_failure)
-        process = ProcessEngine(path, on_step=process_counter.on_step,
+        process = ProcessEngine(EngineSettings(path), on_step=process_counter.on_step,
                                 on_failure=process_counter.on_failure,
                                 start_soon=nursery.start_soon)
         try:
@@ -134,7 +135,7 @@ async def _restarts(path: str, count: int, progress: Progress) -> dict[str, Any]
     async with trio.open_nursery() as nursery:
 
         async def loaded_worker(died: trio.Event) -> tuple[ProcessEngine, ModelInfo]:
-            engine = ProcessEngine(path, on_step=lambda step: None,
+            engine = ProcessEngine(EngineSettings(path), on_step=lambda step: None,
                                    on_failure=lambda error: died.set(),
                                    start_soon=nursery.start_soon)
             with trio.fail_after(_GUARD_S):

@@ -17,7 +17,7 @@ from corral.config.environment import builtin_environments
 from corral.protocol.errors import resolve_error_name
 from corral.protocol.messages import Alias, Duration
 from corral.protocol.validation import FieldError
-from corral.protocol.worker import PrefixCacheConfig
+from corral.protocol.worker import EngineTuning
 
 _PositiveInt: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
 _NonNegativeInt: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]
@@ -139,7 +139,9 @@ class StreamRegistryConfig(Section, frozen=True):
     """Admission, deadlines and idle-reader limits of the stream registry."""
 
     default_timeout_ms: _PositiveInt = 300000
-    max_active_streams: _PositiveInt = 32  # = generation.completion_batch_size
+    max_active_streams: _PositiveInt = EngineTuning().completion_batch_size
+    """Streams generating at once; by default the engine's batch (`config_warnings` says
+    when the two differ)."""
     max_queued: _NonNegativeInt = 64
     idle_reader_timeout_ms: _PositiveInt = 30000
     overloaded_retry_after_ms: _NonNegativeInt = 1000
@@ -206,8 +208,10 @@ class ModelConfig(Section, frozen=True):
         return tuple(step for step in self.fallbacks if isinstance(step, FallbackResponse))
 
 
-class GenerationConfig(Section, frozen=True):
-    """The generation domain: engine isolation, models, and batching limits."""
+class GenerationConfig(Section, EngineTuning, frozen=True):
+    """The generation domain: engine isolation, models, and request limits, then the
+    engine's batching, pacing and caching keys, inherited from `EngineTuning` (declared
+    with the worker protocol, which carries them to the engine as they are)."""
 
     isolation: Literal["thread", "process"] = "thread"
     cpu_blas: Literal["auto", "reference"] = "auto"
@@ -216,12 +220,6 @@ class GenerationConfig(Section, frozen=True):
     max_tokens_limit: _PositiveInt | None = None
     max_prompt_tokens: _PositiveInt | None = None
     stall_timeout_ms: _PositiveInt = 30000
-    prefill_batch_size: _PositiveInt = 8
-    completion_batch_size: _PositiveInt = 32
-    prefill_step_size: _PositiveInt = 2048
-    prefill_step_target_ms: _PositiveInt = 2000
-    cpu_dequantize: Literal["auto", "off"] = "auto"
-    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
 
     def __post_init__(self) -> None:
         if (self.max_tokens_limit is not None and self.default_max_tokens is not None

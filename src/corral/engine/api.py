@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.engine.base import (
-    EngineOptions,
     EngineSettings,
     EngineStatistics,
     FaultKind,
@@ -29,7 +28,7 @@ from corral.engine.thread import Engine
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
 
 __all__ = [
-    "EngineClient", "EngineOptions", "EngineSettings", "EngineStatistics", "FaultKind",
+    "EngineClient", "EngineSettings", "EngineStatistics", "FaultKind",
     "ProcessEngineStatistics", "StartSoon", "WorkerExitedError", "WorkerStandby",
     "make_engine", "validate_sequence", "worker_command",
 ]
@@ -101,7 +100,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
 
     Args:
         path: a local model directory for ``mlx_lm.load``.
-        generation: batch sizes, the prefix cache and the isolation.
+        generation: the isolation, and the engine's batching, pacing and prefix cache
+            (its `EngineTuning` fields, all of them).
         python: how a worker process starts and heartbeats (process isolation only).
         on_step: called in the trio thread with every step, in order; it must not
             block. If it raises, the engine fails.
@@ -119,18 +119,12 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         The engine, not started: its owner `start`s it, and `close`s it (or
         `close_nowait`s it) whatever happens.
     """
-    options = EngineOptions(
-        prefill_batch_size=generation.prefill_batch_size,
-        completion_batch_size=generation.completion_batch_size,
-        prefill_step_size=generation.prefill_step_size,
-        prefill_step_target_ms=generation.prefill_step_target_ms,
-        prefix_cache=generation.prefix_cache, chat_template=chat_template,
-        cpu_dequantize=generation.cpu_dequantize)
+    settings = EngineSettings.of(generation, path, chat_template)
     if generation.isolation == "thread":
-        return Engine(path, on_step=on_step, on_failure=on_failure, **options)
+        return Engine(settings, on_step=on_step, on_failure=on_failure)
     return ProcessEngine(
-        path, on_step=on_step, on_failure=on_failure, start_soon=start_soon,
+        settings, on_step=on_step, on_failure=on_failure, start_soon=start_soon,
         heartbeat_interval_ms=python.heartbeat_interval_ms,
         startup_timeout_ms=python.startup_timeout_ms,
         python_executable=python.python_executable, cpu_blas=generation.cpu_blas,
-        worker_memory_limit_mb=python.worker_memory_limit_mb, standby=standby, **options)
+        worker_memory_limit_mb=python.worker_memory_limit_mb, standby=standby)

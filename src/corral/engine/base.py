@@ -1,10 +1,10 @@
 """What the thread engine and the worker-process engine share, and nothing else.
 
-Their settings and keyword options, their statistics (and the worker's few more),
-sequence validation (done in the caller's thread, before anything reaches MLX), and
-`EngineBase`: the callbacks, the "is it serving" check, and the tokenizer calls waiting
-for an answer. `corral.engine.api` re-exports the public names; owners import them from
-there.
+Their settings (`EngineSettings`, as the worker protocol carries them), their
+statistics (and the worker's few more), sequence validation (done in the caller's
+thread, before anything reaches MLX), and `EngineBase`: the callbacks, the "is it
+serving" check, and the tokenizer calls waiting for an answer. `corral.engine.api`
+re-exports the public names; owners import them from there.
 
 Trio thread only, except `validate_sequence`. It must never touch MLX, start a thread
 or a process, or know which isolation it serves.
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Literal, TypedDict, TypeVar
+from typing import TypeVar
 
 import msgspec
 import trio
 
-from corral.config import PrefixCacheConfig
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import (
     EngineSequence,
@@ -30,35 +29,10 @@ from corral.protocol.messages import (
 from corral.protocol.serving_messages import FaultKind
 from corral.protocol.worker import EngineSettings
 
-__all__ = ["EngineBase", "EngineOptions", "EngineSettings", "EngineStatistics", "FaultKind",
+__all__ = ["EngineBase", "EngineSettings", "EngineStatistics", "FaultKind",
            "ProcessEngineStatistics", "validate_sequence"]
 
 T = TypeVar("T")
-
-
-class EngineOptions(TypedDict, total=False):
-    """The keyword options of both engines; each defaults as in `EngineSettings`.
-
-    Attributes:
-        prefill_batch_size: prompts prefilled together at most.
-        completion_batch_size: sequences decoding together at most.
-        prefill_step_size: the most prompt tokens of one sequence in one step.
-        prefill_step_target_ms: the measured work a step takes on while prompts are
-            prefilled (see `corral.engine.pacing`).
-        chat_template: a Jinja chat template, or the path of a file holding one, to use
-            instead of the model's own.
-        cpu_dequantize: float32 weights on a CPU device (see `corral.engine.loading`).
-        prefix_cache: reuse of the KV of prompt prefixes seen before (see
-            `corral.engine.prefix_cache`); it lives where the engine runs.
-    """
-
-    prefill_batch_size: int
-    completion_batch_size: int
-    prefill_step_size: int
-    prefill_step_target_ms: int
-    prefix_cache: PrefixCacheConfig
-    chat_template: str | None
-    cpu_dequantize: Literal["auto", "off"]
 
 
 class EngineStatistics(msgspec.Struct, frozen=True):
@@ -172,24 +146,16 @@ class EngineBase:
     all with `_fail_calls`.
 
     Args:
-        path: a local model directory for ``mlx_lm.load``, or complete settings (then
-            `options` must be empty).
-        options: the keyword options (see `EngineOptions`).
+        settings: the model and how to run it.
         on_step: called in the trio thread with every step, in order; it must not
             block.
         on_failure: called in the trio thread at most once, when the engine fails.
     """
 
-    def __init__(self, path: str | EngineSettings, options: EngineOptions,
-                 on_step: Callable[[EngineStep], None],
+    def __init__(self, settings: EngineSettings, on_step: Callable[[EngineStep], None],
                  on_failure: Callable[[BaseException], None]) -> None:
-        if isinstance(path, EngineSettings):
-            if options:
-                raise TypeError("give the engine settings or options, not both")
-            self.settings = path
-        else:
-            self.settings = EngineSettings(str(path), **options)
-        self.path = self.settings.path
+        self.settings = settings
+        self.path = settings.path
         self._on_step = on_step
         self._on_failure = on_failure
         self._info: ModelInfo | None = None

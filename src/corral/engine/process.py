@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar, Unpack, final
+from typing import Any, Final, TypeVar, final
 
-import msgspec
 import structlog
 import trio
 
 from corral.engine.base import (
     EngineBase,
-    EngineOptions,
     EngineSettings,
     FaultKind,
     ProcessEngineStatistics,
@@ -83,8 +81,8 @@ class ProcessEngine(EngineBase):
     for it: a worker never outlives the task that reads it.
 
     Args:
-        path: a local model directory for ``mlx_lm.load`` in the worker, or complete
-            `EngineSettings`.
+        settings: the model and how to run it, sent to the worker as they are (the
+            prefix cache lives in the worker).
         on_step: called with every step, in order; it must not block. If it raises,
             the worker is killed and `on_failure` gets a `WorkerExitedError`.
         on_failure: called once with a `WorkerExitedError` when the worker dies.
@@ -99,13 +97,11 @@ class ProcessEngine(EngineBase):
         worker_memory_limit_mb: the worker's address space limit (see `worker_command`).
         standby: where a worker started ahead of need waits; the engine adopts it if
             one does, and has the next one started once its model is loaded.
-        **options: as for `Engine` (see `EngineOptions`); the prefix cache lives in the
-            worker.
     """
 
     def __init__(
         self,
-        path: str | EngineSettings,
+        settings: EngineSettings,
         *,
         on_step: Callable[[EngineStep], None],
         on_failure: Callable[[BaseException], None],
@@ -117,9 +113,8 @@ class ProcessEngine(EngineBase):
         cpu_blas: CpuBlas = "auto",
         worker_memory_limit_mb: int | None = None,
         standby: WorkerStandby | None = None,
-        **options: Unpack[EngineOptions],
     ) -> None:
-        super().__init__(path, options, on_step, on_failure)
+        super().__init__(settings, on_step, on_failure)
         self._start_soon = start_soon
         self._silence_limit_s = SILENT_HEARTBEATS * heartbeat_interval_ms / 1000.0
         self._startup_timeout_s = startup_timeout_ms / 1000.0
@@ -178,7 +173,7 @@ class ProcessEngine(EngineBase):
                 self._start_soon(self._run)
                 await self._hello.wait()
                 if process.returncode is None and not self._stopped:
-                    self._send(Load(*msgspec.structs.astuple(self.settings)))
+                    self._send(Load(self.settings))
                 await self._load_answered.wait()
             if startup.cancelled_caught:
                 problem = f"the worker did not load it within {self._startup_timeout_s:g} s"

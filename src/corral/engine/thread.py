@@ -24,14 +24,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Final, TypeVar, Unpack, final
+from typing import Any, Final, TypeVar, final
 
 import structlog
 import trio
 
 from corral.engine.base import (
     EngineBase,
-    EngineOptions,
     EngineSettings,
     EngineStatistics,
     FaultKind,
@@ -69,21 +68,19 @@ class Engine(EngineBase):
     and a sequence removed between steps never emits the token sampled ahead for it.
 
     Args:
-        path: a local model directory for ``mlx_lm.load``, or complete `EngineSettings`.
+        settings: the model and how to run it: batch sizes, pacing and the prefix
+            cache. A sequence that shares a long prefix with one still prefilling waits
+            for it, then starts from its KV.
         on_step: called in the trio thread with every step, in order. It must not
             block; if it raises, the engine fails as if a step had raised.
         on_failure: called in the trio thread, at most once, when a step raises (the
             engine thread has stopped by then). Not called after `close`.
-        **options: batch sizes and the prefix cache (see `EngineOptions`). A sequence
-            that shares a long prefix with one still prefilling waits for it, then
-            starts from its KV.
     """
 
-    def __init__(self, path: str | EngineSettings, *,
+    def __init__(self, settings: EngineSettings, *,
                  on_step: Callable[[EngineStep], None],
-                 on_failure: Callable[[BaseException], None],
-                 **options: Unpack[EngineOptions]) -> None:
-        super().__init__(path, options, on_step, on_failure)
+                 on_failure: Callable[[BaseException], None]) -> None:
+        super().__init__(settings, on_step, on_failure)
         # Shared between the threads: set once by either side (_closing), or written by
         # one side and read by the other.
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()

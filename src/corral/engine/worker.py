@@ -290,13 +290,13 @@ class _Worker:
 
     async def _load(self, load: Load) -> None:
         if self._engine is not None:
-            _log.warning("worker.second_load_ignored", path=load.path)
+            _log.warning("worker.second_load_ignored", path=load.settings.path)
             return
-        self._engine = Engine(load, on_step=self._on_step, on_failure=self._on_failure)
+        self._engine = Engine(load.settings, on_step=self._on_step, on_failure=self._on_failure)
         try:
             info = await self._engine.start()
         except CorralError as exc:
-            note = _memory_limit_explains(load.path, exc)
+            note = _memory_limit_explains(load.settings.path, exc)
             if note:
                 exc = EngineClientError(exc.code, exc.message + note, exc.details)
             self._emit(LoadFailed(exc.info()))

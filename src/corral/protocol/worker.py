@@ -27,12 +27,15 @@ from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 
 __all__ = [
     "PROTOCOL_VERSION", "Call", "CallArgs", "CallResult", "ChatTemplateArgs",
-    "DetokenizeArgs", "EngineSettings", "Failed", "FromWorker", "Heartbeat", "Hello", "Load",
-    "LoadFailed", "Loaded", "Shutdown", "Step", "ToWorker", "TokenizeArgs",
+    "DetokenizeArgs", "EngineSettings", "EngineTuning", "Failed", "FromWorker", "Heartbeat",
+    "Hello", "Load", "LoadFailed", "Loaded", "PrefixCacheConfig", "Shutdown", "Step",
+    "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 6
+PROTOCOL_VERSION: Final = 7
 """Bumped on any change to these frames; a worker of another version is refused."""
+
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class PrefixCacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -51,39 +54,61 @@ class PrefixCacheConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     disk_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 4 * 1024**3
 
 
-class EngineSettings(msgspec.Struct, frozen=True):
-    """How an engine runs one model, the same in a thread and in a worker process.
+class EngineTuning(msgspec.Struct, frozen=True, kw_only=True):
+    """How an engine batches, paces and caches, whatever the model: the one declaration.
+
+    These are the keys of the configuration's `generation` section that reach the
+    engine (`corral.config.GenerationConfig` inherits them, so a key's type, range and
+    default are written here and nowhere else), and the part of `EngineSettings` every
+    model shares.
+    """
+
+    prefill_batch_size: _Positive = 8
+    """Prompts prefilled together in one step, at most."""
+    completion_batch_size: _Positive = 32
+    """Sequences decoding together in one step, at most."""
+    prefill_step_size: _Positive = 2048
+    """The most prompt tokens of one sequence in one step."""
+    prefill_step_target_ms: _Positive = 2000
+    """The measured work a step takes on while prompts are prefilled: long prompts are
+    cut into chunks of about this long (see `corral.engine.pacing`)."""
+    cpu_dequantize: Literal["auto", "off"] = "auto"
+    """On a CPU device, "auto" turns quantized weights into float32 at load when they
+    fit (see `corral.engine.loading`); "off" keeps them as stored."""
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+    """Reuse of the KV of prompt prefixes seen before; it lives where the engine runs."""
+
+
+class EngineSettings(EngineTuning, frozen=True):
+    """How an engine runs one model, the same in a thread and in a worker process: the
+    shared `EngineTuning` and what belongs to this model.
 
     Attributes:
         path: a local model directory for ``mlx_lm.load``.
-        prefill_batch_size: prompts prefilled together at most.
-        completion_batch_size: sequences decoding together at most.
-        prefill_step_size: the most prompt tokens of one sequence in one step.
-        prefill_step_target_ms: the measured work a step takes on while prompts are
-            prefilled: long prompts are cut into chunks of about this long.
-        prefix_cache: reuse of the KV of prompt prefixes seen before.
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
-        cpu_dequantize: "auto" turns quantized weights into float32 at load on a CPU
-            device when they fit (see `corral.engine.loading`); "off" keeps them.
     """
 
     path: str
-    prefill_batch_size: int = 8
-    completion_batch_size: int = 32
-    prefill_step_size: int = 2048
-    prefill_step_target_ms: int = 2000
-    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
     chat_template: str | None = None
-    cpu_dequantize: Literal["auto", "off"] = "auto"
+
+    @classmethod
+    def of(cls, tuning: EngineTuning, path: str,
+           chat_template: str | None = None) -> EngineSettings:
+        """The settings of the model at `path`, with every field of `tuning` (which may
+        be a subclass, such as the configuration's `generation` section)."""
+        shared = {name: getattr(tuning, name) for name in EngineTuning.__struct_fields__}
+        return cls(path, chat_template, **shared)
 
 
 # -- parent -> worker ----------------------------------------------------------------
 
 
-class Load(EngineSettings, frozen=True, tag=True):
+class Load(msgspec.Struct, frozen=True, tag=True):
     """Load the model with these settings and start the engine; answered by `Loaded` or
     `LoadFailed`."""
+
+    settings: EngineSettings
 
 
 class TokenizeArgs(msgspec.Struct, frozen=True, tag="tokenize", tag_field="op"):
