@@ -19,7 +19,6 @@ import trio
 
 from corral.protocol.errors import ERROR_TABLE, Category, Code, CorralError, Severity
 
-
 # An OSError with one of these numbers is the network failing between here and the
 # peer, not a bug in the caller: the same call may well work a moment later. (A reset,
 # refused or aborted connection is already a `ConnectionError` subclass.)
@@ -52,7 +51,8 @@ def code_of(error: BaseException) -> Code:
     `NetworkError`, `RemoteProtocolError` and `ProxyError`) is TransportError, and so
     is a network that cannot be reached or a name that does not resolve (an `OSError`
     with `EHOSTUNREACH`, `ENETUNREACH`, `ENETDOWN` or `EHOSTDOWN`, `socket.gaierror`)
-    and a failed TLS exchange (`ssl.SSLError`); cancellation (trio's, asyncio's) is Cancelled; anything else is UnknownError.
+    and a failed TLS exchange (`ssl.SSLError`); cancellation (trio's, asyncio's) is
+    Cancelled; anything else is UnknownError.
     httpx is only consulted once something has imported it: an httpx error cannot exist
     before then.
     """
