@@ -178,7 +178,8 @@ class Requests:
                     buffer = self._table.get(stream_id)  # the registry opened it on admission
                     assert buffer is not None and buffer.sequence is not None
                     if trio.current_time() >= deadline:  # the model was never asked
-                        raise TimeoutError("generate", timeout_s, request.request_id, 0.0)
+                        raise TimeoutError("generate", timeout_s, request.request_id,
+                                           trio.current_time() - started)
                     submitted = True
                     await retry_call(self._policy, self.ask_model, alias,
                                      Submit(buffer.sequence),
