@@ -112,3 +112,71 @@ def test_an_embedded_runtime_logs_warnings_only_unless_configured(model_path: st
     chatty = subprocess.run([sys.executable, "-c", script, "debug"], capture_output=True,
                             text=True, timeout=120)
     assert chatty.stdout == "done\n" and "actor.started" in chatty.stderr
+
+
+_TOOLKIT_ALONE = textwrap.dedent("""
+    import logging, sys
+    import corral
+
+    if sys.argv[1:] == ["host-logging"]:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(name)s %(levelname)s %(message)s")
+        seen = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                seen.append((record.name, record.event, record.fields))
+
+        logging.getLogger("corral").addHandler(Keep())
+    guard = corral.circuit_breaker("upstream", failure_threshold=2)
+
+    def down():
+        raise ConnectionRefusedError("down")
+
+    for _ in range(2):
+        try:
+            guard.run(down)
+        except ConnectionRefusedError:
+            pass
+    attempts = []
+
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 2:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    assert corral.retry(strategy="immediate").run(flaky) == "ok"
+    assert guard.breaker.state is corral.CircuitState.OPEN
+    if sys.argv[1:] == ["host-logging"]:
+        [(name, event, fields)] = seen
+        assert (name, event) == ("corral.breaker", "breaker.transition"), seen
+        assert fields["circuit"] == "upstream" and fields["next"] == "open", fields
+""")
+
+
+def test_the_toolkit_alone_prints_nothing_and_logs_through_the_hosts_logging() -> None:
+    """A breaker and a retry used on their own, with no logging configured, print nothing
+    on stdout or stderr; once the host configures `logging`, the breaker's transition
+    reaches it as a record of the `corral.breaker` logger."""
+    alone = subprocess.run([sys.executable, "-c", _TOOLKIT_ALONE], capture_output=True,
+                           text=True, timeout=120)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert alone.stdout == "" and alone.stderr == ""
+    hosted = subprocess.run([sys.executable, "-c", _TOOLKIT_ALONE, "host-logging"],
+                            capture_output=True, text=True, timeout=120)
+    assert hosted.returncode == 0, hosted.stderr[-2000:]
+    assert hosted.stdout == ""
+    assert ("corral.breaker INFO breaker.transition circuit=upstream previous=closed "
+            "next=open") in hosted.stderr
+
+
+def test_events_before_any_setup_go_to_the_standard_logging(
+        caplog: pytest.LogCaptureFixture) -> None:
+    structlog.reset_defaults()
+    caplog.set_level("DEBUG", logger="corral.test")
+    with bind_request("req-3"):
+        get_logger("corral.test", actor="/a").bind(step=1).debug("x.happened", n=2)
+    [record] = caplog.records
+    assert record.getMessage() == "x.happened request_id=req-3 actor=/a step=1 n=2"
+    assert record.fields == {"request_id": "req-3", "actor": "/a", "step": 1, "n": 2}

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import errno
 import random
+import socket
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -471,10 +474,30 @@ ERRORS: list[tuple[BaseException, Code]] = [
     (httpx.ConnectError("c"), Code.TRANSPORT_ERROR),
     (httpx.ReadError("r"), Code.TRANSPORT_ERROR),
     (httpx.RemoteProtocolError("p"), Code.TRANSPORT_ERROR),
+    # What a socket raises when the network, the name or the TLS exchange fails.
+    (OSError(errno.EHOSTUNREACH, "No route to host"), Code.TRANSPORT_ERROR),
+    (OSError(errno.ENETUNREACH, "Network is unreachable"), Code.TRANSPORT_ERROR),
+    (OSError(errno.ENETDOWN, "Network is down"), Code.TRANSPORT_ERROR),
+    (OSError(errno.EHOSTDOWN, "Host is down"), Code.TRANSPORT_ERROR),
+    (socket.gaierror(socket.EAI_NONAME, "nodename nor servname provided"),
+     Code.TRANSPORT_ERROR),
+    (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+     Code.TRANSPORT_ERROR),
+    (ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+     Code.TRANSPORT_ERROR),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), Code.TRANSPORT_ERROR),
+    (ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed"),
+     Code.TRANSPORT_ERROR),
 ]
 
 
-@pytest.mark.parametrize(("error", "code"), ERRORS, ids=lambda v: type(v).__name__)
+def _error_id(value: object) -> str:
+    if isinstance(value, OSError) and value.errno is not None:
+        return f"{type(value).__name__}-{value.errno}"
+    return type(value).__name__
+
+
+@pytest.mark.parametrize(("error", "code"), ERRORS, ids=_error_id)
 def test_classify_agrees_with_retry(error: Exception, code: Code) -> None:
     classification = classify(error)
     assert classification.code is code_of(error) is code
@@ -487,6 +510,9 @@ def test_classify_agrees_with_retry(error: Exception, code: Code) -> None:
 
 
 def test_unknown_errors_stay_unknown_and_are_not_retried() -> None:
+    # An OSError that is not the network (a missing file, a bad descriptor) stays unknown.
+    assert code_of(FileNotFoundError(errno.ENOENT, "gone")) is Code.UNKNOWN_ERROR
+    assert code_of(OSError(errno.EBADF, "bad fd")) is Code.UNKNOWN_ERROR
     assert classify(ValueError()).code is Code.UNKNOWN_ERROR
     assert not classify(ValueError()).retryable
     flaky = Flaky(1, ValueError)

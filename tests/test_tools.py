@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,71 @@ async def test_required_calls_in_qwen3_coders_format_parse_and_follow_the_schema
             assert isinstance(arguments["nights"], int) and 1 <= arguments["nights"] <= 9
             assert isinstance(arguments["breakfast"], bool)
             assert arguments.get("room", "single") in ("single", "double")
+
+
+# -- forced calls with an open schema always end ------------------------------------------
+
+OPEN_WEATHER: dict[str, Any] = {  # the README's: nothing bounds the city or the keys
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+OPEN_RECORD: dict[str, Any] = {  # every kind of value, none of them bounded
+    "type": "function",
+    "function": {"name": "save", "parameters": {
+        "type": "object", "properties": {
+            "title": {"type": "string"}, "score": {"type": "number"},
+            "count": {"type": "integer"}, "tags": {"type": "array",
+                                                   "items": {"type": "string"}},
+            "flag": {"type": "boolean"}, "extra": {"type": "object"}}}}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_tokens", [120, 256])
+async def test_required_calls_with_open_schemas_end_and_parse_within_max_tokens(
+        served: Served, max_tokens: int) -> None:
+    """`tool_choice: required` with schemas that leave strings, numbers, arrays and
+    keys open, sampled at temperature 1 with 20 seeds on random weights: every reply
+    ends in calls that parse, within max_tokens, with only the listed properties."""
+    async def one(seed: int, replies: list[Any]) -> None:
+        reply = await served.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": ASK, "tools": [OPEN_WEATHER, OPEN_RECORD],
+            "tool_choice": "required", "max_tokens": max_tokens, "temperature": 1.0,
+            "seed": seed})
+        assert reply.status_code == 200, reply.text
+        replies.append(reply.json())
+
+    replies: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        for seed in range(20):
+            nursery.start_soon(one, seed, replies)
+    assert len(replies) == 20
+    for reply in replies:
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        assert choice["message"]["content"] is None, choice
+        assert reply["usage"]["completion_tokens"] <= max_tokens
+        assert choice["message"]["tool_calls"]
+        for call in choice["message"]["tool_calls"]:
+            arguments = json.loads(call["function"]["arguments"])
+            listed = OPEN_WEATHER if call["function"]["name"] == "get_weather" else OPEN_RECORD
+            assert set(arguments) <= set(listed["function"]["parameters"]["properties"])
+            assert arguments.get("extra", {}) == {}  # an open object takes no keys
+
+
+@pytest.mark.slow
+async def test_the_readme_example_runs_as_written(served: Served) -> None:
+    """The README's function-calling example, run as a program against this server
+    (the tiny model standing in for the default one): it prints a call that parses."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Function calling"):readme.index("## Structured output")]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    assert 'model="smollm2"' in code and "http://127.0.0.1:8000/v1" in code
+    code = code.replace('model="smollm2"', 'model="tiny"').replace(
+        "http://127.0.0.1:8000", served.base_url)
+    done = await trio.run_process([sys.executable, "-c", code], capture_stdout=True,
+                                  capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    [line] = done.stdout.decode().splitlines()
+    name, arguments = line.split(" ", 1)
+    assert name == "get_weather" and arguments.startswith("{'city': ")

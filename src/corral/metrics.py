@@ -233,8 +233,9 @@ _PREFIX_CACHE_METRICS = (
 
 
 def _prefix_cache_metrics(runtime: Runtime) -> Iterator[Metric]:
-    """The prefix cache of each model's live engine, named as vLLM names its own. The
-    counters start over when an engine restarts (Prometheus' rate() expects that)."""
+    """The prefix cache of each model, named as vLLM names its own: the counters sum the
+    model's engines since it was loaded, so a worker's restart never sets them back;
+    the gauges are what the live engine holds now."""
     by_model = runtime.prefix_cache_statistics()
     for name, family, field, documentation in _PREFIX_CACHE_METRICS:
         metric = family(name, documentation, labels=["model"])

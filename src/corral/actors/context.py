@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, final
 
-import structlog
 import trio
 
 from corral.actors.ref import ActorRef
 from corral.actors.system import ActorSystem
+from corral.logging import get_logger
 
-_log = structlog.get_logger("corral.actors")
+_log = get_logger("corral.actors")
 
 
 @final

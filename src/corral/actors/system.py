@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, final
 
-import structlog
-
 from corral.actors.mailbox import Mailbox, MailboxState
 from corral.actors.ref import ActorRef
+from corral.logging import get_logger
 from corral.protocol.lifecycle import LifecycleEvent
 
-_log = structlog.get_logger("corral.actors")
+_log = get_logger("corral.actors")
 
 
 _EVENT_NAMES: dict[str, str] = {

@@ -305,6 +305,12 @@ class _Worker:
 
     def _on_step(self, step: EngineStep) -> None:
         self._emit(Step(step))
+        if self._engine is not None and any(out.finish_reason is not None
+                                            for out in step.outputs):
+            # A sequence ended: its counters (the prefix cache's, the tokens') reach the
+            # parent now, not at the next beat, so a scrape after a request has ended
+            # reads what that request did, and a second scrape reads the same.
+            self._emit(self._heartbeat(self._engine))
 
     def _on_failure(self, error: BaseException) -> None:
         self._emit(Failed(repr(error)))

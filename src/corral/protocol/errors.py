@@ -193,6 +193,10 @@ class TimeoutError(CorralError):
 
     def __init__(self, method: str, timeout: float, request_id: str | int | None,
                  duration: float) -> None:
+        # A deadline already past when a wait began leaves a negative time to wait:
+        # the caller had none left, never a negative timeout.
+        timeout = max(0.0, timeout)
+        duration = max(0.0, duration)
         self.method = method
         self.timeout = timeout
         self.request_id = request_id

@@ -334,7 +334,12 @@ class ModelList(msgspec.Struct, frozen=True):
 
 
 class ErrorDetail(msgspec.Struct, frozen=True):
-    """OpenAI's error object; `code` is corral's code name from the error table."""
+    """OpenAI's error object; `code` is corral's code name from the error table.
+
+    `details` are the error's structured fields, the same as JSON-RPC's `error.data`
+    carries (a Timeout's `method`, `timeout`, `duration` and `request_id`; an open
+    circuit's `retry_after_ms`; ...), empty when the error has none.
+    """
 
     message: str
     type: str
@@ -342,6 +347,7 @@ class ErrorDetail(msgspec.Struct, frozen=True):
     param: str | None
     request_id: str
     retryable: bool
+    details: dict[str, object] = msgspec.field(default_factory=dict)
 
 
 class ErrorBody(msgspec.Struct, frozen=True):

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar, TypeVarTuple, final
 
 import msgspec
-import structlog
 import trio
 
 from corral.config import CircuitBreakerConfig
+from corral.logging import get_logger
 from corral.protocol.errors import CLIENT_ERROR_CODES, CircuitBreakerOpenError, Code, CorralError
 from corral.resilience.breaker_types import (
     BreakerStatistics,
@@ -37,7 +37,7 @@ from corral.resilience.clock import checkpoint, current_time
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
-_log = structlog.get_logger("corral.breaker")
+_log = get_logger("corral.breaker")
 
 # Generations are unique in the process, not per breaker, so a permit issued by one
 # breaker (or by an incarnation of a BreakerActor that has since restarted) can never

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import errno
+import socket
+import ssl
 import sys
 
 import msgspec
 import trio
 
 from corral.protocol.errors import ERROR_TABLE, Category, Code, CorralError, Severity
+
+# An OSError with one of these numbers is the network failing between here and the
+# peer, not a bug in the caller: the same call may well work a moment later. (A reset,
+# refused or aborted connection is already a `ConnectionError` subclass.)
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ENETRESET", "EHOSTDOWN")
+    if hasattr(errno, name)
+)
 
 
 class Classification(msgspec.Struct, frozen=True):
@@ -36,8 +48,11 @@ def code_of(error: BaseException) -> Code:
     TooSlowError`, httpx's `TimeoutException`) are Timeout; a broken or refused
     connection (`ConnectionError`, so `ConnectionResetError`, `BrokenPipeError` and
     `ConnectionRefusedError`, trio's and anyio's `BrokenResourceError`, httpx's
-    `NetworkError`, `RemoteProtocolError` and `ProxyError`) is TransportError;
-    cancellation (trio's, asyncio's) is Cancelled; anything else is UnknownError.
+    `NetworkError`, `RemoteProtocolError` and `ProxyError`) is TransportError, and so
+    is a network that cannot be reached or a name that does not resolve (an `OSError`
+    with `EHOSTUNREACH`, `ENETUNREACH`, `ENETDOWN` or `EHOSTDOWN`, `socket.gaierror`)
+    and a failed TLS exchange (`ssl.SSLError`); cancellation (trio's, asyncio's) is
+    Cancelled; anything else is UnknownError.
     httpx is only consulted once something has imported it: an httpx error cannot exist
     before then.
     """
@@ -45,7 +60,10 @@ def code_of(error: BaseException) -> Code:
         return error.code
     if isinstance(error, builtins.TimeoutError | trio.TooSlowError):
         return Code.TIMEOUT
-    if isinstance(error, ConnectionError | trio.BrokenResourceError):
+    if isinstance(error, ConnectionError | trio.BrokenResourceError
+                  | socket.gaierror | ssl.SSLError):
+        return Code.TRANSPORT_ERROR
+    if isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS:
         return Code.TRANSPORT_ERROR
     if isinstance(error, trio.Cancelled | asyncio.CancelledError):
         return Code.CANCELLED

@@ -44,7 +44,7 @@ from corral.runtime.health import (
     assess,
 )
 from corral.runtime.keep_alive import KeepAlive
-from corral.runtime.models import Models
+from corral.runtime.models import Models, prefix_cache_totals
 from corral.runtime.requests import Requests, TokenStream
 from corral.runtime.retry_actor import GetRetryStats
 from corral.runtime.stream_buffers import StreamBuffer, StreamTable
@@ -383,13 +383,14 @@ class Runtime:
         return breakers
 
     def prefix_cache_statistics(self) -> dict[str, PrefixCacheStatistics]:
-        """Each model's prefix cache counters, from its live engine (a model whose actor
-        is restarting is left out)."""
+        """Each model's prefix cache since it was loaded: counters summed over its engines
+        (they never go down when a worker or engine restarts), with what the live engine
+        holds now (nothing, while its actor restarts). See `prefix_cache_totals`."""
         found = {}
-        for alias in self._models.by_alias:
+        for alias, record in self._models.by_alias.items():
             stats = self.engine_statistics(alias)
-            if stats is not None:
-                found[alias] = stats.prefix_cache
+            found[alias] = prefix_cache_totals(
+                record.prefix_cache_ended, stats.prefix_cache if stats is not None else None)
         return found
 
     def add_step_listener(self, alias: str,

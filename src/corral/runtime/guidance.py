@@ -18,7 +18,7 @@ __all__ = ["guided_grammar"]
 
 
 async def guided_grammar(request: GenerateParams, alias: str, info: ModelInfo | None,
-                         tools: list[dict[str, Any]] | None) -> str | None:
+                         tools: list[dict[str, Any]] | None, max_tokens: int) -> str | None:
     """The grammar the request's `response_format` or `tool_choice` asks for (None for
     free text), written and compiled once (then cached) in a worker thread: a schema
     of a megabyte takes a fraction of a second to write and up to a second to compile,
@@ -31,13 +31,13 @@ async def guided_grammar(request: GenerateParams, alias: str, info: ModelInfo | 
     """
     if request.response_format is None and not tools:
         return None
-    return await trio.to_thread.run_sync(_guided, request, alias, info, tools)
+    return await trio.to_thread.run_sync(_guided, request, alias, info, tools, max_tokens)
 
 
 def _guided(request: GenerateParams, alias: str, info: ModelInfo | None,
-            tools: list[dict[str, Any]] | None) -> str | None:
+            tools: list[dict[str, Any]] | None, max_tokens: int) -> str | None:
     grammar, field = constrained(response_format_grammar(request.response_format), request,
-                                 alias, info, tools)
+                                 alias, info, tools, max_tokens)
     if grammar is None:
         return None
     if info is not None and not info.structured_output:

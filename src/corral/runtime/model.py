@@ -95,6 +95,8 @@ class ModelActor(Actor[ModelMessage]):
         standby: the model's worker started ahead of need, which this incarnation's
             process engine adopts (process isolation only).
         on_ready: called with the model's info once it is loaded.
+        on_engine_end: called once, as this incarnation exits, with its engine's last
+            statistics (so counters kept across restarts lose none of its work).
         step_listeners: observers of every step (benchmarks, tests); they never block.
         crash_on_failed_load: crash on a failed load (False: answer it instead).
         chat_template: a Jinja chat template (or the path of a file holding one) to use
@@ -107,6 +109,7 @@ class ModelActor(Actor[ModelMessage]):
                  registry: ActorRef, *, python: PythonRuntimeConfig = PythonRuntimeConfig(),
                  standby: WorkerStandby | None = None,
                  on_ready: Callable[[ModelInfo], None] | None = None,
+                 on_engine_end: Callable[[EngineStatistics], None] | None = None,
                  step_listeners: Sequence[Callable[[EngineStep], None]] = (),
                  crash_on_failed_load: bool = True,
                  chat_template: str | None = None) -> None:
@@ -128,6 +131,7 @@ class ModelActor(Actor[ModelMessage]):
         self._backlog = 0  # steps waiting in this mailbox for room at the registry
         self._held: list[tuple[HeldCall, Reply]] = []  # tokenizer calls during a load
         self._on_ready = on_ready
+        self._on_engine_end = on_engine_end
         self._step_listeners = step_listeners
         self._crash_on_failed_load = crash_on_failed_load
         self._load_error: EngineClientError | None = None  # a load that failed for good
@@ -146,6 +150,8 @@ class ModelActor(Actor[ModelMessage]):
         # incarnation must never see them, or a resumed stream would get tokens twice.
         self._exited = True
         if self._engine is not None:
+            if self._on_engine_end is not None:
+                self._on_engine_end(self._engine.statistics())
             self._engine.close_nowait()
 
     async def _watch_progress(self) -> None:
@@ -333,8 +339,11 @@ class ModelActor(Actor[ModelMessage]):
             await self._answer_or_hold(message, reply)
 
     def engine_statistics(self) -> EngineStatistics | None:
-        """The engine's counters (with the worker's `pid` under process isolation)."""
-        return self._engine.statistics() if self._engine is not None else None
+        """The engine's counters (with the worker's `pid` under process isolation); None
+        once this incarnation exited, when `on_engine_end` has had its last ones."""
+        if self._engine is None or self._exited:
+            return None
+        return self._engine.statistics()
 
     def progress(self) -> EngineProgress:
         """How the engine gets on with its work now (see `EngineProgress`)."""

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 import structlog
 import trio
 
@@ -31,7 +32,12 @@ from corral.engine.api import (
 from corral.engine.loaders import resolve_model
 from corral.protocol.errors import CircuitBreakerOpenError, Code, CorralError, EngineClientError
 from corral.protocol.lifecycle import ExitReason
-from corral.protocol.messages import ALIAS_PATTERN, EngineStep, ModelInfo
+from corral.protocol.messages import (
+    ALIAS_PATTERN,
+    EngineStep,
+    ModelInfo,
+    PrefixCacheStatistics,
+)
 from corral.protocol.serving_messages import ModelDown, WaitReady
 from corral.runtime.breaker_actor import BreakerActor
 from corral.runtime.health import ModelDescription, ModelState
@@ -51,12 +57,13 @@ class ModelRecord:
     runs) and `reload_streak` the reloads that failed in a row, which sets the delay;
     `trial_since` is when the reload that runs began, and `trial_seconds` how long the
     last one took, failed or not. `restarting_since` is when its model actor last
-    exited, until it is ready again.
+    exited, until it is ready again. `prefix_cache_ended` sums the prefix cache
+    counters of its engines that have ended (see `prefix_cache_totals`).
     """
 
-    __slots__ = ("alias", "config", "info", "monitors", "path", "ready_since", "reload_at",
-                 "reload_streak", "reloads", "restarting_since", "source", "state",
-                 "step_listeners", "trial_seconds", "trial_since")
+    __slots__ = ("alias", "config", "info", "monitors", "path", "prefix_cache_ended",
+                 "ready_since", "reload_at", "reload_streak", "reloads", "restarting_since",
+                 "source", "state", "step_listeners", "trial_seconds", "trial_since")
 
     def __init__(self, config: ModelConfig, source: str) -> None:
         self.config = config
@@ -74,6 +81,7 @@ class ModelRecord:
         self.restarting_since: float | None = None
         self.trial_since: float | None = None
         self.trial_seconds: float | None = None
+        self.prefix_cache_ended = PrefixCacheStatistics()
 
     @property
     def in_trial(self) -> bool:
@@ -85,6 +93,11 @@ class ModelRecord:
         for remove in self.monitors:
             remove()
         self.monitors.clear()
+
+    def engine_ended(self, last: EngineStatistics) -> None:
+        """An incarnation of the model actor exited with these engine statistics."""
+        self.prefix_cache_ended = prefix_cache_totals(self.prefix_cache_ended,
+                                                      last.prefix_cache)
 
     def ready(self, info: ModelInfo) -> None:
         """The model actor (re)loaded the model."""
@@ -132,7 +145,8 @@ class Models:
         return model_subtree_spec(
             self._config, model.alias, model.source, registry=self._system.ref(REGISTRY),
             standby_for=self._standby_for, on_start=lambda: self.watch(model),
-            on_ready=model.ready, step_listeners=model.step_listeners,
+            on_ready=model.ready, on_engine_end=model.engine_ended,
+            step_listeners=model.step_listeners,
             chat_template=model.config.chat_template,
             crash_on_failed_load=lambda: not model.in_trial)
 
@@ -386,6 +400,24 @@ class Models:
         """How the model's engine gets on with its work; None while no actor runs it."""
         actor = self.live(alias, "model")
         return actor.progress() if isinstance(actor, ModelActor) else None
+
+
+# What PrefixCacheStatistics counts since an engine started; its other fields say how
+# the cache is now.
+_PREFIX_CACHE_COUNTERS = ("queries", "hits", "evictions", "disk_writes", "disk_loads",
+                          "disk_hit_tokens", "disk_errors")
+
+
+def prefix_cache_totals(ended: PrefixCacheStatistics,
+                        live: PrefixCacheStatistics | None) -> PrefixCacheStatistics:
+    """A model's prefix cache over its life: the counters of its engines that ended
+    (`ended`) plus the live engine's, and the live engine's state (memory and disk held
+    now, nothing while no engine runs). So a counter never goes down at a restart, and
+    no engine's work is counted twice: an engine's counters move to `ended` as it ends,
+    and from then on nobody reads it live."""
+    now = live if live is not None else PrefixCacheStatistics(enabled=ended.enabled)
+    return msgspec.structs.replace(now, enabled=now.enabled or ended.enabled, **{
+        name: getattr(ended, name) + getattr(now, name) for name in _PREFIX_CACHE_COUNTERS})
 
 
 def held_open(model: ModelRecord) -> CircuitBreakerOpenError:

@@ -190,12 +190,11 @@ class Requests:
             with _as_request_timeout(request, timeout_s, started):
                 prompt_ids = await self._prompt_ids(alias, request, tools, deadline)
             check_token_ids("generated", request.generated, serving.info)
-            max_tokens = len(request.generated) + max_tokens_for(
-                self._config.generation, request.max_tokens, len(prompt_ids), serving.info,
-                len(request.generated))
-            sampling = msgspec.structs.replace(request.sampling_params(),
-                                               max_tokens=max_tokens)
-            grammar = await guided_grammar(request, alias, serving.info, tools)
+            remaining = max_tokens_for(self._config.generation, request.max_tokens,
+                                       len(prompt_ids), serving.info, len(request.generated))
+            sampling = msgspec.structs.replace(
+                request.sampling_params(), max_tokens=len(request.generated) + remaining)
+            grammar = await guided_grammar(request, alias, serving.info, tools, remaining)
             try:
                 with _as_request_timeout(request, timeout_s, started):
                     await self._registry.ask(
@@ -208,7 +207,8 @@ class Requests:
                     buffer = self._table.get(stream_id)  # the registry opened it on admission
                     assert buffer is not None and buffer.sequence is not None
                     if trio.current_time() >= deadline:  # the model was never asked
-                        raise TimeoutError("generate", timeout_s, request.request_id, 0.0)
+                        raise TimeoutError("generate", timeout_s, request.request_id,
+                                           trio.current_time() - started)
                     submitted = True
                     await retry_call(self._policy, self.ask_model, alias,
                                      Submit(buffer.sequence),

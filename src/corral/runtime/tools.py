@@ -37,6 +37,7 @@ from corral.protocol.messages import (
     ToolCalling,
     ToolFunction,
 )
+from corral.protocol.schema_bounds import bounded, longest
 from corral.protocol.schema_refs import (
     check_ref_cycles,
     has_local_refs,
@@ -44,8 +45,8 @@ from corral.protocol.schema_refs import (
     resolve_pointer,
 )
 
-__all__ = ["ToolCallReader", "arguments_object", "constrained", "template_turns",
-           "tool_choice_grammar", "tools_for"]
+__all__ = ["MAX_CALLS", "ToolCallReader", "arguments_object", "call_bounds", "constrained",
+           "template_turns", "tool_choice_grammar", "tools_for"]
 
 _NEWLINE: Final = "\n"
 
@@ -134,8 +135,8 @@ def tools_for(request: GenerateParams, model: str,
     return [msgspec.to_builtins(tool) for tool in request.tools]
 
 
-def tool_choice_grammar(request: GenerateParams, model: str,
-                        calling: ToolCalling) -> str | None:
+def tool_choice_grammar(request: GenerateParams, model: str, calling: ToolCalling,
+                        max_tokens: int | None = None) -> str | None:
     """The grammar that makes the model call a tool, for `tool_choice` "required" (one
     of `tools`; more than one call unless `parallel_tool_calls` is false) or a named
     function (that one, once), or None when the model may answer as it likes.
@@ -148,6 +149,11 @@ def tool_choice_grammar(request: GenerateParams, model: str,
     A function's `parameters` keep their local references (`#/$defs/...`, as Pydantic
     writes them): nested in the call's grammar, they are rewritten to where the
     parameters now sit (`nest_refs`).
+
+    The calls always end: what a function's `parameters` leave open is bounded
+    (`corral.protocol.schema_bounds.bounded`), with strings as long as lets one call of
+    the longest function fit in `max_tokens`, and as many calls as fit (at most
+    `MAX_CALLS`) when several may come (see `call_bounds`).
 
     Raises:
         EngineClientError: GuidanceError when the model's tool-call format is not one
@@ -172,6 +178,10 @@ def tool_choice_grammar(request: GenerateParams, model: str,
                              f"tools[{index}].function.parameters")
     options = {"whitespace_flexible": False,
                "lenient": not all(tool.function.strict for tool in request.tools)}
+    several = named is None and request.parallel_tool_calls
+    max_length, calls = call_bounds(chosen, max_tokens, several=several)
+    chosen = [msgspec.structs.replace(function, parameters=bounded(
+        function.parameters or {"type": "object"}, max_length)) for function in chosen]
     import_mlx_lm()
     module = importlib.import_module(f"mlx_lm.tool_parsers.{calling.parser}")
     start, end = module.tool_call_start, module.tool_call_end
@@ -179,8 +189,53 @@ def tool_choice_grammar(request: GenerateParams, model: str,
         block = f'{start} "\\n" call "\\n" {end}'
     else:
         block = f'{json.dumps(start)} "\\n" call "\\n" {json.dumps(end)}'
-    repeat = "+" if named is None and request.parallel_tool_calls else ""
+    repeat = f"{{1,{calls}}}" if calls > 1 else ""
     return lark_grammar(f"start: ({block}){repeat}\n{write(chosen, options)}")
+
+
+MAX_CALLS: Final = 8
+"""The most calls one forced reply holds when several may come."""
+
+# The string lengths tried, longest first, when a forced call must fit in max_tokens.
+_STRING_LENGTHS: Final = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+# Room around a call's arguments: its markers and newlines, the JSON around them or,
+# in the XML format, the lines around each parameter.
+_CALL_ROOM: Final = 64
+_PARAMETER_ROOM: Final = 32
+
+
+def call_bounds(functions: list[ToolFunction], max_tokens: int | None, *,
+                several: bool) -> tuple[int, int]:
+    """The longest string a forced call's arguments may hold, and how many calls may
+    come, so that every reply fits in `max_tokens` (a token is at least one byte):
+    the longest strings with which one call of any of `functions` fits, then as many
+    such calls as fit (at most `MAX_CALLS`, one unless `several`). Without
+    `max_tokens`, or for parameters that nothing bounds (properties allowed
+    explicitly, a recursive reference), the longest strings and one call: the
+    schema's own bounds, if any, are what ends such a call.
+    """
+    def longest_call(max_length: int) -> int | None:
+        sizes = []
+        for function in functions:
+            parameters = bounded(function.parameters or {"type": "object"}, max_length)
+            size = longest(parameters)
+            if size is None:
+                return None
+            properties = parameters.get("properties", {})
+            sizes.append(size + len(function.name) + _CALL_ROOM
+                         + _PARAMETER_ROOM * len(properties))
+        return max(sizes)
+
+    if max_tokens is None:
+        return _STRING_LENGTHS[0], MAX_CALLS if several else 1
+    for max_length in _STRING_LENGTHS:
+        size = longest_call(max_length)
+        if size is None:
+            return _STRING_LENGTHS[0], 1
+        if size <= max_tokens or max_length == _STRING_LENGTHS[-1]:
+            calls = min(MAX_CALLS, max(1, max_tokens // size)) if several else 1
+            return max_length, calls
+    raise AssertionError("unreachable: the last length always returns")
 
 
 def _json_calls(functions: list[ToolFunction], options: dict[str, Any]) -> str:
@@ -264,10 +319,10 @@ _CALLS: Final[dict[str, Callable[[list[ToolFunction], dict[str, Any]], str]]] = 
 
 def constrained(grammar: str | None, request: GenerateParams, model: str,
                 info: ModelInfo | None, tools: list[dict[str, Any]] | None,
-                ) -> tuple[str | None, str]:
-    """The grammar of a required or named tool call when the request asks for one,
-    else `grammar` (its `response_format`'s), and the request field the grammar comes
-    from (for errors).
+                max_tokens: int | None) -> tuple[str | None, str]:
+    """The grammar of a required or named tool call when the request asks for one
+    (its calls fitting in `max_tokens`, see `tool_choice_grammar`), else `grammar` (its
+    `response_format`'s), and the request field the grammar comes from (for errors).
 
     Raises:
         EngineClientError: InvalidParams for a required call with a response_format;
@@ -275,7 +330,7 @@ def constrained(grammar: str | None, request: GenerateParams, model: str,
     """
     if not tools or info is None or info.tool_calling is None:
         return grammar, "response_format"
-    calls = tool_choice_grammar(request, model, info.tool_calling)
+    calls = tool_choice_grammar(request, model, info.tool_calling, max_tokens)
     if calls is None:
         return grammar, "response_format"
     if grammar is not None:

@@ -21,7 +21,7 @@ from corral.actors.child_spec import Backoff, ChildSpec, Intensity, Restart, Str
 from corral.actors.ref import ActorRef
 from corral.actors.supervisor import Supervisor, supervisor_spec
 from corral.config import RuntimeConfig
-from corral.engine.api import WorkerStandby
+from corral.engine.api import EngineStatistics, WorkerStandby
 from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.messages import EngineStep, ModelInfo
 from corral.runtime.breaker_actor import BreakerActor
@@ -78,6 +78,7 @@ def build_root(config: RuntimeConfig, table: StreamTable,
 def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
                        registry: ActorRef, standby_for: Callable[[str], WorkerStandby | None],
                        on_start: Callable[[], None], on_ready: Callable[[ModelInfo], None],
+                       on_engine_end: Callable[[EngineStatistics], None],
                        step_listeners: list[Callable[[EngineStep], None]],
                        crash_on_failed_load: Callable[[], bool],
                        chat_template: str | None = None) -> ChildSpec:
@@ -102,7 +103,8 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
             ChildSpec(name="model", factory=lambda: ModelActor(
                 alias, source, config.generation, registry,
                 python=config.python_runtime, standby=standby_for(alias), on_ready=on_ready,
-                step_listeners=step_listeners, chat_template=chat_template,
+                on_engine_end=on_engine_end, step_listeners=step_listeners,
+                chat_template=chat_template,
                 crash_on_failed_load=crash_on_failed_load()),
                 shutdown=shutdown),
         ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff)

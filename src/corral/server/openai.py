@@ -67,14 +67,17 @@ _ERROR_TYPES: Final[dict[int, str]] = {
 
 
 def error_body(error: CorralError, request_id: str) -> ErrorBody:
-    """OpenAI's error body for `error`, with corral's code name and the request id."""
+    """OpenAI's error body for `error`, with corral's code name, the request id and the
+    error's structured details."""
     status = status_of(error)
     field = error.details.get("field")
     return ErrorBody(ErrorDetail(
         message=error.message,
         type=_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         code=error.code.value, param=field if isinstance(field, str) else None,
-        request_id=request_id, retryable=error.retryable))
+        request_id=request_id, retryable=error.retryable,
+        # A detail with no JSON form goes as its repr, as in JSON-RPC's error data.
+        details=msgspec.to_builtins(error.details, enc_hook=repr)))
 
 
 OPENAI_ERRORS: Final = ErrorShape(error_body)
