@@ -21,7 +21,8 @@ from corral.config import ModelConfig, config_from_mapping
 from corral.protocol.durations import KEEP_FOREVER, keep_alive_seconds, parse_duration
 from corral.protocol.errors import CorralError
 from corral.runtime.keep_alive import BUSY_RECHECK_S, IdleUnloader, KeepAlive
-from corral.runtime.models import ModelRecord, Models
+from corral.runtime.model_record import ModelRecord
+from corral.runtime.models import Models
 
 
 class FakeModels:

@@ -368,7 +368,7 @@ async def test_retry_after_during_a_reload_is_the_time_the_last_trial_took(
     """Issue 21 item 9: a reload that took 10 s (a load that ran into its startup
     timeout) is followed by one that is told to wait 10 s, less what it has run, not 1 s."""
     from corral.config import ModelConfig
-    from corral.runtime.models import ModelRecord, held_open
+    from corral.runtime.model_record import ModelRecord, held_open
 
     mock_clock.autojump_threshold = 0
     model = ModelRecord(ModelConfig(alias="tiny", path="/models/tiny"), "/models/tiny")

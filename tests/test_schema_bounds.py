@@ -48,7 +48,7 @@ def test_nested_schemas_and_definitions_are_bounded() -> None:
     out = bounded(schema, 4)
     assert out["$defs"]["t"] == {"type": "string", "maxLength": 4}
     assert out["properties"]["tags"]["maxItems"] == MAX_ITEMS
-    assert longest(out) == 2 + len('"tags":') + 2 + MAX_ITEMS * (2 + 6 * 4) + MAX_ITEMS - 1
+    assert longest(out) == 2 + len('"tags":') + 2 + MAX_ITEMS * (2 + 12 * 4) + MAX_ITEMS - 1
 
 
 @pytest.mark.parametrize("schema", [

@@ -39,8 +39,9 @@ FRACTION_DIGITS: Final = 6
 # A schema's own format (`format`, `pattern`) may need more room than a tight budget
 # leaves; a bound never makes it unsatisfiable below this.
 _SHAPED_MIN_LENGTH: Final = 64
-# The most bytes one character of a JSON string can take written out (`\u001f`).
-_BYTES_PER_CHAR: Final = 6
+# The most bytes one character of a JSON string can take written out: a character
+# beyond the Basic Multilingual Plane escaped as a surrogate pair (`\ud800\udc00`).
+_BYTES_PER_CHAR: Final = 12
 _LIMIT: Final = 10 ** MAX_DIGITS - 1
 _STEP: Final = float(Decimal(1).scaleb(-FRACTION_DIGITS))
 _SCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "dependentSchemas",

@@ -44,7 +44,8 @@ from corral.runtime.health import (
     assess,
 )
 from corral.runtime.keep_alive import KeepAlive
-from corral.runtime.models import Models, prefix_cache_totals
+from corral.runtime.model_record import prefix_cache_totals
+from corral.runtime.models import Models
 from corral.runtime.requests import Requests, TokenStream
 from corral.runtime.retry_actor import GetRetryStats
 from corral.runtime.stream_buffers import StreamBuffer, StreamTable

@@ -24,7 +24,8 @@ from corral.config import RuntimeConfig
 from corral.engine.loaders import resolve_model, resolve_model_now
 from corral.protocol.errors import CorralError
 from corral.protocol.lifecycle import ExitReason
-from corral.runtime.models import ModelRecord, Models
+from corral.runtime.model_record import ModelRecord
+from corral.runtime.models import Models
 from corral.runtime.tree import backoff_of
 
 __all__ = ["Healer", "Reloader"]

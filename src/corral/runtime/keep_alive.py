@@ -30,7 +30,8 @@ from corral.actors.context import Context
 from corral.config import ModelConfig, RuntimeConfig
 from corral.protocol.durations import KEEP_FOREVER, keep_alive_seconds
 from corral.protocol.errors import CorralError
-from corral.runtime.models import ModelRecord, Models
+from corral.runtime.model_record import ModelRecord
+from corral.runtime.models import Models
 
 __all__ = ["BUSY_RECHECK_S", "IdleUnloader", "KeepAlive"]
 

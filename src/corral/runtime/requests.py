@@ -51,7 +51,8 @@ from corral.runtime.fallbacks import FallbackAnswer, ResponseFallbacks
 from corral.runtime.guidance import guided_grammar
 from corral.runtime.keep_alive import KeepAlive
 from corral.runtime.limits import check_prompt_length, max_tokens_for
-from corral.runtime.models import ModelRecord, Models, held_open
+from corral.runtime.model_record import ModelRecord, held_open
+from corral.runtime.models import Models
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
 from corral.runtime.retry_actor import ActorBudget
 from corral.runtime.stream_buffers import StreamBuffer, StreamTable
