@@ -21,6 +21,7 @@ import json
 import os
 import re
 import resource
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,3 +255,78 @@ def _established(pid: int, port: int) -> int:
         if local_port == port and fields[3] != "0A" and f"socket:[{fields[9]}]" in inodes:
             count += 1
     return count
+
+
+def test_a_request_waiting_unread_when_the_idle_timer_fires_is_served(
+        model_path: str, tmp_path: Path) -> None:
+    """The cause of the lost streams: Hypercorn closed a connection whose idle timer
+    (`keep_alive_timeout`, running from accept to the first request) fired while the
+    request sat unread in its socket, as it does when a loaded server reads late. The
+    server is stopped (SIGSTOP) between the clients' connect and their request, for
+    longer than the timer, and continued: every request is served."""
+    config = tmp_path / "runtime.yaml"
+    config.write_text("server:\n  keep_alive_timeout_ms: 1000\nlogging:\n  format: json\n")
+    port = free_port()
+    server = Server(["--model", f"tiny={model_path}", "--http", f"127.0.0.1:{port}"], config)
+    try:
+        server.wait_ready()
+
+        async def late_requests() -> list[Outcome]:
+            streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(8)]
+            with trio.fail_after(10):
+                while _established(server.process.pid, port) < 8:  # all accepted
+                    await trio.sleep(0.01)
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                for stream in streams:
+                    await stream.send_all(_request_bytes())
+                await trio.sleep(1.5)  # every idle timer is due when the server goes on
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            outcomes: list[Outcome] = []
+            async with trio.open_nursery() as nursery:
+                for stream in streams:
+                    nursery.start_soon(lambda s=stream: _append_reply(outcomes, s))
+            return outcomes
+
+        outcomes = trio.run(late_requests)
+        assert [o.kind for o in outcomes] == ["served"] * 8, outcomes
+    finally:
+        server.stop()
+
+
+def _request_bytes() -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+            b"content-type: application/json\r\ncontent-length: "
+            + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+
+
+async def _append_reply(outcomes: list[Outcome], stream: trio.SocketStream) -> None:
+    """Read one reply (its request already sent) on `stream`, then close it."""
+    connection = h11.Connection(h11.CLIENT)
+    connection.send(h11.Request(method="POST", target="/v1/chat/completions",
+                                headers=[("host", "127.0.0.1"),
+                                         ("content-length", str(len(BODY)))]))
+    connection.send(h11.Data(data=BODY))
+    connection.send(h11.EndOfMessage())
+    status, headers, parts = 0, {}, bytearray()
+    async with stream:
+        try:
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                    headers = {bytes(k).decode(): bytes(v).decode() for k, v in event.headers}
+                elif isinstance(event, h11.Data):
+                    parts += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    outcomes.append(Outcome("lost", f"{event!r}"))
+                    return
+        except (OSError, trio.BrokenResourceError, h11.RemoteProtocolError) as exc:
+            outcomes.append(Outcome("lost", repr(exc)))
+            return
+    outcomes.append(_judged(status, headers, bytes(parts)))

@@ -39,7 +39,6 @@ import msgspec
 import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
@@ -65,6 +64,7 @@ from corral.server.auth import ApiKeys
 from corral.server.bodies import error_response
 from corral.server.errors import ErrorShape, error_headers, internal_error
 from corral.server.exchange import LAST_WORDS_S, ClientStreams
+from corral.server.hypercorn_connection import ConnectionServer
 from corral.server.lingering import LingeringStream
 from corral.server.ollama import OLLAMA_ERRORS
 from corral.server.ollama_routes import ollama_routes
@@ -253,18 +253,6 @@ def build_app(runtime: Runtime, metrics: Metrics | None = None,
 # -- the supervised listener ------------------------------------------------------------
 
 
-class _TcpServer(TCPServer):
-    """Hypercorn 0.18's connection server, closing a connection as soon as its client
-    has closed it. Hypercorn's own keeps it open until `keep_alive_timeout`: its reader
-    ends at the client's EOF, but the idle-timeout task it started after the last reply
-    holds the connection's task group open, so a server whose clients open and close
-    connections quickly runs at its connection cap with sockets nobody can use."""
-
-    async def _read_data(self) -> None:
-        await super()._read_data()
-        await self.idle_task.stop()  # the client sent EOF: no request can follow
-
-
 @final
 class HttpServer:
     """The HTTP listener as a supervised child (of the transport domain).
@@ -382,7 +370,7 @@ class HttpServer:
         try:
             # Hypercorn's annotation names its TLS stream; its trio worker passes plain
             # socket streams as well.
-            await _TcpServer(app, config, context, state, wire).run()  # type: ignore[arg-type]
+            await ConnectionServer(app, config, context, state, wire).run()  # type: ignore[arg-type]
         finally:
             await wire.linger_and_close()
             self._open -= 1
