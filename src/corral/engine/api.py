@@ -73,8 +73,10 @@ class EngineClient(Protocol):
 
     async def apply_chat_template(self, messages: list[dict[str, Any]],
                                   add_generation_prompt: bool = True,
-                                  tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Raises TokenizerError (no template, or it refuses), ModelNotLoaded."""
+                                  tools: list[dict[str, Any]] | None = None,
+                                  kwargs: dict[str, Any] | None = None) -> list[int]:
+        """`kwargs`: more variables for the template (`chat_template_kwargs`).
+        Raises TokenizerError (no template, or it refuses), ModelNotLoaded."""
         ...
 
     async def close(self) -> None:

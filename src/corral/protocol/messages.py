@@ -266,6 +266,22 @@ Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
 MAX_CHOICES: Final = 8
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
+MAX_TEMPLATE_KWARGS: Final = 32
+MAX_TEMPLATE_KWARGS_BYTES: Final = 16 * 1024  # their JSON; checked by the runtime
+TemplateKwargName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")]
+"""A chat template variable: a Python identifier (it is passed as a keyword argument)."""
+ChatTemplateKwargs = Annotated[dict[TemplateKwargName, Any],
+                               msgspec.Meta(max_length=MAX_TEMPLATE_KWARGS)]
+"""More variables for the chat template (`enable_thinking` for Qwen 3), as
+`mlx_lm.server` and vLLM take `chat_template_kwargs`: JSON values, at most
+`MAX_TEMPLATE_KWARGS_BYTES` of them as JSON; the names the rendering itself sets
+(`RESERVED_TEMPLATE_KWARGS`) are refused."""
+RESERVED_TEMPLATE_KWARGS: Final = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "chat_template", "tokenizer_kwargs", "padding",
+    "truncation", "max_length"})
+
 
 class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A generate or complete call: the `SamplingParams` fields (flat, as OpenAI's and
@@ -293,6 +309,8 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     `keep_alive` (seconds; 0: unload right after, negative: for good) is how long the
     model stays loaded once idle after this request; None leaves the model's own
     (`generation.models[].keep_alive`). See `corral.runtime.keep_alive`.
+    `chat_template_kwargs` go with `messages`: more variables for the model's chat
+    template (see `ChatTemplateKwargs`).
     """
 
     model: Name | None = None
@@ -308,6 +326,7 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     client: Name | None = None
     generated: list[TokenId] = msgspec.field(default_factory=list)
     keep_alive: KeepAliveSeconds | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
 
     positional_fields: ClassVar[tuple[str, ...]] = (
         "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",

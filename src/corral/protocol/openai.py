@@ -25,6 +25,7 @@ from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.grammar import ResponseFormat
 from corral.protocol.messages import (
     ChatMessage,
+    ChatTemplateKwargs,
     ChoiceCount,
     FunctionCall,
     GenerateParams,
@@ -139,6 +140,7 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
     tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # an extension, as vLLM's
 
     def to_generate_params(self, *, request_id: str, client: str) -> GenerateParams:
         """The runtime's request, with the request's id and the client's address.
@@ -154,7 +156,7 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
         return self._generate_params(
             request_id, client, messages=[m.to_message() for m in self.messages],
             max_tokens=self.max_completion_tokens or self.max_tokens, tools=self.tools,
-            tool_choice=self.tool_choice,
+            tool_choice=self.tool_choice, chat_template_kwargs=self.chat_template_kwargs,
             parallel_tool_calls=(True if self.parallel_tool_calls is None
                                  else self.parallel_tool_calls))
 

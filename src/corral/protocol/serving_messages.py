@@ -85,10 +85,12 @@ class Detokenize(msgspec.Struct, frozen=True, tag=True):
 class ApplyChatTemplate(msgspec.Struct, frozen=True, tag=True):
     """Render chat turns (and the tools, when given) with the model's chat template.
     Turns and tools are the template's free-form mappings (`runtime/tools.py` makes
-    them from `ChatMessage` and `Tool`)."""
+    them from `ChatMessage` and `Tool`); `kwargs`, the request's `chat_template_kwargs`,
+    go to the template's rendering as its variables."""
 
     turns: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
+    kwargs: dict[str, Any] = {}
     reply_type: ClassVar[type[TokenIds]] = TokenIds
 
 

@@ -31,7 +31,7 @@ __all__ = [
     "LoadFailed", "Loaded", "Shutdown", "Step", "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 6
+PROTOCOL_VERSION: Final = 7
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 
@@ -101,6 +101,7 @@ class ChatTemplateArgs(msgspec.Struct, frozen=True, tag="apply_chat_template",
     messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
+    kwargs: dict[str, Any] = {}  # the request's `chat_template_kwargs`
 
 
 CallArgs = TokenizeArgs | DetokenizeArgs | ChatTemplateArgs

@@ -307,8 +307,9 @@ class ModelActor(Actor[ModelMessage]):
                 return TokenIds(await engine.tokenize(text, special))
             case Detokenize(ids=ids):
                 return Text(await engine.detokenize(ids))
-            case ApplyChatTemplate(turns=turns, tools=tools):
-                return TokenIds(await engine.apply_chat_template(turns, tools=tools))
+            case ApplyChatTemplate(turns=turns, tools=tools, kwargs=kwargs):
+                return TokenIds(await engine.apply_chat_template(turns, tools=tools,
+                                                                 kwargs=kwargs))
 
     async def _answer_or_hold(self, message: HeldCall, reply: Reply) -> None:
         """Answer a tokenizer call, or hold it while the engine (re)loads or has just

@@ -323,7 +323,8 @@ class Requests:
         timeout = max(deadline - trio.current_time(), 0.0)
         if request.messages is not None:
             reply = await self.ask_model(
-                alias, ApplyChatTemplate(template_turns(request.messages), tools),
+                alias, ApplyChatTemplate(template_turns(request.messages), tools,
+                                         dict(request.chat_template_kwargs or {})),
                 timeout=timeout)
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):
