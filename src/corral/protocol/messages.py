@@ -266,6 +266,9 @@ Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
 MAX_CHOICES: Final = 8
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
+Priority = Annotated[int, msgspec.Meta(ge=-MAX_INT32, le=MAX_INT32)]
+"""A request's priority, as vLLM's: a lower value is admitted first (0 by default)."""
+
 MAX_TEMPLATE_KWARGS: Final = 32
 MAX_TEMPLATE_KWARGS_BYTES: Final = 16 * 1024  # their JSON; checked by the runtime
 TemplateKwargName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")]
@@ -309,6 +312,9 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     `keep_alive` (seconds; 0: unload right after, negative: for good) is how long the
     model stays loaded once idle after this request; None leaves the model's own
     (`generation.models[].keep_alive`). See `corral.runtime.keep_alive`.
+    `priority`: while requests wait for a stream slot, a lower value is admitted first
+    (vLLM's `priority`); within one priority admission stays fair between clients (see
+    `Admit`). A running stream is never preempted.
     `chat_template_kwargs` go with `messages`: more variables for the model's chat
     template (see `ChatTemplateKwargs`).
     """
@@ -327,6 +333,7 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     generated: list[TokenId] = msgspec.field(default_factory=list)
     keep_alive: KeepAliveSeconds | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    priority: Priority = 0
 
     positional_fields: ClassVar[tuple[str, ...]] = (
         "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",

@@ -30,6 +30,7 @@ from corral.protocol.messages import (
     FunctionCall,
     GenerateParams,
     Name,
+    Priority,
     TimeoutMs,
     TokenCount,
     TokenId,
@@ -74,13 +75,15 @@ class _Request(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=
     response_format: ResponseFormat | None = None
     user: str | None = None  # neutral: accepted, not used
     timeout_ms: TimeoutMs | None = None  # an extension: the request's deadline
+    priority: Priority = 0  # an extension, as vLLM's: lower is admitted first
 
     def _generate_params(self, request_id: str, client: str, **fields: Any) -> GenerateParams:
         """The runtime's request: this request's sampling, with `fields` over it."""
         return GenerateParams(
             **{**self.sampling_fields(), **fields},
             model=self.model, n=self.n, response_format=self.response_format,
-            timeout_ms=self.timeout_ms, request_id=request_id, client=client)
+            timeout_ms=self.timeout_ms, priority=self.priority, request_id=request_id,
+            client=client)
 
 
 class CompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):

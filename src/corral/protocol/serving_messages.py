@@ -136,7 +136,9 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     `client` names who asked (a connection, an address), for fair admission: a freed
     slot goes to the waiting client with the fewest streams running, and a full queue
     makes room by refusing the newest waiter of the client that holds the most. None
-    is one anonymous client. `sampling` and `grammar` go on into the `EngineSequence`
+    is one anonymous client. `priority` comes first: a lower value is admitted before
+    any higher one, and the fairness above holds among waiters of one priority.
+    `sampling` and `grammar` go on into the `EngineSequence`
     as they are (`sampling.max_tokens` set); `generated`: ids a lost run already sent
     (see `GenerateParams`), which count toward it.
     """
@@ -150,6 +152,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     request_id: str | None = None
     client: str | None = None
     generated: list[int] = []
+    priority: int = 0
     reply_type: ClassVar[type[Admitted]] = Admitted
 
 

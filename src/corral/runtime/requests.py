@@ -202,7 +202,8 @@ class Requests:
                         Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
                               prompt=prompt_ids, sampling=sampling, grammar=grammar,
                               request_id=request.request_id,
-                              client=request.client, generated=list(request.generated)),
+                              client=request.client, generated=list(request.generated),
+                              priority=request.priority),
                         timeout=max(deadline - trio.current_time(), 0.0),
                         request_id=request.request_id)
                     buffer = self._table.get(stream_id)  # the registry opened it on admission
