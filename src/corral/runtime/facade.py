@@ -9,7 +9,7 @@ it is and holds no state of its own.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, final
 
@@ -298,9 +298,11 @@ class Runtime:
         async with open_choices(self._requests, request) as choices:
             yield choices
 
-    def choices(self, request: GenerateParams) -> AbstractAsyncContextManager[ChoiceStreams]:
+    def choices(self, request: GenerateParams | Sequence[GenerateParams]
+                ) -> AbstractAsyncContextManager[ChoiceStreams]:
         """`generate_choices` for a request already typed (what the transports build
-        once): `async with rt.choices(params) as choices`."""
+        once): `async with rt.choices(params) as choices`; or for a batch of requests
+        that differ in their prompt (a completion's prompts), numbered prompt by prompt."""
         return open_choices(self._requests, request)
 
     async def complete(self, model: str | None = None, prompt: str | list[int] | None = None,

@@ -98,16 +98,26 @@ class Job(msgspec.Struct, frozen=True):
     """One validated generation request: the runtime's params and the reply's shape.
 
     Attributes:
-        params: what the runtime runs, with the request id and the client set.
+        params: what the runtime runs, with the request id and the client set (of a
+            batch of prompts, the first prompt's).
         shape: makes the reply's bodies or chunks.
         stream: whether the reply is SSE.
         include_usage: SSE only: a last chunk with the usage.
+        batch: every prompt's params, in order, when a completion has more than one.
+        echo: a completion's prompt text comes before its text.
     """
 
     params: GenerateParams
     shape: Shape
     stream: bool
     include_usage: bool
+    batch: list[GenerateParams] = []
+    echo: bool = False
+
+    @property
+    def prompts(self) -> list[GenerateParams]:
+        """The params of each prompt: the batch's, or the one request's."""
+        return self.batch or [self.params]
 
 
 def chat_job(body: Any, request_id: str, client: str) -> Job:
@@ -128,13 +138,15 @@ def completion_job(body: Any, request_id: str, client: str) -> Job:
     """A POST /v1/completions body (builtins) as a job.
 
     Raises:
-        EngineClientError: InvalidParams naming the field (batched prompts included).
+        EngineClientError: InvalidParams naming the field (a batch too large, `echo`
+            with `logprobs`, and `suffix` included).
     """
     request = convert_params(without_nulls(body), CompletionRequest)
     options = request.stream_options
-    return Job(request.to_generate_params(request_id=request_id, client=client),
-               CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
-               bool(options and options.include_usage))
+    batch = request.to_generate_batch(request_id=request_id, client=client)
+    return Job(batch[0], CompletionShape(f"cmpl-{request_id}", int(time.time())),
+               request.stream, bool(options and options.include_usage),
+               batch if len(batch) > 1 else [], request.echo)
 
 
 def finish_reason(reason: FinishReason | None) -> Literal["stop", "length", "tool_calls"]:
