@@ -224,6 +224,16 @@ class ToolCalling(msgspec.Struct, frozen=True):
     marker_tokens: bool
 
 
+class Thinking(msgspec.Struct, frozen=True):
+    """How a model marks its reasoning, as mlx_lm's tokenizer infers it (`has_thinking`):
+    the text of its start and end markers (`<think>`, `</think>`) and their token ids."""
+
+    start: str
+    end: str
+    start_ids: list[int]
+    end_ids: list[int]
+
+
 class ModelInfo(msgspec.Struct, frozen=True):
     """A loaded model as its engine reports it."""
 
@@ -237,6 +247,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     """How this model writes tool calls, or None when its chat template has no tool
     support."""
     structured_output: bool = False  # its tokenizer can drive grammars (`grammar`)
+    thinking: Thinking | None = None
+    """How this model marks its reasoning, or None when it does not think."""
 
 
 # -- the public generate call, as every interface receives it -----------------------------
@@ -317,6 +329,10 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     `Admit`). A running stream is never preempted.
     `chat_template_kwargs` go with `messages`: more variables for the model's chat
     template (see `ChatTemplateKwargs`).
+    `separate_reasoning`: of a chat with a model that thinks, the text between its
+    think markers is read apart, as `reasoning` (`corral.runtime.reasoning`); false
+    leaves it in the text with its markers (for an API whose replies have no place for
+    it yet).
     """
 
     model: Name | None = None
@@ -334,6 +350,7 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     keep_alive: KeepAliveSeconds | None = None
     chat_template_kwargs: ChatTemplateKwargs | None = None
     priority: Priority = 0
+    separate_reasoning: bool = True
 
     positional_fields: ClassVar[tuple[str, ...]] = (
         "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
@@ -361,6 +378,9 @@ class Choice(msgspec.Struct, frozen=True):
     tokens: list[str] | None = None
     top_logprobs: list[list[TokenLogprob]] | None = None
     tool_calls: list[ToolCall] = []
+    reasoning: str | None = None
+    """Of a chat with a model that thinks: the text between its think markers (then
+    not in `text`); else None."""
 
 
 class Completion(msgspec.Struct, frozen=True):
@@ -368,7 +388,7 @@ class Completion(msgspec.Struct, frozen=True):
     answer when `n` is 1), and every choice in `choices`. `usage` counts the prompt once
     and the tokens of every choice. `fallback` names
     what served it in place of the model asked for (another alias, "cached",
-    "default"), else None."""
+    "default"), else None. `reasoning`: the first choice's (see `Choice`)."""
 
     stream_id: int
     model: str
@@ -382,3 +402,4 @@ class Completion(msgspec.Struct, frozen=True):
     choices: list[Choice] = []
     tool_calls: list[ToolCall] = []
     fallback: str | None = None
+    reasoning: str | None = None

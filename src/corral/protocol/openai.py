@@ -281,11 +281,14 @@ class ChatLogprobs(msgspec.Struct, frozen=True):
 
 
 class ChatMessageOut(msgspec.Struct, frozen=True):
-    """The reply; `content` is None when the model only called tools."""
+    """The reply; `content` is None when the model only called tools.
+    `reasoning_content` (vLLM's name) is what a model that thinks wrote between its
+    think markers, else None."""
 
     content: str | None
     role: Literal["assistant"] = "assistant"
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChoice(msgspec.Struct, frozen=True):
@@ -317,6 +320,7 @@ class ChatDelta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, frozen=True):

@@ -138,11 +138,12 @@ class ChoiceStreams:
                 index, stream.text, stream.token_ids, stream.finish_reason,
                 logprobs[index] if want_logprobs else None,
                 tokens[index] if want_logprobs else None,
-                top[index] if want_top else None, stream.tool_calls))
+                top[index] if want_top else None, stream.tool_calls, stream.reasoning))
         first = choices[0]
         return Completion(self.stream_id, self.model, first.text, first.token_ids,
                           first.finish_reason, self.usage, first.logprobs, first.tokens,
-                          first.top_logprobs, choices, first.tool_calls, self.fallback)
+                          first.top_logprobs, choices, first.tool_calls, self.fallback,
+                          first.reasoning)
 
 
 async def _read(choice: int, stream: TokenStream,

@@ -52,6 +52,7 @@ from corral.runtime.guidance import guided_grammar
 from corral.runtime.keep_alive import KeepAlive
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.models import ModelRecord, Models, held_open
+from corral.runtime.reasoning import ReasoningReader, starts_inside
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
 from corral.runtime.retry_actor import ActorBudget
 from corral.runtime.stream_buffers import StreamBuffer, StreamTable
@@ -220,8 +221,13 @@ class Requests:
                 reader = (ToolCallReader(calling.parser, tools,
                                          first_only=not request.parallel_tool_calls)
                           if tools and calling else None)
+                thinking = serving.info.thinking if serving.info else None
+                reasoning = (ReasoningReader(thinking, inside=starts_inside(thinking,
+                                                                            prompt_ids))
+                             if thinking and request.messages is not None
+                             and request.separate_reasoning else None)
                 yield TokenStream(buffer, alias, alias if alias != entry.alias else None,
-                                  reader)
+                                  reader, reasoning)
                 outcome = _outcome(request, buffer.error, buffer.finish_reason)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its

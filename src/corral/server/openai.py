@@ -203,7 +203,8 @@ class ChatShape:
 
     def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
         """The event of one chunk, or None for a chunk with nothing to tell."""
-        if not chunk.text and chunk.logprobs is None and not chunk.tool_calls:
+        if (not chunk.text and chunk.logprobs is None and not chunk.tool_calls
+                and not chunk.reasoning):
             return None
         calls = None
         if chunk.tool_calls:
@@ -212,7 +213,8 @@ class ChatShape:
                      for i, call in enumerate(chunk.tool_calls)]
             self._calls[chunk.choice] += len(calls)
         return self._chunk(model, [ChatChunkChoice(
-            ChatDelta(content=chunk.text or (None if calls else ""), tool_calls=calls),
+            ChatDelta(content=chunk.text or (None if calls or chunk.reasoning else ""),
+                      tool_calls=calls, reasoning_content=chunk.reasoning or None),
             chunk.choice,
             logprobs=self._logprobs(chunk.logprobs, chunk.tokens, chunk.top_logprobs))])
 
@@ -231,7 +233,8 @@ class ChatShape:
             EngineClientError: Cancelled, for a choice the runtime ended early.
         """
         choices = [ChatChoice(ChatMessageOut(None if c.tool_calls and not c.text else c.text,
-                                             tool_calls=c.tool_calls or None),
+                                             tool_calls=c.tool_calls or None,
+                                             reasoning_content=c.reasoning),
                               finish_reason(c.finish_reason), c.index,
                               self._logprobs(c.logprobs, c.tokens, c.top_logprobs))
                    for c in completion.choices]
