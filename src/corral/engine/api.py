@@ -97,7 +97,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
                 on_failure: Callable[[BaseException], None],
                 start_soon: StartSoon,
                 standby: WorkerStandby | None = None,
-                chat_template: str | None = None) -> EngineClient:
+                chat_template: str | None = None,
+                adapter_path: str | None = None) -> EngineClient:
     """The engine of one model, not started: in a thread or in a worker process, as
     `generation.isolation` says.
 
@@ -116,6 +117,7 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
             (process isolation only).
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
+        adapter_path: a LoRA adapter directory applied at load.
 
     Returns:
         The engine, not started: its owner `start`s it, and `close`s it (or
@@ -127,7 +129,7 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         prefill_step_size=generation.prefill_step_size,
         prefill_step_target_ms=generation.prefill_step_target_ms,
         prefix_cache=generation.prefix_cache, chat_template=chat_template,
-        cpu_dequantize=generation.cpu_dequantize)
+        adapter_path=adapter_path, cpu_dequantize=generation.cpu_dequantize)
     if generation.isolation == "thread":
         return Engine(path, on_step=on_step, on_failure=on_failure, **options)
     return ProcessEngine(

@@ -47,6 +47,7 @@ class EngineOptions(TypedDict, total=False):
             prefilled (see `corral.engine.pacing`).
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
+        adapter_path: a LoRA adapter directory applied at load, or None.
         cpu_dequantize: float32 weights on a CPU device (see `corral.engine.loading`).
         prefix_cache: reuse of the KV of prompt prefixes seen before (see
             `corral.engine.prefix_cache`); it lives where the engine runs.
@@ -58,6 +59,7 @@ class EngineOptions(TypedDict, total=False):
     prefill_step_target_ms: int
     prefix_cache: PrefixCacheConfig
     chat_template: str | None
+    adapter_path: str | None
     cpu_dequantize: Literal["auto", "off"]
 
 

@@ -64,6 +64,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
         prefix_cache: reuse of the KV of prompt prefixes seen before.
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
+        adapter_path: a LoRA adapter directory applied at load, or None.
         cpu_dequantize: "auto" turns quantized weights into float32 at load on a CPU
             device when they fit (see `corral.engine.loading`); "off" keeps them.
     """
@@ -75,6 +76,7 @@ class EngineSettings(msgspec.Struct, frozen=True):
     prefill_step_target_ms: int = 2000
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
     chat_template: str | None = None
+    adapter_path: str | None = None
     cpu_dequantize: Literal["auto", "off"] = "auto"
 
 

@@ -159,7 +159,8 @@ class Runtime:
 
     async def load_model(self, path: str, *, alias: str | None = None,
                          fallbacks: tuple[str | FallbackResponse, ...] = (),
-                         chat_template: str | None = None) -> ModelDescription:
+                         chat_template: str | None = None,
+                         adapter_path: str | None = None) -> ModelDescription:
         """Load a model: a local directory, a Hugging Face model id already in the local
         cache (never downloaded), a GGUF file or `ollama:NAME[:TAG]` (converted once into
         corral's cache; see `corral.engine.loaders.resolve_model`).
@@ -174,6 +175,8 @@ class Runtime:
                 a default text) for when none of them can.
             chat_template: a Jinja chat template, or the path of a file holding one,
                 to use instead of the model's own (e.g. one that renders tools).
+            adapter_path: a LoRA adapter directory (mlx_lm's `adapter_config.json` and
+                `adapters.safetensors`) applied at load.
 
         Raises:
             EngineClientError: InvalidParams for a taken alias or unknown fallback,
@@ -181,7 +184,8 @@ class Runtime:
                 load it.
         """
         loaded = await self._models.load(path, alias=alias, fallbacks=fallbacks,
-                                         chat_template=chat_template)
+                                         chat_template=chat_template,
+                                         adapter_path=adapter_path)
         self._keep_alive.changed()  # its keep-alive counts from now
         return loaded
 
