@@ -187,12 +187,15 @@ class ModelConfig(Section, frozen=True):
     """A model loaded at start: its alias (see `corral.protocol.messages.ALIAS_PATTERN`),
     its path, and its fallbacks: other models' aliases, then optionally cached and
     default response steps. `chat_template` replaces the model's own: a Jinja template,
-    or the path of a file holding one."""
+    or the path of a file holding one. `adapter_path`: a LoRA adapter directory
+    (`adapter_config.json` and `adapters.safetensors`, as mlx_lm's tuner writes them),
+    applied at load (`mlx_lm.load(path, adapter_path=...)`)."""
 
     alias: Alias
     path: _Name
     fallbacks: tuple[Alias | FallbackResponse, ...] = ()
     chat_template: _Name | None = None
+    adapter_path: _Name | None = None
     keep_alive: float | Duration | None = None
     """How long the model stays loaded while idle, as Ollama's `keep_alive`: seconds or
     a duration ("5m", "1h"); 0 unloads it after each request, a negative value or null

@@ -72,8 +72,10 @@ class EngineClient(Protocol):
 
     async def apply_chat_template(self, messages: list[dict[str, Any]],
                                   add_generation_prompt: bool = True,
-                                  tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Raises TokenizerError (no template, or it refuses), ModelNotLoaded."""
+                                  tools: list[dict[str, Any]] | None = None,
+                                  kwargs: dict[str, Any] | None = None) -> list[int]:
+        """`kwargs`: more variables for the template (`chat_template_kwargs`).
+        Raises TokenizerError (no template, or it refuses), ModelNotLoaded."""
         ...
 
     async def close(self) -> None:
@@ -94,7 +96,8 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
                 on_failure: Callable[[BaseException], None],
                 start_soon: StartSoon,
                 standby: WorkerStandby | None = None,
-                chat_template: str | None = None) -> EngineClient:
+                chat_template: str | None = None,
+                adapter_path: str | None = None) -> EngineClient:
     """The engine of one model, not started: in a thread or in a worker process, as
     `generation.isolation` says.
 
@@ -114,12 +117,13 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
             (process isolation only).
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
+        adapter_path: a LoRA adapter directory applied at load.
 
     Returns:
         The engine, not started: its owner `start`s it, and `close`s it (or
         `close_nowait`s it) whatever happens.
     """
-    settings = EngineSettings.of(generation, path, chat_template)
+    settings = EngineSettings.of(generation, path, chat_template, adapter_path)
     if generation.isolation == "thread":
         return Engine(settings, on_step=on_step, on_failure=on_failure)
     return ProcessEngine(

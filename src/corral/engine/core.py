@@ -23,7 +23,7 @@ from typing import Any, Final
 import structlog
 
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
-from corral.engine.guidance import Guidance, tool_calling
+from corral.engine.guidance import Guidance, thinking, tool_calling
 from corral.engine.loading import load_weights
 from corral.engine.logprobs import token_logprobs
 from corral.engine.pacing import StepPacer
@@ -187,7 +187,8 @@ class EngineCore:
             path=self.path, vocab_size=self._vocab_size, eos_token_ids=eos,
             max_context=int(max_context) if max_context is not None else None,
             load_seconds=loaded.seconds, has_chat_template=bool(tokenizer.has_chat_template),
-            tool_calling=tool_calling(tokenizer), structured_output=self._guidance.supported)
+            tool_calling=tool_calling(tokenizer), structured_output=self._guidance.supported,
+            thinking=thinking(tokenizer))
 
     def teardown(self) -> None:
         """Stop serving and give the model's memory back. Never raises: the thread

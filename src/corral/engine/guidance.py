@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from corral.engine.grammar import GRAMMAR_CACHE_SIZE
-from corral.protocol.messages import ToolCalling
+from corral.protocol.messages import Thinking, ToolCalling
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher, LLTokenizer
 
-__all__ = ["GrammarMask", "Guidance", "tool_calling"]
+__all__ = ["GrammarMask", "Guidance", "thinking", "tool_calling"]
 
 _log = structlog.get_logger("corral.engine")
 
@@ -172,6 +172,16 @@ def _llg_tokenizer(tokenizer: Any, vocab_size: int,
     except Exception as exc:
         _log.info("guidance.off", reason=repr(exc))
         return None
+
+
+def thinking(tokenizer: Any) -> Thinking | None:
+    """How the model marks its reasoning, from mlx_lm's tokenizer wrapper (its think
+    markers are in the vocabulary), or None."""
+    if not tokenizer.has_thinking:
+        return None
+    return Thinking(str(tokenizer.think_start), str(tokenizer.think_end),
+                    [int(i) for i in tokenizer.think_start_tokens],
+                    [int(i) for i in tokenizer.think_end_tokens])
 
 
 def tool_calling(tokenizer: Any) -> ToolCalling | None:

@@ -23,7 +23,7 @@ import structlog
 
 from corral.engine.base import EngineSettings
 from corral.engine.mlx_import import import_mlx_lm
-from corral.engine.model_files import check_model_files, check_text_file
+from corral.engine.model_files import check_adapter, check_model_files, check_text_file
 
 __all__ = ["LoadedWeights", "load_weights"]
 
@@ -56,7 +56,8 @@ class LoadedWeights:
 def load_weights(settings: EngineSettings) -> LoadedWeights:
     """Load the model `settings.path` names, with `settings.chat_template` (a Jinja
     template, or the path of a file holding one) instead of its own when given; the
-    tool-call format mlx_lm infers follows the template used.
+    tool-call format mlx_lm infers follows the template used. `settings.adapter_path`,
+    a LoRA adapter directory, is applied by mlx_lm's loader.
 
     The directory is checked first (`check_model_files`: regular files only, bounded
     text files, a config that fits the weights), so nothing ``mlx_lm.load`` opens can
@@ -64,7 +65,8 @@ def load_weights(settings: EngineSettings) -> LoadedWeights:
 
     Raises:
         EngineClientError: ModelLoadError (not retryable) naming the file or config
-            value `check_model_files` refused.
+            value `check_model_files` refused, or an adapter directory without its
+            `adapter_config.json`.
         OSError: the chat template file cannot be read.
         Exception: whatever ``mlx_lm.load`` raised.
     """
@@ -75,6 +77,8 @@ def load_weights(settings: EngineSettings) -> LoadedWeights:
 
     began = time.monotonic()
     check_model_files(settings.path)
+    if settings.adapter_path is not None:
+        check_adapter(settings.adapter_path)
     template = settings.chat_template
     stream = mx.new_stream(mx.default_device())
     if template is not None and check_text_file(template):
@@ -83,7 +87,7 @@ def load_weights(settings: EngineSettings) -> LoadedWeights:
     with mx.stream(stream):
         # mlx_lm's annotation leaves out the config that return_config=True adds.
         model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], mlx_lm.load(
-            settings.path, return_config=True,
+            settings.path, return_config=True, adapter_path=settings.adapter_path,
             tokenizer_config={} if template is None else {"chat_template": template}))
         dequantized = settings.cpu_dequantize == "auto" and _dequantize_on_cpu(model, config)
     return LoadedWeights(model, tokenizer, config, stream, time.monotonic() - began,

@@ -31,6 +31,7 @@ from corral.protocol.errors import EngineClientError
 __all__ = [
     "CONFIG_MAX_BYTES",
     "TEXT_FILE_MAX_BYTES",
+    "check_adapter",
     "check_model_files",
     "check_text_file",
 ]
@@ -118,6 +119,27 @@ def check_text_file(path: str) -> bool:
         raise model_load_error(path, f"{path} is a directory, not a file", file=path)
     _check_size(path, path, size, TEXT_FILE_MAX_BYTES)
     return True
+
+
+def check_adapter(directory: str) -> None:
+    """Check a LoRA adapter directory as mlx_lm's loader reads it: a bounded regular
+    `adapter_config.json` and a regular `adapters.safetensors`, nothing opened.
+
+    Raises:
+        EngineClientError: ModelLoadError (not retryable) naming the directory, or the
+            file that is missing or not a regular file.
+    """
+    if not os.path.isdir(directory):
+        raise model_load_error(directory, f"adapter_path: {directory} is not a directory",
+                               field="adapter_path")
+    config = os.path.join(directory, "adapter_config.json")
+    weights = os.path.join(directory, "adapters.safetensors")
+    if not check_text_file(config):
+        raise model_load_error(directory, f"adapter_path: {directory} has no "
+                               "adapter_config.json", field="adapter_path", file=config)
+    if not os.path.lexists(weights) or _regular_size(directory, weights) is None:
+        raise model_load_error(directory, f"adapter_path: {directory} has no "
+                               "adapters.safetensors", field="adapter_path", file=weights)
 
 
 def _regular_size(reference: str, path: str) -> int | None:

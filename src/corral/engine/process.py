@@ -309,9 +309,10 @@ class ProcessEngine(EngineBase):
 
     async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        """Render chat messages with the model's template and encode them, in the worker.
+        """Render chat messages with the model's template (`kwargs`: more variables for
+        it) and encode them, in the worker.
 
         On cancellation the call still runs in the worker; its answer is dropped.
 
@@ -320,7 +321,7 @@ class ProcessEngine(EngineBase):
                 the messages; ModelNotLoaded if the worker stops first.
         """
         return await self._worker_call(
-            ChatTemplateArgs(messages, add_generation_prompt, tools), list)
+            ChatTemplateArgs(messages, add_generation_prompt, tools, dict(kwargs or {})), list)
 
     def statistics(self) -> ProcessEngineStatistics:
         """The engine's counters as of the last frames (see `ProcessEngineStatistics`)."""

@@ -226,10 +226,11 @@ class Engine(EngineBase):
 
     async def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Render chat messages (and `tools`, when given) with the model's template and
-        encode them (in a worker thread).
+        encode them (in a worker thread); `kwargs` are more variables for the template
+        (a request's `chat_template_kwargs`, as `mlx_lm.server` passes them).
 
         On cancellation the call still runs; its result is dropped.
 
@@ -243,7 +244,7 @@ class Engine(EngineBase):
                 raise ValueError("the model has no chat template")
             ids = tok.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                tools=tools,
+                tools=tools, **(kwargs or {}),
             )
             return [int(i) for i in ids]
 

@@ -329,8 +329,8 @@ class _Worker:
                 value = await engine.detokenize(args.ids)
             else:
                 assert isinstance(args, ChatTemplateArgs)
-                value = await engine.apply_chat_template(args.messages,
-                                                         args.add_generation_prompt, args.tools)
+                value = await engine.apply_chat_template(
+                    args.messages, args.add_generation_prompt, args.tools, args.kwargs)
         except CorralError as exc:
             self._emit(CallResult(call.call_id, error=exc.info()))
         else:

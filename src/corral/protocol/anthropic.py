@@ -226,7 +226,7 @@ class MessagesRequest(_Prompt, frozen=True, kw_only=True, forbid_unknown_fields=
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             stop=list(self.stop_sequences) if self.stop_sequences else None, tools=tools,
             tool_choice=choice, parallel_tool_calls=parallel, request_id=request_id,
-            client=client)
+            client=client, separate_reasoning=False)  # no thinking blocks yet
 
 
 class CountTokensRequest(_Prompt, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -224,6 +224,16 @@ class ToolCalling(msgspec.Struct, frozen=True):
     marker_tokens: bool
 
 
+class Thinking(msgspec.Struct, frozen=True):
+    """How a model marks its reasoning, as mlx_lm's tokenizer infers it (`has_thinking`):
+    the text of its start and end markers (`<think>`, `</think>`) and their token ids."""
+
+    start: str
+    end: str
+    start_ids: list[int]
+    end_ids: list[int]
+
+
 class ModelInfo(msgspec.Struct, frozen=True):
     """A loaded model as its engine reports it."""
 
@@ -237,6 +247,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     """How this model writes tool calls, or None when its chat template has no tool
     support."""
     structured_output: bool = False  # its tokenizer can drive grammars (`grammar`)
+    thinking: Thinking | None = None
+    """How this model marks its reasoning, or None when it does not think."""
 
 
 # -- the public generate call, as every interface receives it -----------------------------
@@ -266,6 +278,25 @@ Tools = Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)]
 MAX_CHOICES: Final = 8
 ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 
+Priority = Annotated[int, msgspec.Meta(ge=-MAX_INT32, le=MAX_INT32)]
+"""A request's priority, as vLLM's: a lower value is admitted first (0 by default)."""
+
+MAX_TEMPLATE_KWARGS: Final = 32
+MAX_TEMPLATE_KWARGS_BYTES: Final = 16 * 1024  # their JSON; checked by the runtime
+TemplateKwargName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")]
+"""A chat template variable: a Python identifier (it is passed as a keyword argument)."""
+ChatTemplateKwargs = Annotated[dict[TemplateKwargName, Any],
+                               msgspec.Meta(max_length=MAX_TEMPLATE_KWARGS)]
+"""More variables for the chat template (`enable_thinking` for Qwen 3), as
+`mlx_lm.server` and vLLM take `chat_template_kwargs`: JSON values, at most
+`MAX_TEMPLATE_KWARGS_BYTES` of them as JSON; the names the rendering itself sets
+(`RESERVED_TEMPLATE_KWARGS`) are refused."""
+RESERVED_TEMPLATE_KWARGS: Final = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "tokenize", "return_dict", "return_tensors",
+    "return_assistant_tokens_mask", "chat_template", "tokenizer_kwargs", "padding",
+    "truncation", "max_length"})
+
 
 class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A generate or complete call: the `SamplingParams` fields (flat, as OpenAI's and
@@ -293,6 +324,15 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     `keep_alive` (seconds; 0: unload right after, negative: for good) is how long the
     model stays loaded once idle after this request; None leaves the model's own
     (`generation.models[].keep_alive`). See `corral.runtime.keep_alive`.
+    `priority`: while requests wait for a stream slot, a lower value is admitted first
+    (vLLM's `priority`); within one priority admission stays fair between clients (see
+    `Admit`). A running stream is never preempted.
+    `chat_template_kwargs` go with `messages`: more variables for the model's chat
+    template (see `ChatTemplateKwargs`).
+    `separate_reasoning`: of a chat with a model that thinks, the text between its
+    think markers is read apart, as `reasoning` (`corral.runtime.reasoning`); false
+    leaves it in the text with its markers (for an API whose replies have no place for
+    it yet).
     """
 
     model: Name | None = None
@@ -308,6 +348,9 @@ class GenerateParams(SamplingParams, frozen=True, kw_only=True, forbid_unknown_f
     client: Name | None = None
     generated: list[TokenId] = msgspec.field(default_factory=list)
     keep_alive: KeepAliveSeconds | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+    priority: Priority = 0
+    separate_reasoning: bool = True
 
     positional_fields: ClassVar[tuple[str, ...]] = (
         "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
@@ -335,6 +378,9 @@ class Choice(msgspec.Struct, frozen=True):
     tokens: list[str] | None = None
     top_logprobs: list[list[TokenLogprob]] | None = None
     tool_calls: list[ToolCall] = []
+    reasoning: str | None = None
+    """Of a chat with a model that thinks: the text between its think markers (then
+    not in `text`); else None."""
 
 
 class Completion(msgspec.Struct, frozen=True):
@@ -342,7 +388,7 @@ class Completion(msgspec.Struct, frozen=True):
     answer when `n` is 1), and every choice in `choices`. `usage` counts the prompt once
     and the tokens of every choice. `fallback` names
     what served it in place of the model asked for (another alias, "cached",
-    "default"), else None."""
+    "default"), else None. `reasoning`: the first choice's (see `Choice`)."""
 
     stream_id: int
     model: str
@@ -356,3 +402,4 @@ class Completion(msgspec.Struct, frozen=True):
     choices: list[Choice] = []
     tool_calls: list[ToolCall] = []
     fallback: str | None = None
+    reasoning: str | None = None

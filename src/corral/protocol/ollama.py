@@ -230,6 +230,7 @@ class _Request(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             frequency_penalty=options.frequency_penalty,
             seed=options.seed if options.seed is not None and options.seed >= 0 else None,
             stop=options.stop, tools=tools, tool_choice=options.tool_choice,
+            separate_reasoning=False,  # `think` is refused: the text keeps its markers
             response_format=self._response_format(), request_id=request_id,
             client=client, keep_alive=self.keep_alive_s())
 

@@ -2,7 +2,7 @@
 
 Requests decode into these Structs, and decoding is the validation: an unknown field
 is InvalidParams naming it. Fields that OpenAI clients send with neutral values by
-default (`best_of`, `echo`, `user`, `stream_options`) are accepted; any value
+default (`best_of`, `suffix`, `user`, `stream_options`) are accepted; any value
 other than the neutral one fails validation, since corral would silently ignore it.
 The sampling fields are `SamplingParams`'s, inherited with their ranges (so a knob
 added there is accepted here with the same bounds): `presence_penalty`,
@@ -25,10 +25,12 @@ from corral.protocol.errors import Code, EngineClientError
 from corral.protocol.grammar import ResponseFormat
 from corral.protocol.messages import (
     ChatMessage,
+    ChatTemplateKwargs,
     ChoiceCount,
     FunctionCall,
     GenerateParams,
     Name,
+    Priority,
     TimeoutMs,
     TokenCount,
     TokenId,
@@ -42,8 +44,12 @@ from corral.protocol.sampling import SamplingParams
 
 _One = Annotated[int, msgspec.Meta(ge=1, le=1)]
 
+MAX_BATCH_SEQUENCES: Final = 16
+"""The most sequences one completions request runs: its prompts times `n`."""
+
 NEUTRAL_ONLY: Final[dict[str, str]] = {
-    "best_of": "1", "echo": "false", "suffix": "null",
+    "best_of": "1", "suffix": "null (no fill-in-the-middle: no model's template or "
+    "tokenizer here declares a format for it)",
 }
 """Fields accepted with their neutral value only, and that value, for error messages."""
 
@@ -73,40 +79,58 @@ class _Request(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=
     response_format: ResponseFormat | None = None
     user: str | None = None  # neutral: accepted, not used
     timeout_ms: TimeoutMs | None = None  # an extension: the request's deadline
+    priority: Priority = 0  # an extension, as vLLM's: lower is admitted first
 
     def _generate_params(self, request_id: str, client: str, **fields: Any) -> GenerateParams:
         """The runtime's request: this request's sampling, with `fields` over it."""
         return GenerateParams(
             **{**self.sampling_fields(), **fields},
             model=self.model, n=self.n, response_format=self.response_format,
-            timeout_ms=self.timeout_ms, request_id=request_id, client=client)
+            timeout_ms=self.timeout_ms, priority=self.priority, request_id=request_id,
+            client=client)
 
 
 class CompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/completions.
 
-    `prompt` is a string or token ids (a list of one string is taken as that string);
-    batched prompts are refused. `logprobs` N: the sampled tokens' log-probabilities and
-    the N most likely alternatives of each (0: none); `top_logprobs` is chat's, refused
-    here.
+    `prompt` is a string, token ids, or a batch: a list of strings or of token id
+    lists, one choice per prompt (`n` per prompt, prompt by prompt, as OpenAI orders
+    them), at most `MAX_BATCH_SEQUENCES` sequences in all. `echo`: the prompt's text
+    comes before the completion's (without the prompt's log-probabilities, which are
+    refused). `logprobs` N: the sampled tokens' log-probabilities and the N most likely
+    alternatives of each (0: none); `top_logprobs` is chat's, refused here.
     """
 
-    prompt: str | list[str | TokenId]
+    prompt: str | list[str | TokenId | list[TokenId]]
     logprobs: TopLogprobs | None = None  # type: ignore[assignment]
     top_logprobs: None = None  # type: ignore[assignment]
-    echo: Literal[False] = False
+    echo: bool = False
     best_of: _One | None = None
     suffix: None = None
 
-    def to_generate_params(self, *, request_id: str, client: str) -> GenerateParams:
-        """The runtime's request, with the request's id and the client's address.
+    def to_generate_batch(self, *, request_id: str, client: str) -> list[GenerateParams]:
+        """The runtime's requests, one per prompt, with the request's id and the
+        client's address.
 
         Raises:
-            EngineClientError: InvalidParams for batched prompts.
+            EngineClientError: InvalidParams for a list mixing strings and token ids,
+                a batch of more than `MAX_BATCH_SEQUENCES` sequences, or `echo` with
+                `logprobs`.
         """
-        return self._generate_params(
-            request_id, client, prompt=_prompt(self.prompt),
-            logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0)
+        prompts = _prompts(self.prompt)
+        if len(prompts) * self.n > MAX_BATCH_SEQUENCES:
+            raise EngineClientError(
+                Code.INVALID_PARAMS, f"prompt: {len(prompts)} prompts of n={self.n} choices "
+                f"each; a batch runs at most {MAX_BATCH_SEQUENCES} sequences",
+                {"field": "prompt"})
+        if self.echo and self.logprobs is not None:
+            raise EngineClientError(Code.INVALID_PARAMS, "echo: the prompt's log-probabilities "
+                                    "are not supported; echo without logprobs",
+                                    {"field": "echo"})
+        return [self._generate_params(request_id, client, prompt=prompt,
+                                      logprobs=self.logprobs is not None,
+                                      top_logprobs=self.logprobs or 0)
+                for prompt in prompts]
 
 
 class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -139,6 +163,7 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
     tools: Tools | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None  # an extension, as vLLM's
 
     def to_generate_params(self, *, request_id: str, client: str) -> GenerateParams:
         """The runtime's request, with the request's id and the client's address.
@@ -154,7 +179,7 @@ class ChatCompletionRequest(_Request, frozen=True, kw_only=True, forbid_unknown_
         return self._generate_params(
             request_id, client, messages=[m.to_message() for m in self.messages],
             max_tokens=self.max_completion_tokens or self.max_tokens, tools=self.tools,
-            tool_choice=self.tool_choice,
+            tool_choice=self.tool_choice, chat_template_kwargs=self.chat_template_kwargs,
             parallel_tool_calls=(True if self.parallel_tool_calls is None
                                  else self.parallel_tool_calls))
 
@@ -165,17 +190,20 @@ def _text(content: str | list[TextPart] | None) -> str:
     return "".join(part.text for part in content)
 
 
-def _prompt(prompt: str | list[str | int]) -> str | list[int]:
+def _prompts(prompt: str | list[str | int | list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion: one string or one list of ids, or a batch of
+    either (OpenAI's four shapes)."""
     if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    ids = [item for item in prompt if isinstance(item, int)]
-    if len(ids) != len(prompt):
+        return [prompt]
+    if all(isinstance(item, int) for item in prompt):
+        return [[item for item in prompt if isinstance(item, int)]]
+    texts = [item for item in prompt if isinstance(item, str)]
+    ids = [item for item in prompt if isinstance(item, list)]
+    if len(texts) != len(prompt) and len(ids) != len(prompt):
         raise EngineClientError(Code.INVALID_PARAMS,
-                                "prompt: batched prompts are not supported; send one string "
-                                "or one list of token ids per request", {"field": "prompt"})
-    return ids
+                                "prompt: expected a string, a list of token ids, or a list "
+                                "of either alone", {"field": "prompt"})
+    return [*texts, *ids]
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -253,11 +281,14 @@ class ChatLogprobs(msgspec.Struct, frozen=True):
 
 
 class ChatMessageOut(msgspec.Struct, frozen=True):
-    """The reply; `content` is None when the model only called tools."""
+    """The reply; `content` is None when the model only called tools.
+    `reasoning_content` (vLLM's name) is what a model that thinks wrote between its
+    think markers, else None."""
 
     content: str | None
     role: Literal["assistant"] = "assistant"
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChoice(msgspec.Struct, frozen=True):
@@ -289,6 +320,7 @@ class ChatDelta(msgspec.Struct, frozen=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(msgspec.Struct, frozen=True):

@@ -207,7 +207,7 @@ class ResponsesRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
             tool_choice=self._tool_choice(),
             response_format=None if self.text is None else self.text.response_format(),
             seed=self.seed, timeout_ms=self.timeout_ms, request_id=request_id,
-            client=client)
+            client=client, separate_reasoning=False)  # no reasoning items yet
         # What the client left out keeps GenerateParams' defaults.
         given = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                  "parallel_tool_calls": self.parallel_tool_calls}

@@ -85,10 +85,12 @@ class Detokenize(msgspec.Struct, frozen=True, tag=True):
 class ApplyChatTemplate(msgspec.Struct, frozen=True, tag=True):
     """Render chat turns (and the tools, when given) with the model's chat template.
     Turns and tools are the template's free-form mappings (`runtime/tools.py` makes
-    them from `ChatMessage` and `Tool`)."""
+    them from `ChatMessage` and `Tool`); `kwargs`, the request's `chat_template_kwargs`,
+    go to the template's rendering as its variables."""
 
     turns: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
+    kwargs: dict[str, Any] = {}
     reply_type: ClassVar[type[TokenIds]] = TokenIds
 
 
@@ -134,7 +136,9 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     `client` names who asked (a connection, an address), for fair admission: a freed
     slot goes to the waiting client with the fewest streams running, and a full queue
     makes room by refusing the newest waiter of the client that holds the most. None
-    is one anonymous client. `sampling` and `grammar` go on into the `EngineSequence`
+    is one anonymous client. `priority` comes first: a lower value is admitted before
+    any higher one, and the fairness above holds among waiters of one priority.
+    `sampling` and `grammar` go on into the `EngineSequence`
     as they are (`sampling.max_tokens` set); `generated`: ids a lost run already sent
     (see `GenerateParams`), which count toward it.
     """
@@ -148,6 +152,7 @@ class Admit(msgspec.Struct, frozen=True, tag=True, kw_only=True):
     request_id: str | None = None
     client: str | None = None
     generated: list[int] = []
+    priority: int = 0
     reply_type: ClassVar[type[Admitted]] = Admitted
 
 

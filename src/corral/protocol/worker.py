@@ -32,7 +32,7 @@ __all__ = [
     "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 7
+PROTOCOL_VERSION: Final = 8
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -87,18 +87,20 @@ class EngineSettings(EngineTuning, frozen=True):
         path: a local model directory for ``mlx_lm.load``.
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
+        adapter_path: a LoRA adapter directory applied at load, or None.
     """
 
     path: str
     chat_template: str | None = None
+    adapter_path: str | None = None
 
     @classmethod
-    def of(cls, tuning: EngineTuning, path: str,
-           chat_template: str | None = None) -> EngineSettings:
+    def of(cls, tuning: EngineTuning, path: str, chat_template: str | None = None,
+           adapter_path: str | None = None) -> EngineSettings:
         """The settings of the model at `path`, with every field of `tuning` (which may
         be a subclass, such as the configuration's `generation` section)."""
         shared = {name: getattr(tuning, name) for name in EngineTuning.__struct_fields__}
-        return cls(path, chat_template, **shared)
+        return cls(path, chat_template, adapter_path, **shared)
 
 
 # -- parent -> worker ----------------------------------------------------------------
@@ -126,6 +128,7 @@ class ChatTemplateArgs(msgspec.Struct, frozen=True, tag="apply_chat_template",
     messages: list[dict[str, Any]]
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
+    kwargs: dict[str, Any] = {}  # the request's `chat_template_kwargs`
 
 
 CallArgs = TokenizeArgs | DetokenizeArgs | ChatTemplateArgs

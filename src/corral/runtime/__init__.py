@@ -96,7 +96,8 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
             for model in config.generation.models_in_load_order:
                 await runtime.load_model(model.path, alias=model.alias,
                                          fallbacks=model.fallbacks,
-                                         chat_template=model.chat_template)
+                                         chat_template=model.chat_template,
+                                         adapter_path=model.adapter_path)
             for alias, path in (models or {}).items():
                 await runtime.load_model(path, alias=alias)
             yield runtime

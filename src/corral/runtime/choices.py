@@ -6,7 +6,9 @@ of `n` choices is what `n` 1 gives): the choices differ, and a seeded request is
 reproducible. Without a seed each choice draws its own. The choices open one after
 another, so choice 0's prompt reaches the engine first; the others wait for its
 prefill and start from its KV (`corral.engine.core`), so the prompt is prefilled once.
-Each choice takes a stream slot of the registry.
+Each choice takes a stream slot of the registry. A batch of requests (a completion's
+prompts) runs as the `n` choices of each in turn, numbered on: choice k*n + i is
+choice i of prompt k, as OpenAI numbers them.
 
 Leaving the block, cancelling it, or one choice failing ends every choice: their
 sequences leave the batch at the next engine step, and the failure (typed, as a
@@ -17,7 +19,7 @@ actors or the engine.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import final
 
@@ -56,15 +58,18 @@ class ChoiceStreams:
     choice with its `finish_reason`.
 
     A choice that fails raises its error from the loop. `streams` are the choices'
-    own streams (text, finish reason and usage of each).
+    own streams (text, finish reason and usage of each); of a batch, `per_prompt`
+    (`n`) of them run each prompt, in order.
     """
 
     def __init__(self, request: GenerateParams, streams: list[TokenStream],
-                 receive: trio.MemoryReceiveChannel[_Item] | None) -> None:
+                 receive: trio.MemoryReceiveChannel[_Item] | None, *,
+                 per_prompt: int | None = None) -> None:
         self.request = request
         self.streams = streams
         self._receive = receive
         self._open = len(streams)
+        self._per_prompt = per_prompt or len(streams)
 
     @property
     def model(self) -> str:
@@ -83,12 +88,12 @@ class ChoiceStreams:
 
     @property
     def usage(self) -> Usage:
-        """The prompt once (as the first choice, which prefilled it, saw it) and the
+        """Each prompt once (as its first choice, which prefilled it, saw it) and the
         tokens of every choice, as OpenAI counts them."""
-        first = self.streams[0].usage
-        return Usage(first.prompt_tokens,
+        firsts = [s.usage for s in self.streams[::self._per_prompt]]
+        return Usage(sum(u.prompt_tokens for u in firsts),
                      sum(s.usage.completion_tokens for s in self.streams),
-                     first.cached_tokens)
+                     sum(u.cached_tokens for u in firsts))
 
     def __aiter__(self) -> ChoiceStreams:
         return self
@@ -133,11 +138,12 @@ class ChoiceStreams:
                 index, stream.text, stream.token_ids, stream.finish_reason,
                 logprobs[index] if want_logprobs else None,
                 tokens[index] if want_logprobs else None,
-                top[index] if want_top else None, stream.tool_calls))
+                top[index] if want_top else None, stream.tool_calls, stream.reasoning))
         first = choices[0]
         return Completion(self.stream_id, self.model, first.text, first.token_ids,
                           first.finish_reason, self.usage, first.logprobs, first.tokens,
-                          first.top_logprobs, choices, first.tool_calls, self.fallback)
+                          first.top_logprobs, choices, first.tool_calls, self.fallback,
+                          first.reasoning)
 
 
 async def _read(choice: int, stream: TokenStream,
@@ -153,29 +159,32 @@ async def _read(choice: int, stream: TokenStream,
 
 
 @asynccontextmanager
-async def open_choices(requests: Requests,
-                       request: GenerateParams) -> AsyncIterator[ChoiceStreams]:
-    """Open the `request.n` choices of `request`; see `ChoiceStreams` and the module.
+async def open_choices(requests: Requests, request: GenerateParams | Sequence[GenerateParams]
+                       ) -> AsyncIterator[ChoiceStreams]:
+    """Open the `n` choices of `request`, or of each request of a batch (which differ
+    in their prompt only); see `ChoiceStreams` and the module.
 
     Raises:
         CorralError: what opening a choice raised (the ones opened are closed first).
-        EngineClientError: InvalidParams for `generated` with `n` > 1.
+        EngineClientError: InvalidParams for `generated` with `n` > 1 or a batch.
     """
-    if request.n > 1 and request.generated:
+    batch = [request] if isinstance(request, GenerateParams) else list(request)
+    first = batch[0]
+    if (first.n > 1 or len(batch) > 1) and first.generated:
         raise EngineClientError(Code.INVALID_PARAMS, "generated: continues one choice, "
                                 "not n of them", {"field": "generated"})
     async with AsyncExitStack() as opened:
         streams = [await opened.enter_async_context(
-            requests.open_stream(choice_request(request, index)))
-            for index in range(request.n)]
+            requests.open_stream(choice_request(prompt, index)))
+            for prompt in batch for index in range(prompt.n)]
         if len(streams) == 1:
-            yield ChoiceStreams(request, streams, None)
+            yield ChoiceStreams(first, streams, None)
             return
         send, receive = trio.open_memory_channel[_Item](0)
         async with trio.open_nursery() as nursery:
             for index, stream in enumerate(streams):
                 nursery.start_soon(_read, index, stream, send)
             try:
-                yield ChoiceStreams(request, streams, receive)
+                yield ChoiceStreams(first, streams, receive, per_prompt=first.n)
             finally:
                 nursery.cancel_scope.cancel()

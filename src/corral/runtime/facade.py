@@ -9,7 +9,7 @@ it is and holds no state of its own.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, final
 
@@ -160,7 +160,8 @@ class Runtime:
 
     async def load_model(self, path: str, *, alias: str | None = None,
                          fallbacks: tuple[str | FallbackResponse, ...] = (),
-                         chat_template: str | None = None) -> ModelDescription:
+                         chat_template: str | None = None,
+                         adapter_path: str | None = None) -> ModelDescription:
         """Load a model: a local directory, a Hugging Face model id already in the local
         cache (never downloaded), a GGUF file or `ollama:NAME[:TAG]` (converted once into
         corral's cache; see `corral.engine.loaders.resolve_model`).
@@ -175,6 +176,8 @@ class Runtime:
                 a default text) for when none of them can.
             chat_template: a Jinja chat template, or the path of a file holding one,
                 to use instead of the model's own (e.g. one that renders tools).
+            adapter_path: a LoRA adapter directory (mlx_lm's `adapter_config.json` and
+                `adapters.safetensors`) applied at load.
 
         Raises:
             EngineClientError: InvalidParams for a taken alias or unknown fallback,
@@ -182,7 +185,8 @@ class Runtime:
                 load it.
         """
         loaded = await self._models.load(path, alias=alias, fallbacks=fallbacks,
-                                         chat_template=chat_template)
+                                         chat_template=chat_template,
+                                         adapter_path=adapter_path)
         self._keep_alive.changed()  # its keep-alive counts from now
         return loaded
 
@@ -299,9 +303,11 @@ class Runtime:
         async with open_choices(self._requests, request) as choices:
             yield choices
 
-    def choices(self, request: GenerateParams) -> AbstractAsyncContextManager[ChoiceStreams]:
+    def choices(self, request: GenerateParams | Sequence[GenerateParams]
+                ) -> AbstractAsyncContextManager[ChoiceStreams]:
         """`generate_choices` for a request already typed (what the transports build
-        once): `async with rt.choices(params) as choices`."""
+        once): `async with rt.choices(params) as choices`; or for a batch of requests
+        that differ in their prompt (a completion's prompts), numbered prompt by prompt."""
         return open_choices(self._requests, request)
 
     async def complete(self, model: str | None = None, prompt: str | list[int] | None = None,

@@ -101,6 +101,7 @@ class ModelActor(Actor[ModelMessage]):
         crash_on_failed_load: crash on a failed load (False: answer it instead).
         chat_template: a Jinja chat template (or the path of a file holding one) to use
             instead of the model's own.
+        adapter_path: a LoRA adapter directory applied at load.
     """
 
     Message = ModelMessage
@@ -112,7 +113,7 @@ class ModelActor(Actor[ModelMessage]):
                  on_engine_end: Callable[[EngineStatistics], None] | None = None,
                  step_listeners: Sequence[Callable[[EngineStep], None]] = (),
                  crash_on_failed_load: bool = True,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, adapter_path: str | None = None) -> None:
         self.alias = alias
         self.path = path
         self._config = config
@@ -136,12 +137,13 @@ class ModelActor(Actor[ModelMessage]):
         self._crash_on_failed_load = crash_on_failed_load
         self._load_error: EngineClientError | None = None  # a load that failed for good
         self._chat_template = chat_template
+        self._adapter_path = adapter_path
 
     async def on_start(self) -> None:
         self._engine = make_engine(
             self.path, self._config, self._python, on_step=self._on_step,
             on_failure=self._on_failure, start_soon=self.start_soon, standby=self._standby,
-            chat_template=self._chat_template)
+            chat_template=self._chat_template, adapter_path=self._adapter_path)
         self.start_soon(self._load)
         self.start_soon(self._watch_progress)
 
@@ -313,8 +315,9 @@ class ModelActor(Actor[ModelMessage]):
                 return TokenIds(await engine.tokenize(text, special))
             case Detokenize(ids=ids):
                 return Text(await engine.detokenize(ids))
-            case ApplyChatTemplate(turns=turns, tools=tools):
-                return TokenIds(await engine.apply_chat_template(turns, tools=tools))
+            case ApplyChatTemplate(turns=turns, tools=tools, kwargs=kwargs):
+                return TokenIds(await engine.apply_chat_template(turns, tools=tools,
+                                                                 kwargs=kwargs))
 
     async def _answer_or_hold(self, message: HeldCall, reply: Reply) -> None:
         """Answer a tokenizer call, or hold it while the engine (re)loads or has just

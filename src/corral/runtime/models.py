@@ -82,6 +82,7 @@ class Models:
             on_ready=model.ready, on_engine_end=model.engine_ended,
             step_listeners=model.step_listeners,
             chat_template=model.config.chat_template,
+            adapter_path=model.config.adapter_path,
             crash_on_failed_load=lambda: not model.in_trial)
 
     # -- loading -----------------------------------------------------------------------
@@ -101,12 +102,13 @@ class Models:
 
     async def load(self, path: str, *, alias: str | None = None,
                    fallbacks: tuple[str | FallbackResponse, ...] = (),
-                   chat_template: str | None = None) -> ModelDescription:
+                   chat_template: str | None = None,
+                   adapter_path: str | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
         alias = check_alias(alias or default_alias(path))
         self._check_new(alias, fallbacks)
         async with self.exclusive(alias):
-            return await self._load(path, alias, fallbacks, chat_template)
+            return await self._load(path, alias, fallbacks, chat_template, adapter_path)
 
     async def ensure(self, config: ModelConfig) -> None:
         """Load the model `config` describes unless its alias is loaded (or a load of
@@ -120,17 +122,20 @@ class Models:
         alias = check_alias(config.alias)
         async with self.exclusive(alias):
             if alias not in self.by_alias:
-                await self._load(config.path, alias, config.fallbacks, config.chat_template)
+                await self._load(config.path, alias, config.fallbacks, config.chat_template,
+                                 config.adapter_path)
 
     async def _load(self, path: str, alias: str,
                     fallbacks: tuple[str | FallbackResponse, ...],
-                    chat_template: str | None) -> ModelDescription:
+                    chat_template: str | None,
+                    adapter_path: str | None = None) -> ModelDescription:
         self._check_new(alias, fallbacks)  # another load may have taken it while we waited
         # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
         source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
         self._check_new(alias, fallbacks)  # another load may have taken the alias meanwhile
         model = ModelRecord(ModelConfig(alias=alias, path=path, fallbacks=fallbacks,
-                                        chat_template=chat_template), source)
+                                        chat_template=chat_template,
+                                        adapter_path=adapter_path), source)
         self.by_alias[alias] = model
         try:
             info = await self.start(model)

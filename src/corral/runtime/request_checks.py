@@ -6,10 +6,19 @@ Pure functions: each raises InvalidParams naming the field, and never touches an
 
 from __future__ import annotations
 
-from corral.protocol.errors import Code, EngineClientError
-from corral.protocol.messages import GenerateParams, ModelInfo
+from typing import Any
 
-__all__ = ["check_prompt_shape", "check_text", "check_token_ids"]
+import msgspec
+
+from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.messages import (
+    MAX_TEMPLATE_KWARGS_BYTES,
+    RESERVED_TEMPLATE_KWARGS,
+    GenerateParams,
+    ModelInfo,
+)
+
+__all__ = ["check_prompt_shape", "check_template_kwargs", "check_text", "check_token_ids"]
 
 
 def check_prompt_shape(request: GenerateParams) -> None:
@@ -33,6 +42,34 @@ def check_prompt_shape(request: GenerateParams) -> None:
     if request.generated and (request.messages is not None or request.tools):
         raise EngineClientError(Code.INVALID_PARAMS, "generated: continues a prompt, "
                                 "without chat messages or tools", {"field": "generated"})
+    if request.chat_template_kwargs:
+        if request.messages is None:
+            raise EngineClientError(Code.INVALID_PARAMS, "chat_template_kwargs: only chat "
+                                    "messages are rendered by a chat template",
+                                    {"field": "chat_template_kwargs"})
+        check_template_kwargs(request.chat_template_kwargs)
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """Raise InvalidParams for chat template variables that are not JSON values, take
+    more than `MAX_TEMPLATE_KWARGS_BYTES` as JSON, or name what the rendering sets
+    itself (`RESERVED_TEMPLATE_KWARGS`). A value built in Python must be JSON too: it
+    crosses to a worker process, and the template reads it as JSON data."""
+    field = "chat_template_kwargs"
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise EngineClientError(Code.INVALID_PARAMS, f"{field}.{reserved[0]}: set by the "
+                                "rendering itself, not a template variable",
+                                {"field": f"{field}.{reserved[0]}"})
+    try:
+        size = len(msgspec.json.encode(kwargs))
+    except (TypeError, ValueError, msgspec.EncodeError):
+        raise EngineClientError(Code.INVALID_PARAMS, f"{field}: expected JSON values",
+                                {"field": field}) from None
+    if size > MAX_TEMPLATE_KWARGS_BYTES:
+        raise EngineClientError(Code.INVALID_PARAMS, f"{field}: expected at most "
+                                f"{MAX_TEMPLATE_KWARGS_BYTES} bytes as JSON, got {size}",
+                                {"field": field})
 
 
 def check_token_ids(field: str, ids: list[int], info: ModelInfo | None) -> None:

@@ -53,6 +53,7 @@ from corral.runtime.keep_alive import KeepAlive
 from corral.runtime.limits import check_prompt_length, max_tokens_for
 from corral.runtime.model_record import ModelRecord, held_open
 from corral.runtime.models import Models
+from corral.runtime.reasoning import ReasoningReader, starts_inside
 from corral.runtime.request_checks import check_prompt_shape, check_text, check_token_ids
 from corral.runtime.retry_actor import ActorBudget
 from corral.runtime.stream_buffers import StreamBuffer, StreamTable
@@ -202,7 +203,8 @@ class Requests:
                         Admit(stream_id=stream_id, model=alias, timeout_s=timeout_s,
                               prompt=prompt_ids, sampling=sampling, grammar=grammar,
                               request_id=request.request_id,
-                              client=request.client, generated=list(request.generated)),
+                              client=request.client, generated=list(request.generated),
+                              priority=request.priority),
                         timeout=max(deadline - trio.current_time(), 0.0),
                         request_id=request.request_id)
                     buffer = self._table.get(stream_id)  # the registry opened it on admission
@@ -220,8 +222,13 @@ class Requests:
                 reader = (ToolCallReader(calling.parser, tools,
                                          first_only=not request.parallel_tool_calls)
                           if tools and calling else None)
+                thinking = serving.info.thinking if serving.info else None
+                reasoning = (ReasoningReader(thinking, inside=starts_inside(thinking,
+                                                                            prompt_ids))
+                             if thinking and request.messages is not None
+                             and request.separate_reasoning else None)
                 yield TokenStream(buffer, alias, alias if alias != entry.alias else None,
-                                  reader)
+                                  reader, reasoning)
                 outcome = _outcome(request, buffer.error, buffer.finish_reason)
             finally:
                 # Whatever happened, from admission on: the stream is closed and its
@@ -324,7 +331,8 @@ class Requests:
         timeout = max(deadline - trio.current_time(), 0.0)
         if request.messages is not None:
             reply = await self.ask_model(
-                alias, ApplyChatTemplate(template_turns(request.messages), tools),
+                alias, ApplyChatTemplate(template_turns(request.messages), tools,
+                                         dict(request.chat_template_kwargs or {})),
                 timeout=timeout)
             ids = list(reply.ids)
         elif isinstance(request.prompt, str):

@@ -29,7 +29,8 @@ class StreamChunk(msgspec.Struct, frozen=True):
     `corral.runtime.ChoiceStreams`, `choice` is the choice it belongs to, and the last
     chunk of each choice has no tokens and its `finish_reason`. With tools, `text`
     is the content around the calls, and `tool_calls` the calls this chunk completed
-    (see `corral.runtime.tools`).
+    (see `corral.runtime.tools`). Of a chat with a model that thinks, `reasoning` is
+    the text between its think markers, and `text` the rest (`corral.runtime.reasoning`).
     """
 
     text: str
@@ -41,6 +42,7 @@ class StreamChunk(msgspec.Struct, frozen=True):
     choice: int = 0
     finish_reason: FinishReason | None = None
     tool_calls: list[ToolCall] = []
+    reasoning: str = ""
 
 
 @final

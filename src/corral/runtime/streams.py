@@ -57,8 +57,8 @@ _MAX_STALL_RESUMES: Final = 2  # a stream's engine stalling a third time ends it
 class _Entry:
     """The registry's record of one admitted or queued stream."""
 
-    __slots__ = ("admit", "client", "deadline", "model", "reply", "request_id", "stream_id",
-                 "timeout_s")
+    __slots__ = ("admit", "client", "deadline", "model", "priority", "reply", "request_id",
+                 "stream_id", "timeout_s")
 
     def __init__(self, stream_id: int, model: str, deadline: float, timeout_s: float,
                  request_id: str | None, client: str | None,
@@ -70,6 +70,7 @@ class _Entry:
         self.request_id = request_id
         self.client = client
         self.admit = admit  # what to open the buffer with; None once it is open
+        self.priority = admit.priority if admit is not None else 0  # lower goes first
         self.reply: Reply | None = None
 
     @property
@@ -89,11 +90,15 @@ class StreamRegistry(Actor[RegistryMessage]):
     registry crash loses no stream. A model's exit (ModelDown) ends that model's streams
     with a retryable GenerationError carrying the partial text.
 
-    Admission is fair between clients (`Admit.client`): a queued stream's turn comes by
-    its client's running streams first and its arrival second, and when the queue is
-    full a client with fewer streams (running and queued) than another takes the
-    place of that one's newest waiter, which gets Overloaded. One client that holds
-    many slots, or never reads, thus never keeps the others waiting behind its own.
+    Admission goes by priority (`Admit.priority`, lower first, as vLLM's), and within
+    one priority is fair between clients (`Admit.client`): a queued stream's turn comes
+    by its priority first, its client's running streams second and its arrival last.
+    When the queue is full, a newcomer takes the place of the newest waiter of the
+    lowest priority below its own; failing that, a client with fewer streams (running
+    and queued) than another of the newcomer's priority takes the place of that one's
+    newest waiter. The waiter refused gets Overloaded. One client that holds many
+    slots, or never reads, thus never keeps the others of its priority waiting behind
+    its own. A running stream is never preempted.
     """
 
     Message = RegistryMessage
@@ -158,7 +163,7 @@ class StreamRegistry(Actor[RegistryMessage]):
         if len(self._active) < self._config.max_active_streams:
             return self._open(entry)
         self._queue = collections.deque(e for e in self._queue if e.waiting)
-        if len(self._queue) >= self._config.max_queued and not self._make_room(entry.client):
+        if len(self._queue) >= self._config.max_queued and not self._make_room(entry):
             raise self._overloaded()
         entry.reply = self.defer_reply()
         self._queue.append(entry)
@@ -175,25 +180,40 @@ class StreamRegistry(Actor[RegistryMessage]):
         """Streams per client, running and queued."""
         return collections.Counter(e.client for e in (*self._active.values(), *self._queue))
 
-    def _make_room(self, client: str | None) -> bool:
-        """Refuse the newest waiter of the client holding the most streams, if it holds
-        at least two more than `client`; returns whether room was made."""
+    def _make_room(self, newcomer: _Entry) -> bool:
+        """Refuse a waiter for `newcomer`: the newest of the lowest priority, if that is
+        below the newcomer's; else the newest waiter of the newcomer's priority whose
+        client holds the most streams, if it holds at least two more than the
+        newcomer's client. Returns whether room was made."""
         if not self._queue:
             return False
-        held = self._held()
-        most = max((e.client for e in self._queue), key=lambda c: held[c])
-        if held[most] <= held[client] + 1:
+        lowest = max(e.priority for e in self._queue)
+        if lowest > newcomer.priority:
+            victim = next(e for e in reversed(self._queue) if e.priority == lowest)
+            self._refuse(victim, "the queue is full and a request of a higher priority "
+                         f"({newcomer.priority} against {lowest}) took this one's place",
+                         {"priority": lowest})
+            return True
+        peers = [e for e in self._queue if e.priority == newcomer.priority]
+        if not peers:
             return False
-        victim = next(e for e in reversed(self._queue) if e.client == most)
+        held = self._held()
+        most = max((e.client for e in peers), key=lambda c: held[c])
+        if held[most] <= held[newcomer.client] + 1:
+            return False
+        self._refuse(next(e for e in reversed(peers) if e.client == most),
+                     f"the queue is full and this client holds {held[most]} streams, the "
+                     "most of any client: its newest waiting stream gave way to another "
+                     "client's", {"client_streams": held[most]})
+        return True
+
+    def _refuse(self, victim: _Entry, why: str, details: dict[str, Any]) -> None:
+        """Take `victim` off the queue; its caller gets Overloaded, saying `why`."""
         self._queue.remove(victim)
         assert victim.reply is not None
         victim.reply.fail(OverloadedError(
-            f"the queue is full and this client holds {held[most]} streams, the most of "
-            "any client: its newest waiting stream gave way to another client's",
-            retry_after_ms=self._config.overloaded_retry_after_ms,
-            details={"active": len(self._active), "queued": len(self._queue),
-                     "client_streams": held[most]}))
-        return True
+            why, retry_after_ms=self._config.overloaded_retry_after_ms,
+            details={"active": len(self._active), "queued": len(self._queue), **details}))
 
     def _open(self, entry: _Entry) -> Admitted:
         """Make `entry` active and open its buffer in the table, in one step."""
@@ -225,10 +245,11 @@ class StreamRegistry(Actor[RegistryMessage]):
             entry.reply.send(self._open(entry))
 
     def _next_waiter(self) -> _Entry | None:
-        """The waiter whose client runs the fewest streams; the earliest among equals."""
+        """The waiter of the first priority whose client runs the fewest streams; the
+        earliest among equals."""
         running = collections.Counter(e.client for e in self._active.values())
         waiting = [e for e in self._queue if e.waiting]
-        return min(waiting, key=lambda e: running[e.client], default=None)
+        return min(waiting, key=lambda e: (e.priority, running[e.client]), default=None)
 
     # -- delivery --------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """`TokenStream`: one generation as its reader sees it, tokens and then how it ended.
 
-The registry writes a stream's buffer; one reader reads it through this. With tools
-the text goes through a `ToolCallReader` on the way, so the reader gets the content and
-the calls apart. Reading never blocks the engine (the buffer coalesces what a slow
-reader has not taken), and never waits past the stream's deadline.
+The registry writes a stream's buffer; one reader reads it through this. Of a chat
+with a model that thinks, the text goes through a `ReasoningReader` first, so the
+reader gets the reasoning apart; with tools, the content then goes through a
+`ToolCallReader`, so the reader gets the content and the calls apart. Reading never
+blocks the engine (the buffer coalesces what a slow reader has not taken), and never
+waits past the stream's deadline.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import trio
 
 from corral.protocol.errors import TimeoutError
 from corral.protocol.messages import FinishReason, ToolCall, Usage
+from corral.runtime.reasoning import ReasoningReader
 from corral.runtime.stream_buffers import StreamBuffer, StreamChunk
 from corral.runtime.tools import ToolCallReader
 
@@ -33,10 +36,13 @@ class TokenStream:
     """
 
     def __init__(self, buffer: StreamBuffer, model: str, fallback: str | None = None,
-                 tool_calls: ToolCallReader | None = None) -> None:
+                 tool_calls: ToolCallReader | None = None,
+                 reasoning: ReasoningReader | None = None) -> None:
         self._buffer = buffer
         self._reader = tool_calls
+        self._thinking = reasoning
         self._content: list[str] = []
+        self._reasoning: list[str] = []
         self._ended = False
         self.model = model
         self.fallback = fallback
@@ -49,9 +55,16 @@ class TokenStream:
 
     @property
     def text(self) -> str:
-        """The completion's text; with tools, its content (the text around the calls)
-        as read so far."""
-        return self._buffer.text if self._reader is None else "".join(self._content)
+        """The completion's text; with tools or reasoning, its content (the text around
+        the calls and the reasoning) as read so far."""
+        if self._reader is None and self._thinking is None:
+            return self._buffer.text
+        return "".join(self._content)
+
+    @property
+    def reasoning(self) -> str | None:
+        """The reasoning read so far, of a chat with a model that thinks; else None."""
+        return "".join(self._reasoning) if self._thinking is not None else None
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -90,20 +103,38 @@ class TokenStream:
         if scope.cancelled_caught:
             raise TimeoutError("generate", buffer.timeout_s, buffer.request_id,
                                trio.current_time() - buffer.started_at)
-        if self._reader is None:
+        if self._reader is None and self._thinking is None:
             if chunk is None:
                 raise StopAsyncIteration
             return chunk
         if chunk is None:
-            # The end: what the reader still held back, as one last chunk.
-            rest, calls = ("", []) if self._ended else self._reader.finish()
-            self._ended = True
-            if not rest and not calls:
+            # The end: what the readers still held back, as one last chunk.
+            if self._ended:
                 raise StopAsyncIteration
-            self._content.append(rest)
+            self._ended = True
+            rest, thought, calls = self._read("", end=True)
+            if not rest and not thought and not calls:
+                raise StopAsyncIteration
             wants = buffer.wants_logprobs
             return StreamChunk(rest, [], [] if wants else None, len(buffer.tokens),
-                               tokens=[] if wants else None, tool_calls=calls)
-        content, calls = self._reader.feed(chunk.text)
-        self._content.append(content)
-        return msgspec.structs.replace(chunk, text=content, tool_calls=calls)
+                               tokens=[] if wants else None, tool_calls=calls,
+                               reasoning=thought)
+        content, thought, calls = self._read(chunk.text)
+        return msgspec.structs.replace(chunk, text=content, tool_calls=calls,
+                                       reasoning=thought)
+
+    def _read(self, text: str, *, end: bool = False) -> tuple[str, str, list[ToolCall]]:
+        """`text` through the readers: the content, the reasoning and the calls it
+        completes (and, at the `end`, what they held back)."""
+        thought = ""
+        if self._thinking is not None:
+            text, thought = self._thinking.finish() if end else self._thinking.feed(text)
+        calls: list[ToolCall] = []
+        if self._reader is not None:
+            text, calls = self._reader.feed(text)
+            if end:
+                rest, more = self._reader.finish()
+                text, calls = text + rest, calls + more
+        self._content.append(text)
+        self._reasoning.append(thought)
+        return text, thought, calls

@@ -325,11 +325,12 @@ class ExchangeEndpoint(abc.ABC, Generic[_J]):
             Exception: whatever ended the generation; the endpoint tells the client.
         """
 
-    async def complete(self, params: GenerateParams, exchange: Exchange
+    async def complete(self, params: GenerateParams | list[GenerateParams], exchange: Exchange
                        ) -> tuple[Completion, list[tuple[bytes, bytes]]]:
-        """Run `params` to its end for a whole reply: the completion, and the headers
-        its reply carries (`fallback_headers`). The generation is closed before this
-        returns, so its stream slot is free when the client has the reply."""
+        """Run `params` (or a batch of prompts, `Runtime.choices`) to its end for a
+        whole reply: the completion, and the headers its reply carries
+        (`fallback_headers`). The generation is closed before this returns, so its
+        stream slot is free when the client has the reply."""
         async with self._runtime.choices(params) as choices:
             exchange.stream = choices
             completion = await choices.completion()

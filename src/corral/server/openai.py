@@ -101,16 +101,26 @@ class Job(msgspec.Struct, frozen=True):
     """One validated generation request: the runtime's params and the reply's shape.
 
     Attributes:
-        params: what the runtime runs, with the request id and the client set.
+        params: what the runtime runs, with the request id and the client set (of a
+            batch of prompts, the first prompt's).
         shape: makes the reply's bodies or chunks.
         stream: whether the reply is SSE.
         include_usage: SSE only: a last chunk with the usage.
+        batch: every prompt's params, in order, when a completion has more than one.
+        echo: a completion's prompt text comes before its text.
     """
 
     params: GenerateParams
     shape: Shape
     stream: bool
     include_usage: bool
+    batch: list[GenerateParams] = []
+    echo: bool = False
+
+    @property
+    def prompts(self) -> list[GenerateParams]:
+        """The params of each prompt: the batch's, or the one request's."""
+        return self.batch or [self.params]
 
 
 def chat_job(body: Any, request_id: str, client: str) -> Job:
@@ -131,13 +141,15 @@ def completion_job(body: Any, request_id: str, client: str) -> Job:
     """A POST /v1/completions body (builtins) as a job.
 
     Raises:
-        EngineClientError: InvalidParams naming the field (batched prompts included).
+        EngineClientError: InvalidParams naming the field (a batch too large, `echo`
+            with `logprobs`, and `suffix` included).
     """
     request = convert_params(without_nulls(body), CompletionRequest)
     options = request.stream_options
-    return Job(request.to_generate_params(request_id=request_id, client=client),
-               CompletionShape(f"cmpl-{request_id}", int(time.time())), request.stream,
-               bool(options and options.include_usage))
+    batch = request.to_generate_batch(request_id=request_id, client=client)
+    return Job(batch[0], CompletionShape(f"cmpl-{request_id}", int(time.time())),
+               request.stream, bool(options and options.include_usage),
+               batch if len(batch) > 1 else [], request.echo)
 
 
 def finish_reason(reason: FinishReason | None) -> Literal["stop", "length", "tool_calls"]:
@@ -194,7 +206,8 @@ class ChatShape:
 
     def chunk(self, model: str, chunk: StreamChunk) -> msgspec.Struct | None:
         """The event of one chunk, or None for a chunk with nothing to tell."""
-        if not chunk.text and chunk.logprobs is None and not chunk.tool_calls:
+        if (not chunk.text and chunk.logprobs is None and not chunk.tool_calls
+                and not chunk.reasoning):
             return None
         calls = None
         if chunk.tool_calls:
@@ -203,7 +216,8 @@ class ChatShape:
                      for i, call in enumerate(chunk.tool_calls)]
             self._calls[chunk.choice] += len(calls)
         return self._chunk(model, [ChatChunkChoice(
-            ChatDelta(content=chunk.text or (None if calls else ""), tool_calls=calls),
+            ChatDelta(content=chunk.text or (None if calls or chunk.reasoning else ""),
+                      tool_calls=calls, reasoning_content=chunk.reasoning or None),
             chunk.choice,
             logprobs=self._logprobs(chunk.logprobs, chunk.tokens, chunk.top_logprobs))])
 
@@ -222,7 +236,8 @@ class ChatShape:
             EngineClientError: Cancelled, for a choice the runtime ended early.
         """
         choices = [ChatChoice(ChatMessageOut(None if c.tool_calls and not c.text else c.text,
-                                             tool_calls=c.tool_calls or None),
+                                             tool_calls=c.tool_calls or None,
+                                             reasoning_content=c.reasoning),
                               finish_reason(c.finish_reason), c.index,
                               self._logprobs(c.logprobs, c.tokens, c.top_logprobs))
                    for c in completion.choices]

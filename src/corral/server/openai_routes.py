@@ -16,6 +16,7 @@ from starlette.routing import Route
 from corral.metrics import Metrics
 from corral.protocol.errors import CorralError
 from corral.runtime import Runtime
+from corral.runtime.stream_buffers import StreamChunk
 from corral.server.exchange import ClientStreams, Exchange, ExchangeEndpoint, fallback_headers
 from corral.server.openai import Job, chat_job, completion_job, explained, finish_reason
 
@@ -48,17 +49,23 @@ class GenerateEndpoint(ExchangeEndpoint[Job]):
             await self._whole(job, exchange)
 
     async def _stream(self, job: Job, exchange: Exchange) -> None:
-        """SSE: each choice's chunks as they come (`index` names the choice), each
-        choice's finish reason as it ends, then the usage when asked."""
+        """SSE: each choice's chunks as they come (`index` names the choice; an echoed
+        prompt first), each choice's finish reason as it ends, then the usage when
+        asked."""
         shape = job.shape
-        async with self._runtime.choices(job.params) as choices:
+        echoes = await self._echoes(job)
+        async with self._runtime.choices(job.prompts) as choices:
             exchange.stream = choices
             model = choices.model
             async for chunk in choices:
                 if not exchange.streaming:
                     await exchange.start_stream(fallback_headers(choices))
-                    for opening in shape.opening(model, job.params.n):
+                    for opening in shape.opening(model, len(choices.streams)):
                         await exchange.event(opening)
+                    for index, echo in enumerate(echoes):
+                        echoed = shape.chunk(model, StreamChunk(echo, [], None, 0, choice=index))
+                        if echoed is not None:
+                            await exchange.event(echoed)
                 event: msgspec.Struct | None
                 if chunk.finish_reason is not None:
                     event = shape.ending(model, chunk.choice, finish_reason(chunk.finish_reason))
@@ -72,8 +79,27 @@ class GenerateEndpoint(ExchangeEndpoint[Job]):
         await exchange.end_stream(done=True)
 
     async def _whole(self, job: Job, exchange: Exchange) -> None:
-        completion, headers = await self.complete(job.params, exchange)
+        echoes = await self._echoes(job)
+        completion, headers = await self.complete(job.prompts, exchange)
+        if echoes:
+            completion = msgspec.structs.replace(completion, choices=[
+                msgspec.structs.replace(choice, text=echo + choice.text)
+                for choice, echo in zip(completion.choices, echoes, strict=True)])
         await exchange.reply(job.shape.whole(completion), headers)
+
+    async def _echoes(self, job: Job) -> list[str]:
+        """With `echo`, each choice's prompt as text (token ids decoded by the model's
+        tokenizer); else none."""
+        if not job.echo:
+            return []
+        texts = []
+        for params in job.prompts:
+            prompt = params.prompt
+            assert prompt is not None  # a completion has one
+            text = (prompt if isinstance(prompt, str)
+                    else await self._runtime.detokenize(params.model, prompt))
+            texts += [text] * params.n
+        return texts
 
 
 def openai_routes(runtime: Runtime, metrics: Metrics, *, body_timeout_ms: int,
