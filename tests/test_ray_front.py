@@ -94,6 +94,26 @@ async def test_a_stream_that_cannot_continue_ends_with_a_typed_event() -> None:
     assert sent[-1]["more_body"] is False
 
 
+async def test_a_continuation_refused_by_the_next_ingress_is_the_last_event() -> None:
+    calls = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        if calls == 1:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE})
+            await send(_body(b"data: a\n\n", [1], prompt=[9]))
+            return
+        await send({"type": "http.response.start", "status": 502, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"error": {"code": "x"}}',
+                    "more_body": False})
+
+    sent = await _through_guard(app)
+    assert _text(sent) == b'data: a\n\ndata: {"error": {"code": "x"}}\n\n'
+    assert [m["type"] for m in sent].count("http.response.start") == 1
+
+
 async def test_every_ingress_lost_before_replying_is_a_retryable_502() -> None:
     calls = 0
 

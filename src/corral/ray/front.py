@@ -58,6 +58,7 @@ class _Reply:
     def __init__(self, send: Send) -> None:
         self._send = send
         self._held: Message | None = None
+        self._refused = False  # a later ingress answered with an error, not a stream
         self.started = False  # a byte of the body reached the client
         self.complete = False
         self.finished = False  # the SSE stream's last choice event was sent
@@ -69,10 +70,13 @@ class _Reply:
 
     async def send(self, message: Message) -> None:
         """Serve's send: the start is held until the body's first byte (a later
-        ingress's start is dropped), the `Delivery` is taken out of each body."""
+        ingress's start is dropped, and an error body it starts becomes the stream's
+        last event), the `Delivery` is taken out of each body."""
         if message["type"] == "http.response.start":
             if not self.started:
                 self._held = message
+            else:  # a later ingress's: its status says what its body is
+                self._refused = message["status"] != 200
             return
         if message["type"] != "http.response.body":
             await self._send(message)
@@ -80,6 +84,9 @@ class _Reply:
         delivery = message.pop(DELIVERY_KEY, None)
         body: bytes = message.get("body", b"")
         more = bool(message.get("more_body", False))
+        if self._refused and body:  # an error body, once the stream has begun: its event
+            message = {**message, "body": b"data: " + body.strip() + b"\n\n"}
+            body = message["body"]
         if self._held is not None and (body or not more):
             held, self._held = self._held, None
             self.event_stream = any(name.lower() == b"content-type" and
@@ -185,8 +192,8 @@ class StreamGuard:
         elif reply.event_stream:
             await reply.end(lost_event(request_id, "the ingress", "ActorDiedError",
                                        len(reply.delivered)))
-        else:
-            await reply.end(b"")
+        # Else part of a whole (JSON) body was sent, which the replica sends in one piece:
+        # the connection closes unfinished, so the client sees it is cut, not complete.
 
 
 def _replay(chunks: list[bytes], more: bool, receive: Receive,
