@@ -1,5 +1,6 @@
 """corral on Ray Serve, for real: a local Ray (2 CPUs, no dashboard), two replicas of the
-tiny model behind the ingress on 127.0.0.1, driven by the official `openai` client.
+tiny model behind two ingress replicas on 127.0.0.1, driven by the official `openai`
+client.
 
 Ray starts once for the module (it takes about half a minute). Expected texts come from
 a plain corral serve (the HTTP server over one runtime, same model, same requests),
@@ -17,10 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import trio
 from openai.types.chat import ChatCompletionMessageParam
+from prometheus_client.parser import text_string_to_metric_families
 
 from corral.actors.child_spec import ChildSpec
 from corral.config import RuntimeConfig, config_from_mapping
@@ -32,7 +35,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from corral.ray import RayOptions, connect, deploy  # noqa: E402
-from corral.ray.deploy import APP_NAME, REPLICA_DEPLOYMENT  # noqa: E402
+from corral.ray.deploy import APP_NAME, INGRESS_DEPLOYMENT, REPLICA_DEPLOYMENT  # noqa: E402
 from corral.ray.routing import affinity_key, preferred_replica  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -40,7 +43,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 LOAD = 48  # streams: 42 greedy, and every 8th (from the 7th) seeded
 CONCURRENCY = 8
 MAX_TOKENS = 96
-LONG = 12  # greedy streams a scale-down cuts under
+LONG = 16  # greedy streams a scale-down or a killed ingress cuts under
 LONG_TOKENS = 512
 LONG_BASE = 1000  # their conversations: _chat(LONG_BASE + i)
 
@@ -51,7 +54,10 @@ def _config() -> RuntimeConfig:
         "server": {"drain_timeout_ms": 2000},
         # One engine failure fails the model for a minute: a replica health can fail.
         "restarts": {"max_restarts": 0},
-        "calls": {"circuit_breaker": {"recovery_timeout_ms": 60000}}})
+        # The ingresses share one retry budget: sized so that the requests two stopped
+        # replicas strand in a redeploy (up to 24 each) may all go elsewhere.
+        "calls": {"circuit_breaker": {"recovery_timeout_ms": 60000},
+                  "retry": {"budget": {"max_retry_tokens": 100.0}}}})
 
 
 def _free_port() -> int:
@@ -170,17 +176,17 @@ def cluster(model_path: str) -> Iterator[Cluster]:
         ray.shutdown()
 
 
-def _replica_actors() -> dict[str, str]:
-    """Replica id → actor name, for the live replicas of the corral deployment."""
-    prefix = f"SERVE_REPLICA::{APP_NAME}#{REPLICA_DEPLOYMENT}#"
+def _replica_actors(deployment: str = REPLICA_DEPLOYMENT) -> dict[str, str]:
+    """Replica id → actor name, for the live replicas of a corral deployment."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment}#"
     return {actor["name"][len(prefix):]: actor["name"]
             for actor in ray.util.list_named_actors(all_namespaces=True)
             if actor["name"].startswith(prefix)}
 
 
-def _running_replicas() -> int:
+def _running_replicas(deployment: str = REPLICA_DEPLOYMENT) -> int:
     app = serve.status().applications[APP_NAME]
-    states = app.deployments[REPLICA_DEPLOYMENT].replica_states
+    states = app.deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
 
 
@@ -215,6 +221,33 @@ def test_errors_are_corral_serves(cluster: Cluster) -> None:
         chat = client.chat.completions.create(
             model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
     assert chat.choices[0].message.content == cluster.reference.chat
+
+
+def test_health_and_metrics_through_the_ingress_cover_every_replica(cluster: Cluster) -> None:
+    """GET /health through the ingress has every replica's verdict; GET /metrics has
+    every replica's samples, labelled by replica, so it counts the requests of both."""
+    ids = list(_replica_actors())
+    assert len(ids) == 2
+    root = cluster.base_url.removesuffix("/v1")
+    with _client(cluster.base_url) as client:
+        for replica in ids:  # a request for each replica, by its conversations' hash
+            i = next(i for i in range(300, 400)
+                     if preferred_replica(_key(_chat(i)) or "", ids) == replica)
+            served = client.chat.completions.with_raw_response.create(
+                model="tiny", messages=_chat(i), max_tokens=4, temperature=0.0)
+            assert served.headers["x-corral-replica"] == replica
+    health = httpx.get(f"{root}/health", timeout=60.0)
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert set(health.json()["replicas"]) == set(ids)
+    assert all(h["status"] == "ok" for h in health.json()["replicas"].values())
+    metrics = httpx.get(f"{root}/metrics", timeout=60.0).text
+    served = {sample.labels["replica"]: sample.value
+              for family in text_string_to_metric_families(metrics)
+              for sample in family.samples if sample.name == "corral_requests_total"
+              and sample.labels["outcome"] == "success"}
+    assert set(served) == set(ids) and all(count >= 1 for count in served.values()), served
+    assert metrics.count("# TYPE corral_requests_total counter") == 1
 
 
 def _key(messages: list[ChatCompletionMessageParam]) -> str | None:
@@ -256,6 +289,7 @@ class _Progress:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     replica: dict[int, str] = field(default_factory=dict)
+    ingress: dict[int, str] = field(default_factory=dict)
     chunks: dict[int, int] = field(default_factory=dict)
     done: set[int] = field(default_factory=set)
 
@@ -321,22 +355,25 @@ def test_killed_replica_loses_no_stream(cluster: Cluster) -> None:
         assert _stream_text(client, _chat(0)) == cluster.reference.streams[0]
 
 
-def _wait_replicas(count: int, gone: str | None = None, timeout: float = 120.0) -> None:
-    """Wait until Serve runs exactly `count` corral replicas, `gone` not among them, and
-    no other is alive (one that stops is alive until it has shut down)."""
+def _wait_replicas(count: int, gone: str | None = None, timeout: float = 120.0,
+                   deployment: str = REPLICA_DEPLOYMENT) -> None:
+    """Wait until Serve runs exactly `count` replicas of `deployment`, `gone` not among
+    them, and no other is alive (one that stops is alive until it has shut down)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = _replica_actors()
-        if len(alive) == count and gone not in alive and _running_replicas() == count:
+        alive = _replica_actors(deployment)
+        if len(alive) == count and gone not in alive and _running_replicas(deployment) == count:
             return
         time.sleep(0.25)
-    raise AssertionError(f"Serve did not come to {count} replicas without {gone} in "
-                         f"{timeout} s: {_replica_actors()}, {_running_replicas()} running")
+    raise AssertionError(f"Serve did not come to {count} {deployment} replicas without "
+                         f"{gone} in {timeout} s: {_replica_actors(deployment)}, "
+                         f"{_running_replicas(deployment)} running")
 
 
 def test_failed_model_fails_its_replica_and_serve_replaces_it(cluster: Cluster) -> None:
     """A model failed for good is corral's health saying no: Serve's health check asks
     it, and replaces the replica. Meanwhile requests are served by the other one."""
+    _wait_routing_to_every_replica(cluster)
     replicas = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=APP_NAME)
     victim = replicas.inject_fault.remote("tiny", "raise").result(timeout_s=30)
     ids = list(_replica_actors())
@@ -375,72 +412,136 @@ class _Ended:
     error: dict[str, Any] | None = None
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 24: a redeploy also replaces Serve's ingress, whose streams are cut without an "
-    "error event; on a loaded 2-core machine this fails on main as of 7bf4aa8 too"))
-def test_scale_down_loses_no_stream(cluster: Cluster) -> None:
-    """`deploy` again with 1 replica instead of 2, under 12 long greedy streams spread
-    over both. `serve.run` gives each deployment a new version, so Serve stops both old
-    replicas (and the ingress) gracefully and starts one new: it waits for a replica's
-    streams up to `graceful_shutdown_timeout_s`, then `__del__` drains its runtime; a
-    replica whose streams outlast that is killed, and the ingress resumes them on the
-    replica left. Every stream ends with its fault-free text or with corral's typed,
-    retryable error event, none hangs, and the next request is served. The two
-    replicas are restored."""
-    progress = _Progress()
-
-    def one(i: int) -> _Ended:
-        parts: list[str] = []
-        with _client(cluster.base_url) as client:
-            raw = client.chat.completions.with_streaming_response.create(
-                model="tiny", messages=_chat(LONG_BASE + i), stream=True,
-                max_tokens=LONG_TOKENS, temperature=0.0)
-            with raw as response:
+def _long_stream(cluster: Cluster, progress: _Progress, i: int) -> _Ended:
+    """Long greedy stream i, noting its replica, its ingress and its chunks."""
+    parts: list[str] = []
+    with _client(cluster.base_url) as client:
+        raw = client.chat.completions.with_streaming_response.create(
+            model="tiny", messages=_chat(LONG_BASE + i), stream=True,
+            max_tokens=LONG_TOKENS, temperature=0.0)
+        with raw as response:
+            with progress.lock:
+                progress.replica[i] = response.headers["x-corral-replica"]
+                progress.ingress[i] = response.headers["x-corral-ingress"]
+            try:
+                for chunk in response.parse():
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        parts.append(chunk.choices[0].delta.content)
+                        with progress.lock:
+                            progress.chunks[i] = progress.chunks.get(i, 0) + 1
+            except openai.APIError as exc:  # an error event: the stream's last
+                assert isinstance(exc.body, dict), exc
+                return _Ended("".join(parts), exc.body)
+            finally:
                 with progress.lock:
-                    progress.replica[i] = response.headers["x-corral-replica"]
-                try:
-                    for chunk in response.parse():
-                        if chunk.choices and chunk.choices[0].delta.content:
-                            parts.append(chunk.choices[0].delta.content)
-                            with progress.lock:
-                                progress.chunks[i] = progress.chunks.get(i, 0) + 1
-                except openai.APIError as exc:  # an error event: the stream's last
-                    assert isinstance(exc.body, dict), exc
-                    return _Ended("".join(parts), exc.body)
-                finally:
-                    with progress.lock:
-                        progress.done.add(i)
-        return _Ended("".join(parts))
+                    progress.done.add(i)
+    return _Ended("".join(parts))
 
-    def all_midway() -> bool:
-        with progress.lock:
-            return len(progress.replica) == LONG and all(
-                progress.chunks.get(i, 0) >= 4 for i in range(LONG))
 
+def _wait_routing_to_every_replica(cluster: Cluster) -> None:
+    """Wait until both ingresses know every running replica: a conversation goes to
+    the replica its opening hashes to (a replica that Serve just started is routed to
+    once each ingress's handle has heard of it)."""
+    ids = list(_replica_actors())
+
+    def routed() -> bool:
+        with _client(cluster.base_url) as client:
+            for replica in ids:
+                for i in [i for i in range(400, 500)
+                          if preferred_replica(_key(_chat(i)) or "", ids) == replica][:4]:
+                    served = client.chat.completions.with_raw_response.create(
+                        model="tiny", messages=_chat(i), max_tokens=1, temperature=0.0)
+                    if served.headers["x-corral-replica"] != replica:
+                        return False
+        return True
+
+    _wait_until(routed, 60.0, f"both ingresses routing to every replica of {ids}")
+
+
+def _midway(progress: _Progress, by: dict[int, str]) -> dict[str, list[int]]:
+    """The streams running with 4 chunks or more, grouped by `by` (their replica or
+    their ingress). A replica runs 8 streams at once, so of 16 some may still wait."""
+    groups: dict[str, list[int]] = {}
+    with progress.lock:
+        for i, chunks in progress.chunks.items():
+            if chunks >= 4 and i not in progress.done:
+                groups.setdefault(by[i], []).append(i)
+    return groups
+
+
+def _check_ended(cluster: Cluster, ended: list[_Ended]) -> None:
+    """Each stream ended with its fault-free text, or with corral's typed, retryable
+    error event after a correct start."""
+    for i, end in enumerate(ended):
+        if end.error is None:
+            assert end.text == cluster.reference.long[i], i
+        else:  # ended early, as corral ends a stream it cannot finish
+            assert end.error["retryable"] is True, end.error
+            assert end.error["code"] in ("ServerError", "TransportError"), end.error
+            assert cluster.reference.long[i].startswith(end.text), i
+
+
+def _next_request_is_served(cluster: Cluster) -> None:
+    with _client(cluster.base_url) as client:
+        chat = client.chat.completions.create(
+            model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
+    assert chat.choices[0].message.content == cluster.reference.chat
+
+
+def test_scale_down_loses_no_stream(cluster: Cluster) -> None:
+    """`deploy` again with 1 replica instead of 2, under 16 long greedy streams spread
+    over both replicas and both ingresses. `serve.run` gives each deployment a new
+    version, so Serve stops the old replicas and ingresses gracefully and starts new
+    ones: it waits for a replica's streams up to `graceful_shutdown_timeout_s`, then
+    `__del__` drains its runtime; a replica whose streams outlast that is killed, and the
+    ingress resumes them on the replica left; an ingress whose streams outlast its own
+    timeout is killed, and the proxy's guard continues them through a new ingress. Every
+    stream ends with its fault-free text or with corral's typed, retryable error event,
+    none hangs, and the next request is served. The two replicas are restored."""
+    _wait_routing_to_every_replica(cluster)
+    progress = _Progress()
     try:
         with ThreadPoolExecutor(LONG) as pool:
-            futures = [pool.submit(one, i) for i in range(LONG)]
-            _wait_until(all_midway, 60.0, "every stream mid-way")
-            with progress.lock:
-                cut = {progress.replica[i] for i in range(LONG) if i not in progress.done}
+            futures = [pool.submit(_long_stream, cluster, progress, i) for i in range(LONG)]
+            _wait_until(lambda: len(_midway(progress, progress.replica)) == 2, 120.0,
+                        "streams mid-way on both replicas")
+            cut = set(_midway(progress, progress.replica))
             cluster.redeploy(RayOptions(replicas=1, health_check_period_s=1.0))
-            ended = [future.result(timeout=120) for future in futures]  # none hangs
+            ended = [future.result(timeout=300) for future in futures]  # none hangs
         assert len(cut) == 2, "both replicas were stopped with streams on them"
-        for i, end in enumerate(ended):
-            if end.error is None:
-                assert end.text == cluster.reference.long[i], i
-            else:  # ended early, as corral ends a stream it cannot finish
-                assert end.error["retryable"] is True, end.error
-                assert end.error["code"] in ("ServerError", "TransportError"), end.error
-                assert cluster.reference.long[i].startswith(end.text), i
+        _check_ended(cluster, ended)
         _wait_replicas(1)
-        with _client(cluster.base_url) as client:
-            chat = client.chat.completions.create(
-                model="tiny", messages=_chat(-1), max_tokens=24, temperature=0.0)
-        assert chat.choices[0].message.content == cluster.reference.chat
+        _next_request_is_served(cluster)
     finally:
         cluster.redeploy(ORIGINAL)
         _wait_replicas(2)
+
+
+def test_killed_ingress_loses_no_stream(cluster: Cluster) -> None:
+    """ray.kill of the ingress replica that relays the most streams mid-way, under 16
+    long greedy streams over both ingresses: Serve's proxy loses the call, and its guard
+    continues each of those streams through the other ingress (the tokens the client
+    has as `generated=`). Every stream ends with its fault-free text or with a typed,
+    retryable error event after a correct start (here: at least one on the killed
+    ingress completes), none hangs, the next request is served, and Serve brings the
+    ingress back."""
+    assert len(_replica_actors(INGRESS_DEPLOYMENT)) == 2
+    _wait_routing_to_every_replica(cluster)
+    progress = _Progress()
+    with ThreadPoolExecutor(LONG) as pool:
+        futures = [pool.submit(_long_stream, cluster, progress, i) for i in range(LONG)]
+        _wait_until(lambda: len(_midway(progress, progress.ingress)) == 2, 120.0,
+                    "streams mid-way through both ingresses")
+        midway = _midway(progress, progress.ingress)
+        victim = max(midway, key=lambda ingress: len(midway[ingress]))
+        ray.kill(ray.get_actor(_replica_actors(INGRESS_DEPLOYMENT)[victim],
+                               namespace="serve"), no_restart=True)
+        ended = [future.result(timeout=300) for future in futures]  # none hangs
+    cut = midway[victim]
+    _check_ended(cluster, ended)
+    assert any(ended[i].error is None for i in cut), "a stream continued elsewhere"
+    _next_request_is_served(cluster)
+    _wait_replicas(2, gone=victim, deployment=INGRESS_DEPLOYMENT)
 
 
 # Serve 2.60 pushes a handle's load every `metrics_interval_s` (10 s by default); the

@@ -1,5 +1,6 @@
-"""Deploying corral on Ray Serve: the replica and ingress deployments as one Serve
-application, and running it on a local Ray or the cluster at `RAY_ADDRESS`.
+"""Deploying corral on Ray Serve: the replica, ingress and retry budget deployments as
+one Serve application, the guard in Serve's proxy, and running it on a local Ray or the
+cluster at `RAY_ADDRESS`.
 
 Replica placement, restarts of dead replicas, health checks and autoscaling are
 Serve's; what runs inside a replica is corral's. This module only configures.
@@ -20,17 +21,23 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from corral.config import RuntimeConfig
+from corral.ray.budget import BUDGET_DEPLOYMENT, SharedRetryBudget
+from corral.ray.exchange import Coalescing
+from corral.ray.front import ATTEMPTS_ENV
 from corral.ray.ingress import CorralIngress
 from corral.ray.replica import CorralReplica
 from corral.server.serve import parse_host_port, parse_model
 from corral.tiny import default_model_path
 
-__all__ = ["APP_NAME", "REPLICA_DEPLOYMENT", "RayOptions", "build_application", "connect",
-           "deploy", "main", "parse_autoscale", "serve_forever"]
+__all__ = ["APP_NAME", "INGRESS_DEPLOYMENT", "REPLICA_DEPLOYMENT", "RayOptions",
+           "build_application", "connect", "deploy", "main", "parse_autoscale",
+           "serve_forever"]
 
 APP_NAME: Final = "corral"
 REPLICA_DEPLOYMENT: Final = "corral-replica"
+INGRESS_DEPLOYMENT: Final = "corral-ingress"
 ROUTER: Final = "corral.ray.routing.PrefixAffinityRouter"
+PROXY_GUARD: Final = "corral.ray.front.proxy_middlewares"
 
 
 class RayOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,20 +50,26 @@ class RayOptions(msgspec.Struct, frozen=True, kw_only=True):
             targeted at `stream_registry.max_active_streams`.
         replica_cpus: CPUs reserved per replica (MLX takes what it needs; this is
             Ray's bookkeeping, fractional so replicas share a small node).
-        ingress_cpus: CPUs reserved for the ingress.
+        ingresses: ingress replicas (Serve's proxy spreads requests over them; a stream
+            whose ingress is lost continues through another).
+        ingress_cpus: CPUs reserved per ingress replica.
         health_check_period_s: how often Serve asks each replica's `check_health`.
+        coalescing: how a replica batches a reply's parts into Ray items.
     """
 
     replicas: int = 1
     autoscale: tuple[int, int] | None = None
     replica_cpus: float = 0.5
-    ingress_cpus: float = 0.25
+    ingresses: int = 2
+    ingress_cpus: float = 0.125
     health_check_period_s: float = 2.0
+    coalescing: Coalescing = Coalescing()
 
 
 def build_application(config: RuntimeConfig, models: Mapping[str, str],
                       options: RayOptions = RayOptions()) -> Any:
-    """The Serve application: the ingress bound to the replica deployment.
+    """The Serve application: the ingress bound to the replica deployment and to the
+    retry budget they share (none when `calls.retry.budget.enabled` is false).
 
     Serve's graceful shutdown timeout is corral's drain timeout plus a margin, so a
     replica that drains is not killed under it.
@@ -81,10 +94,25 @@ def build_application(config: RuntimeConfig, models: Mapping[str, str],
             request_router_class=ROUTER),  # type: ignore[arg-type]
         **scaling)(CorralReplica)
     ingress = serve.deployment(
-        name="corral-ingress", ray_actor_options={"num_cpus": options.ingress_cpus},
+        name=INGRESS_DEPLOYMENT, num_replicas=options.ingresses,
+        ray_actor_options={"num_cpus": options.ingress_cpus},
         max_ongoing_requests=max(1000, registry.max_active_streams + registry.max_queued),
     )(CorralIngress)
-    return ingress.bind(replica.bind(config, dict(models)), config.calls.retry.max_attempts)
+    retry = config.calls.retry
+    budget = serve.deployment(
+        name=BUDGET_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000)(SharedRetryBudget).bind(retry.budget) \
+        if retry.budget.enabled else None
+    return ingress.bind(replica.bind(config, dict(models), options.coalescing),
+                        retry.max_attempts, budget)
+
+
+def _worker_env() -> dict[str, str]:
+    """This process's `PYTHONPATH`, absolute: Ray's workers do not start in this
+    process's directory."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))
+            } if path else {}
 
 
 def connect(address: str | None = None, **init: Any) -> None:
@@ -93,18 +121,20 @@ def connect(address: str | None = None, **init: Any) -> None:
     `ray.init`. The workers see this process's `PYTHONPATH`."""
     if ray.is_initialized():
         return
-    path = os.environ.get("PYTHONPATH", "")
-    # Absolute: Ray's workers do not start in this process's directory.
-    env = {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))
-           } if path else {}
+    env = _worker_env()
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, **init)
 
 
 def deploy(config: RuntimeConfig, models: Mapping[str, str], host: str, port: int,
            options: RayOptions = RayOptions()) -> Any:
-    """Start Serve's HTTP proxy on `host:port` and run the application; returns the
-    ingress's handle once every replica is up (models loaded)."""
-    serve.start(http_options={"host": host, "port": port})
+    """Start Serve's HTTP proxy on `host:port`, with corral's guard in it
+    (`corral.ray.front`), and run the application; returns the ingress's handle once
+    every replica is up (models loaded). Serve applies the proxy's options only when
+    it starts Serve on the cluster."""
+    env = {**_worker_env(), "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_GUARD,
+           ATTEMPTS_ENV: str(config.calls.retry.max_attempts)}
+    serve.start(http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": env}})
     return serve.run(build_application(config, models, options), name=APP_NAME,
                      route_prefix="/")
 

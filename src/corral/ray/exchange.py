@@ -7,17 +7,18 @@ The app is `corral.server.http.build_app`, unchanged: routes, errors and SSE sha
 text of each part, read from the runtime's stream table, so that the ingress can move a
 deterministic stream to another replica with prompt + tokens already sent.
 
-Sends never checkpoint (they append to the relay), so the parts the app sends in one
-trio tick reach the asyncio side together and leave as one part: a replica that dies
-never leaves the client with text whose tokens were not counted, or the reverse.
+Sends never checkpoint (they merge into the relay's one waiting part), and each part
+carries its text with the tokens behind it: a replica that dies never leaves the client
+with text whose tokens were not counted, or the reverse. The relay batches what waits
+into few Ray items (`Coalescing`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, Final, final
+from typing import Annotated, Any, Final, final
 
 import msgspec
 import trio
@@ -37,39 +38,57 @@ from corral.server.openai import (
     finish_reason,
 )
 
-__all__ = ["REPLICA_HEADER", "Relay", "resume_stream", "serve_http"]
+__all__ = ["REPLICA_HEADER", "Coalescing", "Relay", "resume_stream", "serve_http"]
 
 REPLICA_HEADER: Final = b"x-corral-replica"
 _encode = msgspec.json.Encoder().encode
 
 
-def _merge(parts: list[ReplyPart]) -> ReplyPart:
-    """Parts sent in one trio tick as one: the first's kind, status and headers."""
-    first = parts[0]
-    if len(parts) == 1:
-        return first
-    prompt = next((p.prompt for p in parts if p.prompt is not None), None)
+def _merge(waiting: ReplyPart, part: ReplyPart) -> ReplyPart:
+    """Two parts as one: the first's kind, status and headers, both bodies and tokens."""
     return msgspec.structs.replace(
-        first, body=b"".join(p.body for p in parts),
-        tokens=[t for p in parts for t in p.tokens], prompt=prompt,
-        resumable=any(p.resumable for p in parts))
+        waiting, body=waiting.body + part.body, tokens=[*waiting.tokens, *part.tokens],
+        prompt=waiting.prompt if waiting.prompt is not None else part.prompt,
+        resumable=waiting.resumable or part.resumable)
+
+
+class Coalescing(msgspec.Struct, frozen=True, kw_only=True):
+    """How a replica batches a reply's parts into Ray items (`Relay`).
+
+    Each item crosses Ray's streaming calls twice (replica → ingress → proxy), at a cost
+    per item of the order of a small model's step, so a replica sends what it has at most
+    every `interval_ms`, or at once when `max_tokens` token ids wait; the first part and
+    the last go at once. On a model whose step is slower than `interval_ms`, every token
+    goes at once: the batching only ever merges tokens that wait.
+
+    Attributes:
+        interval_ms: the least time between two items of one reply (0: no batching).
+        max_tokens: token ids that go at once, whatever the time.
+    """
+
+    interval_ms: Annotated[float, msgspec.Meta(ge=0.0)] = 20.0
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 32
 
 
 @final
 class Relay:
     """Parts from the trio side to one asyncio reader, on the loop's one thread.
 
-    `push` never blocks or checkpoints; what waits is merged when read, so memory
-    is bounded by the reply (a stream's by its max_tokens).
+    `push` never blocks or checkpoints: it merges into the one part that waits, so the
+    relay holds at most one part whatever the reader's pace (its bytes bounded by the
+    reply, a stream's by its max_tokens). The reader gets that part as `Coalescing`
+    says.
     """
 
-    def __init__(self) -> None:
-        self._parts: collections.deque[ReplyPart] = collections.deque()
+    def __init__(self, coalescing: Coalescing = Coalescing()) -> None:
+        self._waiting: ReplyPart | None = None
         self._ready = asyncio.Event()
         self._closed = False
+        self._interval = coalescing.interval_ms / 1000.0
+        self._max_tokens = coalescing.max_tokens
 
     def push(self, part: ReplyPart) -> None:
-        self._parts.append(part)
+        self._waiting = part if self._waiting is None else _merge(self._waiting, part)
         self._ready.set()
 
     def close(self) -> None:
@@ -78,12 +97,22 @@ class Relay:
         self._ready.set()
 
     async def parts(self) -> AsyncIterator[ReplyPart]:
-        """Everything pushed, merged per wakeup, until `close`."""
+        """Everything pushed, merged, until `close`."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         while True:
-            if self._parts:
-                batch = list(self._parts)
-                self._parts.clear()
-                yield _merge(batch)
+            waiting = self._waiting
+            if waiting is not None:
+                wait = due - loop.time()
+                if wait > 0 and not self._closed and len(waiting.tokens) < self._max_tokens:
+                    self._ready.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._ready.wait()
+                    continue
+                self._waiting = None
+                due = loop.time() + self._interval
+                yield waiting
                 continue
             if self._closed:
                 return

@@ -1,18 +1,29 @@
-"""What crosses between the ingress and a replica: one HTTP request, and the parts of
-its reply.
+"""What crosses between Serve's proxy, the ingress and a replica: one HTTP request, the
+parts of its reply, and what the proxy's guard needs to continue a stream whose ingress
+was lost.
 
 Data only. The replica runs corral's own HTTP app on the request, so the bytes of the
 reply are `corral serve`'s; a part adds what the ingress needs to move a stream to
 another replica: which replica sent it, and the token ids behind the text it carries.
+The ingress passes those token ids on to the proxy beside the bytes (`DELIVERY_KEY`),
+never in them.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
-__all__ = ["ProxiedRequest", "ReplyPart", "ResumeRequest"]
+__all__ = ["DELIVERY_KEY", "RESUME_HEADER", "Delivery", "ProxiedRequest", "ReplyPart",
+           "ResumeRequest", "ResumeState"]
+
+DELIVERY_KEY: Final = "corral.delivery"
+"""The key of a `Delivery` in the ASGI body messages the ingress sends Serve's proxy;
+the proxy's guard takes it out before the message reaches the client."""
+RESUME_HEADER: Final = b"x-corral-resume"
+"""The header (a msgpack `ResumeState`) with which the proxy's guard asks another
+ingress to continue a stream whose ingress was lost."""
 
 
 class ProxiedRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,3 +80,29 @@ class ReplyPart(msgspec.Struct, frozen=True, kw_only=True):
     tokens: list[int] = []
     prompt: list[int] | None = None
     resumable: bool = False
+
+
+class Delivery(msgspec.Struct, frozen=True, kw_only=True):
+    """What one body message the ingress sends Serve's proxy carries besides its bytes.
+
+    Attributes:
+        tokens: token ids (new since the previous message) whose text the bytes carry.
+        prompt: the prompt's token ids, once (None in the other messages).
+        resumable: the stream may continue elsewhere (greedy or seeded sampling).
+    """
+
+    tokens: list[int] = []
+    prompt: list[int] | None = None
+    resumable: bool = False
+
+
+class ResumeState(msgspec.Struct, frozen=True, kw_only=True):
+    """A stream to continue after the tokens its client has (`RESUME_HEADER`).
+
+    Attributes:
+        prompt: the prompt's token ids, as the first replica built them.
+        delivered: token ids whose text the client has received.
+    """
+
+    prompt: list[int]
+    delivered: list[int]

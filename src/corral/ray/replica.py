@@ -24,7 +24,7 @@ import corral.aio
 from corral.config import RuntimeConfig
 from corral.engine.api import FaultKind
 from corral.metrics import Metrics
-from corral.ray.exchange import Relay, resume_stream, serve_http
+from corral.ray.exchange import Coalescing, Relay, resume_stream, serve_http
 from corral.ray.messages import ProxiedRequest, ReplyPart, ResumeRequest
 from corral.runtime import Runtime as TrioRuntime
 from corral.server.http import build_app
@@ -38,17 +38,21 @@ class ReplicaUnhealthy(Exception):
 
 @final
 class CorralReplica:
-    """A Serve deployment class: `serve.deployment(CorralReplica).bind(config, models)`.
+    """A Serve deployment class: `serve.deployment(CorralReplica).bind(config, models,
+    coalescing)`.
 
     Args:
         config: the runtime's configuration (the models it lists are loaded).
         models: more models, alias → path.
+        coalescing: how a reply's parts are batched into Ray items.
     """
 
     # Serve (Ray actors) awaits an async constructor; type checkers do not know that.
     async def __init__(  # type: ignore[misc]
-            self, config: RuntimeConfig, models: Mapping[str, str]) -> None:
+            self, config: RuntimeConfig, models: Mapping[str, str],
+            coalescing: Coalescing = Coalescing()) -> None:
         self._config = config
+        self._coalescing = coalescing
         self._id = serve.get_replica_context().replica_id.unique_id
         self._stack = contextlib.AsyncExitStack()
         self._runtime = await self._stack.enter_async_context(
@@ -64,7 +68,7 @@ class CorralReplica:
         """Serve one HTTP request with corral's app; a streaming method. A `hello` part
         comes first. Cancelled (the ingress's client left), the generation stops."""
         yield ReplyPart(kind="hello", replica=self._id)
-        relay = Relay()
+        relay = Relay(self._coalescing)
         async for part in self._relayed(
                 relay, lambda rt: serve_http(rt, self._app, request, relay, self._id)):
             yield part
@@ -73,7 +77,7 @@ class CorralReplica:
         """Continue a deterministic stream another replica lost (`resume_stream`); a streaming
         method, `hello` first."""
         yield ReplyPart(kind="hello", replica=self._id)
-        relay = Relay()
+        relay = Relay(self._coalescing)
         async for part in self._relayed(
                 relay, lambda rt: resume_stream(rt, request, relay, self._id)):
             yield part

@@ -88,9 +88,11 @@ class RetryBudget:
         with self._lock:
             self._milli = max(0, self._milli - 1000)
 
-    def record_success(self) -> None:
+    def record_success(self, count: int = 1) -> None:
+        """Refill for `count` successes (several at once for a caller that batches
+        them, as the Ray ingress does)."""
         with self._lock:
-            self._milli = min(self._max_milli, self._milli + self._ratio_milli)
+            self._milli = min(self._max_milli, self._milli + self._ratio_milli * count)
 
     def request_retry(self) -> bool:
         """Charge one failed attempt, then say whether a retry may follow it."""
