@@ -69,6 +69,7 @@ def _log_every_level() -> Iterator[None]:
     """Tests read info and debug events (`structlog.testing.capture_logs`). An embedded
     runtime configures warning level for the whole process when nothing configured
     structlog before it, so each test starts with every level let through."""
+    structlog.reset_defaults()  # no earlier test's stream, closed since, stays in use
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
     yield
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import AbstractContextManager
-from typing import Any, Final, TextIO, final
+from typing import Any, Final, TextIO, cast, final
 
 import structlog
 from structlog.typing import Processor
@@ -45,7 +45,7 @@ def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None,
         stream: where lines go; standard error when None.
         default_level: the level when `cfg.level` is None.
     """
-    output = sys.stderr if stream is None else stream
+    output = cast(TextIO, _CurrentStderr()) if stream is None else stream
     renderer: Processor
     if cfg.format == "json":
         renderer = structlog.processors.JSONRenderer()
@@ -69,6 +69,21 @@ def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None,
         # Cached loggers would keep the first setup; reconfiguring must reach them all.
         cache_logger_on_first_use=False,
     )
+
+
+@final
+class _CurrentStderr:
+    """Standard error as it is when a line is written, not when logging was set up: a
+    host (or pytest's capture) may replace `sys.stderr` and close the old one."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 @final
