@@ -17,6 +17,7 @@ Only 127.0.0.1; each round is bounded (every request has a 120 s deadline of its
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -247,7 +248,10 @@ async def _append(outcomes: list[Outcome], port: int) -> None:
 def _established(pid: int, port: int) -> int:
     """The server's TCP connections on `port` not yet closed by it (any state but
     LISTEN: a socket in CLOSE_WAIT is a client's EOF the server has not acted on)."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed since it was listed
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
