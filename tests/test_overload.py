@@ -57,6 +57,12 @@ async def _one_stream(port: int) -> Outcome:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
     except OSError as exc:
         return Outcome("lost", f"connect: {exc!r}")
+    return await _exchange(stream, send=True)
+
+
+async def _exchange(stream: trio.SocketStream, *, send: bool) -> Outcome:
+    """The chat request on `stream` (sent now with `send`, else sent already as
+    `_request_bytes`), its reply read to its end, then the stream closed."""
     async with stream:
         connection = h11.Connection(h11.CLIENT)
         headers = [("host", "127.0.0.1"), ("content-type", "application/json"),
@@ -67,7 +73,8 @@ async def _one_stream(port: int) -> Outcome:
         data += connection.send(h11.EndOfMessage()) or b""
         status, reply_headers, parts = 0, {}, bytearray()
         try:
-            await stream.send_all(data)
+            if send:
+                await stream.send_all(data)
             while True:
                 event = connection.next_event()
                 if event is h11.NEED_DATA:
@@ -307,30 +314,4 @@ def _request_bytes() -> bytes:
 
 async def _append_reply(outcomes: list[Outcome], stream: trio.SocketStream) -> None:
     """Read one reply (its request already sent) on `stream`, then close it."""
-    connection = h11.Connection(h11.CLIENT)
-    connection.send(h11.Request(method="POST", target="/v1/chat/completions",
-                                headers=[("host", "127.0.0.1"),
-                                         ("content-length", str(len(BODY)))]))
-    connection.send(h11.Data(data=BODY))
-    connection.send(h11.EndOfMessage())
-    status, headers, parts = 0, {}, bytearray()
-    async with stream:
-        try:
-            while True:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                    headers = {bytes(k).decode(): bytes(v).decode() for k, v in event.headers}
-                elif isinstance(event, h11.Data):
-                    parts += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
-                    outcomes.append(Outcome("lost", f"{event!r}"))
-                    return
-        except (OSError, trio.BrokenResourceError, h11.RemoteProtocolError) as exc:
-            outcomes.append(Outcome("lost", repr(exc)))
-            return
-    outcomes.append(_judged(status, headers, bytes(parts)))
+    outcomes.append(await _exchange(stream, send=False))
