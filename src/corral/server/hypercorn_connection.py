@@ -13,7 +13,8 @@ reply until the next request:
   read: 300 simultaneous streams lost 16 to 114 with no reply at all (EOF or a reset).
 
 `ConnectionServer` stops the timer at the client's EOF, and closes an idle connection
-only when nothing it was sent is waiting to be read. Everything else is Hypercorn's.
+only when nothing it was sent waits to be read and nothing arrived since the timer
+began (its reader may hold bytes it has not parsed yet). Everything else is Hypercorn's.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ class ConnectionServer(TCPServer):
         await self.idle_task.stop()  # the client sent EOF: no request can follow
 
     async def _idle_timeout(self) -> None:
-        """Close the connection once it has been idle `keep_alive_timeout` with nothing
-        unread, or at once when the server stops. Cancelled (a request began), it
-        closes nothing."""
+        """Close the connection once a whole `keep_alive_timeout` has passed with nothing
+        received or waiting unread, or at once when the server stops. Cancelled (a
+        request began), it closes nothing. Runs on `LingeringStream` (`received`)."""
+        received = self.stream.received
         while not self.context.terminated.is_set():
             with trio.move_on_after(self.config.keep_alive_timeout):
                 await self.context.terminated.wait()
-            if not _unread_bytes(self.stream.socket):
+            if self.stream.received == received and not _unread_bytes(self.stream.socket):
                 break
+            received = self.stream.received  # a request is arriving: wait for it
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 

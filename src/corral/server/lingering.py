@@ -58,6 +58,7 @@ class LingeringStream(trio.abc.HalfCloseableStream):
         self._eof_after_send = False  # asked for while a send ran: due when it ends
         self._write_shut = False
         self._closed = False  # Hypercorn is done with the stream
+        self.received = 0  # bytes the client sent that were read
 
     @contextmanager
     def _interruptible(self) -> Iterator[None]:
@@ -117,6 +118,7 @@ class LingeringStream(trio.abc.HalfCloseableStream):
         data = b""
         with self._interruptible():
             data = await self._stream.receive_some(max_bytes or _RECEIVE_BYTES)
+        self.received += len(data)
         return data
 
     async def aclose(self) -> None:
