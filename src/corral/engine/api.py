@@ -22,9 +22,10 @@ from corral.engine.base import (
     ProcessEngineStatistics,
     validate_sequence,
 )
-from corral.engine.process import ProcessEngine, StartSoon
-from corral.engine.spawn import WorkerExitedError, WorkerStandby, worker_command
+from corral.engine.process import ProcessEngine
+from corral.engine.spawn import StartSoon, WorkerExitedError, WorkerStandby, worker_command
 from corral.engine.thread import Engine
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
 
 __all__ = [
@@ -97,9 +98,11 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
                 start_soon: StartSoon,
                 standby: WorkerStandby | None = None,
                 chat_template: str | None = None,
-                adapter_path: str | None = None) -> EngineClient:
+                adapter_path: str | None = None,
+                distributed: DistributedSettings | None = None) -> EngineClient:
     """The engine of one model, not started: in a thread or in a worker process, as
-    `generation.isolation` says.
+    `generation.isolation` says; a gang of worker processes when `distributed` is set,
+    whatever the isolation.
 
     Args:
         path: a local model directory for ``mlx_lm.load``.
@@ -118,13 +121,14 @@ def make_engine(path: str, generation: GenerationConfig, python: PythonRuntimeCo
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
         adapter_path: a LoRA adapter directory applied at load.
+        distributed: the gang that shares the model (see `DistributedSettings`).
 
     Returns:
         The engine, not started: its owner `start`s it, and `close`s it (or
         `close_nowait`s it) whatever happens.
     """
-    settings = EngineSettings.of(generation, path, chat_template, adapter_path)
-    if generation.isolation == "thread":
+    settings = EngineSettings.of(generation, path, chat_template, adapter_path, distributed)
+    if generation.isolation == "thread" and distributed is None:
         return Engine(settings, on_step=on_step, on_failure=on_failure)
     return ProcessEngine(
         settings, on_step=on_step, on_failure=on_failure, start_soon=start_soon,

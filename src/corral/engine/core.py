@@ -17,31 +17,32 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 import structlog
 
 from corral.engine.base import EngineSettings, EngineStatistics, FaultKind
 from corral.engine.guidance import Guidance, thinking, tool_calling
+from corral.engine.live_sequence import LiveSequence
 from corral.engine.loading import load_weights
-from corral.engine.logprobs import token_logprobs
+from corral.engine.lockstep import Lockstep
 from corral.engine.pacing import StepPacer
 from corral.engine.prefill_sharing import PrefillSharing
 from corral.engine.prefix_cache import PrefixCache, open_prefix_cache
 from corral.engine.sampling import logits_processors, sequence_sampler, stop_token_ids
 from corral.engine.text import StopText
+from corral.protocol.gang import GangOp, GangTick, GrammarCompiled, Halt
 from corral.protocol.messages import (
     EngineSequence,
     EngineStep,
-    FinishReason,
     ModelInfo,
     PrefixCacheStatistics,
     TokenOut,
 )
-from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
+from corral.protocol.serving_messages import CancelSequence, Submit
 
-__all__ = ["STOP", "Command", "EngineCore", "GrammarCompiled", "Stop"]
+__all__ = ["STOP", "Command", "EngineCore"]
 
 _log = structlog.get_logger("corral.engine")
 
@@ -49,38 +50,15 @@ _SLOW_S_PER_TOKEN: Final = 0.01  # what the "slow" fault adds to a step per prom
 _STUCK_S: Final = 2.0  # how long the "stuck" fault blocks a step
 
 
-@dataclass(frozen=True)
-class GrammarCompiled:
-    """The guidance thread compiled `grammar`: the sequences waiting for it start."""
+STOP: Final = Halt()
 
-    grammar: str
-
-
-class Stop:
-    """Leave `serve` after the commands before this one."""
-
-
-STOP: Final = Stop()
-
-Command = Submit | CancelSequence | InjectFault | GrammarCompiled | Stop
-"""What the trio side (and the guidance thread) puts on the command queue."""
+Command = GangOp
+"""What the trio side (and the guidance thread) puts on the command queue; in a gang,
+rank 0 hands the same commands, as it applied them, to the other ranks."""
 
 
 class _Halted(Exception):
     """Raised inside the engine thread to leave `serve` when told to stop."""
-
-
-@dataclass(eq=False)
-class _Sequence:
-    seq_id: int
-    uid: int
-    text: StopText
-    logprobs: int | None  # alternatives to report with each token; None: no logprobs
-    tokens: list[int]  # prompt + generated as submitted: what its prefill computes
-    cached_tokens: int  # leading tokens taken from the prefix cache, not prefilled
-    to_prefill: int  # tokens its prefill has still to compute
-    prefilled: bool = False
-    reported: bool = False  # cached_tokens went out with the first TokenOut
 
 
 class EngineCore:
@@ -114,7 +92,7 @@ class EngineCore:
         self._vocab_size = 0
         self._eos: list[int] = []
         self._default_stops: Any = None
-        self._by_uid: dict[int, _Sequence] = {}
+        self._by_uid: dict[int, LiveSequence] = {}
         self._uid_of: dict[int, int] = {}
         self._prefix: PrefixCache | None = None
         # Sequences waiting for the uid they share a prefix with to finish prefilling.
@@ -122,6 +100,7 @@ class EngineCore:
         self._guidance: Guidance | None = None
         self._compiling: dict[int, EngineSequence] = {}  # waiting for their grammar
         self._fault: FaultKind | None = None
+        self._lockstep: Lockstep | None = None  # in a gang (see `corral.protocol.gang`)
         self._pacer = StepPacer(settings.prefill_step_target_ms / 1000.0,
                                 settings.prefill_step_size)
 
@@ -176,8 +155,13 @@ class EngineCore:
             model, completion_batch_size=settings.completion_batch_size,
             prefill_batch_size=settings.prefill_batch_size,
             prefill_step_size=settings.prefill_step_size, stream=loaded.stream)
-        self._prefix = open_prefix_cache(self.settings.prefix_cache, self.path, model,
-                                         config)
+        prefix_cache = settings.prefix_cache
+        if loaded.group is not None:
+            self._lockstep = Lockstep(loaded.group, loaded.stream)
+            # Each rank's disk would hold its own shard: one bad file would make the
+            # ranks' batches differ, so a gang keeps its prefix cache in memory.
+            prefix_cache = msgspec.structs.replace(prefix_cache, disk_dir=None)
+        self._prefix = open_prefix_cache(prefix_cache, self.path, model, config)
         self._guidance = Guidance(tokenizer, self._vocab_size, eos,
                                   lambda grammar: self._commands.put(GrammarCompiled(grammar)))
         max_context = config.get("max_position_embeddings")
@@ -222,16 +206,34 @@ class EngineCore:
             Exception: what a step raised (or "raise", the injected fault): the engine
                 has failed.
         """
+        lockstep = self._lockstep
         try:
             while True:
+                if lockstep is not None and not lockstep.leads:
+                    self._follow(lockstep.receive())
+                    continue
                 for command in self._drain(block=not self._by_uid):
                     self._apply(command)
                 if self._closing.is_set():
-                    return
+                    break
                 if self._by_uid:
                     self._step()
+                elif lockstep is not None:
+                    lockstep.publish(step=False)
         except _Halted:
-            return
+            pass
+        if lockstep is not None and lockstep.leads:
+            lockstep.halt()
+
+    def _follow(self, tick: GangTick) -> None:
+        """Another rank of a gang: apply rank 0's tick, and step if it does."""
+        for op in tick.ops:
+            self._apply(op)
+        if tick.step != bool(self._by_uid):
+            raise RuntimeError(f"the gang diverged: rank 0 steps={tick.step}, this rank "
+                               f"has {len(self._by_uid)} sequences")
+        if tick.step:
+            self._step(tick.chunk)
 
     def _drain(self, *, block: bool) -> list[Command]:
         commands = [self._commands.get()] if block else []
@@ -242,8 +244,13 @@ class EngineCore:
                 return commands
 
     def _apply(self, command: Command) -> None:
-        if isinstance(command, Stop):
+        if isinstance(command, Halt):
             raise _Halted
+        lockstep = self._lockstep
+        if lockstep is not None and lockstep.leads:
+            if isinstance(command, Submit):
+                command = lockstep.seeded(command)
+            lockstep.record(command)
         if isinstance(command, Submit):
             self._applied += 1
             self._insert(command.seq)
@@ -261,14 +268,22 @@ class EngineCore:
 
     def _insert(self, seq: EngineSequence) -> None:
         self._remove(seq.seq_id)
-        grammar = seq.grammar
-        if grammar is not None and self._guidance is not None and not self._guidance.ready(
-                grammar):
+        guidance, grammar = self._guidance, seq.grammar
+        if guidance is None or grammar is None:
+            self._place(seq)
+            return
+        lockstep = self._lockstep
+        if lockstep is not None and not lockstep.leads:
+            # Rank 0 says when it starts (`GrammarCompiled`), whether it waited or not.
+            self._compiling[seq.seq_id] = seq
+        elif not guidance.ready(grammar):
             # Compiled off the step path; the batch steps on meanwhile.
             self._compiling[seq.seq_id] = seq
-            self._guidance.compile(grammar)
-            return
-        self._place(seq)
+            guidance.compile(grammar)
+        else:
+            self._place(seq)
+            if lockstep is not None:
+                lockstep.record(GrammarCompiled(grammar))
 
     def _place(self, seq: EngineSequence) -> None:
         tokens = [*seq.prompt, *seq.generated]
@@ -307,7 +322,7 @@ class EngineCore:
         for token in seq.generated:
             text.push(token)
         alternatives = sampling.top_logprobs if sampling.reports_logprobs else None
-        self._by_uid[uid] = _Sequence(seq.seq_id, uid, text, alternatives, tokens, cached,
+        self._by_uid[uid] = LiveSequence(seq.seq_id, uid, text, alternatives, tokens, cached,
                                       len(tokens) - cached)
         self._uid_of[seq.seq_id] = uid
 
@@ -338,7 +353,9 @@ class EngineCore:
 
     # -- one step -------------------------------------------------------------------
 
-    def _step(self) -> None:
+    def _step(self, chunk: int | None = None) -> None:
+        """One `BatchGenerator` step; `chunk` is rank 0's prefill chunk on the other
+        ranks of a gang (None: this engine chooses it)."""
         if self._fault == "hang":
             self._closing.wait()
             raise _Halted
@@ -348,7 +365,7 @@ class EngineCore:
         if self._fault == "stuck":
             self._fault = None
             time.sleep(_STUCK_S)
-        self._pace()
+        self._pace(chunk)
         prompt_responses, generation_responses = self._generator.next()
         self._steps += 1
         prefilled: list[int] = []
@@ -373,7 +390,15 @@ class EngineCore:
         stopped: list[int] = []
         for response in generation_responses:
             seq = self._by_uid[response.uid]
-            outputs.append(self._token_out(seq, response, stopped))
+            out = seq.token_out(response, self._tokenizer)
+            outputs.append(out)
+            if out.finish_reason is not None:
+                if response.finish_reason is None:  # a stop string: still in the batch
+                    stopped.append(seq.uid)
+                del self._by_uid[seq.uid]
+                del self._uid_of[seq.seq_id]
+                if response.prompt_cache is not None:
+                    self._keep({seq.uid: (response.prompt_cache, response.all_tokens)})
         self._generation_tokens += len(outputs)
         if self._fault == "slow":
             time.sleep(prompt_tokens * _SLOW_S_PER_TOKEN)
@@ -383,43 +408,18 @@ class EngineCore:
         self._last_step_at = time.monotonic()
         self._post_step(EngineStep(self._steps, outputs, prefilled))
 
-    def _pace(self) -> None:
-        """Size this step's prefill chunk and start timing it.
+    def _pace(self, chunk: int | None) -> None:
+        """Size this step's prefill chunk (unless rank 0 did), tell the gang's other
+        ranks if this is its rank 0, and start timing the step.
 
         BatchGenerator prefills up to `prefill_batch_size` sequences together, oldest
         first, each by one chunk: its `prefill_step_size`, read at every step."""
         prefilling = [s for s in self._by_uid.values() if not s.prefilled]
         prefilling = prefilling[:self.settings.prefill_batch_size]
-        chunk = self._pacer.chunk(len(prefilling))
+        if chunk is None:
+            chunk = self._pacer.chunk(len(prefilling))
+            if self._lockstep is not None:
+                self._lockstep.publish(step=True, chunk=chunk)
         self._generator.prefill_step_size = chunk
         tokens = sum(min(s.to_prefill, chunk) for s in prefilling)
         self._pacer.begin(tokens, decodes=len(prefilling) < len(self._by_uid))
-
-    def _token_out(self, seq: _Sequence, response: Any, stopped: list[int]) -> TokenOut:
-        token = int(response.token)
-        finish: FinishReason | None = response.finish_reason
-        if finish == "stop":
-            # A stop token (EOS or stop_token_ids) ends the text without being in it.
-            text, _ = seq.text.finish()
-        else:
-            text, hit = seq.text.push(token)
-            if hit:
-                finish = "stop"
-                stopped.append(seq.uid)
-            elif finish == "length":
-                rest, hit = seq.text.finish()
-                text += rest
-                if hit:
-                    finish = "stop"
-        if finish is not None:
-            del self._by_uid[seq.uid]
-            del self._uid_of[seq.seq_id]
-            if response.prompt_cache is not None:
-                self._keep({seq.uid: (response.prompt_cache, response.all_tokens)})
-        logprob = piece = top = None
-        if seq.logprobs is not None:
-            logprob, piece, top = token_logprobs(self._tokenizer, token, response.logprobs,
-                                                 seq.logprobs)
-        cached = 0 if seq.reported else seq.cached_tokens
-        seq.reported = True
-        return TokenOut(seq.seq_id, token, text, logprob, finish, cached, piece, top)

@@ -24,6 +24,7 @@ import structlog
 from corral.engine.base import EngineSettings
 from corral.engine.mlx_import import import_mlx_lm
 from corral.engine.model_files import check_adapter, check_model_files, check_text_file
+from corral.protocol.errors import Code, EngineClientError
 
 __all__ = ["LoadedWeights", "load_weights"]
 
@@ -43,6 +44,8 @@ class LoadedWeights:
         stream: the calling thread's MLX stream.
         seconds: how long the load took.
         dequantized: quantized weights were turned into float32 (CPU device).
+        group: the gang this process is a rank of (an ``mx.distributed.Group``), its
+            shard of the model loaded; None when it holds the whole model.
     """
 
     model: Any
@@ -51,6 +54,7 @@ class LoadedWeights:
     stream: Any
     seconds: float
     dequantized: bool
+    group: Any = None
 
 
 def load_weights(settings: EngineSettings) -> LoadedWeights:
@@ -84,14 +88,48 @@ def load_weights(settings: EngineSettings) -> LoadedWeights:
     if template is not None and check_text_file(template):
         with open(template, encoding="utf-8") as file:
             template = file.read()
+    gang = settings.distributed
+    group = None if gang is None else mx.distributed.init(backend=gang.backend, strict=True)
     with mx.stream(stream):
         # mlx_lm's annotation leaves out the config that return_config=True adds.
         model, tokenizer, config = cast(tuple[Any, Any, dict[str, Any]], mlx_lm.load(
             settings.path, return_config=True, adapter_path=settings.adapter_path,
+            lazy=group is not None,
             tokenizer_config={} if template is None else {"chat_template": template}))
         dequantized = settings.cpu_dequantize == "auto" and _dequantize_on_cpu(model, config)
+        if group is not None:
+            _shard(model, config, group)
     return LoadedWeights(model, tokenizer, config, stream, time.monotonic() - began,
-                         dequantized)
+                         dequantized, group)
+
+
+def _shard(model: Any, config: dict[str, Any], group: Any) -> None:
+    """Keep this rank's shard of a lazily loaded model (mlx_lm's tensor-parallel
+    `shard`), load it, and wait until every rank has loaded theirs.
+
+    Raises:
+        EngineClientError: ModelLoadError (not retryable) when mlx_lm cannot shard the
+            architecture, or its heads do not divide among the ranks.
+    """
+    import mlx.core as mx
+
+    ranks = group.size()
+    if not hasattr(model, "shard"):
+        raise EngineClientError(
+            Code.MODEL_LOAD_ERROR, f"mlx_lm has no tensor-parallel sharding for the "
+            f"{config.get('model_type')!r} architecture: serve it in one process",
+            {"model_type": config.get("model_type")}, retryable=False)
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        heads = config.get(key)
+        if isinstance(heads, int) and heads % ranks:
+            raise EngineClientError(
+                Code.MODEL_LOAD_ERROR, f"{key} = {heads} does not divide among {ranks} "
+                f"ranks: choose a rank count that divides it",
+                {key: heads, "ranks": ranks}, retryable=False)
+    model.shard(group)
+    mx.eval(model.parameters())
+    # Every rank has its shard before any serves (as mlx_lm's sharded_load does).
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
 def _dequantize_on_cpu(model: Any, config: dict[str, Any]) -> bool:

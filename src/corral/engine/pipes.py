@@ -20,7 +20,14 @@ from typing import Final, final
 import structlog
 import trio
 
-from corral.engine.spawn import ExitCause, kill, kill_and_reap, reap_in_background
+from corral.engine.spawn import (
+    ExitCause,
+    WorkerExitedError,
+    describe_exit,
+    kill,
+    kill_and_reap,
+    reap_in_background,
+)
 from corral.protocol.codec import DecodeError, Decoder, FrameError, FrameReader, encode, frame
 from corral.protocol.worker import FromWorker, ToWorker
 
@@ -115,6 +122,27 @@ class WorkerPipes:
                 stream.close()
         if not self._reading and not self.reaped.is_set():
             reap_in_background(process, self.reaped)
+
+    def describe_start_end(self, memory_note: str) -> str:
+        """Why the worker ended before its model loaded; `memory_note` is added when
+        only its exit status tells (its memory limit may explain that)."""
+        if self.kill_cause is not None:
+            return self.kill_cause[1]
+        return f"the worker {describe_exit(self.process.returncode)} while starting{memory_note}"
+
+    def exit_error(self, engine_error: str | None) -> WorkerExitedError:
+        """How the worker ended, for its owner: the reason this side killed it, else its
+        engine's failure (`engine_error`, from its `Failed` frame), else its status."""
+        returncode = self.process.returncode
+        cause: ExitCause
+        if self.kill_cause is not None:
+            cause, detail = self.kill_cause
+        elif engine_error is not None:
+            cause, detail = "engine", f"engine failed: {engine_error}"
+        else:
+            cause = "signalled" if returncode is not None and returncode < 0 else "exited"
+            detail = ""
+        return WorkerExitedError(self.process.pid, returncode, cause, detail, engine_error)
 
     def kill_for(self, cause: ExitCause, detail: str) -> None:
         """Kill the worker, remembering the first reason given."""

@@ -14,7 +14,7 @@ its parent dies (see `corral.engine.worker`). It knows nothing of actors or supe
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final, TypeVar, final
 
 import structlog
@@ -28,8 +28,13 @@ from corral.engine.base import (
     validate_sequence,
 )
 from corral.engine.blas import CpuBlas
+from corral.engine.gang import GangRanks
 from corral.engine.pipes import WorkerPipes
-from corral.engine.spawn import WorkerExitedError, WorkerStandby, describe_exit, worker_command
+from corral.engine.spawn import (
+    StartSoon,
+    WorkerStandby,
+    worker_command,
+)
 from corral.protocol.codec import FrameError
 from corral.protocol.errors import Code, EngineClientError, error_from_info
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo, PrefixCacheStatistics
@@ -54,7 +59,7 @@ from corral.protocol.worker import (
     ToWorker,
 )
 
-__all__ = ["SILENT_HEARTBEATS", "ProcessEngine", "StartSoon"]
+__all__ = ["SILENT_HEARTBEATS", "ProcessEngine"]
 
 _log = structlog.get_logger("corral.process_engine")
 
@@ -63,8 +68,6 @@ T = TypeVar("T")
 SILENT_HEARTBEATS: Final = 5
 """A worker silent for this many heartbeat intervals is frozen: it is killed."""
 
-StartSoon = Callable[[Callable[[], Awaitable[object]]], object]
-"""Runs `await fn()` in the background, e.g. `nursery.start_soon` or `Actor.start_soon`."""
 
 
 @final
@@ -96,7 +99,8 @@ class ProcessEngine(EngineBase):
         cpu_blas: which BLAS the worker's MLX uses (see `corral.engine.blas`).
         worker_memory_limit_mb: the worker's address space limit (see `worker_command`).
         standby: where a worker started ahead of need waits; the engine adopts it if
-            one does, and has the next one started once its model is loaded.
+            one does, and has the next one started once its model is loaded. A gang
+            (`settings.distributed`) starts all its ranks anew instead.
     """
 
     def __init__(
@@ -121,7 +125,8 @@ class ProcessEngine(EngineBase):
         self._shutdown_timeout_s = shutdown_timeout_ms / 1000.0
         self._command = worker_command(python_executable, heartbeat_interval_ms, cpu_blas,
                                        worker_memory_limit_mb)
-        self._standby = standby
+        self._standby = standby if settings.distributed is None else None
+        self._ranks: GangRanks | None = None  # a gang's ranks 1 and up (`corral.engine.gang`)
 
         self._pipes: WorkerPipes | None = None  # from `start` on
         self._hello = trio.Event()
@@ -166,21 +171,27 @@ class ProcessEngine(EngineBase):
             with trio.move_on_after(self._startup_timeout_s) as startup:
                 process = self._standby.take() if self._standby is not None else None
                 if process is None:
-                    process = await self._command.open()
+                    process = await self._open_worker()
                 self._pipes = WorkerPipes(process, path=self.path,
                                           silence_limit_s=self._silence_limit_s,
                                           shutdown_timeout_s=self._shutdown_timeout_s)
                 self._start_soon(self._run)
+                if self._ranks is not None:
+                    await self._ranks.start(Load(self.settings), self._start_soon)
                 await self._hello.wait()
                 if process.returncode is None and not self._stopped:
                     self._send(Load(self.settings))
                 await self._load_answered.wait()
+                if self._ranks is not None:
+                    await self._ranks.wait_loaded()
             if startup.cancelled_caught:
                 problem = f"the worker did not load it within {self._startup_timeout_s:g} s"
         except BaseException:
             await self._abandon()
             raise
         answer = self._load_answer
+        if self._ranks is not None and self._ranks.load_error is not None:
+            answer = LoadFailed(self._ranks.load_error)
         if isinstance(answer, Loaded):
             if self._standby is not None:
                 self._standby.replenish()
@@ -192,16 +203,26 @@ class ProcessEngine(EngineBase):
                                     {**error.details, "path": self.path}) from error
         await self._abandon()
         if problem is None:
-            problem = self._describe_startup_end()
+            assert self._pipes is not None
+            problem = self._pipes.describe_start_end(self._command.memory_note())
         raise EngineClientError(Code.MODEL_LOAD_ERROR, f"cannot load {self.path}: {problem}",
                                 {"path": self.path, "pid": self.pid})
 
-    def _describe_startup_end(self) -> str:
-        assert self._pipes is not None
-        if self._pipes.kill_cause is not None:
-            return self._pipes.kill_cause[1]
-        return (f"the worker {describe_exit(self._pipes.process.returncode)} while starting"
-                + self._command.memory_note())
+    async def _open_worker(self) -> trio.Process:
+        """Start the worker; for a gang, its rank 0, with the other ranks to start."""
+        gang = self.settings.distributed
+        if gang is None:
+            return await self._command.open()
+        self._ranks = GangRanks(self._command, gang, path=self.path,
+                                silence_limit_s=self._silence_limit_s,
+                                shutdown_timeout_s=self._shutdown_timeout_s,
+                                on_lost=self._gang_lost)
+        return await self._ranks.open_rank0()
+
+    def _gang_lost(self, detail: str) -> None:
+        """Another rank ended: rank 0 (and with it the gang) is killed for it."""
+        if self._pipes is not None:
+            self._pipes.kill_for("gang", detail)
 
     async def close(self) -> None:
         """Stop the worker and wait until it has exited and is reaped. Idempotent.
@@ -217,9 +238,13 @@ class ProcessEngine(EngineBase):
             return
         pipes.send(Shutdown())
         pipes.finish_sending()
+        if self._ranks is not None:
+            self._ranks.shutdown()
         try:
             with trio.move_on_after(self._shutdown_timeout_s):
                 await pipes.process.wait()
+                if self._ranks is not None:
+                    await self._ranks.wait_exited()
         finally:
             await self._abandon()
 
@@ -232,6 +257,8 @@ class ProcessEngine(EngineBase):
         self._request_stop()
         if self._pipes is not None:
             self._pipes.close_nowait()
+        if self._ranks is not None:
+            self._ranks.kill()
 
     def _request_stop(self) -> None:
         self._close_requested = True
@@ -245,10 +272,15 @@ class ProcessEngine(EngineBase):
         self._fail_calls()
 
     async def _abandon(self) -> None:
-        """Kill the worker if it runs, and wait until it is reaped, even if cancelled."""
+        """Kill the worker (every rank of a gang) if it runs, and wait until it is
+        reaped, even if cancelled."""
         self._stop()
         if self._pipes is not None:
             await self._pipes.abandon()
+        if self._ranks is not None:
+            self._ranks.kill()
+            with trio.CancelScope(shield=True):
+                await self._ranks.wait_exited()
 
     # -- commands ------------------------------------------------------------------
 
@@ -360,6 +392,8 @@ class ProcessEngine(EngineBase):
         finally:
             self._stop()
             await pipes.reap()
+            if self._ranks is not None:  # never left waiting inside a collective
+                self._ranks.kill()
             self._load_answered.set()
             self._hello.set()
         self._report_exit(pipes)
@@ -406,16 +440,7 @@ class ProcessEngine(EngineBase):
         if self._close_requested or self._info is None or self._failure_reported:
             return
         self._failure_reported = True
-        process = pipes.process
-        returncode = process.returncode
-        if pipes.kill_cause is not None:
-            cause, detail = pipes.kill_cause
-        elif self._engine_error is not None:
-            cause, detail = "engine", f"engine failed: {self._engine_error}"
-        else:
-            cause = "signalled" if returncode is not None and returncode < 0 else "exited"
-            detail = ""
-        error = WorkerExitedError(process.pid, returncode, cause, detail, self._engine_error)
-        _log.error("process_engine.worker_exited", path=self.path, pid=process.pid,
-                   returncode=returncode, cause=cause, detail=detail)
+        error = pipes.exit_error(self._engine_error)
+        _log.error("process_engine.worker_exited", path=self.path, pid=error.pid,
+                   returncode=error.returncode, cause=error.cause, detail=error.message)
         self._on_failure(error)

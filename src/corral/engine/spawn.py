@@ -9,9 +9,11 @@ to a system task that waits for it until the run ends. Trio thread only.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Literal, final
 
 import msgspec
@@ -20,8 +22,9 @@ import trio
 
 from corral.engine.blas import CpuBlas, worker_environment
 from corral.protocol.errors import Code, CorralError
+from corral.protocol.gang import LOOPBACK
 
-__all__ = ["ExitCause", "WorkerCommand", "WorkerExitedError", "WorkerStandby",
+__all__ = ["ExitCause", "StartSoon", "WorkerCommand", "WorkerExitedError", "WorkerStandby",
            "describe_exit", "kill", "kill_and_reap", "memory_limit_note",
            "reap_in_background", "worker_command"]
 
@@ -33,7 +36,11 @@ _REAP_TIMEOUT_S: Final = 10.0
 _WORKER_MEMORY_SHARE: Final = 75  # percent
 _UNKNOWN_MEMORY_MB: Final = 1 << 20  # 1 TiB when the OS will not say: in effect no limit
 
-ExitCause = Literal["exited", "signalled", "silent", "engine", "protocol", "callback"]
+StartSoon = Callable[[Callable[[], Awaitable[object]]], object]
+"""Runs `await fn()` in the background, e.g. `nursery.start_soon` or `Actor.start_soon`."""
+
+ExitCause = Literal["exited", "signalled", "silent", "engine", "protocol", "callback",
+                    "gang"]
 
 
 class WorkerExitedError(CorralError):
@@ -45,7 +52,9 @@ class WorkerExitedError(CorralError):
         cause: ``"exited"`` or ``"signalled"`` on its own; ``"engine"`` when its engine
             failed (`engine_error` says how); ``"silent"`` when it stopped sending
             heartbeats and was killed; ``"protocol"`` when it sent an undecodable frame
-            and was killed; ``"callback"`` when `on_step` raised and it was killed.
+            and was killed; ``"callback"`` when `on_step` raised and it was killed;
+            ``"gang"`` when another rank of its gang died or fell silent, and every rank
+            was killed.
     """
 
     code = Code.GENERATION_ERROR
@@ -87,6 +96,16 @@ class WorkerCommand(msgspec.Struct, frozen=True):
     argv: tuple[str, ...]
     cpu_blas: CpuBlas = "auto"
     memory_limit_mb: int | None = None
+
+    def for_rank(self, rank: int, addresses: Sequence[str], host: str) -> WorkerCommand:
+        """The command of a gang's rank `rank` on `host`, its ring at `addresses` (one
+        HOST:PORT per rank). A rank on another host starts there with ``ssh HOST``:
+        its parent is then the ssh session, whose end ends it."""
+        argv = (*self.argv, "--gang-rank", str(rank), "--gang-addresses", ",".join(addresses))
+        if host != LOOPBACK:
+            at = argv.index("--parent-pid")
+            argv = ("ssh", host, shlex.join(argv[:at] + argv[at + 2:]))
+        return msgspec.structs.replace(self, argv=argv)
 
     def memory_note(self) -> str:
         """What to add to a worker's death while loading, which its memory limit may

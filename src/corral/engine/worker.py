@@ -14,10 +14,13 @@ and nothing else: whatever else writes to file descriptor 1 lands on stderr.
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
+import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -88,10 +91,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     structlog.contextvars.bind_contextvars(worker_pid=os.getpid())
     if args.memory_limit_mb is not None:
         _limit_address_space(args.memory_limit_mb)
+    if args.gang_rank is not None:
+        _join_gang(args.gang_rank, args.gang_addresses)
     # Paid before Hello: a standby worker (see `WorkerStandby`) has it behind it when a
     # restart adopts it, and it is most of a worker's start.
     import_mlx_lm()
-    worker = _Worker(frames_fd, args.heartbeat_ms / 1000.0, parent_pid)
+    worker = _Worker(frames_fd, args.heartbeat_ms / 1000.0, parent_pid,
+                     sends_steps=not args.gang_rank)
     code = trio.run(worker.run)
     sys.stderr.flush()
     # Every frame is written and the engine thread has stopped: nothing is left for
@@ -107,6 +113,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="exit if this process is not our parent (default: getppid())")
     parser.add_argument("--memory-limit-mb", type=int, default=None,
                         help="RLIMIT_AS of this process, in MiB (Linux; default: none)")
+    parser.add_argument("--gang-rank", type=int, default=None,
+                        help="this worker's rank in an mlx.distributed gang")
+    parser.add_argument("--gang-addresses", default="",
+                        help="the gang's ring addresses, HOST:PORT per rank, comma-separated")
     parser.add_argument("--log-format", choices=["console", "json"], default="console")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error", "critical"])
@@ -114,6 +124,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.heartbeat_ms <= 0:
         parser.error("--heartbeat-ms must be > 0")
     return args
+
+
+def _join_gang(rank: int, addresses: str) -> None:
+    """Tell mlx.distributed (read when the model loads) this worker's rank and where
+    every rank listens: its ring backend reads both from the environment, the
+    addresses from a JSON file, one list per rank."""
+    hostfile = tempfile.NamedTemporaryFile(  # noqa: SIM115 (lives as long as we do)
+        "w", prefix="corral-gang-", suffix=".json", delete=False)
+    with hostfile:
+        json.dump([[address] for address in addresses.split(",")], hostfile)
+    atexit.register(os.unlink, hostfile.name)
+    os.environ["MLX_HOSTFILE"] = hostfile.name
+    os.environ["MLX_RANK"] = str(rank)
+    structlog.contextvars.bind_contextvars(rank=rank)
 
 
 def _limit_address_space(limit_mb: int) -> None:
@@ -196,8 +220,10 @@ def _die_with_parent(parent_pid: int) -> None:
 class _Worker:
     """The worker's trio program: a frame reader, a frame writer and a heartbeat."""
 
-    def __init__(self, frames_fd: int, heartbeat_s: float, parent_pid: int) -> None:
+    def __init__(self, frames_fd: int, heartbeat_s: float, parent_pid: int, *,
+                 sends_steps: bool = True) -> None:
         self._heartbeat_s = heartbeat_s
+        self._sends_steps = sends_steps  # a gang's rank 0 speaks for every rank
         self._parent_pid = parent_pid
         self._writer = _FrameWriter(frames_fd)
         self._finished = trio.Event()
@@ -304,6 +330,8 @@ class _Worker:
         self._emit(Loaded(info))
 
     def _on_step(self, step: EngineStep) -> None:
+        if not self._sends_steps:
+            return
         self._emit(Step(step))
         if self._engine is not None and any(out.finish_reason is not None
                                             for out in step.outputs):

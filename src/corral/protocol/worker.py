@@ -22,6 +22,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from corral.protocol.errors import ErrorInfo
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.messages import EngineStep, ModelInfo, PrefixCacheStatistics
 from corral.protocol.serving_messages import CancelSequence, InjectFault, Submit
 
@@ -32,7 +33,7 @@ __all__ = [
     "ToWorker", "TokenizeArgs",
 ]
 
-PROTOCOL_VERSION: Final = 8
+PROTOCOL_VERSION: Final = 9
 """Bumped on any change to these frames; a worker of another version is refused."""
 
 _Positive = Annotated[int, msgspec.Meta(ge=1)]
@@ -88,19 +89,22 @@ class EngineSettings(EngineTuning, frozen=True):
         chat_template: a Jinja chat template, or the path of a file holding one, to use
             instead of the model's own.
         adapter_path: a LoRA adapter directory applied at load, or None.
+        distributed: the gang that shares the model, or None for one process.
     """
 
     path: str
     chat_template: str | None = None
     adapter_path: str | None = None
+    distributed: DistributedSettings | None = None
 
     @classmethod
     def of(cls, tuning: EngineTuning, path: str, chat_template: str | None = None,
-           adapter_path: str | None = None) -> EngineSettings:
+           adapter_path: str | None = None,
+           distributed: DistributedSettings | None = None) -> EngineSettings:
         """The settings of the model at `path`, with every field of `tuning` (which may
         be a subclass, such as the configuration's `generation` section)."""
         shared = {name: getattr(tuning, name) for name in EngineTuning.__struct_fields__}
-        return cls(path, chat_template, adapter_path, **shared)
+        return cls(path, chat_template, adapter_path, distributed, **shared)
 
 
 # -- parent -> worker ----------------------------------------------------------------
