@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from corral.actors.system import Listener
     from corral.config import FallbackResponse, ModelConfig
     from corral.engine.api import EngineStatistics, FaultKind
+    from corral.protocol.gang import DistributedSettings
     from corral.protocol.messages import (
         ChatMessage,
         Completion,
@@ -144,7 +145,9 @@ class Runtime:
         async def load_model(self, path: str, *, alias: str | None = None,
                              fallbacks: tuple[str | FallbackResponse, ...] = (),
                              chat_template: str | None = None,
-                             adapter_path: str | None = None) -> ModelDescription: ...
+                             adapter_path: str | None = None,
+                             distributed: DistributedSettings | None = None,
+                             ) -> ModelDescription: ...
         async def unload_model(self, alias: str) -> None: ...
         async def list_models(self) -> list[ModelDescription]: ...
         async def loadable_models(self) -> list[ModelConfig]: ...

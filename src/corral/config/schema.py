@@ -15,6 +15,7 @@ import msgspec
 
 from corral.config.environment import builtin_environments
 from corral.protocol.errors import resolve_error_name
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.messages import Alias, Duration
 from corral.protocol.validation import FieldError
 from corral.protocol.worker import EngineTuning
@@ -196,6 +197,10 @@ class ModelConfig(Section, frozen=True):
     fallbacks: tuple[Alias | FallbackResponse, ...] = ()
     chat_template: _Name | None = None
     adapter_path: _Name | None = None
+    distributed: DistributedSettings | None = None
+    """Serve it from several processes, each holding a shard (mlx.distributed, tensor
+    parallel), supervised as one gang: see `corral.protocol.gang.DistributedSettings`.
+    Always worker processes, whatever `generation.isolation` says."""
     keep_alive: float | Duration | None = None
     """How long the model stays loaded while idle, as Ollama's `keep_alive`: seconds or
     a duration ("5m", "1h"); 0 unloads it after each request, a negative value or null

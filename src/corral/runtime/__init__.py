@@ -97,7 +97,8 @@ async def open_runtime(config: RuntimeConfig | None = None, *,
                 await runtime.load_model(model.path, alias=model.alias,
                                          fallbacks=model.fallbacks,
                                          chat_template=model.chat_template,
-                                         adapter_path=model.adapter_path)
+                                         adapter_path=model.adapter_path,
+                                         distributed=model.distributed)
             for alias, path in (models or {}).items():
                 await runtime.load_model(path, alias=alias)
             yield runtime

@@ -23,6 +23,7 @@ from corral.config import FallbackResponse, ModelConfig, RuntimeConfig
 from corral.engine.api import EngineStatistics, FaultKind
 from corral.protocol.codec import convert_params
 from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.messages import (
     ChatMessage,
     Completion,
@@ -161,7 +162,8 @@ class Runtime:
     async def load_model(self, path: str, *, alias: str | None = None,
                          fallbacks: tuple[str | FallbackResponse, ...] = (),
                          chat_template: str | None = None,
-                         adapter_path: str | None = None) -> ModelDescription:
+                         adapter_path: str | None = None,
+                         distributed: DistributedSettings | None = None) -> ModelDescription:
         """Load a model: a local directory, a Hugging Face model id already in the local
         cache (never downloaded), a GGUF file or `ollama:NAME[:TAG]` (converted once into
         corral's cache; see `corral.engine.loaders.resolve_model`).
@@ -178,6 +180,8 @@ class Runtime:
                 to use instead of the model's own (e.g. one that renders tools).
             adapter_path: a LoRA adapter directory (mlx_lm's `adapter_config.json` and
                 `adapters.safetensors`) applied at load.
+            distributed: serve it from a gang of processes, each holding a shard
+                (see `DistributedSettings`); a rank that dies restarts the gang.
 
         Raises:
             EngineClientError: InvalidParams for a taken alias or unknown fallback,
@@ -186,7 +190,8 @@ class Runtime:
         """
         loaded = await self._models.load(path, alias=alias, fallbacks=fallbacks,
                                          chat_template=chat_template,
-                                         adapter_path=adapter_path)
+                                         adapter_path=adapter_path,
+                                         distributed=distributed)
         self._keep_alive.changed()  # its keep-alive counts from now
         return loaded
 

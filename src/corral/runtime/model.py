@@ -24,6 +24,7 @@ from corral.config import GenerationConfig, PythonRuntimeConfig
 from corral.engine.api import EngineClient, EngineStatistics, WorkerStandby, make_engine
 from corral.engine.pacing import OVERRUN_FACTOR
 from corral.protocol.errors import Code, CorralError, EngineClientError, OverloadedError
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo
 from corral.protocol.serving_messages import (
     Accepted,
@@ -102,6 +103,7 @@ class ModelActor(Actor[ModelMessage]):
         chat_template: a Jinja chat template (or the path of a file holding one) to use
             instead of the model's own.
         adapter_path: a LoRA adapter directory applied at load.
+        distributed: the gang of processes that shares the model, or None.
     """
 
     Message = ModelMessage
@@ -113,7 +115,8 @@ class ModelActor(Actor[ModelMessage]):
                  on_engine_end: Callable[[EngineStatistics], None] | None = None,
                  step_listeners: Sequence[Callable[[EngineStep], None]] = (),
                  crash_on_failed_load: bool = True,
-                 chat_template: str | None = None, adapter_path: str | None = None) -> None:
+                 chat_template: str | None = None, adapter_path: str | None = None,
+                 distributed: DistributedSettings | None = None) -> None:
         self.alias = alias
         self.path = path
         self._config = config
@@ -138,12 +141,14 @@ class ModelActor(Actor[ModelMessage]):
         self._load_error: EngineClientError | None = None  # a load that failed for good
         self._chat_template = chat_template
         self._adapter_path = adapter_path
+        self._distributed = distributed
 
     async def on_start(self) -> None:
         self._engine = make_engine(
             self.path, self._config, self._python, on_step=self._on_step,
             on_failure=self._on_failure, start_soon=self.start_soon, standby=self._standby,
-            chat_template=self._chat_template, adapter_path=self._adapter_path)
+            chat_template=self._chat_template, adapter_path=self._adapter_path,
+            distributed=self._distributed)
         self.start_soon(self._load)
         self.start_soon(self._watch_progress)
 

@@ -30,6 +30,7 @@ from corral.engine.api import (
 )
 from corral.engine.loaders import resolve_model
 from corral.protocol.errors import Code, CorralError, EngineClientError
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.lifecycle import ExitReason
 from corral.protocol.messages import (
     ALIAS_PATTERN,
@@ -83,6 +84,7 @@ class Models:
             step_listeners=model.step_listeners,
             chat_template=model.config.chat_template,
             adapter_path=model.config.adapter_path,
+            distributed=model.config.distributed,
             crash_on_failed_load=lambda: not model.in_trial)
 
     # -- loading -----------------------------------------------------------------------
@@ -103,12 +105,14 @@ class Models:
     async def load(self, path: str, *, alias: str | None = None,
                    fallbacks: tuple[str | FallbackResponse, ...] = (),
                    chat_template: str | None = None,
-                   adapter_path: str | None = None) -> ModelDescription:
+                   adapter_path: str | None = None,
+                   distributed: DistributedSettings | None = None) -> ModelDescription:
         """See `Runtime.load_model`."""
         alias = check_alias(alias or default_alias(path))
         self._check_new(alias, fallbacks)
         async with self.exclusive(alias):
-            return await self._load(path, alias, fallbacks, chat_template, adapter_path)
+            return await self._load(path, alias, fallbacks, chat_template, adapter_path,
+                                    distributed)
 
     async def ensure(self, config: ModelConfig) -> None:
         """Load the model `config` describes unless its alias is loaded (or a load of
@@ -123,19 +127,21 @@ class Models:
         async with self.exclusive(alias):
             if alias not in self.by_alias:
                 await self._load(config.path, alias, config.fallbacks, config.chat_template,
-                                 config.adapter_path)
+                                 config.adapter_path, config.distributed)
 
     async def _load(self, path: str, alias: str,
                     fallbacks: tuple[str | FallbackResponse, ...],
                     chat_template: str | None,
-                    adapter_path: str | None = None) -> ModelDescription:
+                    adapter_path: str | None = None,
+                    distributed: DistributedSettings | None = None) -> ModelDescription:
         self._check_new(alias, fallbacks)  # another load may have taken it while we waited
         # A GGUF file or an Ollama model is converted on first use: seconds, in a thread.
         source = await trio.to_thread.run_sync(resolve_model, path, abandon_on_cancel=True)
         self._check_new(alias, fallbacks)  # another load may have taken the alias meanwhile
         model = ModelRecord(ModelConfig(alias=alias, path=path, fallbacks=fallbacks,
                                         chat_template=chat_template,
-                                        adapter_path=adapter_path), source)
+                                        adapter_path=adapter_path,
+                                        distributed=distributed), source)
         self.by_alias[alias] = model
         try:
             info = await self.start(model)

@@ -23,6 +23,7 @@ from corral.actors.supervisor import Supervisor, supervisor_spec
 from corral.config import RuntimeConfig
 from corral.engine.api import EngineStatistics, WorkerStandby
 from corral.protocol.errors import Code, EngineClientError
+from corral.protocol.gang import DistributedSettings
 from corral.protocol.messages import EngineStep, ModelInfo
 from corral.runtime.breaker_actor import BreakerActor
 from corral.runtime.model import ModelActor
@@ -82,11 +83,13 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
                        step_listeners: list[Callable[[EngineStep], None]],
                        crash_on_failed_load: Callable[[], bool],
                        chat_template: str | None = None,
-                       adapter_path: str | None = None) -> ChildSpec:
+                       adapter_path: str | None = None,
+                       distributed: DistributedSettings | None = None) -> ChildSpec:
     """The subtree of one model: its breaker, its retry budget and its model actor,
     restarted rest-for-one within `restarts.max_restarts`. `on_start` runs each
     time the subtree starts (to re-arm monitors); `chat_template` replaces the
-    model's own, `adapter_path` is applied at load (see `ModelConfig`)."""
+    model's own, `adapter_path` is applied at load, `distributed` shares the model
+    among a gang of processes (see `ModelConfig`)."""
     restarts = config.restarts
     intensity = Intensity(restarts.max_restarts, restarts.period_ms / 1000.0)
     backoff = backoff_of(restarts.delay_base_ms, restarts.delay_max_ms,
@@ -106,7 +109,7 @@ def model_subtree_spec(config: RuntimeConfig, alias: str, source: str, *,
                 python=config.python_runtime, standby=standby_for(alias), on_ready=on_ready,
                 on_engine_end=on_engine_end, step_listeners=step_listeners,
                 chat_template=chat_template, adapter_path=adapter_path,
-                crash_on_failed_load=crash_on_failed_load()),
+                distributed=distributed, crash_on_failed_load=crash_on_failed_load()),
                 shutdown=shutdown),
         ], strategy=Strategy.REST_FOR_ONE, intensity=intensity, backoff=backoff)
 
