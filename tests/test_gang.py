@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import trio
+from tests.test_isolation import alive
 
 from corral.config import ConfigError, RuntimeConfig, config_from_mapping
 from corral.engine.spawn import worker_command
 from corral.protocol.errors import Code, CorralError
 from corral.protocol.gang import DistributedSettings
 from corral.runtime import Runtime, open_runtime
-from tests.test_isolation import alive
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "A B C D E F"]
 GREEDY: dict[str, Any] = {"max_tokens": 40}
