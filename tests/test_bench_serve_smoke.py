@@ -47,11 +47,12 @@ def test_serve_measures_every_target_under_every_load(serve_results: Path) -> No
     if importlib.util.find_spec("ray") is not None:
         # The Ray hop's cost, in its own phase: against one corral serve of that phase.
         hop = results["ray_hop"]["runs"]
-        assert set(hop) == {serve.THREAD, serve.RAY}
+        assert set(hop) == {serve.DEFAULTS, serve.RAY}
         assert all(s["completed"] == s["requests"] > 0
                    for by_load in hop.values() for s in by_load.values())
         assert set(results["ray_ratio"]) == set(results["loads"])
         assert all(ratio > 0 for ratio in results["ray_ratio"].values())
+        assert set(results["ray_ttft_ratio"]) == set(results["loads"])
     for target, by_load in results["runs"].items():
         assert list(by_load) == results["loads"], target
         for label, summary in by_load.items():

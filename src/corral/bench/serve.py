@@ -60,7 +60,7 @@ __all__ = ["main", "serve_loads"]
 RAW = "raw mlx_lm"
 DEFAULTS = "corral (defaults)"
 THREAD = "corral (thread)"
-RAY = "ray, 2 replicas"
+RAY = "ray, 1 replica"
 AS_STORED = "corral (as stored)"
 _AS_STORED = "  cpu_dequantize: 'off'\n  cpu_blas: reference\n"
 
@@ -303,15 +303,20 @@ def _table(results: dict[str, Any], loads: Sequence[Load], goals: Sequence[Goal]
 
 
 def _ray_table(results: dict[str, Any]) -> None:
-    """The Ray target's output throughput over the single corral serve's (thread, same
-    config) of the same phase, per load, into `results["ray_ratio"]` and a table."""
+    """The Ray target's output throughput and TTFT p50 over those of `corral serve`
+    alone (both on defaults) in the same phase, per load, into `results["ray_ratio"]`
+    and `results["ray_ttft_ratio"]`, and a table."""
     runs = results["ray_hop"]["runs"]
     results["ray_ratio"] = {
         label: _ratio(runs[RAY][label]["output_throughput"],
-                      runs[THREAD][label]["output_throughput"]) for label in runs[RAY]}
-    print_table(f"corral bench serve: {RAY} against one {THREAD}",
-                ["load", "output tok/s ratio"],
-                [(label, f"{ratio:.2f}x") for label, ratio in results["ray_ratio"].items()])
+                      runs[DEFAULTS][label]["output_throughput"]) for label in runs[RAY]}
+    results["ray_ttft_ratio"] = {
+        label: _ratio(runs[RAY][label]["ttft_ms"]["p50"], runs[DEFAULTS][label]["ttft_ms"]["p50"])
+        for label in runs[RAY]}
+    print_table(f"corral bench serve: {RAY} against {DEFAULTS} alone",
+                ["load", "output tok/s ratio", "TTFT p50 ratio"],
+                [(label, f"{ratio:.2f}x", f"{results['ray_ttft_ratio'][label]:.2f}x")
+                 for label, ratio in results["ray_ratio"].items()])
 
 
 def _phase(servers: list[ServerProcess], model_path: str, parameters: dict[str, Any], *,
@@ -373,15 +378,14 @@ def main(smoke: bool = False, output_dir: Path | None = None,
         results = _phase(servers, model_path, parameters, reference=not real,
                          one_at_a_time=real)
         hop: list[ServerProcess] = []
-        if not real and importlib.util.find_spec("ray") is not None:  # corral[ray]
+        if importlib.util.find_spec("ray") is not None:  # corral[ray]
             # The Ray hop's cost, in a phase of its own so that the Ray cluster's
-            # processes never share the cores with the targets above: two replicas of
-            # the thread target through the ingress, against one thread target.
-            hop = [corral_server(THREAD, model_path, work, corral_config("thread")),
-                   corral_server(RAY, model_path, work, corral_config("thread"),
-                                 ["--ray", "--replicas", "2"])]
+            # processes never share the cores with the targets above: one replica
+            # through the ingresses against `corral serve` alone, both on defaults.
+            hop = [corral_server(DEFAULTS, model_path, work, ""),
+                   corral_server(RAY, model_path, work, "", ["--ray", "--replicas", "1"])]
             results["ray_hop"] = _phase(hop, model_path, parameters, reference=False,
-                                        baseline=THREAD)
+                                        baseline=DEFAULTS, one_at_a_time=real)
         results["exit_codes"] = {server.name: server.returncode for server in servers}
         if hop:
             results["exit_codes"][RAY] = hop[1].returncode
@@ -401,7 +405,8 @@ def main(smoke: bool = False, output_dir: Path | None = None,
             {RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"}) | (
             {RAY: " ".join(hop[1].command[1:])} if hop else {}),
         "ray_hop": "a second phase, after the first's servers stopped: the Ray target "
-                   "and one corral (thread), side by side (results.ray_hop, ray_ratio)",
+                   "and corral serve alone, both on defaults, side by side "
+                   "(results.ray_hop, ray_ratio, ray_ttft_ratio)",
         "corral_config": {"defaults": "(none)", "thread": corral_config("thread"),
                           "process": corral_config("process")} | (
             {"as stored": corral_config("thread", _AS_STORED)} if real else {}),

@@ -200,7 +200,12 @@ class EngineCore:
     # -- the loop -------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Apply commands and take steps until `Stop` or `closing`.
+        """Apply commands and take steps until `Halt` or `closing`.
+
+        In a gang, rank 0 does so and sends the other ranks a tick before each step
+        (and `Halt` when it leaves); they apply rank 0's ticks instead of their own
+        queue, until its `Halt`. A rank that stops stepping leaves the others blocked
+        in a collective: the parent process kills them all (`corral.engine.gang`).
 
         Raises:
             Exception: what a step raised (or "raise", the injected fault): the engine
