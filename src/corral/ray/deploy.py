@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from corral.config import RuntimeConfig
+from corral.engine.blas import CpuBlas, worker_environment
 from corral.ray.budget import BUDGET_DEPLOYMENT, SharedRetryBudget
 from corral.ray.exchange import Coalescing
 from corral.ray.front import ATTEMPTS_ENV
@@ -85,7 +86,8 @@ def build_application(config: RuntimeConfig, models: Mapping[str, str],
         scaling["num_replicas"] = options.replicas
     replica = serve.deployment(
         name=REPLICA_DEPLOYMENT,
-        ray_actor_options={"num_cpus": options.replica_cpus},
+        ray_actor_options={"num_cpus": options.replica_cpus, "runtime_env": {
+            "env_vars": {**_worker_env(), **_blas_env(config.generation.cpu_blas)}}},
         max_ongoing_requests=registry.max_active_streams + registry.max_queued,
         graceful_shutdown_timeout_s=config.server.drain_timeout_ms / 1000.0 + 5.0,
         health_check_period_s=options.health_check_period_s,
@@ -113,6 +115,16 @@ def _worker_env() -> dict[str, str]:
     path = os.environ.get("PYTHONPATH", "")
     return {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep))
             } if path else {}
+
+
+def _blas_env(cpu_blas: CpuBlas) -> dict[str, str]:
+    """What a replica's process needs in its environment for MLX to use the BLAS shim
+    (`corral.engine.blas`): a replica serves the thread engine in its own process, which
+    Ray starts, so the shim must be preloaded there, as for a worker process. Empty
+    where there is no shim or `cpu_blas` is "reference". The shim's path is this
+    machine's: a host that lacks it runs the reference BLAS (the loader says so)."""
+    env = worker_environment(cpu_blas) or {}
+    return {key: env[key] for key in ("LD_PRELOAD", "OPENBLAS_NUM_THREADS") if key in env}
 
 
 def connect(address: str | None = None, **init: Any) -> None:
