@@ -314,6 +314,9 @@ def bench_serve(
     duration: Annotated[float | None, typer.Option(
         help="Seconds each target runs each fixed-concurrency load (split over the "
              "rounds), instead of a number of requests.", min=0.1)] = None,
+    ray_only: Annotated[bool, typer.Option(
+        "--ray-only", help="Only the Ray phase (corral[ray]): one replica against "
+                           "corral serve, both on defaults; writes ray_hop.json.")] = False,
 ) -> None:
     from corral.bench import serve as bench
     from corral.config import LoggingConfig
@@ -322,7 +325,7 @@ def bench_serve(
     levels = _concurrency_list(concurrency)
     configure_logging(LoggingConfig(level="error"))
     bench.main(smoke=smoke, output_dir=output_dir, model=model, concurrency=levels,
-               duration_s=duration)
+               duration_s=duration, ray_only=ray_only)
 
 
 @bench_app.command("blas")

@@ -353,18 +353,26 @@ def serve_loads(preset: Sequence[Load], concurrency: Sequence[int] = (),
 
 def main(smoke: bool = False, output_dir: Path | None = None,
          model: str | None = None, concurrency: Sequence[int] = (),
-         duration_s: float | None = None) -> dict[str, Any]:
+         duration_s: float | None = None, ray_only: bool = False) -> dict[str, Any]:
     """Run the serving benchmark on the tiny model (or `model`), print its table and
     write ``serve.json`` (``serve-<model>.json``). `concurrency` replaces the loads by
     fixed-concurrency ones; `duration_s` runs each fixed-concurrency load that many
-    seconds per target (see `serve_loads`)."""
+    seconds per target (see `serve_loads`). `ray_only` runs the Ray phase alone and
+    writes ``ray_hop.json`` (``ray_hop-<model>.json``) instead.
+
+    Raises:
+        SystemExit: `ray_only` without corral[ray].
+    """
+    has_ray = importlib.util.find_spec("ray") is not None
+    if ray_only and not has_ray:
+        raise SystemExit("corral bench serve --ray-only needs corral[ray]")
     model_path, suffix = bench_model(model)
     real = model is not None
     parameters: dict[str, Any] = dict(_SMOKE if smoke else _REAL if real else _FULL)
     parameters["loads"] = serve_loads(parameters["loads"], concurrency, duration_s)
     with tempfile.TemporaryDirectory(prefix="corral-bench-serve-") as directory:
         work = Path(directory)
-        servers = [mlx_lm_server(model_path, work),
+        servers = [] if ray_only else [mlx_lm_server(model_path, work),
                    # What a user runs: no config file at all, info logs included.
                    corral_server(DEFAULTS, model_path, work, ""),
                    corral_server(THREAD, model_path, work, corral_config("thread")),
@@ -376,9 +384,9 @@ def main(smoke: bool = False, output_dir: Path | None = None,
             servers.append(corral_server(AS_STORED, model_path, work,
                                          corral_config("thread", _AS_STORED)))
         results = _phase(servers, model_path, parameters, reference=not real,
-                         one_at_a_time=real)
+                         one_at_a_time=real) if servers else {}
         hop: list[ServerProcess] = []
-        if importlib.util.find_spec("ray") is not None:  # corral[ray]
+        if has_ray:
             # The Ray hop's cost, in a phase of its own so that the Ray cluster's
             # processes never share the cores with the targets above: one replica
             # through the ingresses against `corral serve` alone, both on defaults.
@@ -390,20 +398,20 @@ def main(smoke: bool = False, output_dir: Path | None = None,
         if hop:
             results["exit_codes"][RAY] = hop[1].returncode
     corral = [s.name for s in servers if s.name != BASELINE]
-    goals = _goals(results, parameters["loads"], corral)
+    goals = _goals(results, parameters["loads"], corral) if servers else []
     if hop:
         failed = sum(s["requests"] - s["completed"]
                      for s in results["ray_hop"]["runs"][RAY].values())
         goals.append(goal(f"{RAY} requests not completed", failed, "<=", 0))
-    _table(results, parameters["loads"], goals)
+    if servers:
+        _table(results, parameters["loads"], goals)
     if hop:
         _ray_table(results)
-    write_result(f"serve{suffix}", {
+    write_result(f"{'ray_hop' if ray_only else 'serve'}{suffix}", {
         **parameters, "smoke": smoke, "model": model_path,
-        "targets": {s.name: " ".join(s.command[1:]) for s in servers} | (
-            {} if real else
-            {RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"}) | (
-            {RAY: " ".join(hop[1].command[1:])} if hop else {}),
+        "targets": {s.name: " ".join(s.command[1:]) for s in [*servers, *hop]} | (
+            {} if real or ray_only else
+            {RAW: "mlx_lm BatchGenerator in the harness process, same batch sizes"}),
         "ray_hop": "a second phase, after the first's servers stopped: the Ray target "
                    "and corral serve alone, both on defaults, side by side "
                    "(results.ray_hop, ray_ratio, ray_ttft_ratio)",

@@ -4,8 +4,24 @@ routing, and deterministic streams that continue on another replica when theirs 
 
 `corral serve --ray` runs it; `build_application` is the Serve application for a
 deployment of one's own.
+
+The names below are imported on first use: Serve's proxy imports `corral.ray.front`,
+and through this package it would otherwise load the whole runtime and MLX, which on a
+loaded machine made the proxy miss Serve's readiness check.
 """
 
-from corral.ray.deploy import RayOptions, build_application, connect, deploy, serve_forever
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.ray.deploy import RayOptions, build_application, connect, deploy, serve_forever
 
 __all__ = ["RayOptions", "build_application", "connect", "deploy", "serve_forever"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("corral.ray.deploy"), name)
+    raise AttributeError(f"module 'corral.ray' has no attribute {name!r}")

@@ -109,6 +109,9 @@ def build_application(config: RuntimeConfig, models: Mapping[str, str],
                         retry.max_attempts, budget)
 
 
+_PROXY_READY_CHECK_S: Final = "20"  # seconds, each of Serve's three checks
+
+
 def _worker_env() -> dict[str, str]:
     """This process's `PYTHONPATH`, absolute: Ray's workers do not start in this
     process's directory."""
@@ -144,7 +147,11 @@ def deploy(config: RuntimeConfig, models: Mapping[str, str], host: str, port: in
     every replica is up (models loaded). Serve applies the proxy's options only when
     it starts Serve on the cluster."""
     env = {**_worker_env(), "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_GUARD,
-           ATTEMPTS_ENV: str(config.calls.retry.max_attempts)}
+           ATTEMPTS_ENV: str(config.calls.retry.max_attempts),
+           # Serve kills a proxy that misses three readiness checks of 5 s (the first
+           # try), and `serve.start` then fails: on a loaded 2-core machine a proxy's
+           # start (an interpreter, Serve, corral's guard) took longer than that.
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": _PROXY_READY_CHECK_S}
     serve.start(http_options={"host": host, "port": port},
                 controller_options={"runtime_env": {"env_vars": env}})
     return serve.run(build_application(config, models, options), name=APP_NAME,
