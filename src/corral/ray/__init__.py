@@ -22,6 +22,11 @@ __all__ = ["RayOptions", "build_application", "connect", "deploy", "serve_foreve
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("corral.ray.deploy"), name)
-    raise AttributeError(f"module 'corral.ray' has no attribute {name!r}")
+    if name not in __all__:
+        raise AttributeError(f"module 'corral.ray' has no attribute {name!r}")
+    module = importlib.import_module("corral.ray.deploy")
+    # Importing the submodule bound its name, `deploy`, here: the function takes it
+    # back, as an eager `from corral.ray.deploy import deploy` would.
+    for public in __all__:
+        globals()[public] = getattr(module, public)
+    return globals()[name]
