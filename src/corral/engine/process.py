@@ -182,8 +182,8 @@ class ProcessEngine(EngineBase):
                 if process.returncode is None and not self._stopped:
                     self._send(Load(self.settings))
                 await self._load_answered.wait()
-                if self._ranks is not None:
-                    await self._ranks.wait_loaded()
+                if self._ranks is not None and isinstance(self._load_answer, Loaded):
+                    await self._ranks.wait_loaded()  # rank 0's load failed: theirs hang
             if startup.cancelled_caught:
                 problem = f"the worker did not load it within {self._startup_timeout_s:g} s"
         except BaseException:
