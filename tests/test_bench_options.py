@@ -48,7 +48,10 @@ def test_the_cli_passes_the_load_options(monkeypatch: pytest.MonkeyPatch) -> Non
                                "--duration", "3", "--model", "tiny"])
     assert done.exit_code == 0, done.output
     assert seen == {"smoke": True, "output_dir": None, "model": "tiny",
-                    "concurrency": [1, 4, 16], "duration_s": 3.0}
+                    "concurrency": [1, 4, 16], "duration_s": 3.0, "ray_only": False}
+    done = runner.invoke(app, ["bench", "serve", "--ray-only", "--concurrency", "4,16"])
+    assert done.exit_code == 0, done.output
+    assert seen["ray_only"] is True and seen["concurrency"] == [4, 16]
     done = runner.invoke(app, ["bench", "serve", "--concurrency", "4,0"])
     assert done.exit_code == 2
     assert "expected positive integers separated by commas" in done.output
