@@ -30,11 +30,7 @@ from corral.engine.base import (
 from corral.engine.blas import CpuBlas
 from corral.engine.gang import GangRanks
 from corral.engine.pipes import WorkerPipes
-from corral.engine.spawn import (
-    StartSoon,
-    WorkerStandby,
-    worker_command,
-)
+from corral.engine.spawn import StartSoon, WorkerStandby, worker_command
 from corral.protocol.codec import FrameError
 from corral.protocol.errors import Code, EngineClientError, error_from_info
 from corral.protocol.messages import EngineSequence, EngineStep, ModelInfo, PrefixCacheStatistics
@@ -67,7 +63,6 @@ T = TypeVar("T")
 
 SILENT_HEARTBEATS: Final = 5
 """A worker silent for this many heartbeat intervals is frozen: it is killed."""
-
 
 
 @final
